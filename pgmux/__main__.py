@@ -1,0 +1,7 @@
+"""`python -m pgmux config.ini`."""
+
+import sys
+
+from pgmux.cli import main
+
+sys.exit(main())

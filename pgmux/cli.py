@@ -1,0 +1,187 @@
+"""Command line, signals and daemonizing: `pgmux [-d] [-R] [-q] [-v] [-u user] config.ini`, as PgBouncer."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from typing import Any
+
+from pgmux import __version__
+from pgmux import log as pglog
+from pgmux.auth import AuthFileError
+from pgmux.config import Config, ConfigError, load_config
+
+logger = pglog.logger
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pgmux",
+        description="PostgreSQL connection pooler, compatible with PgBouncer's configuration.",
+        add_help=False,
+    )
+    p.add_argument("-d", "--daemon", action="store_true", help="run in the background (needs pidfile and logfile)")
+    p.add_argument("-R", "--reboot", action="store_true", help="online restart (not supported; use so_reuseport)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no logging to stderr")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging; repeat for more")
+    p.add_argument("-u", "--user", help="switch to this Unix user after start")
+    p.add_argument("-V", "--version", action="store_true", help="print the version and exit")
+    p.add_argument("-h", "--help", action="help", help="show this help and exit")
+    p.add_argument("--no-uvloop", action="store_true", help="use the standard asyncio event loop")
+    p.add_argument("config", nargs="?", help="pgbouncer.ini-style configuration file")
+    return p
+
+
+def load(path: str) -> Config:
+    """Load the config and check the auth file parses, so errors stop the start, not a login."""
+    config = load_config(path)
+    if config.settings.auth_file:
+        from pgmux.auth import load_auth_file
+
+        load_auth_file(config.settings.auth_file)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.version:
+        print(f"pgmux {__version__}")
+        return 0
+    if not args.config:
+        build_parser().print_usage(sys.stderr)
+        print("pgmux: error: a config file is required", file=sys.stderr)
+        return 1
+    if args.reboot:
+        print("pgmux: -R (online restart) is not supported; use so_reuseport with SHUTDOWN WAIT_FOR_CLIENTS",
+              file=sys.stderr)
+        return 1
+    try:
+        config = load(args.config)
+    except (ConfigError, AuthFileError) as exc:
+        print(f"pgmux: config error: {exc}", file=sys.stderr)
+        return 1
+    s = config.settings
+    if args.daemon and not (s.pidfile and s.logfile):
+        print("pgmux: -d needs pidfile and logfile in the config", file=sys.stderr)
+        return 1
+    pglog.setup_logging(verbose=args.verbose + int(s.verbose), quiet=args.quiet or args.daemon,
+                        logfile=s.logfile or None)
+    if args.daemon:
+        _daemonize()
+    if s.pidfile:
+        with open(s.pidfile, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    try:
+        return _run(args, config)
+    finally:
+        if s.pidfile:
+            try:
+                os.unlink(s.pidfile)
+            except OSError:
+                pass
+
+
+def _daemonize() -> None:
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+
+
+def _run(args: argparse.Namespace, config: Config) -> int:
+    use_uvloop = not args.no_uvloop
+    loop_factory: Any = None
+    if use_uvloop:
+        try:
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+        except ImportError:
+            loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(serve(args, config))
+
+
+async def serve(args: argparse.Namespace, config: Config) -> int:
+    from pgmux.net.listener import start_listeners
+    from pgmux.pooler import Pooler
+
+    loop = asyncio.get_running_loop()
+    pooler = Pooler(config)
+    try:
+        pooler.listeners = await start_listeners(pooler)
+    except OSError as exc:
+        logger.critical("%s", exc)
+        return 1
+    if args.user:
+        _switch_user(args.user)
+    done: asyncio.Future[None] = loop.create_future()
+    pooler.shutdown_done = done  # type: ignore[attr-defined]
+    state = {"signals": 0}
+
+    def reload() -> None:
+        try:
+            new = load(config.path)
+        except (ConfigError, AuthFileError) as exc:
+            logger.error("RELOAD failed: %s", exc)
+            return
+        changed = pooler.settings.changed_nonreloadable(new.settings)
+        for name in changed:
+            logger.warning("setting %s cannot be changed by reload; restart needed", name)
+        pglog.setup_logging(verbose=args.verbose + int(new.settings.verbose), quiet=args.quiet or args.daemon,
+                            logfile=new.settings.logfile or None)
+        pooler.reload(new)
+
+    def shutdown(signame: str) -> None:
+        state["signals"] += 1
+        if state["signals"] > 1 or signame == "SIGQUIT":
+            logger.info("got %s, exiting immediately", signame)
+            if not done.done():
+                done.set_result(None)
+            return
+        logger.info("got %s, shutting down", signame)
+        pooler.start_shutdown()
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+        loop.add_signal_handler(sig, shutdown, sig.name)
+    listen = ", ".join(config.settings.listen_addr) or "(unix only)"
+    logger.info("pgmux %s listening on %s port %s", __import__("pgmux").__version__, listen,
+                config.settings.listen_port)
+    janitor = loop.create_task(_janitor(pooler))
+    try:
+        await done
+    finally:
+        janitor.cancel()
+        pooler.close_all()
+        await asyncio.sleep(0.05)  # let the FATAL messages and Terminates go out
+    logger.info("shutdown complete")
+    return 0
+
+
+async def _janitor(pooler: Any) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            pooler.janitor_tick()
+        except Exception:  # noqa: BLE001 - maintenance must not stop
+            logger.exception("janitor failed")
+
+
+def _switch_user(name: str) -> None:
+    import pwd
+
+    pw = pwd.getpwnam(name)
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

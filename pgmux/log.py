@@ -1,0 +1,70 @@
+"""Logging in PgBouncer's line format, so existing log parsers and habits keep working.
+
+    2026-11-24 15:16:41.123 UTC [1234] LOG C-0x7f3a...: db/user@127.0.0.1:5555 login attempt: ...
+
+Per-packet debug logging is guarded by the module-level `DEBUG` flag: even a disabled
+`logger.debug()` call costs more than the forwarding of a small message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+logger = logging.getLogger("pgmux")
+DEBUG = False
+
+_LEVEL_NAMES = {
+    logging.DEBUG: "DEBUG",
+    logging.INFO: "LOG",
+    logging.WARNING: "WARNING",
+    logging.ERROR: "ERROR",
+    logging.CRITICAL: "FATAL",
+}
+
+
+class PgBouncerFormatter(logging.Formatter):
+    """`YYYY-MM-DD HH:MM:SS.mmm TZ [pid] LEVEL message`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = time.localtime(record.created)
+        ms = int(record.msecs)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", t) + f".{ms:03d} " + time.strftime("%Z", t)
+        level = _LEVEL_NAMES.get(record.levelno, record.levelname)
+        text = f"{stamp} [{os.getpid()}] {level} {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+_handlers: list[logging.Handler] = []
+
+
+def setup_logging(*, verbose: int = 0, quiet: bool = False, logfile: str | None = None) -> None:
+    """(Re)configure handlers: stderr unless quiet, plus the logfile if set (reopened on reload)."""
+    global DEBUG
+    for h in _handlers:
+        logger.removeHandler(h)
+        h.close()
+    _handlers.clear()
+    fmt = PgBouncerFormatter()
+    if not quiet:
+        h: logging.Handler = logging.StreamHandler(sys.stderr)
+        h.setFormatter(fmt)
+        _handlers.append(h)
+    if logfile:
+        fh = logging.FileHandler(logfile)
+        fh.setFormatter(fmt)
+        _handlers.append(fh)
+    for h in _handlers:
+        logger.addHandler(h)
+    logger.setLevel(logging.DEBUG if verbose > 0 else logging.INFO)
+    logger.propagate = False
+    DEBUG = verbose > 1
+
+
+def conn_prefix(kind: str, obj: object, db: str | None, user: str | None, addr: str, port: int) -> str:
+    """`C-0x...: db/user@addr:port` as PgBouncer prints it."""
+    return f"{kind}-{id(obj):#x}: {db or '(nodb)'}/{user or '(nouser)'}@{addr}:{port}"

@@ -1,0 +1,154 @@
+"""What client and server connections share: the receive buffer and the slow-path reader.
+
+Each connection is one `asyncio.BufferedProtocol` with one reusable receive buffer (no asyncio
+streams on the data path: they cost 1.3-3x the CPU, see shared/spec/hot-path.md). Before a
+connection reaches the data path (login, reset queries, parameter sync) its bytes are instead
+collected in `inbox` and read message by message with `await read_message()`, which is simple
+and not on the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+from pgmux.protocol.messages import ProtocolError
+
+BUF_SIZE = 65536
+_unpack_u32 = struct.Struct("!I").unpack_from
+
+
+class ConnectionLost(Exception):
+    """The peer closed the socket while we waited for a message."""
+
+
+class PgConnection(asyncio.BufferedProtocol):
+    """Receive buffer plus a message reader for the non-forwarding phases."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray(BUF_SIZE)
+        self.mv = memoryview(self.buf)
+        self.keep = 0  # bytes retained at the front of buf, waiting for the rest of a message
+        self.skip = 0  # body bytes of the current message still to arrive, not to be scanned
+        self.transport: asyncio.Transport | None = None
+        self.forwarding = False  # False: bytes go to `inbox` for read_message()
+        self.inbox = bytearray()
+        self._waiter: asyncio.Future[None] | None = None
+        self.closed = False
+        self.close_reason: str | None = None
+        self.max_packet_size = 0x7FFFFFFF
+
+    # ------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.keep >= len(self.buf):  # a retained message fills the buffer: grow it
+            self._resize(len(self.buf) * 2)
+        return self.mv[self.keep :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.forwarding:
+            self.data_path(nbytes)
+        else:
+            self.inbox += self.mv[self.keep : self.keep + nbytes]
+            self._wake()
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake()
+
+    # ------------------------------------------------------------ data path hook
+
+    def data_path(self, nbytes: int) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _resize(self, size: int) -> None:
+        """Move retained bytes into a new buffer (also used when the transport still holds a
+        view of the old one: uvloop and CPython >= 3.12 keep references to unsent data)."""
+        new = bytearray(max(size, BUF_SIZE))
+        new[: self.keep] = self.buf[: self.keep]
+        self.buf = new
+        self.mv = memoryview(new)
+
+    def retain(self, start: int, end: int, fresh: bool) -> None:
+        """Keep buf[start:end] at the front for the next read; `fresh` means the old buffer may
+        still be referenced by a transport and must not be overwritten."""
+        n = end - start
+        if fresh:
+            new = bytearray(max(BUF_SIZE, n * 2))
+            new[:n] = self.buf[start:end]
+            self.buf = new
+            self.mv = memoryview(new)
+        elif n and start:
+            self.buf[:n] = self.buf[start:end]
+        self.keep = n
+
+    # ------------------------------------------------------------ slow-path reading
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _wait_data(self) -> None:
+        if self.closed:
+            raise ConnectionLost()
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def read_message(self) -> tuple[int, bytes]:
+        """Next typed message (type byte as int, body) from the inbox."""
+        while True:
+            inbox = self.inbox
+            if len(inbox) >= 5:
+                length = _unpack_u32(inbox, 1)[0]
+                if length < 4 or length > self.max_packet_size:
+                    raise ProtocolError(f"bad packet header: '{bytes(inbox[:5]).hex()}'")
+                if len(inbox) >= length + 1:
+                    typ = inbox[0]
+                    body = bytes(inbox[5 : length + 1])
+                    del inbox[: length + 1]
+                    return typ, body
+            await self._wait_data()
+
+    async def read_exact(self, n: int) -> bytes:
+        """n raw bytes (untyped startup packets)."""
+        while len(self.inbox) < n:
+            await self._wait_data()
+        data = bytes(self.inbox[:n])
+        del self.inbox[:n]
+        return data
+
+    def start_forwarding(self) -> None:
+        """Leave the slow path: move unread inbox bytes into the buffer and run the data path."""
+        leftover = self.inbox
+        self.inbox = bytearray()
+        self.forwarding = True
+        self.keep = 0
+        self.skip = 0
+        if leftover:
+            n = len(leftover)
+            if n > len(self.buf):
+                self._resize(n)
+            self.buf[:n] = leftover
+            self.data_path(n)
+
+    def stop_forwarding(self) -> None:
+        """Back to the slow path (reset queries, parameter sync)."""
+        if self.keep:
+            self.inbox += self.buf[: self.keep]
+        self.keep = 0
+        self.forwarding = False
+
+    def write(self, data: bytes | memoryview) -> None:
+        t = self.transport
+        if t is not None and not self.closed:
+            t.write(data)

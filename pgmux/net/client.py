@@ -1,0 +1,386 @@
+"""A client connection: startup and authentication, then the client-to-server half of the data path."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from pgmux import log as pglog
+from pgmux.auth import ScramError, ScramServer, SecretKind, md5_verify, plain_verify, secret_kind
+from pgmux.net.base import ConnectionLost, PgConnection
+from pgmux.protocol import messages as m
+from pgmux.protocol.scanner import scan, type_table
+from pgmux.protocol.varcache import ParamSet
+
+if TYPE_CHECKING:
+    from pgmux.config import DatabaseEntry
+    from pgmux.net.server import ServerConnection
+    from pgmux.pool.pool import Pool
+    from pgmux.pooler import Pooler
+
+# Terminate must be seen whole (it is never forwarded). Requests that will be answered by a
+# ReadyForQuery (Query, Sync, FunctionCall) are counted, and extended-protocol messages mark the
+# server busy until the next Sync: together they decide when a transaction-mode server is free.
+CLIENT_NEED_BODY = type_table("X")
+CLIENT_NOTIFY = type_table("QSFPBDEC")
+_X = m.TERMINATE
+_Q = m.QUERY
+_SYNC = m.SYNC
+_F = m.FUNCTION_CALL
+HOLD_LIMIT = 1 << 20  # bytes buffered for an unlinked client before we stop reading from it
+
+
+class ClientError(Exception):
+    """A refusal the client is told about with an ErrorResponse, then closed."""
+
+    def __init__(self, message: str, sqlstate: str = "08P01", log: bool = True) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.log = log
+
+
+class ClientConnection(PgConnection):
+    """One client socket. `server` is the linked server connection, if any."""
+
+    def __init__(self, pooler: Pooler, is_unix: bool = False) -> None:
+        super().__init__()
+        self.pooler = pooler
+        self.is_unix = is_unix
+        self.server: ServerConnection | None = None
+        self.pool: Pool | None = None
+        self.db: DatabaseEntry | None = None
+        self.user: str | None = None
+        self.dbname: str | None = None
+        self.params = ParamSet()
+        self.startup_params: dict[str, str] = {}
+        self.addr = ""
+        self.port = 0
+        self.local_addr = ""
+        self.local_port = 0
+        now = time.monotonic()
+        self.connect_time = now
+        self.connect_wall = time.time()
+        self.request_time = now
+        self.wait_started = 0.0
+        self.waiting = False
+        self.linking = False
+        self.logged_in = False
+        self.write_paused = False
+        self.read_paused = False
+        self.pool_mode = "session"
+        self.cancel_key = b""
+        self.login_task: asyncio.Task[None] | None = None
+        self.id = pooler.next_client_id()
+        self.client_key: bytes | None = None
+        self._events: list[tuple[int, int, int]] = []
+
+    def __repr__(self) -> str:
+        return f"C-{id(self):#x}"
+
+    @property
+    def log_prefix(self) -> str:
+        return pglog.conn_prefix("C", self, self.dbname, self.user, self.addr, self.port)
+
+    # ------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.addr, self.port = peer[0], peer[1]
+        else:
+            self.addr, self.port = "unix", 0
+        sock = transport.get_extra_info("sockname")
+        if isinstance(sock, tuple):
+            self.local_addr, self.local_port = sock[0], sock[1]
+        self.pooler.client_connected(self)
+        self.login_task = asyncio.get_running_loop().create_task(self.run_login())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.login_task is not None and not self.login_task.done() and self.close_reason is None:
+            self.close_reason = "client unexpected eof"
+        self.pooler.client_gone(self, self.close_reason or "client unexpected eof")
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        s = self.server
+        if s is not None and s.transport is not None:
+            s.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        s = self.server
+        if s is not None and s.transport is not None:
+            s.transport.resume_reading()
+
+    # ------------------------------------------------------------ data path: client -> server
+
+    def data_path(self, nbytes: int) -> None:
+        end = self.keep + nbytes
+        if self.server is None or self.linking:
+            # No server yet: hold the bytes until one is linked.
+            self.keep = end
+            self.request_time = time.monotonic()
+            if end >= HOLD_LIMIT and not self.read_paused and self.transport is not None:
+                self.read_paused = True
+                self.transport.pause_reading()
+            if not (self.waiting or self.linking):
+                self.pooler.request_server(self)
+            return
+        self.forward(end)
+
+    def forward(self, end: int) -> None:
+        """Forward buf[0:end] (the first `keep` bytes held from earlier) to the linked server."""
+        server = self.server
+        assert server is not None
+        st = server.transport
+        mv = self.mv
+        pos = 0
+        if self.skip:
+            skip = self.skip
+            if skip >= end:
+                self.skip = skip - end
+                st.write(mv[:end])
+                server.pool.stats.bytes_received += end
+                if st.get_write_buffer_size():
+                    self.retain(end, end, True)
+                else:
+                    self.keep = 0
+                return
+            pos = skip
+            self.skip = 0
+        events = self._events
+        try:
+            stop, self.skip = scan(self.buf, pos, end, CLIENT_NEED_BODY, CLIENT_NOTIFY, events)
+        except m.ProtocolError as exc:
+            events.clear()
+            self.fail(str(exc))
+            return
+        fwd = stop
+        terminate = False
+        if events:
+            for typ, start, _ in events:
+                if typ == _Q or typ == _F:
+                    server.outstanding += 1
+                    server.note_request()
+                elif typ == _SYNC:
+                    server.outstanding += 1
+                    server.pending_ext = False
+                    server.note_request()
+                elif typ == _X:
+                    fwd = start
+                    terminate = True
+                    break
+                else:
+                    server.pending_ext = True
+            events.clear()
+        if fwd:
+            st.write(mv[:fwd])
+            server.pool.stats.bytes_received += fwd
+        if terminate:
+            self.close("client close request")
+            return
+        fresh = st.get_write_buffer_size() > 0
+        if stop < end or fresh:
+            self.retain(stop, end, fresh)
+        else:
+            self.keep = 0
+
+    def resume_held(self) -> None:
+        """A server was just linked: forward what arrived meanwhile, and read again."""
+        if self.read_paused and self.transport is not None:
+            self.read_paused = False
+            self.transport.resume_reading()
+        if self.keep and self.server is not None:
+            self.forward(self.keep)
+
+    # ------------------------------------------------------------ login
+
+    async def run_login(self) -> None:
+        """Startup packet, checks and authentication, bounded by client_login_timeout."""
+        timeout = self.pooler.settings.client_login_timeout or None
+        try:
+            async with asyncio.timeout(timeout):
+                await self.login()
+        except ClientError as exc:
+            self.fail(str(exc), exc.sqlstate, log=exc.log)
+        except m.ProtocolError as exc:
+            self.fail(str(exc))
+        except TimeoutError:
+            self.fail("client_login_timeout")
+        except ConnectionLost:
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # never let one client take the process down
+            pglog.logger.exception("%s unexpected error during login", self.log_prefix)
+            self.fail("internal error during login", "XX000")
+
+    async def read_startup(self) -> m.StartupPacket:
+        """Read untyped packets until a StartupMessage (answering SSL/GSS requests with N)."""
+        while True:
+            head = await self.read_exact(4)
+            length = m.startup_packet_length(head)
+            packet = head + await self.read_exact(length - 4)
+            pkt = m.parse_startup_packet(packet)
+            if pkt.is_ssl_request or pkt.is_gssenc_request:
+                if self.inbox:
+                    # Bytes sent before our answer would be read as if encrypted later
+                    # (CVE-2021-23214 class): refuse them.
+                    raise m.ProtocolError("unexpected data after SSL request")
+                self.write(b"N")
+                continue
+            return pkt
+
+    async def login(self) -> None:
+        pooler = self.pooler
+        settings = pooler.settings
+        pkt = await self.read_startup()
+        if pkt.is_cancel:
+            self.close_reason = "cancel request"
+            pooler.handle_cancel(pkt.cancel_pid, pkt.cancel_key)
+            self.close("cancel request")
+            return
+        params = pkt.params
+        user = params.get("user")
+        if not user:
+            raise ClientError("no username supplied")
+        self.user = user
+        self.dbname = params.get("database") or user
+        if pooler.client_count > settings.max_client_conn:
+            raise ClientError("no more connections allowed (max_client_conn)")
+        self.startup_params = pooler.check_startup_params(params)
+        if settings.log_connections:
+            pglog.logger.info("%s login attempt: db=%s user=%s tls=no", self.log_prefix, self.dbname, user)
+        if pooler.shutting_down:
+            raise ClientError("pooler is shutting down")
+        db = pooler.config.find_database(self.dbname)
+        if self.dbname == "pgbouncer":
+            await self.authenticate(user, forced=False)
+            raise ClientError("admin console is not available in this version of pgmux", "0A000")
+        pool_user = db.user if (db is not None and db.user) else user
+        await self.authenticate(user, forced=bool(db and db.user))
+        if db is None:
+            raise ClientError(f"no such database: {self.dbname}", "08P01")
+        self.db = db
+        pool = pooler.get_pool(db, pool_user)
+        if self.client_key is not None and pool.scram_client_key is None:
+            pool.scram_client_key = self.client_key
+        self.pool = pool
+        self.pool_mode = pooler.pool_mode_for(db, user)
+        pooler.check_client_limits(self, db, user)
+        welcome = await pooler.pool_params(pool)
+        self.welcome(welcome)
+
+    def welcome(self, pool_params: dict[str, str]) -> None:
+        """ParameterStatus (the pool's, with the client's own tracked values), BackendKeyData,
+        ReadyForQuery; then switch to the data path."""
+        pooler = self.pooler
+        tracked = pooler.tracked
+        for name, value in pool_params.items():
+            if name.lower() in tracked:
+                self.params.set(name, value)
+        for name, value in self.startup_params.items():
+            self.params.set(tracked.get(name.lower(), name), value)
+        out = []
+        sent = set()
+        for name, value in pool_params.items():
+            v = self.params.get(name) if name.lower() in tracked else None
+            out.append(m.parameter_status(name, v if v is not None else value))
+            sent.add(name.lower())
+        for name, value in self.params.items():
+            if name.lower() not in sent:
+                out.append(m.parameter_status(name, value))
+        self.cancel_key = pooler.register_cancel_key(self)
+        out.append(m.message(b"K", self.cancel_key))
+        out.append(m.ready_for_query(b"I"))
+        self.write(b"".join(out))
+        self.logged_in = True
+        assert self.pool is not None
+        self.pool.clients.add(self)
+        self.pool.stats.client_login_count += 1
+        self.start_forwarding()
+
+    async def authenticate(self, user: str, forced: bool) -> None:
+        """Check the client's password per auth_type, against the auth_file secret."""
+        settings = self.pooler.settings
+        auth_type = settings.auth_type
+        stored = self.pooler.auth_secret(user)
+        if auth_type == "any" or (auth_type == "trust" and stored is not None):
+            self.write(m.auth_ok())
+            return
+        if auth_type == "trust":
+            raise ClientError('"trust" authentication failed', "28000")
+        if auth_type == "plain":
+            await self._auth_plain(user, stored)
+        elif auth_type in ("md5", "scram-sha-256"):
+            kind = secret_kind(stored) if stored is not None else None
+            if auth_type == "md5" and kind is not SecretKind.SCRAM:
+                await self._auth_md5(user, stored)
+            elif kind is SecretKind.MD5:
+                # A SCRAM exchange cannot be checked against an md5 secret.
+                raise ClientError("password authentication failed", "28P01")
+            else:
+                await self._auth_scram(user, stored)
+        else:
+            raise ClientError("bouncer config error", "08P01")
+        self.write(m.auth_ok())
+
+    async def _read_password(self) -> bytes:
+        typ, body = await self.read_message()
+        if typ != m.PASSWORD:
+            raise m.ProtocolError("unknown pkt")
+        return body
+
+    async def _auth_plain(self, user: str, stored: str | None) -> None:
+        self.write(m.auth_request(m.AUTH_CLEARTEXT))
+        body = await self._read_password()
+        password = body.rstrip(b"\0").decode("utf-8", "replace")
+        if stored is None or not plain_verify(stored, user, password):
+            raise ClientError("password authentication failed", "28P01")
+
+    async def _auth_md5(self, user: str, stored: str | None) -> None:
+        salt = secrets.token_bytes(4)
+        self.write(m.auth_md5(salt))
+        body = await self._read_password()
+        response = body.rstrip(b"\0").decode("utf-8", "replace")
+        if stored is None or not md5_verify(stored, user, salt, response):
+            raise ClientError("password authentication failed", "28P01")
+
+    async def _auth_scram(self, user: str, stored: str | None) -> None:
+        # An unknown user still goes through a full exchange against a throwaway secret, so
+        # the failure reads the same as a wrong password.
+        server = ScramServer(stored if stored is not None else secrets.token_hex(16), user)
+        self.write(m.auth_sasl(["SCRAM-SHA-256"]))
+        try:
+            mech, data = m.parse_sasl_initial_response(await self._read_password())
+            if mech != "SCRAM-SHA-256":
+                raise ClientError("SASL authentication failed", "28P01")
+            self.write(m.auth_request(m.AUTH_SASL_CONTINUE, server.handle_client_first(data)))
+            final = server.handle_client_final(await self._read_password())
+        except ScramError as exc:
+            raise ClientError("SASL authentication failed", "28P01") from exc
+        if stored is None:
+            raise ClientError("SASL authentication failed", "28P01")
+        self.write(m.auth_request(m.AUTH_SASL_FINAL, final))
+        if secret_kind(stored) is SecretKind.SCRAM:
+            self.client_key = server.client_key
+
+    # ------------------------------------------------------------ closing
+
+    def fail(self, message: str, sqlstate: str = "08P01", log: bool = True) -> None:
+        """Send a FATAL ErrorResponse and close, as PgBouncer's disconnect_client does."""
+        if log and self.pooler.settings.log_pooler_errors:
+            pglog.logger.warning("%s pooler error: %s", self.log_prefix, message)
+        self.write(m.error_response(message, sqlstate))
+        self.close(message)
+
+    def close(self, reason: str) -> None:
+        if self.close_reason is None:
+            self.close_reason = reason
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()

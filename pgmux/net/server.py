@@ -1,0 +1,328 @@
+"""A server connection: pgmux's login to PostgreSQL, and the server-to-client half of the data path."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from pgmux import log as pglog
+from pgmux.auth import ScramClient, ScramError, ScramSecret, SecretKind, md5_client_response, secret_kind
+from pgmux.net.base import ConnectionLost, PgConnection
+from pgmux.protocol import messages as m
+from pgmux.protocol.scanner import NO_TYPES, scan, type_table
+from pgmux.protocol.varcache import ParamSet
+
+if TYPE_CHECKING:
+    from pgmux.net.client import ClientConnection
+    from pgmux.pool.pool import Pool
+    from pgmux.pooler import Pooler
+
+# Messages whose body the data path reads: ReadyForQuery (transaction status) and
+# ParameterStatus (tracked parameters). Everything else is forwarded unread.
+SERVER_NEED_BODY = type_table("ZS")
+_Z = m.READY_FOR_QUERY
+_S = m.PARAMETER_STATUS
+_IDLE = ord("I")
+_INTRANS = ord("T")
+
+
+class ServerLoginError(Exception):
+    """PostgreSQL refused the login; `fields` is its ErrorResponse, relayed to waiting clients."""
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__(fields.get("M", "server login failed"))
+        self.fields = fields
+
+
+class ServerConnection(PgConnection):
+    """One connection to PostgreSQL, owned by a pool, linked to at most one client at a time."""
+
+    def __init__(self, pooler: Pooler, pool: Pool, addr: str, port: int) -> None:
+        super().__init__()
+        self.pooler = pooler
+        self.pool = pool
+        self.addr = addr
+        self.port = port
+        self.client: ClientConnection | None = None
+        self.backend_pid = 0
+        self.backend_key = 0
+        self.params = ParamSet()
+        self.login_params: dict[str, str] = {}
+        # Requests sent but not answered by ReadyForQuery (Query, Sync, FunctionCall), and
+        # whether extended-protocol messages were sent since the last Sync.
+        self.outstanding = 0
+        self.pending_ext = False
+        self.status = _IDLE
+        self.state = "login"
+        now = time.monotonic()
+        self.connect_time = now
+        self.connect_wall = time.time()
+        self.last_used = now
+        self.request_time = now
+        self.query_start = 0.0
+        self.xact_start = 0.0
+        self.close_needed = False
+        self.read_paused = False
+        self.local_addr = ""
+        self.local_port = 0
+        self._events: list[tuple[int, int, int]] = []
+
+    def __repr__(self) -> str:
+        return f"S-{id(self):#x}"
+
+    @property
+    def log_prefix(self) -> str:
+        return pglog.conn_prefix("S", self, self.pool.database, self.pool.user, self.addr, self.port)
+
+    # ------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("sockname")
+        if isinstance(sock, tuple):
+            self.local_addr, self.local_port = sock[0], sock[1]
+        else:
+            self.local_addr = "unix"
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.forwarding:
+            self.data_path(nbytes)
+            return
+        self.inbox += self.mv[self.keep : self.keep + nbytes]
+        if self._waiter is not None:
+            self._wake()
+        elif self.state == "idle":
+            self._idle_data()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.pooler.server_lost(self, self.close_reason or "server conn crashed?")
+
+    def pause_writing(self) -> None:
+        c = self.client
+        if c is not None and c.transport is not None:
+            c.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        c = self.client
+        if c is not None and c.transport is not None:
+            c.transport.resume_reading()
+
+    # ------------------------------------------------------------ data path: server -> client
+
+    def data_path(self, nbytes: int) -> None:
+        keep = self.keep
+        end = keep + nbytes
+        client = self.client
+        if client is None:  # unlinked while forwarding: treat as idle data
+            self.inbox += self.mv[keep:end]
+            self._idle_data()
+            return
+        ct = client.transport
+        ct.write(self.mv[keep:end])  # cut-through: forward before parsing
+        self.pool.stats.bytes_sent += nbytes
+        pos = 0
+        if keep == 0 and self.skip:
+            skip = self.skip
+            if skip >= nbytes:
+                self.skip = skip - nbytes
+                if ct.get_write_buffer_size():
+                    self.retain(end, end, True)
+                return
+            pos = skip
+        events = self._events
+        buf = self.buf
+        stop, self.skip = scan(buf, pos, end, SERVER_NEED_BODY, NO_TYPES, events)
+        fresh = ct.get_write_buffer_size() > 0
+        if stop < end or fresh:
+            self.retain(stop, end, fresh)
+        else:
+            self.keep = 0
+        if events:
+            ready = False
+            for typ, start, stop_ in events:
+                if typ == _Z:
+                    self._ready_for_query(buf[start + 5])
+                    ready = True
+                else:  # ParameterStatus
+                    name, value = m.parse_parameter_status(bytes(buf[start + 5 : stop_]))
+                    self.params.set(name, value)
+                    client.params.set(name, value)
+            events.clear()
+            if ready and self.outstanding == 0 and not self.pending_ext:
+                self.pooler.transaction_boundary(self)
+
+    def _ready_for_query(self, status: int) -> None:
+        """Bookkeeping for one ReadyForQuery: outstanding requests, stats, transaction status."""
+        now = time.monotonic()
+        if self.outstanding:
+            self.outstanding -= 1
+        stats = self.pool.stats
+        stats.query_count += 1
+        if self.query_start:
+            stats.query_time_us += int((now - self.query_start) * 1_000_000)
+            self.query_start = 0.0
+        if status == _IDLE:
+            if self.status != _IDLE or self.xact_start:
+                stats.xact_count += 1
+                if self.xact_start:
+                    stats.xact_time_us += int((now - self.xact_start) * 1_000_000)
+            self.xact_start = 0.0
+        elif self.status == _IDLE and not self.xact_start:
+            self.xact_start = self.query_start or now
+        self.status = status
+        self.last_used = now
+
+    def note_request(self) -> None:
+        """Called by the client side when it forwards a Query/Sync: starts the query timer."""
+        if not self.query_start:
+            now = time.monotonic()
+            self.query_start = now
+            self.request_time = now
+            if self.status == _IDLE and not self.xact_start:
+                self.xact_start = now
+
+    @property
+    def is_clean(self) -> bool:
+        """Idle, outside any transaction, with nothing half sent or half read."""
+        return (
+            self.status == _IDLE
+            and self.outstanding == 0
+            and not self.pending_ext
+            and self.skip == 0
+            and self.keep == 0
+            and not self.closed
+        )
+
+    # ------------------------------------------------------------ idle server
+
+    def _idle_data(self) -> None:
+        """Bytes from a server nobody is linked to: ParameterStatus and notices are absorbed; an
+        error (e.g. the backend was terminated) or anything else closes it."""
+        inbox = self.inbox
+        while len(inbox) >= 5:
+            length = m.unpack_length(inbox, 1)
+            if len(inbox) < length + 1:
+                return
+            typ = inbox[0]
+            body = bytes(inbox[5 : length + 1])
+            del inbox[: length + 1]
+            if typ == _S:
+                self.params.set(*m.parse_parameter_status(body))
+            elif typ in (m.NOTICE_RESPONSE, ord("A")):
+                continue
+            else:
+                reason = "server conn crashed?"
+                if typ == m.ERROR_RESPONSE:
+                    reason = m.parse_error_fields(body).get("M", reason)
+                self.close(reason)
+                return
+
+    # ------------------------------------------------------------ slow path: login and queries
+
+    async def login(self, user: str, database: str, password: str | None, startup: dict[str, str]) -> None:
+        """Startup and authentication; collects ParameterStatus and BackendKeyData up to the
+        first ReadyForQuery."""
+        params = {"user": user, "database": database}
+        params.update(startup)
+        self.write(m.startup_message(params))
+        scram: ScramClient | None = None
+        while True:
+            typ, body = await self.read_message()
+            if typ == m.AUTHENTICATION:
+                code, data = m.parse_auth_request(body)
+                if code == m.AUTH_OK:
+                    continue
+                if code == m.AUTH_CLEARTEXT:
+                    if password is None or secret_kind(password) is not SecretKind.PLAIN:
+                        raise self._login_refused("server login failed: wrong password type")
+                    self.write(m.password_message(password.encode() + b"\0"))
+                elif code == m.AUTH_MD5:
+                    if password is None or secret_kind(password) is SecretKind.SCRAM:
+                        raise self._login_refused("server login failed: wrong password type")
+                    resp = md5_client_response(password, user, data[:4])
+                    self.write(m.password_message(resp.encode() + b"\0"))
+                elif code == m.AUTH_SASL:
+                    mechs = [x.decode() for x in data.split(b"\0") if x]
+                    if "SCRAM-SHA-256" not in mechs:
+                        raise self._login_refused("server login failed: unsupported SASL mechanism")
+                    scram = self._scram_client(password)
+                    self.write(m.sasl_initial_response("SCRAM-SHA-256", scram.client_first()))
+                elif code == m.AUTH_SASL_CONTINUE and scram is not None:
+                    try:
+                        self.write(m.password_message(scram.client_final(data)))
+                    except ScramError as exc:
+                        raise self._login_refused(f"server login failed: {exc}") from exc
+                elif code == m.AUTH_SASL_FINAL and scram is not None:
+                    try:
+                        scram.verify_server_final(data)
+                    except ScramError as exc:
+                        raise self._login_refused(f"server login failed: {exc}") from exc
+                else:
+                    raise self._login_refused(f"server login failed: unsupported auth method {code}")
+            elif typ == m.ERROR_RESPONSE:
+                raise ServerLoginError(m.parse_error_fields(body))
+            elif typ == m.PARAMETER_STATUS:
+                name, value = m.parse_parameter_status(body)
+                self.login_params[name] = value
+                self.params.set(name, value)
+            elif typ == m.BACKEND_KEY_DATA:
+                self.backend_pid, self.backend_key = m.parse_backend_key_data(body)
+            elif typ == m.READY_FOR_QUERY:
+                self.status = body[0]
+                return
+            # NoticeResponse, NegotiateProtocolVersion: nothing to do
+
+    def _scram_client(self, password: str | None) -> ScramClient:
+        if password is None:
+            raise self._login_refused("server login failed: wrong password type")
+        kind = secret_kind(password)
+        if kind is SecretKind.SCRAM:
+            secret = ScramSecret.parse(password)
+            client_key = self.pool.scram_client_key
+            if secret is None or client_key is None:
+                pglog.logger.error(
+                    "%s cannot do SCRAM authentication: password is SCRAM secret but client "
+                    "authentication did not provide SCRAM keys",
+                    self.log_prefix,
+                )
+                raise self._login_refused("server login failed: wrong password type")
+            return ScramClient(client_key=client_key, secret=secret)
+        if kind is SecretKind.MD5:
+            raise self._login_refused("server login failed: wrong password type")
+        return ScramClient(password=password)
+
+    @staticmethod
+    def _login_refused(message: str) -> ServerLoginError:
+        return ServerLoginError({"S": "FATAL", "C": "08P01", "M": message})
+
+    async def simple_query(self, sql: str) -> dict[str, str] | None:
+        """Run one query on the slow path, swallowing its results. Returns the ErrorResponse
+        fields if it failed. ParameterStatus updates are recorded."""
+        self.write(m.query(sql))
+        error: dict[str, str] | None = None
+        while True:
+            typ, body = await self.read_message()
+            if typ == m.READY_FOR_QUERY:
+                self.status = body[0]
+                return error
+            if typ == m.ERROR_RESPONSE:
+                error = m.parse_error_fields(body)
+            elif typ == m.PARAMETER_STATUS:
+                self.params.set(*m.parse_parameter_status(body))
+            elif typ == m.COPY_IN_RESPONSE:
+                self.write(m.message(b"f", m.cstr("COPY not allowed here")))
+
+    def close(self, reason: str) -> None:
+        """Close the socket; the pool forgets the server in connection_lost."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        t = self.transport
+        if t is not None and not t.is_closing():
+            if not self.closed:
+                t.write(m.terminate())
+            t.close()
+
+
+__all__ = ["ServerConnection", "ServerLoginError", "ConnectionLost"]

@@ -1,0 +1,167 @@
+"""Pools: which servers are idle, which clients wait for one, and how many servers may exist.
+
+This is where a client waits for a server (`Pool.waiting`). It is plain state with no I/O:
+the network layer asks it what to do (`take_idle`, `connects_wanted`) and reports what
+happened (`server_ready`, `server_gone`). That keeps the pooling rules testable without sockets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+
+class Waiter(Protocol):
+    """What the pool needs of a client: whether it is still there, and when it started waiting."""
+
+    closed: bool
+    wait_started: float
+
+
+S = TypeVar("S")
+C = TypeVar("C", bound=Waiter)
+
+
+@dataclass
+class PoolLimits:
+    """Sizes in force for one pool, resolved from database, user and global settings."""
+
+    pool_size: int = 20
+    min_pool_size: int = 0
+    reserve_pool_size: int = 0
+    reserve_pool_timeout: float = 5.0
+    max_db_connections: int = 0
+    max_user_connections: int = 0
+
+
+@dataclass
+class PoolStats:
+    """Plain integer counters, read by SHOW STATS and the metrics collector, never pushed."""
+
+    xact_count: int = 0
+    query_count: int = 0
+    server_assignment_count: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    xact_time_us: int = 0
+    query_time_us: int = 0
+    wait_time_us: int = 0
+    client_login_count: int = 0
+
+
+@dataclass
+class Pool(Generic[S, C]):
+    """One (database, user) pool."""
+
+    database: str
+    user: str
+    limits: PoolLimits = field(default_factory=PoolLimits)
+    round_robin: bool = False
+    idle: deque[S] = field(default_factory=deque)
+    active: set[S] = field(default_factory=set)
+    busy: set[S] = field(default_factory=set)  # being reset, tested or otherwise not linkable yet
+    connecting: int = 0
+    waiting: deque[C] = field(default_factory=deque)
+    clients: set[C] = field(default_factory=set)
+    stats: PoolStats = field(default_factory=PoolStats)
+    # ParameterStatus values from the first server login, replayed to every new client.
+    params: dict[str, str] | None = None
+    # (monotonic time, ErrorResponse fields) of the last failed server login, for server_login_retry.
+    login_failure: tuple[float, dict[str, str]] | None = None
+    # ClientKey recovered from a client's SCRAM login, for SCRAM pass-through to PostgreSQL.
+    scram_client_key: bytes | None = None
+    paused: bool = False
+
+    # ------------------------------------------------------------ counting
+
+    @property
+    def server_count(self) -> int:
+        return len(self.idle) + len(self.active) + len(self.busy) + self.connecting
+
+    def capacity(self, now: float | None = None) -> int:
+        """Servers this pool may have now: pool_size, plus the reserve once the oldest client
+        has waited reserve_pool_timeout."""
+        size = self.limits.pool_size
+        if self.limits.reserve_pool_size > 0 and self.waiting:
+            now = time.monotonic() if now is None else now
+            oldest = self.oldest_wait_start()
+            if oldest is not None and now - oldest >= self.limits.reserve_pool_timeout:
+                size += self.limits.reserve_pool_size
+        return size
+
+    def oldest_wait_start(self) -> float | None:
+        for client in self.waiting:
+            if not client.closed:
+                return client.wait_started
+        return None
+
+    def live_waiters(self) -> int:
+        return sum(1 for c in self.waiting if not c.closed)
+
+    # ------------------------------------------------------------ decisions
+
+    def take_idle(self) -> S | None:
+        """An idle server to link, LIFO (warmest first) unless server_round_robin is set."""
+        if not self.idle:
+            return None
+        server = self.idle.popleft() if self.round_robin else self.idle.pop()
+        self.active.add(server)
+        return server
+
+    def enqueue(self, client: C, now: float | None = None) -> None:
+        """Put a client at the back of the FIFO wait queue."""
+        client.wait_started = time.monotonic() if now is None else now
+        self.waiting.append(client)
+
+    def next_waiter(self) -> C | None:
+        """The client that has waited longest and is still connected."""
+        while self.waiting:
+            client = self.waiting.popleft()
+            if not client.closed:
+                return client
+        return None
+
+    def remove_waiter(self, client: C) -> None:
+        try:
+            self.waiting.remove(client)
+        except ValueError:
+            pass
+
+    def connects_wanted(self, room_elsewhere: int | None = None, now: float | None = None) -> int:
+        """How many new server connections to open now: enough for the waiting clients (and to
+        reach min_pool_size), within pool capacity and `room_elsewhere` (db/user caps)."""
+        wanted = self.live_waiters() - self.connecting
+        if self.limits.min_pool_size:
+            wanted = max(wanted, self.limits.min_pool_size - self.server_count)
+        room = self.capacity(now) - self.server_count
+        if room_elsewhere is not None:
+            room = min(room, room_elsewhere)
+        return max(0, min(wanted, room))
+
+    def server_ready(self, server: S) -> C | None:
+        """A server became linkable (new login, or released and clean). Returns the waiting client
+        it must be linked to, or None after parking it idle."""
+        self.busy.discard(server)
+        self.active.discard(server)
+        client = self.next_waiter()
+        if client is None:
+            self.idle.append(server)
+            return None
+        self.active.add(server)
+        return client
+
+    def server_busy(self, server: S) -> None:
+        """The server is unlinked but not usable yet (reset query, check query running)."""
+        self.active.discard(server)
+        self.busy.add(server)
+
+    def server_gone(self, server: S) -> None:
+        """A server closed or is about to: forget it wherever it was."""
+        self.active.discard(server)
+        self.busy.discard(server)
+        try:
+            self.idle.remove(server)
+        except ValueError:
+            pass

@@ -1,0 +1,623 @@
+"""The pooler: pools by (database, user), linking clients to servers, opening server connections,
+cancel requests, reload and shutdown.
+
+`pgmux.pool.Pool` holds the rules (who waits, how many servers); this module acts on them with
+sockets and tasks. A client asks for a server in `request_server`; a server comes back in
+`transaction_boundary` (transaction/statement mode) or `client_gone` (session mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import secrets
+import time
+from typing import Any
+
+from pgmux import log as pglog
+from pgmux.auth import load_auth_file
+from pgmux.config import Config, DatabaseEntry
+from pgmux.net.client import ClientConnection, ClientError
+from pgmux.net.server import ServerConnection, ServerLoginError
+from pgmux.pool.pool import Pool, PoolLimits
+from pgmux.protocol import messages as m
+from pgmux.protocol.varcache import set_statement, tracked_names
+
+logger = pglog.logger
+
+# Startup parameters a client may send besides the tracked ones (PgBouncer's list).
+_ALWAYS_ALLOWED = {"user", "database", "application_name", "replication", "options"}
+_IDLE = ord("I")
+
+
+class Pooler:
+    """Process-wide state: configuration, pools, clients, and the actions that join them."""
+
+    def __init__(self, config: Config) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.config = config
+        self.auth_users: dict[str, str] = {}
+        self.pools: dict[tuple[str, str], Pool[ServerConnection, ClientConnection]] = {}
+        self.clients: set[ClientConnection] = set()
+        self.cancel_keys: dict[bytes, ClientConnection] = {}
+        self.shutting_down = False
+        self.listeners: list[asyncio.AbstractServer] = []
+        self._client_ids = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._params_waiters: dict[int, list[asyncio.Future[dict[str, str]]]] = {}
+        self._rr_counter = 0
+        self.apply_config(config)
+
+    # ------------------------------------------------------------ configuration
+
+    @property
+    def settings(self) -> Any:
+        return self.config.settings
+
+    def apply_config(self, config: Config) -> None:
+        """Take a (re)loaded config: auth file, tracked parameters, pool limits."""
+        self.config = config
+        s = config.settings
+        self.auth_users = load_auth_file(s.auth_file) if s.auth_file else {}
+        self.tracked = tracked_names(list(s.track_extra_parameters))
+        self.ignored_params = {p.lower() for p in s.ignore_startup_parameters}
+        for pool in self.pools.values():
+            db = config.find_database(pool.database)
+            if db is not None:
+                pool.limits = self.limits_for(db, pool.user)
+                pool.round_robin = bool(s.server_round_robin)
+                self.launch_connects(pool)
+
+    def auth_secret(self, user: str) -> str | None:
+        return self.auth_users.get(user)
+
+    def limits_for(self, db: DatabaseEntry, user: str) -> PoolLimits:
+        s = self.settings
+        u = self.config.users.get(user)
+
+        def pick(*vals: Any) -> Any:
+            for v in vals:
+                if v is not None:
+                    return v
+            return None
+
+        return PoolLimits(
+            pool_size=pick(u.pool_size if u else None, db.pool_size, s.default_pool_size),
+            min_pool_size=pick(db.min_pool_size, s.min_pool_size),
+            reserve_pool_size=pick(u.reserve_pool_size if u else None, db.reserve_pool_size, s.reserve_pool_size),
+            reserve_pool_timeout=s.reserve_pool_timeout,
+            max_db_connections=pick(db.max_db_connections, s.max_db_connections),
+            max_user_connections=pick(u.max_user_connections if u else None, s.max_user_connections),
+        )
+
+    def pool_mode_for(self, db: DatabaseEntry, user: str) -> str:
+        u = self.config.users.get(user)
+        return (u.pool_mode if u and u.pool_mode else None) or db.pool_mode or self.settings.pool_mode
+
+    def check_startup_params(self, params: dict[str, str]) -> dict[str, str]:
+        """Tracked parameters the client asked for; refuses the ones PgBouncer refuses."""
+        out: dict[str, str] = {}
+        for key, value in params.items():
+            low = key.lower()
+            if low in self.tracked:
+                out[self.tracked[low]] = value
+            elif low == "options":
+                out.update(self._parse_options(value))
+            elif low in _ALWAYS_ALLOWED or low in self.ignored_params:
+                continue
+            else:
+                raise ClientError(f"unsupported startup parameter: {key}")
+        if "application_name" in params:
+            out["application_name"] = params["application_name"]
+        return out
+
+    def _parse_options(self, value: str) -> dict[str, str]:
+        if "options" in self.ignored_params:
+            return {}
+        out: dict[str, str] = {}
+        words = value.split()
+        i = 0
+        while i < len(words):
+            w = words[i]
+            if w == "-c" and i + 1 < len(words):
+                kv = words[i + 1]
+                i += 2
+            elif w.startswith("-c") and len(w) > 2:
+                kv = w[2:]
+                i += 1
+            elif w.startswith("--"):
+                kv = w[2:]
+                i += 1
+            else:
+                raise ClientError(
+                    "unsupported options startup parameter: only '-c config=val' and '--config=val' are allowed"
+                )
+            name, sep, val = kv.partition("=")
+            if not sep:
+                raise ClientError(
+                    "unsupported options startup parameter: only '-c config=val' and '--config=val' are allowed"
+                )
+            name = name.replace("-", "_")
+            if name.lower() not in self.tracked:
+                raise ClientError(f"unsupported startup parameter in options: {name}")
+            out[self.tracked[name.lower()]] = val
+        return out
+
+    def check_client_limits(self, client: ClientConnection, db: DatabaseEntry, user: str) -> None:
+        s = self.settings
+        max_db = db.max_db_client_connections if db.max_db_client_connections is not None else (
+            s.max_db_client_connections
+        )
+        if max_db:
+            n = sum(1 for c in self.clients if c.logged_in and c.dbname == client.dbname)
+            if n >= max_db:
+                raise ClientError("client connections exceeded (max_db_client_connections)")
+        u = self.config.users.get(user)
+        max_user = u.max_user_client_connections if u and u.max_user_client_connections is not None else (
+            s.max_user_client_connections
+        )
+        if max_user:
+            n = sum(1 for c in self.clients if c.logged_in and c.user == user)
+            if n >= max_user:
+                raise ClientError("client connections exceeded (max_user_client_connections)")
+
+    # ------------------------------------------------------------ clients
+
+    def next_client_id(self) -> int:
+        self._client_ids += 1
+        return self._client_ids
+
+    @property
+    def client_count(self) -> int:
+        return len(self.clients)
+
+    def client_connected(self, client: ClientConnection) -> None:
+        self.clients.add(client)
+
+    def register_cancel_key(self, client: ClientConnection) -> bytes:
+        while True:
+            key = bytearray(secrets.token_bytes(8))
+            key[0] &= 0x7F  # PgBouncer clears the sign bit of the first byte
+            k = bytes(key)
+            if k not in self.cancel_keys:
+                self.cancel_keys[k] = client
+                return k
+
+    def client_gone(self, client: ClientConnection, reason: str) -> None:
+        """A client socket closed: give back or close its server, forget the client."""
+        self.clients.discard(client)
+        if client.cancel_key:
+            self.cancel_keys.pop(client.cancel_key, None)
+        if client.login_task is not None and not client.login_task.done():
+            client.login_task.cancel()
+        pool = client.pool
+        if pool is not None:
+            pool.clients.discard(client)
+            if client.waiting:
+                pool.remove_waiter(client)
+                client.waiting = False
+        if self.settings.log_disconnections and client.logged_in:
+            age = time.monotonic() - client.connect_time
+            logger.info("%s closing because: %s (age=%ds)", client.log_prefix, reason, age)
+        server = client.server
+        if server is not None:
+            self.unlink(client, server)
+            if server.is_clean and not client.linking:
+                self.release(server, reset=True)
+            else:
+                server.close("client disconnected with query in progress"
+                             if server.outstanding else "unclean server")
+        self._check_shutdown()
+
+    # ------------------------------------------------------------ pools and servers
+
+    def get_pool(self, db: DatabaseEntry, user: str) -> Pool[ServerConnection, ClientConnection]:
+        key = (db.name, user)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = Pool(database=db.name, user=user, limits=self.limits_for(db, user),
+                        round_robin=bool(self.settings.server_round_robin))
+            self.pools[key] = pool
+            if db.is_autodb:
+                logger.info("registered new auto-database: db=%s", db.name)
+        return pool
+
+    async def pool_params(self, pool: Pool[ServerConnection, ClientConnection]) -> dict[str, str]:
+        """The pool's ParameterStatus set; the first client of a pool waits for a server login."""
+        if pool.params is not None:
+            return pool.params
+        self._fail_fast_if_login_failing(pool)
+        fut: asyncio.Future[dict[str, str]] = self.loop.create_future()
+        self._params_waiters.setdefault(id(pool), []).append(fut)
+        if pool.connecting == 0:
+            self._spawn_connect(pool)
+        return await fut
+
+    def _fail_fast_if_login_failing(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
+        failure = pool.login_failure
+        if failure is None:
+            return
+        when, fields = failure
+        if time.monotonic() - when < self.settings.server_login_retry:
+            raise ClientError(
+                f"server login has been failing, cached error: {fields.get('M', '')} (server_login_retry)",
+                fields.get("C", "08P01"),
+            )
+
+    def request_server(self, client: ClientConnection) -> None:
+        """A client has something to send and no server: link an idle one or wait in line."""
+        pool = client.pool
+        if pool is None:
+            return
+        try:
+            self._fail_fast_if_login_failing(pool)
+        except ClientError as exc:
+            client.fail(str(exc), exc.sqlstate)
+            return
+        server = pool.take_idle() if not pool.paused else None
+        if server is not None:
+            self.link(client, server)
+            return
+        client.waiting = True
+        pool.enqueue(client)
+        self.launch_connects(pool)
+
+    def launch_connects(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
+        if pool.paused or self.shutting_down:
+            return
+        for _ in range(pool.connects_wanted(self._room_outside_pool(pool))):
+            self._spawn_connect(pool)
+
+    def _room_outside_pool(self, pool: Pool[ServerConnection, ClientConnection]) -> int | None:
+        """Servers still allowed by max_db_connections / max_user_connections."""
+        room: int | None = None
+        lim = pool.limits
+        if lim.max_db_connections:
+            used = sum(p.server_count for p in self.pools.values() if p.database == pool.database)
+            room = lim.max_db_connections - used
+        if lim.max_user_connections:
+            used = sum(p.server_count for p in self.pools.values() if p.user == pool.user)
+            r = lim.max_user_connections - used
+            room = r if room is None else min(room, r)
+        return room
+
+    def _spawn_connect(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
+        pool.connecting += 1
+        self.spawn(self._connect(pool))
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _server_target(self, db: DatabaseEntry) -> tuple[str | None, int, str | None]:
+        """(host, port, unix path) for the next server connection of a database."""
+        hosts = db.hosts
+        if hosts:
+            if len(hosts) > 1 and db.load_balance_hosts != "disable":
+                self._rr_counter += 1
+                host = hosts[self._rr_counter % len(hosts)]
+            else:
+                host = hosts[0]
+        else:
+            host = self.settings.unix_socket_dir or "/tmp"
+        if host.startswith("/") or host.startswith("@"):
+            path = os.path.join(host, f".s.PGSQL.{db.port}")
+            if host.startswith("@"):
+                path = "\0" + path[1:]
+            return None, db.port, path
+        return host, db.port, None
+
+    async def _connect(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
+        db = self.config.find_database(pool.database)
+        server: ServerConnection | None = None
+        try:
+            if db is None:
+                raise ServerLoginError({"S": "FATAL", "C": "08P01", "M": "database removed"})
+            host, port, path = self._server_target(db)
+            addr = host or path or ""
+
+            def factory() -> ServerConnection:
+                return ServerConnection(self, pool, addr, port)
+
+            timeout = self.settings.server_connect_timeout or None
+            async with asyncio.timeout(timeout):
+                if path is not None:
+                    _, server = await self.loop.create_unix_connection(factory, path)
+                else:
+                    _, server = await self.loop.create_connection(factory, host, port)
+                if self.settings.log_connections:
+                    logger.info("%s new connection to server (from %s:%s)", server.log_prefix,
+                                server.local_addr, server.local_port)
+                password = db.password if db.user else self.auth_secret(pool.user)
+                await server.login(pool.user, db.target_dbname, password, self._server_startup(db))
+                if db.connect_query:
+                    err = await server.simple_query(db.connect_query)
+                    if err:
+                        logger.warning("%s connect_query failed: %s", server.log_prefix, err.get("M"))
+        except ServerLoginError as exc:
+            self._connect_failed(pool, server, exc.fields)
+            return
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            msg = "connect timeout" if isinstance(exc, TimeoutError) else f"connect failed: {exc}"
+            self._connect_failed(pool, server, {"S": "FATAL", "C": "08006", "M": msg})
+            return
+        except Exception as exc:  # noqa: BLE001 - a server must never take the process down
+            logger.exception("unexpected error connecting to server")
+            self._connect_failed(pool, server, {"S": "FATAL", "C": "08006", "M": str(exc)})
+            return
+        pool.connecting -= 1
+        pool.login_failure = None
+        server.state = "idle"
+        if pool.params is None:
+            pool.params = dict(server.login_params)
+        for fut in self._params_waiters.pop(id(pool), []):
+            if not fut.done():
+                fut.set_result(pool.params)
+        self.server_ready(server)
+
+    def _server_startup(self, db: DatabaseEntry) -> dict[str, str]:
+        out = {}
+        for key, name in (("client_encoding", "client_encoding"), ("datestyle", "datestyle"),
+                          ("timezone", "timezone"), ("application_name", "application_name")):
+            value = getattr(db, key)
+            if value:
+                out[name] = value
+        return out
+
+    def _connect_failed(self, pool: Pool[ServerConnection, ClientConnection],
+                        server: ServerConnection | None, fields: dict[str, str]) -> None:
+        pool.connecting -= 1
+        msg = fields.get("M", "server login failed")
+        logger.warning("%s/%s server login failed: %s", pool.database, pool.user, msg)
+        if server is not None:
+            server.close_reason = msg
+            server.close(msg)
+        # 57P03 (the database system is starting up) is transient: keep clients waiting.
+        if fields.get("C") != "57P03":
+            pool.login_failure = (time.monotonic(), fields)
+        sqlstate = fields.get("C", "08P01")
+        for fut in self._params_waiters.pop(id(pool), []):
+            if not fut.done():
+                fut.set_exception(ClientError(msg, sqlstate))
+        if pool.login_failure is not None:
+            while (client := pool.next_waiter()) is not None:
+                client.waiting = False
+                client.fail(msg, sqlstate)
+
+    def server_ready(self, server: ServerConnection) -> None:
+        """A server is clean and unlinked: hand it to the first waiting client or park it idle."""
+        pool = server.pool
+        if server.closed:
+            pool.server_gone(server)
+            return
+        if server.close_needed or self._lifetime_over(server):
+            pool.server_gone(server)
+            server.close("server lifetime over" if not server.close_needed else "close_needed")
+            self.launch_connects(pool)
+            return
+        server.state = "idle"
+        client = pool.server_ready(server)
+        if client is not None:
+            client.waiting = False
+            self.link(client, server)
+        self._check_shutdown()
+
+    def _lifetime_over(self, server: ServerConnection) -> bool:
+        db = self.config.find_database(server.pool.database)
+        lifetime = db.server_lifetime if db is not None and db.server_lifetime is not None else (
+            self.settings.server_lifetime
+        )
+        return bool(lifetime) and time.monotonic() - server.connect_time >= lifetime
+
+    def link(self, client: ClientConnection, server: ServerConnection) -> None:
+        """Attach a server to a client; tracked parameters that differ are SET first."""
+        client.server = server
+        server.client = client
+        server.state = "active"
+        pool = server.pool
+        pool.stats.server_assignment_count += 1
+        if client.wait_started:
+            pool.stats.wait_time_us += int((time.monotonic() - client.wait_started) * 1_000_000)
+            client.wait_started = 0.0
+        diff = client.params.diff(server.params, self.tracked)
+        if diff:
+            client.linking = True
+            self.spawn(self._sync_params(client, server, diff))
+            return
+        self._start_link(client, server)
+
+    def _start_link(self, client: ClientConnection, server: ServerConnection) -> None:
+        server.start_forwarding()
+        if client.write_paused and server.transport is not None:
+            server.transport.pause_reading()
+        client.resume_held()
+
+    async def _sync_params(self, client: ClientConnection, server: ServerConnection,
+                           diff: list[tuple[str, str]]) -> None:
+        try:
+            err = await server.simple_query(set_statement(diff))
+        except Exception:  # noqa: BLE001 - the server went away
+            err = {"M": "server conn crashed?"}
+        client.linking = False
+        if client.closed:
+            self.unlink(client, server)
+            if server.is_clean:
+                self.release(server, reset=True)
+            else:
+                server.close("unclean server")
+            return
+        if err is not None:
+            self.unlink(client, server)
+            server.close("invalid server parameter")
+            client.fail(f"invalid server parameter: {err.get('M', '')}")
+            return
+        self._start_link(client, server)
+
+    def unlink(self, client: ClientConnection, server: ServerConnection) -> None:
+        client.server = None
+        server.client = None
+        if server.transport is not None and client.write_paused:
+            server.transport.resume_reading()
+
+    def transaction_boundary(self, server: ServerConnection) -> None:
+        """A ReadyForQuery with nothing outstanding: release per pool mode."""
+        client = server.client
+        if client is None:
+            return
+        mode = client.pool_mode
+        if mode == "session":
+            return
+        if server.status == _IDLE:
+            if client.skip:  # the client is in the middle of sending a message
+                return
+            self.unlink(client, server)
+            self.release(server, reset=False)
+            if client.keep:  # the client already sent more: it needs a server again
+                self.request_server(client)
+        elif mode == "statement":
+            self.unlink(client, server)
+            server.close("transaction blocks not allowed in statement pooling mode")
+            client.fail("transaction blocks not allowed in statement pooling mode")
+
+    def release(self, server: ServerConnection, reset: bool) -> None:
+        """Return a clean server to its pool, after server_reset_query where configured."""
+        server.stop_forwarding()
+        server.state = "used"
+        s = self.settings
+        query = s.server_reset_query
+        if query and (reset and (s.server_reset_query_always or self._is_session_pool(server))
+                      or s.server_reset_query_always):
+            server.pool.server_busy(server)
+            self.spawn(self._reset(server, query))
+            return
+        self.server_ready(server)
+
+    def _is_session_pool(self, server: ServerConnection) -> bool:
+        db = self.config.find_database(server.pool.database)
+        return db is not None and self.pool_mode_for(db, server.pool.user) == "session"
+
+    async def _reset(self, server: ServerConnection, query: str) -> None:
+        try:
+            err = await server.simple_query(query)
+        except Exception:  # noqa: BLE001
+            err = {"M": "server conn crashed?"}
+        if err is not None or server.status != _IDLE:
+            server.pool.server_gone(server)
+            server.close("reset query failed")
+            return
+        self.server_ready(server)
+
+    def server_lost(self, server: ServerConnection, reason: str) -> None:
+        """A server socket closed (by us or by PostgreSQL)."""
+        pool = server.pool
+        pool.server_gone(server)
+        if self.settings.log_disconnections and server.state != "login":
+            age = time.monotonic() - server.connect_time
+            logger.info("%s closing because: %s (age=%ds)", server.log_prefix, reason, age)
+        client = server.client
+        if client is not None:
+            self.unlink(client, server)
+            client.fail(reason if reason != "client disconnected with query in progress" else "server conn crashed?")
+        self.launch_connects(pool)
+        self._check_shutdown()
+
+    # ------------------------------------------------------------ cancel requests
+
+    def handle_cancel(self, pid: int, key: int) -> None:
+        """Route a CancelRequest to the server the client is linked to, over a new connection."""
+        k = pid.to_bytes(4, "big", signed=True) + key.to_bytes(4, "big", signed=True)
+        client = self.cancel_keys.get(k)
+        if client is None:
+            logger.info("failed cancel request: no such client")
+            return
+        server = client.server
+        if server is None:
+            if client.waiting and client.pool is not None:
+                logger.info("%s cancel request for waiting client", client.log_prefix)
+            else:
+                logger.info("%s cancel request for idle client", client.log_prefix)
+            return
+        db = self.config.find_database(server.pool.database)
+        if db is None:
+            return
+        self.spawn(self._send_cancel(server, db))
+
+    async def _send_cancel(self, server: ServerConnection, db: DatabaseEntry) -> None:
+        packet = m.cancel_request(server.backend_pid, server.backend_key)
+        try:
+            async with asyncio.timeout(self.settings.cancel_wait_timeout or None):
+                if server.addr.startswith("/") or server.addr.startswith("\0"):
+                    reader, writer = await asyncio.open_unix_connection(server.addr)
+                else:
+                    reader, writer = await asyncio.open_connection(server.addr, server.port)
+                writer.write(packet)
+                await writer.drain()
+                await reader.read()  # PostgreSQL closes after processing it
+                writer.close()
+        except (OSError, TimeoutError) as exc:
+            logger.warning("cancel request failed: %s", exc)
+
+    # ------------------------------------------------------------ maintenance
+
+    def janitor_tick(self) -> None:
+        """Once a second: timeouts of waiting clients, idle servers, lifetimes, min_pool_size."""
+        now = time.monotonic()
+        s = self.settings
+        for pool in list(self.pools.values()):
+            db = self.config.find_database(pool.database)
+            wait_timeout = s.query_wait_timeout
+            if db is not None and db.query_wait_timeout is not None:
+                wait_timeout = db.query_wait_timeout
+            u = self.config.users.get(pool.user)
+            if u is not None and u.query_wait_timeout is not None:
+                wait_timeout = u.query_wait_timeout
+            if wait_timeout:
+                for client in list(pool.waiting):
+                    if not client.closed and now - client.wait_started >= wait_timeout:
+                        pool.remove_waiter(client)
+                        client.waiting = False
+                        client.fail("query_wait_timeout")
+            idle_timeout = s.server_idle_timeout
+            for server in list(pool.idle):
+                if idle_timeout and now - server.last_used >= idle_timeout and (
+                    pool.server_count > pool.limits.min_pool_size
+                ):
+                    pool.server_gone(server)
+                    server.close("server idle timeout")
+                elif self._lifetime_over(server):
+                    pool.server_gone(server)
+                    server.close("server lifetime over")
+            if pool.waiting or (pool.limits.min_pool_size and pool.clients):
+                self.launch_connects(pool)
+
+    # ------------------------------------------------------------ reload and shutdown
+
+    def reload(self, config: Config) -> None:
+        self.apply_config(config)
+        logger.info("config reloaded")
+
+    def start_shutdown(self) -> None:
+        """Stop accepting; exit once clients are gone (SIGTERM: WAIT_FOR_CLIENTS)."""
+        self.shutting_down = True
+        for listener in self.listeners:
+            listener.close()
+        self._check_shutdown()
+
+    def _check_shutdown(self) -> None:
+        if self.shutting_down and not any(c.logged_in for c in self.clients):
+            fut = getattr(self, "shutdown_done", None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def close_all(self) -> None:
+        for client in list(self.clients):
+            client.fail("pooler is shutting down", "57P01")
+        for pool in self.pools.values():
+            for server in list(pool.idle) + list(pool.active) + list(pool.busy):
+                server.close("pooler is shutting down")
+
+    def random_choice(self, items: list[Any]) -> Any:
+        return random.choice(items)
