@@ -123,10 +123,7 @@ class Pooler:
             if w == "-c" and i + 1 < len(words):
                 kv = words[i + 1]
                 i += 2
-            elif w.startswith("-c") and len(w) > 2:
-                kv = w[2:]
-                i += 1
-            elif w.startswith("--"):
+            elif w.startswith("-c") and len(w) > 2 or w.startswith("--"):
                 kv = w[2:]
                 i += 1
             else:

@@ -163,7 +163,7 @@ class ClientConnection(PgConnection):
         terminate = False
         if events:
             for typ, start, _ in events:
-                if typ == _Q or typ == _F:
+                if typ in (_Q, _F):
                     server.outstanding += 1
                     server.note_request()
                 elif typ == _SYNC:
