@@ -132,8 +132,7 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
         except (ConfigError, AuthFileError) as exc:
             logger.error("RELOAD failed: %s", exc)
             return
-        changed = pooler.settings.changed_nonreloadable(new.settings)
-        for name in changed:
+        for name in new.settings.adopt_nonreloadable(pooler.settings):
             logger.warning("setting %s cannot be changed by reload; restart needed", name)
         pglog.setup_logging(verbose=args.verbose + int(new.settings.verbose), quiet=args.quiet or args.daemon,
                             logfile=new.settings.logfile or None)
