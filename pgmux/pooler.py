@@ -194,7 +194,7 @@ class Pooler:
             if client.waiting:
                 pool.remove_waiter(client)
                 client.waiting = False
-        if self.settings.log_disconnections and client.logged_in:
+        if self.settings.log_disconnections and client.user is not None:
             age = time.monotonic() - client.connect_time
             logger.info("%s closing because: %s (age=%ds)", client.log_prefix, reason, age)
         server = client.server

@@ -353,7 +353,7 @@ class ClientConnection(PgConnection):
     async def _auth_scram(self, user: str, stored: str | None) -> None:
         # An unknown user still goes through a full exchange against a throwaway secret, so
         # the failure reads the same as a wrong password.
-        server = ScramServer(stored if stored is not None else secrets.token_hex(16), user)
+        server = ScramServer(stored, user) if stored else ScramServer.mock(user)
         self.write(m.auth_sasl(["SCRAM-SHA-256"]))
         try:
             mech, data = m.parse_sasl_initial_response(await self._read_password())
@@ -362,9 +362,11 @@ class ClientConnection(PgConnection):
             self.write(m.auth_request(m.AUTH_SASL_CONTINUE, server.handle_client_first(data)))
             final = server.handle_client_final(await self._read_password())
         except ScramError as exc:
+            if exc.wrong_password:
+                raise ClientError("password authentication failed", "28P01") from exc
             raise ClientError("SASL authentication failed", "28P01") from exc
-        if stored is None:
-            raise ClientError("SASL authentication failed", "28P01")
+        if not stored:
+            raise ClientError("password authentication failed", "28P01")
         self.write(m.auth_request(m.AUTH_SASL_FINAL, final))
         if secret_kind(stored) is SecretKind.SCRAM:
             self.client_key = server.client_key
