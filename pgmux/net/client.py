@@ -259,8 +259,10 @@ class ClientConnection(PgConnection):
             raise ClientError("pooler is shutting down")
         db = pooler.config.find_database(self.dbname)
         if self.dbname == "pgbouncer":
-            await self.authenticate(user, forced=False)
-            raise ClientError("admin console is not available in this version of pgmux", "0A000")
+            from pgmux.admin.console import run_console
+
+            await run_console(self)
+            return
         pool_user = db.user if (db is not None and db.user) else user
         await self.authenticate(user, forced=bool(db and db.user))
         if db is None:
