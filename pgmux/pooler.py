@@ -254,6 +254,12 @@ class Pooler:
             return
         server = pool.take_idle() if not pool.paused else None
         if server is not None:
+            if self._needs_check(server):
+                client.linking = True
+                client.server = server
+                server.client = client
+                self.spawn(self._check_then_link(client, server))
+                return
             self.link(client, server)
             return
         client.waiting = True
@@ -453,6 +459,31 @@ class Pooler:
             return
         self._start_link(client, server)
 
+    def _needs_check(self, server: ServerConnection) -> bool:
+        s = self.settings
+        return bool(s.server_check_query) and time.monotonic() - server.last_used >= s.server_check_delay
+
+    async def _check_then_link(self, client: ClientConnection, server: ServerConnection) -> None:
+        """server_check_query on a server idle longer than server_check_delay, then link it."""
+        query = self.settings.server_check_query
+        try:
+            err = await server.simple_query("" if query == "<empty>" else query)
+        except Exception:  # noqa: BLE001 - the server went away
+            err = {"M": "server conn crashed?"}
+        client.linking = False
+        self.unlink(client, server)
+        if err is not None or server.status != _IDLE:
+            server.pool.server_gone(server)
+            server.close("server check query failed")
+            if not client.closed:
+                self.request_server(client)
+            return
+        server.last_used = time.monotonic()
+        if client.closed:
+            self.server_ready(server)
+            return
+        self.link(client, server)
+
     def unlink(self, client: ClientConnection, server: ServerConnection) -> None:
         client.server = None
         server.client = None
@@ -485,8 +516,7 @@ class Pooler:
         server.state = "used"
         s = self.settings
         query = s.server_reset_query
-        if query and (reset and (s.server_reset_query_always or self._is_session_pool(server))
-                      or s.server_reset_query_always):
+        if query and (s.server_reset_query_always or (reset and self._is_session_pool(server))):
             server.pool.server_busy(server)
             self.spawn(self._reset(server, query))
             return
@@ -587,8 +617,59 @@ class Pooler:
                 elif self._lifetime_over(server):
                     pool.server_gone(server)
                     server.close("server lifetime over")
+            for server in list(pool.active):
+                self._check_linked_timeouts(server, now)
             if pool.waiting or (pool.limits.min_pool_size and pool.clients):
                 self.launch_connects(pool)
+            if db is not None and db.is_autodb and self._autodb_expired(pool, now):
+                del self.pools[(pool.database, pool.user)]
+        client_idle = s.client_idle_timeout
+        for client in list(self.clients):
+            if not client.logged_in or client.server is not None or client.waiting or client.linking:
+                continue
+            limit = self.user_timeout(client.user, "client_idle_timeout", client_idle)
+            if limit and now - client.request_time >= limit:
+                client.fail("client_idle_timeout")
+
+    def user_timeout(self, user: str | None, name: str, default: float) -> float:
+        """A timeout from [users] when set there, else the global one."""
+        u = self.config.users.get(user) if user else None
+        value = getattr(u, name, None) if u is not None else None
+        return default if value is None else value
+
+    def _check_linked_timeouts(self, server: ServerConnection, now: float) -> None:
+        """query_timeout, idle_transaction_timeout and transaction_timeout of a linked server."""
+        client = server.client
+        if client is None or client.linking:
+            return
+        s = self.settings
+        reason = None
+        if server.outstanding or server.pending_ext:
+            limit = self.user_timeout(client.user, "query_timeout", s.query_timeout)
+            if limit and server.query_start and now - server.query_start >= limit:
+                reason = "query timeout"
+        elif server.status != _IDLE:
+            limit = self.user_timeout(client.user, "idle_transaction_timeout", s.idle_transaction_timeout)
+            if limit and now - server.last_used >= limit:
+                reason = "idle transaction timeout"
+        if reason is None and server.status != _IDLE and server.xact_start:
+            limit = self.user_timeout(client.user, "transaction_timeout", s.transaction_timeout)
+            if limit and now - server.xact_start >= limit:
+                reason = "transaction timeout"
+        if reason is not None:
+            self.unlink(client, server)
+            server.pool.server_gone(server)
+            server.close(reason)
+            client.fail(reason)
+
+    def _autodb_expired(self, pool: Pool[ServerConnection, ClientConnection], now: float) -> bool:
+        """An auto-database pool with no clients and no servers for autodb_idle_timeout."""
+        if pool.clients or pool.server_count or pool.waiting:
+            pool.empty_since = 0.0
+            return False
+        if not pool.empty_since:
+            pool.empty_since = now
+        return now - pool.empty_since >= self.settings.autodb_idle_timeout
 
     # ------------------------------------------------------------ reload and shutdown
 

@@ -120,10 +120,10 @@ class ClientConnection(PgConnection):
 
     def data_path(self, nbytes: int) -> None:
         end = self.keep + nbytes
+        self.request_time = time.monotonic()
         if self.server is None or self.linking:
             # No server yet: hold the bytes until one is linked.
             self.keep = end
-            self.request_time = time.monotonic()
             if end >= HOLD_LIMIT and not self.read_paused and self.transport is not None:
                 self.read_paused = True
                 self.transport.pause_reading()
@@ -253,6 +253,9 @@ class ClientConnection(PgConnection):
         if pooler.client_count > settings.max_client_conn:
             raise ClientError("no more connections allowed (max_client_conn)")
         self.startup_params = pooler.check_startup_params(params)
+        if settings.application_name_add_host:
+            name = self.startup_params.get("application_name", "")
+            self.startup_params["application_name"] = f"{name} - {self.addr}:{self.port}"
         if settings.log_connections:
             pglog.logger.info("%s login attempt: db=%s user=%s tls=no", self.log_prefix, self.dbname, user)
         if pooler.shutting_down:

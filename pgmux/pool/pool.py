@@ -73,6 +73,7 @@ class Pool(Generic[S, C]):
     # ClientKey recovered from a client's SCRAM login, for SCRAM pass-through to PostgreSQL.
     scram_client_key: bytes | None = None
     paused: bool = False
+    empty_since: float = 0.0  # for autodb_idle_timeout
 
     # ------------------------------------------------------------ counting
 
