@@ -89,6 +89,8 @@ class Pooler:
             reserve_pool_timeout=s.reserve_pool_timeout,
             max_db_connections=pick(db.max_db_connections, s.max_db_connections),
             max_user_connections=pick(u.max_user_connections if u else None, s.max_user_connections),
+            pool_mode=self.pool_mode_for(db, user),
+            server_lifetime=pick(db.server_lifetime, s.server_lifetime),
         )
 
     def pool_mode_for(self, db: DatabaseEntry, user: str) -> str:
@@ -247,11 +249,12 @@ class Pooler:
         pool = client.pool
         if pool is None:
             return
-        try:
-            self._fail_fast_if_login_failing(pool)
-        except ClientError as exc:
-            client.fail(str(exc), exc.sqlstate)
-            return
+        if pool.login_failure is not None:
+            try:
+                self._fail_fast_if_login_failing(pool)
+            except ClientError as exc:
+                client.fail(str(exc), exc.sqlstate)
+                return
         server = pool.take_idle() if not pool.paused else None
         if server is not None:
             if self._needs_check(server):
@@ -408,11 +411,9 @@ class Pooler:
             self.link(client, server)
         self._check_shutdown()
 
-    def _lifetime_over(self, server: ServerConnection) -> bool:
-        db = self.config.find_database(server.pool.database)
-        lifetime = db.server_lifetime if db is not None and db.server_lifetime is not None else (
-            self.settings.server_lifetime
-        )
+    @staticmethod
+    def _lifetime_over(server: ServerConnection) -> bool:
+        lifetime = server.pool.limits.server_lifetime
         return bool(lifetime) and time.monotonic() - server.connect_time >= lifetime
 
     def link(self, client: ClientConnection, server: ServerConnection) -> None:
@@ -425,7 +426,7 @@ class Pooler:
         if client.wait_started:
             pool.stats.wait_time_us += int((time.monotonic() - client.wait_started) * 1_000_000)
             client.wait_started = 0.0
-        diff = client.params.diff(server.params, self.tracked)
+        diff = None if client.params.same_as(server.params) else client.params.diff(server.params, self.tracked)
         if diff:
             client.linking = True
             self.spawn(self._sync_params(client, server, diff))
@@ -516,15 +517,11 @@ class Pooler:
         server.state = "used"
         s = self.settings
         query = s.server_reset_query
-        if query and (s.server_reset_query_always or (reset and self._is_session_pool(server))):
+        if query and (s.server_reset_query_always or (reset and server.pool.limits.pool_mode == "session")):
             server.pool.server_busy(server)
             self.spawn(self._reset(server, query))
             return
         self.server_ready(server)
-
-    def _is_session_pool(self, server: ServerConnection) -> bool:
-        db = self.config.find_database(server.pool.database)
-        return db is not None and self.pool_mode_for(db, server.pool.user) == "session"
 
     async def _reset(self, server: ServerConnection, query: str) -> None:
         try:

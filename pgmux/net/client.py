@@ -53,7 +53,7 @@ class ClientConnection(PgConnection):
         self.db: DatabaseEntry | None = None
         self.user: str | None = None
         self.dbname: str | None = None
-        self.params = ParamSet()
+        self.params = ParamSet(pooler.tracked)
         self.startup_params: dict[str, str] = {}
         self.addr = ""
         self.port = 0
@@ -275,7 +275,7 @@ class ClientConnection(PgConnection):
         if self.client_key is not None and pool.scram_client_key is None:
             pool.scram_client_key = self.client_key
         self.pool = pool
-        self.pool_mode = pooler.pool_mode_for(db, user)
+        self.pool_mode = pool.limits.pool_mode
         pooler.check_client_limits(self, db, user)
         welcome = await pooler.pool_params(pool)
         self.welcome(welcome)

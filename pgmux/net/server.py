@@ -47,7 +47,7 @@ class ServerConnection(PgConnection):
         self.client: ClientConnection | None = None
         self.backend_pid = 0
         self.backend_key = 0
-        self.params = ParamSet()
+        self.params = ParamSet(pooler.tracked)
         self.login_params: dict[str, str] = {}
         # Requests sent but not answered by ReadyForQuery (Query, Sync, FunctionCall), and
         # whether extended-protocol messages were sent since the last Sync.

@@ -34,6 +34,8 @@ class PoolLimits:
     reserve_pool_timeout: float = 5.0
     max_db_connections: int = 0
     max_user_connections: int = 0
+    pool_mode: str = "session"
+    server_lifetime: float = 3600.0
 
 
 @dataclass

@@ -23,15 +23,33 @@ def tracked_names(extra: list[str] | tuple[str, ...]) -> dict[str, str]:
 class ParamSet:
     """Parameter values keyed case-insensitively, remembering the spelling first seen."""
 
-    __slots__ = ("values",)
+    __slots__ = ("values", "_tracked_key", "tracked")
 
-    def __init__(self) -> None:
+    def __init__(self, tracked: dict[str, str] | None = None) -> None:
         self.values: dict[str, tuple[str, str]] = {}
+        self.tracked = tracked  # when set, `same_as` can compare a cached key
+        self._tracked_key: tuple[str | None, ...] | None = None
 
     def set(self, name: str, value: str) -> None:
         key = name.lower()
         old = self.values.get(key)
         self.values[key] = (old[0] if old else name, value)
+        self._tracked_key = None
+
+    def tracked_key(self) -> tuple[str | None, ...] | None:
+        """Values of the tracked names in a fixed order (cached until a value changes)."""
+        if self.tracked is None:
+            return None
+        k = self._tracked_key
+        if k is None:
+            values = self.values
+            k = self._tracked_key = tuple(values[n][1] if n in values else None for n in self.tracked)
+        return k
+
+    def same_as(self, other: ParamSet) -> bool:
+        """Fast path of the link-time check: every tracked value equal (a cheap tuple compare)."""
+        mine = self.tracked_key()
+        return mine is not None and mine == other.tracked_key()
 
     def get(self, name: str) -> str | None:
         item = self.values.get(name.lower())

@@ -331,7 +331,8 @@ class TempCluster:
 
     def stop(self, mode: str = "immediate", *, cleanup: bool | None = None) -> None:
         """Stop the server (immediate by default: data is throwaway) and delete its dir unless ``keep``."""
-        if self.running:
+        # postmaster.pid also covers a server whose "pg_ctl start" timed out but which is still coming up
+        if self.running or (self.base_dir and os.path.exists(os.path.join(self.datadir, "postmaster.pid"))):
             self._run([self.bin("pg_ctl"), "-D", self.datadir, "-w", "-m", mode, "stop"], check=False)
             self.running = False
         if cleanup is None:
@@ -526,7 +527,10 @@ def write_config(
     * userlist default: md5user with plaintext ``md5pass`` (pooler does md5 itself and logs in to the
       server with the plaintext), scramuser with its real SCRAM secret from pg_authid (so the server
       login needs SCRAM pass-through of the client's keys), trustuser and postgres with "" (both are
-      trust on the server side). ``userlist`` replaces that default completely.
+      trust on the server side). Note that PgBouncer refuses empty passwords under md5/scram/plain
+      ("password authentication failed"; libpq will not even send one), so these two can only log in
+      through the pooler with ``auth_type=trust`` (or hba/any). ``userlist`` replaces the default
+      completely.
     """
     if databases is None:
         databases = {
@@ -658,6 +662,7 @@ class PoolerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid: int = 0
         self.returncode: int | None = None
+        self._killed = False
 
     # -- config
     @property
@@ -760,8 +765,10 @@ class PoolerProcess:
                 )
             self.pid = self._child_pid()
             self.returncode = None
+            self._killed = False
             if self._wait_ready(timeout):
                 return self
+            self._killed = self.proc.poll() is None
             self.stop()
             if "already in use" in self.log_text():
                 self.ini_text = ini_set(self.ini_text, "listen_port", free_port(exclude=[self.port]))
@@ -769,9 +776,13 @@ class PoolerProcess:
                     log.write(f"\n--- test harness: port taken, retrying on {self.port} ---\n")
                 continue
             break
+        what = (
+            f"exited with code {self.returncode} before listening"
+            if self.returncode is not None and self.returncode >= 0 and not self._killed
+            else f"did not start listening within {timeout}s"
+        )
         raise RuntimeError(
-            f"{self.kind} did not start listening on {self.host}:{self.port} within {timeout}s "
-            f"(exit code {self.returncode}); command {self.command()} in {self.workdir}\n"
+            f"{self.kind} {what} on {self.host}:{self.port}; command {self.command()} in {self.workdir}\n"
             f"--- log tail ---\n{tail(self.log_text())}"
         )
 
