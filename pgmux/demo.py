@@ -54,9 +54,7 @@ def measure_connect(dsn: str, n: int) -> float:
     return (time.perf_counter() - start) / n * 1000.0
 
 
-def run_pgbench(
-    cluster: TempCluster, dsn: str, args: list[str], duration: int
-) -> tuple[float, int, int, str]:
+def run_pgbench(cluster: TempCluster, dsn: str, args: list[str], duration: int) -> tuple[float, int, int, str]:
     """(tps, max concurrent backends, backends started, raw output) for one pgbench run."""
     cmd = ["pgbench", "-n", "-S", "-c", "8", "-j", "2", "-T", str(duration), *args, dsn]
     sessions_before = cluster.sessions_started(DB)
@@ -156,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         cluster.create_test_roles()
         init = subprocess.run(
             ["pgbench", "-i", "-s", "1", "-q", cluster.dsn(USER, PASSWORD, DB)],
-            capture_output=True, text=True, timeout=300, check=False,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
         )
         if init.returncode != 0:
             raise RuntimeError(f"pgbench -i failed:\n{init.stderr}")
@@ -203,8 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             f"8 clients, 2 threads, {args.duration} s per run; connect test: {args.connects} x psycopg "
             "connect+close over TCP"
         )
-        print("  backends: max concurrent sampled from pg_stat_activity every 50 ms; new = the larger of "
-              "the pg_stat_database.sessions delta and new pids seen")
+        print(
+            "  backends: max concurrent sampled from pg_stat_activity every 50 ms; new = the larger of "
+            "the pg_stat_database.sessions delta and new pids seen"
+        )
         print()
         print_table(columns)
         print()

@@ -272,8 +272,24 @@ class Pooler:
     def launch_connects(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
         if pool.paused or self.shutting_down:
             return
-        for _ in range(pool.connects_wanted(self._room_outside_pool(pool))):
+        room = self._room_outside_pool(pool)
+        if room is not None and room <= 0 and pool.live_waiters() > pool.connecting and self._evict_for(pool):
+            room = self._room_outside_pool(pool)
+        for _ in range(pool.connects_wanted(room)):
             self._spawn_connect(pool)
+
+    def _evict_for(self, pool: Pool[ServerConnection, ClientConnection]) -> bool:
+        """max_db_connections/max_user_connections reached: close an idle server of another pool
+        of the same database or user, as PgBouncer does (`closing because: evicted`)."""
+        for other in self.pools.values():
+            if other is pool or not other.idle:
+                continue
+            if other.database == pool.database or other.user == pool.user:
+                victim = other.idle.popleft()
+                other.server_gone(victim)
+                victim.close("evicted")
+                return True
+        return False
 
     def _room_outside_pool(self, pool: Pool[ServerConnection, ClientConnection]) -> int | None:
         """Servers still allowed by max_db_connections / max_user_connections."""
@@ -545,7 +561,8 @@ class Pooler:
         if client is not None:
             self.unlink(client, server)
             client.fail(reason if reason != "client disconnected with query in progress" else "server conn crashed?")
-        self.launch_connects(pool)
+        if pool.login_failure is None and server.state != "login":
+            self.launch_connects(pool)  # after a failed login the janitor retries, not a tight loop
         self._check_shutdown()
 
     # ------------------------------------------------------------ cancel requests

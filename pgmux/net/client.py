@@ -122,7 +122,10 @@ class ClientConnection(PgConnection):
         end = self.keep + nbytes
         self.request_time = time.monotonic()
         if self.server is None or self.linking:
-            # No server yet: hold the bytes until one is linked.
+            # No server yet: hold the bytes until one is linked. A lone Terminate needs no server.
+            if self.buf[0] == _X and end >= 5 and self.server is None:
+                self.close("client close request")
+                return
             self.keep = end
             if end >= HOLD_LIMIT and not self.read_paused and self.transport is not None:
                 self.read_paused = True
@@ -386,8 +389,10 @@ class ClientConnection(PgConnection):
         self.close(message)
 
     def close(self, reason: str) -> None:
+        """Close the socket; from now on the pool treats this client as gone (`closed`)."""
         if self.close_reason is None:
             self.close_reason = reason
         t = self.transport
         if t is not None and not t.is_closing():
             t.close()
+        self.closed = True

@@ -288,10 +288,14 @@ class TempCluster:
             self._run(
                 [
                     self.bin("initdb"),
-                    "-D", self.datadir,
-                    "-A", "trust",
-                    "-U", "postgres",
-                    "-E", "UTF8",
+                    "-D",
+                    self.datadir,
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "-E",
+                    "UTF8",
                     "--locale=C",
                     "--no-sync",
                     "--no-instructions",
@@ -423,10 +427,7 @@ class BackendSampler:
     def query(
         usename: str | None, datname: str | None, state: str | None = None, what: str = "count(*)"
     ) -> tuple[str, list[Any]]:
-        sql = (
-            f"SELECT {what} FROM pg_stat_activity"
-            " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
-        )
+        sql = f"SELECT {what} FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
         params: list[Any] = []
         for col, val in (("usename", usename), ("datname", datname), ("state", state)):
             if val is not None:
