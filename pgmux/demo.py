@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             f"8 clients, 2 threads, {args.duration} s per run; connect test: {args.connects} x psycopg "
             "connect+close over TCP"
         )
+        print("  targets measured one after the other (a pooler is stopped before the next starts)")
         print(
             "  backends: max concurrent sampled from pg_stat_activity every 50 ms; new = the larger of "
             "the pg_stat_database.sessions delta and new pids seen"

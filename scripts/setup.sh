@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Prepare a (fresh Debian) machine for pgmux's tests and demo. Idempotent: safe to run again.
+#   - PostgreSQL server binaries, psql and pgbench (the tests start a throwaway cluster)
+#   - PgBouncer, the oracle the tests can also run against (optional: failure is only a warning)
+#   - pgmux itself, editable, with its test extras
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then
+    SUDO="sudo"
+fi
+export DEBIAN_FRONTEND=noninteractive
+
+apt_updated=0
+apt_install() {
+    if [ "$apt_updated" -eq 0 ]; then
+        $SUDO apt-get update -qq
+        apt_updated=1
+    fi
+    $SUDO apt-get install -y -qq "$@"
+}
+
+have_initdb() {
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
+}
+
+if ! command -v psql >/dev/null 2>&1 || ! command -v pgbench >/dev/null 2>&1 || ! have_initdb; then
+    echo "setup: installing PostgreSQL"
+    apt_install postgresql postgresql-contrib
+fi
+
+if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+    echo "setup: installing PgBouncer (test oracle)"
+    apt_install pgbouncer || echo "setup: WARNING: could not install pgbouncer; --pooler=pgbouncer runs will skip" >&2
+fi
+
+if ! python3 -m pip --version >/dev/null 2>&1; then
+    echo "setup: installing pip"
+    apt_install python3-pip
+fi
+
+# Debian's system Python refuses pip installs without this (PEP 668); harmless elsewhere.
+export PIP_BREAK_SYSTEM_PACKAGES=1
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+if ! python3 -m pip install -q -e '.[test]'; then
+    # offline or index trouble: fine if everything is already importable
+    if python3 -c 'import pgmux, psycopg, asyncpg, psycopg2, pytest, pytest_asyncio, pytest_timeout, hypothesis' \
+        && { command -v ruff >/dev/null 2>&1 || python3 -m ruff --version >/dev/null 2>&1; }; then
+        echo "setup: WARNING: pip install failed, using the packages already installed" >&2
+    else
+        echo "setup: pip install -e '.[test]' failed" >&2
+        exit 1
+    fi
+fi
+echo "setup: ok"
