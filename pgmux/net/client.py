@@ -370,11 +370,9 @@ class ClientConnection(PgConnection):
             self.write(m.auth_request(m.AUTH_SASL_CONTINUE, server.handle_client_first(data)))
             final = server.handle_client_final(await self._read_password())
         except ScramError as exc:
-            if exc.wrong_password:
-                raise ClientError("password authentication failed", "28P01") from exc
             raise ClientError("SASL authentication failed", "28P01") from exc
         if not stored:
-            raise ClientError("password authentication failed", "28P01")
+            raise ClientError("SASL authentication failed", "28P01")
         self.write(m.auth_request(m.AUTH_SASL_FINAL, final))
         if secret_kind(stored) is SecretKind.SCRAM:
             self.client_key = server.client_key
