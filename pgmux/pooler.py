@@ -22,6 +22,7 @@ from pgmux.net.client import ClientConnection, ClientError
 from pgmux.net.server import ServerConnection, ServerLoginError
 from pgmux.pool.pool import Pool, PoolLimits
 from pgmux.protocol import messages as m
+from pgmux.protocol.prepared import StatementRegistry
 from pgmux.protocol.varcache import set_statement, tracked_names
 
 logger = pglog.logger
@@ -47,6 +48,7 @@ class Pooler:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._params_waiters: dict[int, list[asyncio.Future[dict[str, str]]]] = {}
         self._rr_counter = 0
+        self.statements = StatementRegistry()
         self.apply_config(config)
 
     # ------------------------------------------------------------ configuration
@@ -450,6 +452,9 @@ class Pooler:
         self._start_link(client, server)
 
     def _start_link(self, client: ClientConnection, server: ServerConnection) -> None:
+        tracking = server.pool.limits.pool_mode != "session" and server.stmts.capacity > 0
+        client.tracking = server.tracking = tracking
+        server.sent_prefix = 0
         server.start_forwarding()
         if client.write_paused and server.transport is not None:
             server.transport.pause_reading()
@@ -548,7 +553,20 @@ class Pooler:
             server.pool.server_gone(server)
             server.close("reset query failed")
             return
+        server.stmts.clear()  # DISCARD ALL deallocated them
         self.server_ready(server)
+
+    @staticmethod
+    def stats_parse(server: ServerConnection, client_side: bool) -> None:
+        stats = server.pool.stats
+        if client_side:
+            stats.client_parse_count += 1
+        else:
+            stats.server_parse_count += 1
+
+    @staticmethod
+    def stats_bind(server: ServerConnection) -> None:
+        server.pool.stats.bind_count += 1
 
     def server_lost(self, server: ServerConnection, reason: str) -> None:
         """A server socket closed (by us or by PostgreSQL)."""
@@ -713,3 +731,268 @@ class Pooler:
 
     def random_choice(self, items: list[Any]) -> Any:
         return random.choice(items)
+
+    # ---- admin console hooks
+    # What the admin console (pgmux.admin), the stats timer and the signal handlers do to pools and
+    # servers. The console's own state is one AdminState (admin_state()); PAUSE, KILL and SUSPEND
+    # record themselves there and are mirrored into Pool.paused, which request_server and
+    # launch_connects honour. Nothing here runs on the data path.
+
+    def admin_state(self) -> Any:
+        """The console's state (pgmux.admin.state.AdminState), created on first use."""
+        state = self.__dict__.get("_admin")
+        if state is None:
+            from pgmux.admin.state import AdminState
+
+            state = self._admin = AdminState()
+        return state
+
+    async def admin_start(self) -> None:
+        """Start the stats_period timer and the metrics listener, once. cli.py should await this at
+        startup; the console also calls it at each login, so it runs at the latest then."""
+        state = self.admin_state()
+        if state.started:
+            return
+        state.started = True
+        from pgmux.stats.service import run_stats_timer, start_metrics_listener
+
+        state.tasks.append(self.spawn(run_stats_timer(self)))
+        state.metrics_server = await start_metrics_listener(self)
+
+    def admin_pool_paused(self, db_name: str) -> bool:
+        """Whether a pool of `db_name` must hold new transactions (for get_pool to set
+        Pool.paused on pools made during a PAUSE or after a KILL)."""
+        return bool(self.admin_state().db_paused(db_name))
+
+    def admin_db_disabled(self, db_name: str) -> bool:
+        """Whether DISABLE refuses new clients of `db_name` (for the login path)."""
+        return db_name in self.admin_state().disabled_dbs
+
+    def admin_sync_paused(self) -> None:
+        """Mirror the console's pause state into every Pool.paused."""
+        state = self.admin_state()
+        for pool in self.pools.values():
+            pool.paused = state.db_paused(pool.database)
+
+    def _admin_pools(self, db_name: str | None) -> list[Pool[ServerConnection, ClientConnection]]:
+        return [p for p in self.pools.values() if db_name is None or p.database == db_name]
+
+    def _admin_pause_step(self, db_name: str | None) -> int:
+        """One round of PAUSE: close idle and resetting servers, have active ones closed when
+        released (close_needed, so a waiting client never gets them); return how many remain."""
+        state = self.admin_state()
+        remaining = 0
+        for pool in self._admin_pools(db_name):
+            for server in list(pool.idle) + list(pool.busy):
+                pool.server_gone(server)
+                server.close("pause mode")
+            for server in pool.active:
+                if not server.close_needed:
+                    server.close_needed = True
+                    state.pause_marked.add(server)
+            remaining += len(pool.active) + pool.connecting
+        return remaining
+
+    async def admin_pause(self, db_name: str | None, alive: Any = None) -> None:
+        """PAUSE [db]: hold new transactions, wait until every server of the db (None: all) is
+        released and closed. Returns early if the pause is lifted or `alive()` turns false."""
+        state = self.admin_state()
+        if db_name is None:
+            state.pause_mode = "pause"
+        else:
+            state.paused_dbs.add(db_name)
+        self.admin_sync_paused()
+
+        def still_paused() -> bool:
+            return state.pause_mode != "none" if db_name is None else db_name in state.paused_dbs
+
+        while self._admin_pause_step(db_name) and still_paused() and (alive is None or alive()):
+            await asyncio.sleep(0.05)
+
+    def admin_resume(self, db_name: str | None) -> None:
+        """RESUME [db]: undo PAUSE/KILL (db) or PAUSE/SUSPEND (None), then serve waiting clients."""
+        state = self.admin_state()
+        if db_name is None:
+            if state.pause_mode == "suspend":
+                for transport in state.suspended:
+                    if not transport.is_closing():
+                        transport.resume_reading()
+                state.suspended.clear()
+            state.pause_mode = "none"
+        else:
+            state.paused_dbs.discard(db_name)
+        self.admin_sync_paused()
+        for server in list(state.pause_marked):
+            if not server.pool.paused:
+                server.close_needed = False
+                state.pause_marked.discard(server)
+        for pool in self.pools.values():
+            if pool.paused:
+                continue
+            for server in list(pool.idle):
+                if not pool.waiting:
+                    break
+                pool.idle.remove(server)
+                self.server_ready(server)  # the released-server path: links the first waiter
+            self.launch_connects(pool)
+
+    def admin_kill(self, db_name: str | None) -> None:
+        """KILL [db]: drop every client and server of the db (None: all) now; the db stays
+        paused until RESUME. The pool objects stay, so counters never go backwards."""
+        state = self.admin_state()
+        pools = self._admin_pools(db_name)
+        if db_name is None:
+            state.paused_dbs.update(p.database for p in pools)
+        else:
+            state.paused_dbs.add(db_name)
+        self.admin_sync_paused()
+        for pool in pools:
+            for server in list(pool.active) + list(pool.idle) + list(pool.busy):
+                if server.client is not None:
+                    self.unlink(server.client, server)
+                pool.server_gone(server)
+                server.close("database removed")
+            for client in [c for c in self.clients if c.pool is pool and c.close_reason is None]:
+                client.fail("database removed")
+
+    def _admin_tag_dirty(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
+        """PgBouncer's tag_pool_dirty: idle servers go now, the others when released."""
+        state = self.admin_state()
+        for server in list(pool.idle):
+            pool.server_gone(server)
+            server.close("database configuration changed")
+        for server in list(pool.active) + list(pool.busy):
+            server.close_needed = True
+            state.pause_marked.discard(server)  # a real close request: RESUME must not undo it
+        self.launch_connects(pool)
+
+    def admin_reconnect(self, db_name: str | None) -> None:
+        """RECONNECT [db]: replace every server of the db (None: all) as it is released."""
+        for pool in self._admin_pools(db_name):
+            self._admin_tag_dirty(pool)
+
+    async def admin_wait_close(self, db_name: str | None, alive: Any = None) -> None:
+        """WAIT_CLOSE [db]: return once no server of the db (None: all) is close_needed."""
+        while alive is None or alive():
+            pending = False
+            for pool in self._admin_pools(db_name):
+                for server in list(pool.idle):
+                    if server.close_needed:
+                        pool.server_gone(server)
+                        server.close("database configuration changed")
+                pending = pending or any(s.close_needed for s in (*pool.active, *pool.busy))
+            if not pending:
+                return
+            await asyncio.sleep(0.05)
+
+    def admin_kill_client(self, client_id: int) -> bool:
+        """KILL_CLIENT id: disconnect one client (its server is released or closed as on any
+        disconnect). False when no such client."""
+        for client in self.clients:
+            if client.id == client_id and (client.logged_in or client.pool is not None):
+                client.fail("admin forced disconnect")
+                return True
+        return False
+
+    async def admin_suspend(self) -> None:
+        """SUSPEND: stop reading from every client and server, wait (suspend_timeout) until what
+        was read has been written out; connections that cannot flush in time are dropped."""
+        state = self.admin_state()
+        state.pause_mode = "suspend"
+        self.admin_sync_paused()
+        consoles = set(state.sessions)
+        conns: list[Any] = [c for c in self.clients if c.id not in consoles]
+        for pool in self.pools.values():
+            conns += list(pool.idle) + list(pool.active) + list(pool.busy)
+        for conn in conns:
+            t = conn.transport
+            if t is not None and not t.is_closing() and t.is_reading():
+                t.pause_reading()
+                state.suspended.append(t)
+        deadline = time.monotonic() + self.settings.suspend_timeout
+        while True:
+            unflushed = [c for c in conns if c.transport is not None and not c.transport.is_closing()
+                         and c.transport.get_write_buffer_size()]
+            if not unflushed:
+                return
+            if time.monotonic() >= deadline:
+                for conn in unflushed:
+                    conn.close("suspend_timeout")
+                return
+            await asyncio.sleep(0.05)
+
+    def admin_reload(self) -> bool:
+        """RELOAD/SIGHUP: reread the ini and auth_file; a bad file changes nothing (False).
+        Servers of databases whose definition changed are replaced as they are released."""
+        from pgmux.auth import AuthFileError
+        from pgmux.config import ConfigError, load_config
+
+        try:
+            new = load_config(self.config.path)
+            if new.settings.auth_file:
+                load_auth_file(new.settings.auth_file)
+        except (ConfigError, AuthFileError, OSError) as exc:
+            logger.error("RELOAD failed: %s", exc)
+            return False
+        for name in new.settings.adopt_nonreloadable(self.settings):
+            logger.warning("setting %s cannot be changed by reload; restart needed", name)
+        old = self.config
+        self.reload(new)
+        for pool in list(self.pools.values()):
+            if old.find_database(pool.database) != new.find_database(pool.database):
+                self._admin_tag_dirty(pool)
+        self.admin_sync_paused()
+        on_reload = self.__dict__.get("on_reload")
+        if on_reload is not None:
+            on_reload()  # cli.py: reopen the log file with the new settings
+        return True
+
+    def admin_settings_changed(self) -> None:
+        """After SET: recompute pool limits and the like from the changed settings."""
+        try:
+            self.apply_config(self.config)
+        except Exception:  # noqa: BLE001 - e.g. the auth_file became unreadable; keep running
+            logger.exception("applying SET failed")
+
+    def admin_shutdown(self, mode: str) -> None:
+        """SHUTDOWN: 'immediate' (SIGQUIT), 'wait_for_servers' (SIGINT: PAUSE, then exit when no
+        server is left) or 'wait_for_clients' (SIGTERM: exit when the last client leaves)."""
+        state = self.admin_state()
+        state.shutdown_mode = mode
+        if mode == "immediate":
+            self._admin_exit()
+            return
+        if mode == "wait_for_servers":
+            state.pause_mode = "pause"
+            self.admin_sync_paused()
+            self.spawn(self._admin_exit_when_no_servers())
+        self.start_shutdown()
+
+    async def _admin_exit_when_no_servers(self) -> None:
+        while self._admin_pause_step(None):
+            await asyncio.sleep(0.05)
+        self._admin_exit()
+
+    def _admin_exit(self) -> None:
+        fut = self.__dict__.get("shutdown_done")
+        if fut is not None:
+            if not fut.done():
+                fut.set_result(None)
+        else:
+            self.close_all()
+
+    def admin_signal_pause(self) -> None:
+        """SIGUSR1: PAUSE everything (PgBouncer's signal; nobody waits for the answer)."""
+        if self.admin_state().pause_mode != "none":
+            logger.info("got SIGUSR1, but already paused/suspended")
+            return
+        logger.info("got SIGUSR1, pausing all activity")
+        self.spawn(self.admin_pause(None))
+
+    def admin_signal_resume(self) -> None:
+        """SIGUSR2: RESUME after PAUSE or SUSPEND."""
+        if self.admin_state().pause_mode == "none":
+            logger.info("got SIGUSR2, but not paused/suspended")
+            return
+        logger.info("got SIGUSR2, continuing")
+        self.admin_resume(None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
 from typing import TYPE_CHECKING
@@ -11,6 +12,18 @@ from pgmux import log as pglog
 from pgmux.auth import ScramError, ScramServer, SecretKind, md5_verify, plain_verify, secret_kind
 from pgmux.net.base import ConnectionLost, PgConnection
 from pgmux.protocol import messages as m
+from pgmux.protocol.prepared import (
+    CLOSE_COMPLETE,
+    PARSE_COMPLETE,
+    PASS,
+    SKIP,
+    PreparedError,
+    Statement,
+    close_message,
+    rewrite_named,
+    split_cstring,
+    split_parse,
+)
 from pgmux.protocol.scanner import scan, type_table
 from pgmux.protocol.varcache import ParamSet
 
@@ -25,6 +38,12 @@ if TYPE_CHECKING:
 # server busy until the next Sync: together they decide when a transaction-mode server is free.
 CLIENT_NEED_BODY = type_table("X")
 CLIENT_NOTIFY = type_table("QSFPBDEC")
+# With prepared-statement tracking, statement messages are read whole (names are rewritten) and so
+# are simple queries (a DEALLOCATE of a protocol-level statement is answered here).
+TRACKED_NEED_BODY = type_table("XPBDCQ")
+TRACKED_NOTIFY = type_table("SFE")
+_P, _B, _D, _C, _E = (ord(x) for x in "PBDCE")
+_DEALLOCATE = re.compile(rb'\s*deallocate\s+(?:prepare\s+)?("?)([^\s";]+)\1\s*;?\s*\0?$', re.I)
 _X = m.TERMINATE
 _Q = m.QUERY
 _SYNC = m.SYNC
@@ -75,6 +94,9 @@ class ClientConnection(PgConnection):
         self.id = pooler.next_client_id()
         self.client_key: bytes | None = None
         self._events: list[tuple[int, int, int]] = []
+        self.tracking = False  # prepared statements tracked (transaction/statement mode)
+        self.lazy_prepare = False  # may answer a lone Parse+Sync without a server
+        self.stmts: dict[bytes, Statement] = {}  # this client's named statements
 
     def __repr__(self) -> str:
         return f"C-{id(self):#x}"
@@ -123,9 +145,13 @@ class ClientConnection(PgConnection):
         self.request_time = time.monotonic()
         if self.server is None or self.linking:
             # No server yet: hold the bytes until one is linked. A lone Terminate needs no server.
-            if self.buf[0] == _X and end >= 5 and self.server is None:
-                self.close("client close request")
-                return
+            if self.server is None:
+                first = self.buf[0]
+                if first == _X and end >= 5:
+                    self.close("client close request")
+                    return
+                if first == _P and self.lazy_prepare and self._prepare_locally(end):
+                    return
             self.keep = end
             if end >= HOLD_LIMIT and not self.read_paused and self.transport is not None:
                 self.read_paused = True
@@ -137,24 +163,16 @@ class ClientConnection(PgConnection):
 
     def forward(self, end: int) -> None:
         """Forward buf[0:end] (the first `keep` bytes held from earlier) to the linked server."""
+        if self.tracking:
+            self._forward_tracked(end)
+            return
         server = self.server
         assert server is not None
         st = server.transport
         mv = self.mv
-        pos = 0
-        if self.skip:
-            skip = self.skip
-            if skip >= end:
-                self.skip = skip - end
-                st.write(mv[:end])
-                server.pool.stats.bytes_received += end
-                if st.get_write_buffer_size():
-                    self.retain(end, end, True)
-                else:
-                    self.keep = 0
-                return
-            pos = skip
-            self.skip = 0
+        pos = self._forward_body_rest(end, server)
+        if pos < 0:
+            return
         events = self._events
         try:
             stop, self.skip = scan(self.buf, pos, end, CLIENT_NEED_BODY, CLIENT_NOTIFY, events)
@@ -191,6 +209,206 @@ class ClientConnection(PgConnection):
             self.retain(stop, end, fresh)
         else:
             self.keep = 0
+
+    def _forward_body_rest(self, end: int, server: ServerConnection) -> int:
+        """Forward the rest of a message body that began in an earlier read (`skip`). Returns
+        where the next header starts, or -1 when the whole read was body."""
+        skip = self.skip
+        if not skip:
+            return 0
+        st = server.transport
+        if skip >= end:
+            self.skip = skip - end
+            st.write(self.mv[:end])
+            server.pool.stats.bytes_received += end
+            if st.get_write_buffer_size():
+                self.retain(end, end, True)
+            else:
+                self.keep = 0
+            return -1
+        self.skip = 0
+        return skip
+
+    def _forward_tracked(self, end: int) -> None:
+        """forward() with prepared statements: statement messages are rewritten, dropped or
+        preceded by an injected Parse, and every request is recorded in the server's tracker."""
+        server = self.server
+        assert server is not None
+        st = server.transport
+        mv = self.mv
+        buf = self.buf
+        pos = self._forward_body_rest(end, server)
+        if pos < 0:
+            return
+        events = self._events
+        try:
+            stop, self.skip = scan(buf, pos, end, TRACKED_NEED_BODY, TRACKED_NOTIFY, events)
+        except m.ProtocolError as exc:
+            events.clear()
+            self.fail(str(exc))
+            return
+        tracker = server.tracker
+        out: list[bytes | memoryview] = []
+        run = 0
+        fwd = stop
+        terminate = False
+        try:
+            for typ, start, stop_ in events:
+                replacement: bytes | None = None
+                if typ == _Q:
+                    replacement = self._local_deallocate(buf, start, stop_, server)
+                    if replacement is None:
+                        server.outstanding += 1
+                        server.note_request()
+                        tracker.request(_Q)
+                elif typ == _SYNC:
+                    server.outstanding += 1
+                    server.pending_ext = False
+                    server.note_request()
+                    tracker.request(_SYNC)
+                elif typ == _F:
+                    server.outstanding += 1
+                    server.note_request()
+                    tracker.request(_F)
+                elif typ == _X:
+                    fwd = start
+                    terminate = True
+                    break
+                else:
+                    server.pending_ext = True
+                    if typ == _E:
+                        tracker.request(_E)
+                    else:
+                        replacement = self._statement_message(typ, bytes(buf[start + 5 : stop_]), server)
+                if replacement is not None:
+                    out.append(mv[run:start])
+                    if replacement:
+                        out.append(replacement)
+                    run = stop_
+        except PreparedError as exc:
+            events.clear()
+            self.fail(str(exc))
+            return
+        events.clear()
+        if out:
+            out.append(mv[run:fwd])
+            data: bytes | memoryview = b"".join(out)
+        else:
+            data = mv[:fwd]
+        if data:
+            st.write(data)
+            server.pool.stats.bytes_received += len(data)
+        if terminate:
+            self.close("client close request")
+            return
+        fresh = st.get_write_buffer_size() > 0
+        if stop < end or fresh:
+            self.retain(stop, end, fresh)
+        else:
+            self.keep = 0
+
+    def _prepare_locally(self, end: int) -> bool:
+        """A lone Parse + Sync outside a transaction (libpq's PQprepare) is answered without a
+        server: the statement is prepared on whichever server its first Bind lands on, so any
+        error shows there. Without this, a client blocked in PQprepare while another of the same
+        thread holds a server (pgbench -M prepared) would wait for a server forever."""
+        buf = self.buf
+        if end < 15:
+            return False
+        parse_end = 1 + m.unpack_length(buf, 1)
+        if parse_end + 5 != end or buf[parse_end] != _SYNC or m.unpack_length(buf, parse_end + 1) != 4:
+            return False
+        name, tail = split_parse(bytes(buf[5:parse_end]))
+        if not name or name in self.stmts:
+            return False
+        self.stmts[name] = self.pooler.statements.get(tail)
+        assert self.pool is not None
+        self.pool.stats.client_parse_count += 1
+        self.keep = 0
+        self.write(PARSE_COMPLETE + m.ready_for_query(b"I"))
+        return True
+
+    def _statement_message(self, typ: int, body: bytes, server: ServerConnection) -> bytes | None:
+        """Parse/Bind/Describe/Close: None to forward as is, else the bytes to send instead."""
+        tracker = server.tracker
+        if typ == _P:
+            name, tail = split_parse(body)
+            if not name:
+                tracker.request(_P)
+                return None
+            if name in self.stmts:
+                raise PreparedError("prepared statement name is already in use")
+            stmt = self.pooler.statements.get(tail)
+            self.stmts[name] = stmt
+            self.pooler.stats_parse(server, client_side=True)
+            if server.stmts.has(stmt):
+                self._answer_now(tracker.fake(_P, PARSE_COMPLETE))
+                return b""
+            return self._prepare_on(server, stmt, (stmt, server.stmts, self.stmts, name))
+        if typ == _C:
+            if body[:1] != b"S":
+                tracker.request(_C)
+                return None
+            name, _ = split_cstring(body, 1)
+            if not name:
+                tracker.request(_C)
+                return None
+            self.stmts.pop(name, None)
+            self._answer_now(tracker.fake(_C, CLOSE_COMPLETE))
+            return b""
+        if typ == _B:
+            _, name_pos = split_cstring(body)
+        elif body[:1] == b"S":  # Describe of a statement
+            name_pos = 1
+        else:
+            tracker.request(typ)
+            return None
+        name, _ = split_cstring(body, name_pos)
+        if not name:
+            tracker.request(typ)
+            return None
+        stmt = self.stmts.get(name)
+        if stmt is None:
+            raise PreparedError("prepared statement did not exist")
+        before = b""
+        if not server.stmts.has(stmt):
+            before = self._prepare_on(server, stmt, None)
+        if typ == _B:
+            self.pooler.stats_bind(server)
+        tracker.request(typ)
+        return before + rewrite_named(bytes([typ]), body, name_pos, len(name), stmt.server_name)
+
+    def _prepare_on(self, server: ServerConnection, stmt: Statement, parse_of: tuple | None) -> bytes:
+        """Parse `stmt` on this server (evicting its least recently used statements past
+        max_prepared_statements). `parse_of` is set when the client's own Parse is forwarded;
+        otherwise the Parse is pgmux's and its ParseComplete is swallowed."""
+        tracker = server.tracker
+        parts = []
+        for old in server.stmts.add(stmt):
+            parts.append(close_message(old.server_name))
+            tracker.request(_C, SKIP)
+        parts.append(stmt.parse_message())
+        tracker.request(_P, PASS if parse_of is not None else SKIP, (stmt, server.stmts, self.stmts, None)
+                        if parse_of is None else parse_of)
+        self.pooler.stats_parse(server, client_side=False)
+        return b"".join(parts)
+
+    def _local_deallocate(self, buf: bytearray, start: int, stop: int, server: ServerConnection) -> bytes | None:
+        """SQL `DEALLOCATE name` of a protocol-level statement (psycopg does this): the server
+        knows it under another name, so answer it here. None: forward the query."""
+        if stop - start > 200:
+            return None
+        match = _DEALLOCATE.match(bytes(buf[start + 5 : stop]))
+        if match is None or match.group(2) not in self.stmts:
+            return None
+        del self.stmts[match.group(2)]
+        answer = m.command_complete("DEALLOCATE") + m.ready_for_query(bytes([server.status]))
+        self._answer_now(server.tracker.fake(_Q, answer))
+        return b""
+
+    def _answer_now(self, answer: bytes | None) -> None:
+        if answer is not None:
+            self.write(answer)
 
     def resume_held(self) -> None:
         """A server was just linked: forward what arrived meanwhile, and read again."""
@@ -279,6 +497,7 @@ class ClientConnection(PgConnection):
             pool.scram_client_key = self.client_key
         self.pool = pool
         self.pool_mode = pool.limits.pool_mode
+        self.lazy_prepare = self.pool_mode != "session" and settings.max_prepared_statements > 0
         pooler.check_client_limits(self, db, user)
         welcome = await pooler.pool_params(pool)
         self.welcome(welcome)

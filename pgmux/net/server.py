@@ -10,6 +10,7 @@ from pgmux import log as pglog
 from pgmux.auth import ScramClient, ScramError, ScramSecret, SecretKind, md5_client_response, secret_kind
 from pgmux.net.base import ConnectionLost, PgConnection
 from pgmux.protocol import messages as m
+from pgmux.protocol.prepared import ResponseTracker, ServerStatements
 from pgmux.protocol.scanner import NO_TYPES, scan, type_table
 from pgmux.protocol.varcache import ParamSet
 
@@ -21,6 +22,11 @@ if TYPE_CHECKING:
 # Messages whose body the data path reads: ReadyForQuery (transaction status) and
 # ParameterStatus (tracked parameters). Everything else is forwarded unread.
 SERVER_NEED_BODY = type_table("ZS")
+# With prepared-statement tracking every answer that ends a request is read whole, so invented
+# answers can be put right after it; DataRows and COPY data still stream through.
+TRACKED_NEED_BODY = type_table("ZSCTnE123Is")
+TRACKED_NOTIFY = type_table("tGHWV")
+_C = m.COMMAND_COMPLETE
 _Z = m.READY_FOR_QUERY
 _S = m.PARAMETER_STATUS
 _IDLE = ord("I")
@@ -67,6 +73,12 @@ class ServerConnection(PgConnection):
         self.local_addr = ""
         self.local_port = 0
         self._events: list[tuple[int, int, int]] = []
+        # Prepared statements (transaction/statement mode): what is prepared here, and the
+        # requests in flight with what to do with their answers.
+        self.tracking = False
+        self.stmts = ServerStatements(pooler.settings.max_prepared_statements or 0)
+        self.tracker = ResponseTracker()
+        self.sent_prefix = 0  # bytes at the front of buf already forwarded (tracked path)
 
     def __repr__(self) -> str:
         return f"S-{id(self):#x}"
@@ -112,6 +124,9 @@ class ServerConnection(PgConnection):
     # ------------------------------------------------------------ data path: server -> client
 
     def data_path(self, nbytes: int) -> None:
+        if self.tracking:
+            self._data_path_tracked(nbytes)
+            return
         keep = self.keep
         end = keep + nbytes
         client = self.client
@@ -152,6 +167,85 @@ class ServerConnection(PgConnection):
             events.clear()
             if ready and self.outstanding == 0 and not self.pending_ext:
                 self.pooler.transaction_boundary(self)
+
+    def _data_path_tracked(self, nbytes: int) -> None:
+        """The data path while prepared statements are tracked: cut-through as above unless pgmux
+        must swallow or invent answers (`tracker.specials`), then message by message."""
+        keep = self.keep
+        end = keep + nbytes
+        client = self.client
+        if client is None:
+            self.inbox += self.mv[keep:end]
+            self._idle_data()
+            return
+        ct = client.transport
+        mv = self.mv
+        tracker = self.tracker
+        exact = tracker.specials > 0
+        if not exact:
+            ct.write(mv[self.sent_prefix : end])
+        self.pool.stats.bytes_sent += nbytes
+        pos = 0
+        if keep == 0 and self.skip:
+            skip = self.skip
+            if skip >= nbytes:
+                self.skip = skip - nbytes
+                if exact:
+                    ct.write(mv[:end])
+                self.sent_prefix = 0
+                if ct.get_write_buffer_size():
+                    self.retain(end, end, True)
+                return
+            pos = skip
+        events = self._events
+        buf = self.buf
+        stop, self.skip = scan(buf, pos, end, TRACKED_NEED_BODY, TRACKED_NOTIFY, events)
+        ready = False
+        out: list[bytes | memoryview] = []
+        run = self.sent_prefix if exact else 0
+        extra: list[bytes] = []
+        for typ, start, stop_ in events:
+            if typ == _S:
+                name, value = m.parse_parameter_status(bytes(buf[start + 5 : stop_]))
+                self.params.set(name, value)
+                client.params.set(name, value)
+                continue
+            if typ == _Z:
+                self._ready_for_query(buf[start + 5])
+                ready = True
+            elif typ == _C and self._clears_statements(buf, start, stop_):
+                self.stmts.clear()
+                client.stmts.clear()
+            forward = tracker.answer(typ, extra)
+            if exact:
+                if not forward:
+                    out.append(mv[run:start])
+                    run = stop_
+                if extra:
+                    out.append(mv[run:stop_])
+                    out.extend(extra)
+                    run = stop_
+            elif extra:  # cannot happen without specials; keep the stream whole regardless
+                ct.write(b"".join(extra))
+            extra.clear()
+        events.clear()
+        if exact:
+            out.append(mv[run:stop])
+            ct.write(b"".join(out))
+        fresh = ct.get_write_buffer_size() > 0
+        if stop < end or fresh:
+            self.retain(stop, end, fresh)
+        else:
+            self.keep = 0
+        self.sent_prefix = 0 if exact else self.keep
+        if ready and self.outstanding == 0 and not self.pending_ext and not tracker.queue:
+            self.pooler.transaction_boundary(self)
+
+    @staticmethod
+    def _clears_statements(buf: bytearray, start: int, stop: int) -> bool:
+        """CommandComplete of DISCARD ALL or DEALLOCATE ALL: the server forgot every statement."""
+        tag = bytes(buf[start + 5 : min(stop, start + 20)])
+        return tag.startswith((b"DISCARD ALL", b"DEALLOCATE ALL"))
 
     def _ready_for_query(self, status: int) -> None:
         """Bookkeeping for one ReadyForQuery: outstanding requests, stats, transaction status."""

@@ -51,6 +51,9 @@ class PoolStats:
     query_time_us: int = 0
     wait_time_us: int = 0
     client_login_count: int = 0
+    client_parse_count: int = 0
+    server_parse_count: int = 0
+    bind_count: int = 0
 
 
 @dataclass

@@ -1,0 +1,204 @@
+"""Protocol-level prepared statements in transaction pooling, without I/O.
+
+A client's named statements (Parse with a name) are recorded per client and given a
+process-wide server name (`PGMUX_<n>`, one per distinct query text + parameter types). Whatever
+server the client lands on, a statement is prepared there on demand; a server keeps an LRU of
+at most `max_prepared_statements` of them.
+
+Doing that means dropping some client messages (a Parse already on that server, a Close) and
+injecting others (a Parse before a Bind, a Close on eviction). Their answers must then be
+invented or swallowed at the right place in the server's answer stream: `ResponseTracker`
+keeps one entry per request in flight and says, for each answer header, whether to forward it
+and what to insert after it. This mirrors PgBouncer's prepare.c (RA_FAKE / RA_SKIP).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+_I32 = struct.Struct("!i")
+
+PARSE_COMPLETE = b"1\0\0\0\x04"
+BIND_COMPLETE = b"2\0\0\0\x04"
+CLOSE_COMPLETE = b"3\0\0\0\x04"
+
+# request kinds (client message types)
+P, B, D, E, C, S, Q, F = (ord(x) for x in "PBDECSQF")
+# answer types
+_PARSE_OK, _BIND_OK, _CLOSE_OK = ord("1"), ord("2"), ord("3")
+_PARAM_DESC, _ROW_DESC, _NO_DATA = ord("t"), ord("T"), ord("n")
+_CMD_DONE, _EMPTY, _SUSPENDED = ord("C"), ord("I"), ord("s")
+_ERROR, _READY = ord("E"), ord("Z")
+
+_SIMPLE_OK = (_PARSE_OK, _BIND_OK, _CLOSE_OK)
+_DESCRIBE_END = (_ROW_DESC, _NO_DATA)
+_EXECUTE_END = (_CMD_DONE, _EMPTY, _SUSPENDED)
+
+# actions
+PASS = 0
+SKIP = 1  # an answer to a request pgmux injected: swallow it
+FAKE = 2  # an answer pgmux invents for a request it did not send
+
+
+class PreparedError(Exception):
+    """A client used its statements wrongly; the text is PgBouncer's."""
+
+
+@dataclass(eq=False)
+class Statement:
+    """One distinct (query, parameter types), shared by every client that prepares it."""
+
+    id: int
+    server_name: bytes
+    tail: bytes  # the Parse body after the statement name: query\0 int16 n, n × oid
+
+    def parse_message(self) -> bytes:
+        body = self.server_name + b"\0" + self.tail
+        return b"P" + _I32.pack(len(body) + 4) + body
+
+
+class StatementRegistry:
+    """Process-wide: query text + types -> Statement."""
+
+    def __init__(self) -> None:
+        self.by_tail: dict[bytes, Statement] = {}
+        self._next = 0
+
+    def get(self, tail: bytes) -> Statement:
+        stmt = self.by_tail.get(tail)
+        if stmt is None:
+            self._next += 1
+            stmt = Statement(self._next, b"PGMUX_%d" % self._next, tail)
+            self.by_tail[tail] = stmt
+        return stmt
+
+
+class ServerStatements:
+    """The statements prepared on one server connection, least recently used first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.lru: OrderedDict[int, Statement] = OrderedDict()
+
+    def has(self, stmt: Statement) -> bool:
+        if stmt.id in self.lru:
+            self.lru.move_to_end(stmt.id)
+            return True
+        return False
+
+    def add(self, stmt: Statement) -> list[Statement]:
+        """Record a statement about to be prepared; returns the ones evicted to make room."""
+        self.lru[stmt.id] = stmt
+        evicted = []
+        while len(self.lru) > self.capacity:
+            _, old = self.lru.popitem(last=False)
+            evicted.append(old)
+        return evicted
+
+    def discard(self, stmt: Statement) -> None:
+        self.lru.pop(stmt.id, None)
+
+    def clear(self) -> None:
+        self.lru.clear()
+
+
+def split_cstring(body: bytes | memoryview, pos: int = 0) -> tuple[bytes, int]:
+    data = bytes(body) if not isinstance(body, bytes) else body
+    end = data.index(b"\0", pos)
+    return data[pos:end], end + 1
+
+
+def split_parse(body: bytes) -> tuple[bytes, bytes]:
+    """Parse body -> (statement name, tail after the name)."""
+    name, pos = split_cstring(body)
+    return name, body[pos:]
+
+
+def rewrite_named(typ: bytes, body: bytes, name_pos: int, old_len: int, new_name: bytes) -> bytes:
+    """Rebuild a message with the name at body[name_pos : name_pos+old_len] replaced."""
+    new_body = body[:name_pos] + new_name + body[name_pos + old_len :]
+    return typ + _I32.pack(len(new_body) + 4) + new_body
+
+
+def close_message(server_name: bytes) -> bytes:
+    body = b"S" + server_name + b"\0"
+    return b"C" + _I32.pack(len(body) + 4) + body
+
+
+class ResponseTracker:
+    """Requests in flight on one server, in order, with what to do with their answers."""
+
+    __slots__ = ("queue", "specials")
+
+    def __init__(self) -> None:
+        # entries: [request kind, action, payload]; payload is the fake bytes for FAKE, or
+        # (Statement, ServerStatements, client statement dict, client name) for a Parse.
+        self.queue: deque[list] = deque()
+        self.specials = 0  # SKIP and FAKE entries queued: the server path must then go message by message
+
+    def request(self, kind: int, action: int = PASS, payload: object = None) -> None:
+        self.queue.append([kind, action, payload])
+        if action != PASS:
+            self.specials += 1
+
+    def fake(self, kind: int, answer: bytes) -> bytes | None:
+        """An answer to invent. Returned at once when nothing is in flight before it, else
+        queued to come out after the answers that precede it."""
+        if not self.queue:
+            return answer
+        self.request(kind, FAKE, answer)
+        return None
+
+    def clear(self) -> None:
+        self.queue.clear()
+        self.specials = 0
+
+    def _pop(self) -> list:
+        entry = self.queue.popleft()
+        if entry[1] != PASS:
+            self.specials -= 1
+        return entry
+
+    def _drain_fakes(self, out: list[bytes]) -> None:
+        q = self.queue
+        while q and q[0][1] == FAKE:
+            out.append(self._pop()[2])
+
+    def answer(self, typ: int, out: list[bytes]) -> bool:
+        """Account for one answer header from the server. Returns False when the message must be
+        swallowed; appends to `out` the invented answers that must follow it."""
+        q = self.queue
+        if not q:
+            return True
+        head = q[0]
+        kind = head[0]
+        forward = True
+        if typ == _READY:
+            if kind in (S, Q, F):
+                self._pop()
+        elif typ == _ERROR:
+            if kind in (Q, F):
+                return True  # ReadyForQuery follows
+            # Extended protocol: the server skips everything up to the next Sync.
+            while q and q[0][0] != S:
+                entry = self._pop()
+                if entry[0] == P and entry[2] is not None:
+                    _forget_failed_parse(entry[2])
+        elif typ in _SIMPLE_OK:
+            if kind in (P, B, C):
+                forward = self._pop()[1] != SKIP
+        elif (typ in _DESCRIBE_END and kind == D) or (typ in _EXECUTE_END and kind == E):
+            self._pop()
+        # ParameterDescription, DataRow, COPY and async messages belong to the head request.
+        if self.specials:
+            self._drain_fakes(out)
+        return forward
+
+
+def _forget_failed_parse(payload: tuple) -> None:
+    stmt, server_stmts, client_stmts, client_name = payload
+    server_stmts.discard(stmt)
+    if client_stmts is not None and client_stmts.get(client_name) is stmt:
+        del client_stmts[client_name]
