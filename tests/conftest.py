@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -124,3 +125,15 @@ def pooler(request: pytest.FixtureRequest, cluster: TempCluster, pooler_kind: st
             if failed:
                 print(f"\n--- {proc.kind} log ({proc.workdir}) ---\n{tail(proc.log_text(), 80)}")
             shutil.rmtree(proc.workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pgbench_tables(cluster: TempCluster) -> None:
+    """pgbench -i -s 1 directly on the cluster, as md5user so the tables belong to the pooled user."""
+    proc = subprocess.run(
+        ["pgbench", "-i", "-s", "1", "-q", cluster.dsn("md5user", "md5pass", "testdb")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr

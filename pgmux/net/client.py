@@ -43,7 +43,9 @@ CLIENT_NOTIFY = type_table("QSFPBDEC")
 TRACKED_NEED_BODY = type_table("XPBDCQ")
 TRACKED_NOTIFY = type_table("SFE")
 _P, _B, _D, _C, _E = (ord(x) for x in "PBDCE")
-_DEALLOCATE = re.compile(rb'\s*deallocate\s+(?:prepare\s+)?("?)([^\s";]+)\1\s*;?\s*\0?$', re.I)
+_DEALLOCATE = re.compile(rb'\s*deallocate\s+(?:prepare\s+)?("?)([^\s";]+)\1\s*;?\s*$', re.I)
+_D_FIRST = b" \t\n\rdD"  # a query that may be a DEALLOCATE starts with one of these
+_D_FIRST_B = tuple(bytes([c]) for c in _D_FIRST)
 _X = m.TERMINATE
 _Q = m.QUERY
 _SYNC = m.SYNC
@@ -256,11 +258,11 @@ class ClientConnection(PgConnection):
             for typ, start, stop_ in events:
                 replacement: bytes | None = None
                 if typ == _Q:
-                    replacement = self._local_deallocate(buf, start, stop_, server)
-                    if replacement is None:
-                        server.outstanding += 1
-                        server.note_request()
-                        tracker.request(_Q)
+                    if buf[start + 5] in _D_FIRST:
+                        replacement = self._rewrite_deallocate(_Q, bytes(buf[start + 5 : stop_]), server)
+                    server.outstanding += 1
+                    server.note_request()
+                    tracker.request(_Q)
                 elif typ == _SYNC:
                     server.outstanding += 1
                     server.pending_ext = False
@@ -334,8 +336,9 @@ class ClientConnection(PgConnection):
         if typ == _P:
             name, tail = split_parse(body)
             if not name:
+                replacement = self._rewrite_deallocate(_P, body, server) if tail[:1] in _D_FIRST_B else None
                 tracker.request(_P)
-                return None
+                return replacement
             if name in self.stmts:
                 raise PreparedError("prepared statement name is already in use")
             stmt = self.pooler.statements.get(tail)
@@ -393,18 +396,22 @@ class ClientConnection(PgConnection):
         self.pooler.stats_parse(server, client_side=False)
         return b"".join(parts)
 
-    def _local_deallocate(self, buf: bytearray, start: int, stop: int, server: ServerConnection) -> bytes | None:
-        """SQL `DEALLOCATE name` of a protocol-level statement (psycopg does this): the server
-        knows it under another name, so answer it here. None: forward the query."""
-        if stop - start > 200:
+    def _rewrite_deallocate(self, typ: int, body: bytes, server: ServerConnection) -> bytes | None:
+        """SQL `DEALLOCATE name` (a simple Query, or an unnamed Parse as older psycopg sends it) of a
+        protocol-level statement: the server knows it as PGMUX_<n>, so deallocate that one
+        (preparing it first if this server lacks it). None: forward the message as it is."""
+        text_pos = 0 if typ == _Q else body.find(b"\0") + 1
+        if len(body) - text_pos > 200 or (typ == _P and text_pos != 1):
             return None
-        match = _DEALLOCATE.match(bytes(buf[start + 5 : stop]))
+        text_end = body.find(b"\0", text_pos)
+        match = _DEALLOCATE.match(body[text_pos:text_end])
         if match is None or match.group(2) not in self.stmts:
             return None
-        del self.stmts[match.group(2)]
-        answer = m.command_complete("DEALLOCATE") + m.ready_for_query(bytes([server.status]))
-        self._answer_now(server.tracker.fake(_Q, answer))
-        return b""
+        stmt = self.stmts.pop(match.group(2))
+        before = b"" if server.stmts.has(stmt) else self._prepare_on(server, stmt, None)
+        server.stmts.discard(stmt)
+        return before + rewrite_named(bytes([typ]), body, text_pos, text_end - text_pos,
+                                      b'DEALLOCATE "' + stmt.server_name + b'"')
 
     def _answer_now(self, answer: bytes | None) -> None:
         if answer is not None:

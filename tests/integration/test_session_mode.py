@@ -344,18 +344,6 @@ def test_trust_auth(pooler: Callable[..., PoolerProcess]) -> None:
 # 2. pgbench with more clients than servers
 
 
-@pytest.fixture(scope="session")
-def pgbench_tables(cluster: TempCluster) -> None:
-    """pgbench -i -s 1 directly on the cluster, as md5user so the tables belong to the pooled user."""
-    proc = subprocess.run(
-        ["pgbench", "-i", "-s", "1", "-q", cluster.dsn("md5user", "md5pass", "testdb")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-
-
 @pytest.mark.slow
 def test_pgbench_pool_limit(cluster: TempCluster, pooler: Callable[..., PoolerProcess], pgbench_tables: None) -> None:
     p = pooler(pool_mode="session", extra={"default_pool_size": 10, "max_client_conn": 100})
