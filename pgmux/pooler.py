@@ -23,6 +23,7 @@ from pgmux.net.server import ServerConnection, ServerLoginError
 from pgmux.pool.pool import Pool, PoolLimits
 from pgmux.protocol import messages as m
 from pgmux.protocol.prepared import StatementRegistry
+from pgmux.protocol.sessionstate import describe, probe_sql
 from pgmux.protocol.varcache import set_statement, tracked_names
 
 logger = pglog.logger
@@ -468,11 +469,7 @@ class Pooler:
             err = {"M": "server conn crashed?"}
         client.linking = False
         if client.closed:
-            self.unlink(client, server)
-            if server.is_clean:
-                self.release(server, reset=True)
-            else:
-                server.close("unclean server")
+            self._abandon_link(client, server)
             return
         if err is not None:
             self.unlink(client, server)
@@ -523,6 +520,11 @@ class Pooler:
         if server.status == _IDLE:
             if client.skip:  # the client is in the middle of sending a message
                 return
+            if client.state_hint is not None:
+                self._probe_session(client, server)
+                return
+            if client.pinned:
+                return
             self.unlink(client, server)
             self.release(server, reset=False)
             if client.keep:  # the client already sent more: it needs a server again
@@ -532,13 +534,119 @@ class Pooler:
             server.close("transaction blocks not allowed in statement pooling mode")
             client.fail("transaction blocks not allowed in statement pooling mode")
 
+    # ------------------------------------------------------------ session pinning
+
+    def _probe_session(self, client: ClientConnection, server: ServerConnection) -> None:
+        """The transaction that just ended may have created or dropped session state: ask the
+        server before deciding whether the client keeps it (see protocol/sessionstate.py)."""
+        word = client.state_hint
+        client.state_hint = None
+        if word == b"load":  # a loaded library cannot be unloaded: pin for good, close at the end
+            self._pin(client, server, "LOAD")
+            server.close_needed = True
+            return
+        client.linking = True
+        server.stop_forwarding()
+        self.spawn(self._run_probe(client, server))
+
+    async def _run_probe(self, client: ClientConnection, server: ServerConnection) -> None:
+        sql = probe_sql(server.pool.user, list(self.tracked))
+        try:
+            rows, err = await server.query_rows(sql)
+        except Exception:  # noqa: BLE001 - the server went away
+            rows, err = [], {"M": "server conn crashed?"}
+        client.linking = False
+        if client.closed or server.closed:
+            self._abandon_link(client, server)
+            return
+        if err is not None or not rows:
+            reason: str | None = f"unknown session state (probe failed: {(err or {}).get('M', 'no row')})"
+        else:
+            reason = describe(rows[0])
+        if reason is None:
+            if client.pinned:
+                logger.info("%s unpinned from %s", client.log_prefix, server)
+            client.pinned = None
+            server.dirty = False
+            self.unlink(client, server)
+            self.release(server, reset=False)
+            if client.keep:
+                self.request_server(client)
+            return
+        if self.settings.pin_session_state == "refuse":
+            self.unlink(client, server)
+            server.pool.server_gone(server)
+            server.close("session state refused")
+            client.fail(f"session state is not allowed in {client.pool_mode} pooling "
+                        f"(pin_session_state = refuse): {reason}", "0A000")
+            return
+        self._pin(client, server, reason)
+        self._start_link(client, server)
+
+    def _pin(self, client: ClientConnection, server: ServerConnection, reason: str) -> None:
+        if client.pinned != reason:
+            logger.info("%s pinned to %s: %s", client.log_prefix, server, reason)
+            if not client.pinned:
+                client.pinned_since = time.monotonic()
+        client.pinned = reason
+        server.dirty = True
+
+    def _abandon_link(self, client: ClientConnection, server: ServerConnection) -> None:
+        """The client or server went away during a slow-path step of a link."""
+        self.unlink(client, server)
+        if server.is_clean:
+            self.release(server, reset=True)
+        else:
+            server.close("unclean server")
+
+    def pins(self) -> list[tuple[ClientConnection, ServerConnection | None]]:
+        """Pinned clients and their servers, for SHOW PINS."""
+        return [(c, c.server) for c in self.clients if c.pinned]
+
+    # ------------------------------------------------------------ database drains
+
+    def start_drain(self, client: ClientConnection, databases: list[str]) -> None:
+        self.spawn(self._drain(client, databases))
+
+    async def _drain(self, client: ClientConnection, databases: list[str]) -> None:
+        """Before DROP DATABASE x / CREATE DATABASE ... TEMPLATE x / ALTER DATABASE x RENAME:
+        close pgmux's idle servers to x and wait (up to 10 s) for its busy ones to be released,
+        so PostgreSQL does not refuse the command because of the pooler's own connections."""
+        targets = set(databases)
+        deadline = time.monotonic() + 10.0
+        while True:
+            busy = 0
+            for pool in list(self.pools.values()):
+                db = self.config.find_database(pool.database)
+                if db is None or db.target_dbname not in targets:
+                    continue
+                for server in list(pool.idle):
+                    pool.server_gone(server)
+                    server.close("database drained for DDL")
+                busy += len(pool.active) + len(pool.busy) + pool.connecting
+            if not busy or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        logger.info("%s drained connections to %s%s", client.log_prefix, ", ".join(sorted(targets)),
+                    f" ({busy} still busy)" if busy else "")
+        await asyncio.sleep(0.05)  # let PostgreSQL notice the closed backends
+        client.linking = False
+        client.drain_passed = True
+        if not client.closed:
+            client.resume_held()
+
     def release(self, server: ServerConnection, reset: bool) -> None:
         """Return a clean server to its pool, after server_reset_query where configured."""
         server.stop_forwarding()
         server.state = "used"
         s = self.settings
         query = s.server_reset_query
-        if query and (s.server_reset_query_always or (reset and server.pool.limits.pool_mode == "session")):
+        if server.dirty and not query:
+            server.pool.server_gone(server)
+            server.close("session state left and no server_reset_query")
+            return
+        if query and (s.server_reset_query_always
+                      or (reset and (server.dirty or server.pool.limits.pool_mode == "session"))):
             server.pool.server_busy(server)
             self.spawn(self._reset(server, query))
             return
@@ -554,6 +662,7 @@ class Pooler:
             server.close("reset query failed")
             return
         server.stmts.clear()  # DISCARD ALL deallocated them
+        server.dirty = False
         self.server_ready(server)
 
     @staticmethod
@@ -670,12 +779,17 @@ class Pooler:
         return default if value is None else value
 
     def _check_linked_timeouts(self, server: ServerConnection, now: float) -> None:
-        """query_timeout, idle_transaction_timeout and transaction_timeout of a linked server."""
+        """query_timeout, idle_transaction_timeout, transaction_timeout and pin_timeout of a
+        linked server."""
         client = server.client
         if client is None or client.linking:
             return
         s = self.settings
         reason = None
+        if (client.pinned and s.pin_timeout and server.status == _IDLE and not server.outstanding
+                and now - max(server.last_used, client.request_time) >= s.pin_timeout):
+            client.fail(f"pin timeout (pinned for: {client.pinned})")
+            return
         if server.outstanding or server.pending_ext:
             limit = self.user_timeout(client.user, "query_timeout", s.query_timeout)
             if limit and server.query_start and now - server.query_start >= limit:
@@ -996,3 +1110,11 @@ class Pooler:
             return
         logger.info("got SIGUSR2, continuing")
         self.admin_resume(None)
+
+    def admin_console_cancel(self) -> None:
+        """A CancelRequest with a console client's key (^C in psql during PAUSE or SUSPEND):
+        PgBouncer's admin_handle_cancel resumes, unless the pooler is shutting down."""
+        state = self.admin_state()
+        if state.shutdown_mode is None and state.pause_mode != "none":
+            logger.info("cancel request on the console: resuming")
+            self.admin_resume(None)

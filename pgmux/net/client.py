@@ -25,6 +25,7 @@ from pgmux.protocol.prepared import (
     split_parse,
 )
 from pgmux.protocol.scanner import scan, type_table
+from pgmux.protocol.sessionstate import database_ddl_targets, hint
 from pgmux.protocol.varcache import ParamSet
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 # Terminate must be seen whole (it is never forwarded). Requests that will be answered by a
 # ReadyForQuery (Query, Sync, FunctionCall) are counted, and extended-protocol messages mark the
 # server busy until the next Sync: together they decide when a transaction-mode server is free.
-CLIENT_NEED_BODY = type_table("X")
+CLIENT_NEED_BODY = type_table("XQ")
 CLIENT_NOTIFY = type_table("QSFPBDEC")
 # With prepared-statement tracking, statement messages are read whole (names are rewritten) and so
 # are simple queries (a DEALLOCATE of a protocol-level statement is answered here).
@@ -98,6 +99,13 @@ class ClientConnection(PgConnection):
         self._events: list[tuple[int, int, int]] = []
         self.tracking = False  # prepared statements tracked (transaction/statement mode)
         self.lazy_prepare = False  # may answer a lone Parse+Sync without a server
+        # Session pinning (transaction/statement mode): a keyword seen since the last probe, and
+        # why this client keeps its server, if it does.
+        self.pin_mode = "off"
+        self.state_hint: bytes | None = None
+        self.pinned: str | None = None
+        self.pinned_since = 0.0
+        self.drain_passed = False  # the held DROP/CREATE/ALTER DATABASE already had its drain
         self.stmts: dict[bytes, Statement] = {}  # this client's named statements
 
     def __repr__(self) -> str:
@@ -183,10 +191,14 @@ class ClientConnection(PgConnection):
             self.fail(str(exc))
             return
         fwd = stop
-        terminate = False
+        terminate = interrupt = False
         if events:
-            for typ, start, _ in events:
+            for typ, start, stop_ in events:
                 if typ in (_Q, _F):
+                    if typ == _Q and self._inspect_query(bytes(self.buf[start + 5 : stop_])):
+                        fwd = start
+                        interrupt = True
+                        break
                     server.outstanding += 1
                     server.note_request()
                 elif typ == _SYNC:
@@ -203,14 +215,40 @@ class ClientConnection(PgConnection):
         if fwd:
             st.write(mv[:fwd])
             server.pool.stats.bytes_received += fwd
+        self._after_forward(st, fwd, stop, end, terminate, interrupt)
+
+    def _after_forward(self, st: asyncio.WriteTransport, fwd: int, stop: int, end: int, terminate: bool,
+                       interrupt: bool) -> None:
+        """Keep what was not forwarded: an incomplete message, or everything from a query that
+        must wait for a database drain."""
         if terminate:
             self.close("client close request")
             return
+        if interrupt:
+            self.skip = 0
+            stop = fwd
         fresh = st.get_write_buffer_size() > 0
         if stop < end or fresh:
             self.retain(stop, end, fresh)
         else:
             self.keep = 0
+
+    def _inspect_query(self, text: bytes) -> bool:
+        """Pinning hints and database drains for one query text. True: stop forwarding here;
+        the pooler first closes its connections to a database this query drops or copies."""
+        if self.drain_passed:
+            self.drain_passed = False
+        elif b"atabase" in text or b"ATABASE" in text:
+            targets = database_ddl_targets(text)
+            if targets:
+                self.linking = True
+                self.pooler.start_drain(self, targets)
+                return True
+        if self.pin_mode != "off":
+            word = hint(text)
+            if word is not None:
+                self.state_hint = word
+        return False
 
     def _forward_body_rest(self, end: int, server: ServerConnection) -> int:
         """Forward the rest of a message body that began in an earlier read (`skip`). Returns
@@ -253,11 +291,15 @@ class ClientConnection(PgConnection):
         out: list[bytes | memoryview] = []
         run = 0
         fwd = stop
-        terminate = False
+        terminate = interrupt = False
         try:
             for typ, start, stop_ in events:
                 replacement: bytes | None = None
                 if typ == _Q:
+                    if self._inspect_query(bytes(buf[start + 5 : stop_])):
+                        fwd = start
+                        interrupt = True
+                        break
                     if buf[start + 5] in _D_FIRST:
                         replacement = self._rewrite_deallocate(_Q, bytes(buf[start + 5 : stop_]), server)
                     server.outstanding += 1
@@ -300,14 +342,7 @@ class ClientConnection(PgConnection):
         if data:
             st.write(data)
             server.pool.stats.bytes_received += len(data)
-        if terminate:
-            self.close("client close request")
-            return
-        fresh = st.get_write_buffer_size() > 0
-        if stop < end or fresh:
-            self.retain(stop, end, fresh)
-        else:
-            self.keep = 0
+        self._after_forward(st, fwd, stop, end, terminate, interrupt)
 
     def _prepare_locally(self, end: int) -> bool:
         """A lone Parse + Sync outside a transaction (libpq's PQprepare) is answered without a
@@ -335,6 +370,10 @@ class ClientConnection(PgConnection):
         tracker = server.tracker
         if typ == _P:
             name, tail = split_parse(body)
+            if self.pin_mode != "off":
+                word = hint(tail[: tail.find(b"\0")])
+                if word is not None:
+                    self.state_hint = word
             if not name:
                 replacement = self._rewrite_deallocate(_P, body, server) if tail[:1] in _D_FIRST_B else None
                 tracker.request(_P)
@@ -505,6 +544,7 @@ class ClientConnection(PgConnection):
         self.pool = pool
         self.pool_mode = pool.limits.pool_mode
         self.lazy_prepare = self.pool_mode != "session" and settings.max_prepared_statements > 0
+        self.pin_mode = settings.pin_session_state if self.pool_mode != "session" else "off"
         pooler.check_client_limits(self, db, user)
         welcome = await pooler.pool_params(pool)
         self.welcome(welcome)

@@ -69,6 +69,7 @@ class ServerConnection(PgConnection):
         self.query_start = 0.0
         self.xact_start = 0.0
         self.close_needed = False
+        self.dirty = False  # a pinned client left session state here: reset before reuse
         self.read_paused = False
         self.local_addr = ""
         self.local_port = 0
@@ -394,14 +395,22 @@ class ServerConnection(PgConnection):
     async def simple_query(self, sql: str) -> dict[str, str] | None:
         """Run one query on the slow path, swallowing its results. Returns the ErrorResponse
         fields if it failed. ParameterStatus updates are recorded."""
+        _, error = await self.query_rows(sql)
+        return error
+
+    async def query_rows(self, sql: str) -> tuple[list[list[str | None]], dict[str, str] | None]:
+        """Run one query on the slow path: its rows as text, and the ErrorResponse fields if it failed."""
         self.write(m.query(sql))
         error: dict[str, str] | None = None
+        rows: list[list[str | None]] = []
         while True:
             typ, body = await self.read_message()
             if typ == m.READY_FOR_QUERY:
                 self.status = body[0]
-                return error
-            if typ == m.ERROR_RESPONSE:
+                return rows, error
+            if typ == m.DATA_ROW:
+                rows.append(m.parse_data_row(body))
+            elif typ == m.ERROR_RESPONSE:
                 error = m.parse_error_fields(body)
             elif typ == m.PARAMETER_STATUS:
                 self.params.set(*m.parse_parameter_status(body))

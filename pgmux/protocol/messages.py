@@ -31,6 +31,7 @@ COMMAND_COMPLETE = ord("C")
 COPY_IN_RESPONSE = ord("G")
 COPY_OUT_RESPONSE = ord("H")
 COPY_BOTH_RESPONSE = ord("W")
+DATA_ROW = ord("D")
 NEGOTIATE_PROTOCOL_VERSION = ord("v")
 
 # Frontend message types.
@@ -296,6 +297,22 @@ def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes]:
     if n != -1 and n != len(data):
         raise ProtocolError("failed to parse packet")
     return mech, data
+
+
+def parse_data_row(body: bytes) -> list[str | None]:
+    """A DataRow's values as text (None for NULL)."""
+    (n,) = _I16.unpack_from(body, 0)
+    pos = 2
+    out: list[str | None] = []
+    for _ in range(n):
+        (length,) = _I32.unpack_from(body, pos)
+        pos += 4
+        if length < 0:
+            out.append(None)
+        else:
+            out.append(body[pos : pos + length].decode("utf-8", "replace"))
+            pos += length
+    return out
 
 
 def unpack_length(buf: bytes | bytearray | memoryview, pos: int) -> int:

@@ -1,0 +1,87 @@
+"""Session state that cannot follow a client from server to server, and how pgmux notices it.
+
+In transaction pooling a client's next transaction may run on another server. Some state lives
+in the server session instead: WITH HOLD cursors, session advisory locks, LISTEN, temporary
+tables, SQL-level prepared statements, SET of untracked parameters, SET ROLE / SESSION
+AUTHORIZATION, LOAD. PgBouncer lets it leak to the next client (or vanish). pgmux instead keeps
+the server linked to that client ("pinning") until the state is gone.
+
+Detection is two-step, so that ordinary traffic pays almost nothing:
+1. `hint()` looks at each query text for a statement that might create or drop such state
+   (a cheap regex anchored at statement starts, plus a few function names);
+2. at the end of a transaction that had a hint, `PROBE_SQL` asks the server what state really
+   exists; `describe()` turns its answer into a reason, or None when the session is clean.
+"""
+
+from __future__ import annotations
+
+import re
+
+_STATEMENT_START = rb"(?:^|;)\s*(?:(?:/\*.*?\*/|--[^\n]*(?:\n|$))\s*)*"
+_HINT = re.compile(
+    _STATEMENT_START
+    + rb"(set|reset|listen|unlisten|declare|prepare|deallocate|discard|load|close|drop|do|create\s+"
+    rb"(?:(?:global|local)\s+)?temp)\b|(advisory_(?:un)?lock|set_config)",
+    re.I | re.S,
+)
+_DATABASE_DDL = re.compile(
+    _STATEMENT_START
+    + rb"(?:drop\s+database\s+(?:if\s+exists\s+)?(\"(?:[^\"]|\"\")+\"|[^\s;]+)"
+    rb"|alter\s+database\s+(\"(?:[^\"]|\"\")+\"|[^\s;]+)\s+rename"
+    rb"|create\s+database\s.*?\btemplate\s*=?\s*(\"(?:[^\"]|\"\")+\"|[^\s;,)]+))",
+    re.I | re.S,
+)
+
+
+def hint(query: bytes) -> bytes | None:
+    """The keyword that makes this query worth a probe (lower-case), or None."""
+    m = _HINT.search(query)
+    if m is None:
+        return None
+    word = (m.group(1) or m.group(2)).lower()
+    return b"set" if word.startswith(b"set_config") else word.split()[0]
+
+
+def database_ddl_targets(query: bytes) -> list[str]:
+    """Databases that DROP DATABASE / ALTER DATABASE ... RENAME / CREATE DATABASE ... TEMPLATE x
+    in this query need free of pooled connections first."""
+    out = []
+    for m in _DATABASE_DDL.finditer(query):
+        name = next(g for g in m.groups() if g)
+        text = name.decode("utf-8", "replace")
+        if text.startswith('"'):
+            text = text[1:-1].replace('""', '"')
+        else:
+            text = text.lower()
+        out.append(text)
+    return out
+
+
+def probe_sql(login_user: str, tracked: list[str]) -> str:
+    """One query, one row: what session state this backend holds."""
+    names = ",".join("'" + n.lower().replace("'", "''") + "'" for n in tracked)
+    user = login_user.replace("'", "''")
+    return (
+        "SELECT (SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable),"
+        " (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql),"
+        " (SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory'"
+        " AND pid = pg_catalog.pg_backend_pid()),"
+        " (SELECT count(*) FROM pg_catalog.pg_listening_channels()),"
+        " (SELECT count(*) FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema()),"
+        " (SELECT pg_catalog.string_agg(name, ',') FROM pg_catalog.pg_settings WHERE source = 'session'"
+        f" AND pg_catalog.lower(name) <> ALL (ARRAY[{names}]::text[])),"
+        f" (current_user <> session_user OR session_user <> '{user}')"
+    )
+
+
+_LABELS = ("WITH HOLD cursor", "SQL prepared statement", "advisory lock", "LISTEN", "temporary table")
+
+
+def describe(row: list[str | None]) -> str | None:
+    """Reason for pinning from the probe's row, e.g. 'LISTEN, SET work_mem'; None if clean."""
+    reasons = [label for label, value in zip(_LABELS, row[:5], strict=True) if value not in (None, "0")]
+    if row[5]:
+        reasons.append("SET " + row[5])
+    if row[6] == "t":
+        reasons.append("SET ROLE/SESSION AUTHORIZATION")
+    return ", ".join(reasons) or None
