@@ -195,7 +195,7 @@ class ClientConnection(PgConnection):
         if events:
             for typ, start, stop_ in events:
                 if typ in (_Q, _F):
-                    if typ == _Q and self._inspect_query(bytes(self.buf[start + 5 : stop_])):
+                    if typ == _Q and self._inspect_query(bytes(self.buf[start + 5 : stop_ - 1])):
                         fwd = start
                         interrupt = True
                         break
@@ -296,7 +296,7 @@ class ClientConnection(PgConnection):
             for typ, start, stop_ in events:
                 replacement: bytes | None = None
                 if typ == _Q:
-                    if self._inspect_query(bytes(buf[start + 5 : stop_])):
+                    if self._inspect_query(bytes(buf[start + 5 : stop_ - 1])):
                         fwd = start
                         interrupt = True
                         break

@@ -21,7 +21,7 @@ _STATEMENT_START = rb"(?:^|;)\s*(?:(?:/\*.*?\*/|--[^\n]*(?:\n|$))\s*)*"
 _HINT = re.compile(
     _STATEMENT_START
     + rb"(set|reset|listen|unlisten|declare|prepare|deallocate|discard|load|close|drop|do|create\s+"
-    rb"(?:(?:global|local)\s+)?temp)\b|(advisory_(?:un)?lock|set_config)",
+    rb"(?:(?:global|local)\s+)?temp(?:orary)?)\b|(advisory_(?:un)?lock|set_config)",
     re.I | re.S,
 )
 _DATABASE_DDL = re.compile(
