@@ -387,3 +387,40 @@ async def test_suspend_stops_reading_and_resume_restarts(pooler: Pooler) -> None
         await run(pooler, admin, "suspend")
     await run(pooler, admin, "resume")
     assert client.transport.reading and server.transport.reading and not pool.paused
+
+
+async def test_metrics_listener_serves_and_refuses(pooler: Pooler, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import logging
+    import sys
+
+    from pgmux.stats.service import parse_listen, start_metrics_listener
+    from pgmux.testing.cluster import free_port
+
+    assert parse_listen("127.0.0.1:9127") == ("127.0.0.1", 9127)
+    assert parse_listen("*:9127") == (None, 9127) and parse_listen("[::1]:9127") == ("::1", 9127)
+    with pytest.raises(ValueError):
+        parse_listen("9127")
+    port = free_port()
+    pooler.settings.set("metrics_listen", f"127.0.0.1:{port}", source="file")
+    server = await start_metrics_listener(pooler)
+    assert server is not None
+    try:
+        async def get(path: str) -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            data = await reader.read()
+            writer.close()
+            return data
+
+        ok = await get("/metrics")
+        assert ok.startswith(b"HTTP/1.1 200 OK") and b"\npgbouncer_up 1.0\n" in ok
+        assert (await get("/other")).startswith(b"HTTP/1.1 404")
+    finally:
+        server.close()
+    monkeypatch.setattr(logging.getLogger("pgmux"), "propagate", True)
+    monkeypatch.setitem(sys.modules, "pgmux.stats.metrics", None)  # as if prometheus_client were missing
+    with caplog.at_level(logging.ERROR, logger="pgmux"):
+        assert await start_metrics_listener(pooler) is None
+    assert "prometheus_client is not installed" in caplog.text and "metrics endpoint disabled" in caplog.text
