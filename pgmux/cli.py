@@ -124,33 +124,31 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
         _switch_user(args.user)
     done: asyncio.Future[None] = loop.create_future()
     pooler.shutdown_done = done  # type: ignore[attr-defined]
+    await pooler.admin_start()
     state = {"signals": 0}
 
-    def reload() -> None:
-        try:
-            new = load(config.path)
-        except (ConfigError, AuthFileError) as exc:
-            logger.error("RELOAD failed: %s", exc)
-            return
-        for name in new.settings.adopt_nonreloadable(pooler.settings):
-            logger.warning("setting %s cannot be changed by reload; restart needed", name)
-        pglog.setup_logging(verbose=args.verbose + int(new.settings.verbose), quiet=args.quiet or args.daemon,
-                            logfile=new.settings.logfile or None)
-        pooler.reload(new)
+    def relog() -> None:
+        s = pooler.settings
+        pglog.setup_logging(verbose=args.verbose + int(s.verbose), quiet=args.quiet or args.daemon,
+                            logfile=s.logfile or None)
 
-    def shutdown(signame: str) -> None:
+    pooler.on_reload = relog  # type: ignore[attr-defined]
+
+    def shutdown(signame: str, mode: str) -> None:
         state["signals"] += 1
-        if state["signals"] > 1 or signame == "SIGQUIT":
+        if state["signals"] > 1 or mode == "immediate":
             logger.info("got %s, exiting immediately", signame)
-            if not done.done():
-                done.set_result(None)
+            pooler.admin_shutdown("immediate")
             return
-        logger.info("got %s, shutting down", signame)
-        pooler.start_shutdown()
+        logger.info("got %s, shutting down (%s)", signame, mode)
+        pooler.admin_shutdown(mode)
 
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
-        loop.add_signal_handler(sig, shutdown, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, pooler.admin_reload)
+    loop.add_signal_handler(signal.SIGUSR1, pooler.admin_signal_pause)
+    loop.add_signal_handler(signal.SIGUSR2, pooler.admin_signal_resume)
+    loop.add_signal_handler(signal.SIGINT, shutdown, "SIGINT", "wait_for_servers")
+    loop.add_signal_handler(signal.SIGTERM, shutdown, "SIGTERM", "wait_for_clients")
+    loop.add_signal_handler(signal.SIGQUIT, shutdown, "SIGQUIT", "immediate")
     listen = ", ".join(config.settings.listen_addr) or "(unix only)"
     logger.info("pgmux %s listening on %s port %s", __import__("pgmux").__version__, listen,
                 config.settings.listen_port)

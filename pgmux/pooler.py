@@ -220,6 +220,7 @@ class Pooler:
         if pool is None:
             pool = Pool(database=db.name, user=user, limits=self.limits_for(db, user),
                         round_robin=bool(self.settings.server_round_robin))
+            pool.paused = self.admin_pool_paused(db.name)
             self.pools[key] = pool
             if db.is_autodb:
                 logger.info("registered new auto-database: db=%s", db.name)
@@ -418,9 +419,10 @@ class Pooler:
         if server.closed:
             pool.server_gone(server)
             return
-        if server.close_needed or self._lifetime_over(server):
+        if server.close_needed or pool.paused or self._lifetime_over(server):
             pool.server_gone(server)
-            server.close("server lifetime over" if not server.close_needed else "close_needed")
+            server.close("close_needed" if server.close_needed else "pause mode" if pool.paused
+                         else "server lifetime over")
             self.launch_connects(pool)
             return
         server.state = "idle"
@@ -441,9 +443,12 @@ class Pooler:
         server.client = client
         server.state = "active"
         pool = server.pool
-        pool.stats.server_assignment_count += 1
+        stats = pool.stats
+        stats.server_assignment_count += 1
         if client.wait_started:
-            pool.stats.wait_time_us += int((time.monotonic() - client.wait_started) * 1_000_000)
+            us = int((time.monotonic() - client.wait_started) * 1_000_000)
+            stats.wait_time_us += us
+            stats.wait_hist[us.bit_length()] += 1
             client.wait_started = 0.0
         diff = None if client.params.same_as(server.params) else client.params.diff(server.params, self.tracked)
         if diff:
@@ -703,6 +708,9 @@ class Pooler:
             return
         server = client.server
         if server is None:
+            if client.pool is None and client.dbname == "pgbouncer":
+                self.admin_console_cancel()
+                return
             if client.waiting and client.pool is not None:
                 logger.info("%s cancel request for waiting client", client.log_prefix)
             else:

@@ -533,6 +533,8 @@ class ClientConnection(PgConnection):
 
             await run_console(self)
             return
+        if db is not None and pooler.admin_db_disabled(db.name):
+            raise ClientError(f'database "{db.name}" is disabled')
         pool_user = db.user if (db is not None and db.user) else user
         await self.authenticate(user, forced=bool(db and db.user))
         if db is None:

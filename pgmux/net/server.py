@@ -256,13 +256,17 @@ class ServerConnection(PgConnection):
         stats = self.pool.stats
         stats.query_count += 1
         if self.query_start:
-            stats.query_time_us += int((now - self.query_start) * 1_000_000)
+            us = int((now - self.query_start) * 1_000_000)
+            stats.query_time_us += us
+            stats.query_hist[us.bit_length()] += 1
             self.query_start = 0.0
         if status == _IDLE:
             if self.status != _IDLE or self.xact_start:
                 stats.xact_count += 1
                 if self.xact_start:
-                    stats.xact_time_us += int((now - self.xact_start) * 1_000_000)
+                    us = int((now - self.xact_start) * 1_000_000)
+                    stats.xact_time_us += us
+                    stats.xact_hist[us.bit_length()] += 1
             self.xact_start = 0.0
         elif self.status == _IDLE and not self.xact_start:
             self.xact_start = self.query_start or now

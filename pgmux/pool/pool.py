@@ -12,6 +12,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
+from pgmux.stats.histogram import new_histogram
+
 
 class Waiter(Protocol):
     """What the pool needs of a client: whether it is still there, and when it started waiting."""
@@ -54,6 +56,11 @@ class PoolStats:
     client_parse_count: int = 0
     server_parse_count: int = 0
     bind_count: int = 0
+    # Latency histograms: bucket i counts durations of i significant bits in microseconds
+    # (one list index per observation on the hot path; Prometheus reads them at scrape time).
+    wait_hist: list[int] = field(default_factory=new_histogram)
+    query_hist: list[int] = field(default_factory=new_histogram)
+    xact_hist: list[int] = field(default_factory=new_histogram)
 
 
 @dataclass
