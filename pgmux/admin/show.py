@@ -42,6 +42,7 @@ HELP_DETAIL = (
     "\tSHOW PEERS|PEER_POOLS\n"
     "\tSHOW FDS|SOCKETS|ACTIVE_SOCKETS|LISTS|MEM|STATE\n"
     "\tSHOW DNS_HOSTS|DNS_ZONES\n"
+    "\tSHOW PINS (pgmux)\n"
     "\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS\n"
     "\tSET key = arg\n"
     "\tRELOAD\n"
@@ -129,6 +130,9 @@ DNS_HOSTS_COLUMNS = columns("sqs", "hostname", "ttl", "addrs")
 DNS_ZONES_COLUMNS = columns("sqi", "zonename", "serial", "count")
 STATE_COLUMNS = columns("ss", "key", "value")
 VERSION_COLUMNS = columns("s", "version")
+# pgmux extension: clients whose transaction-mode server stays linked because of session state.
+PINS_COLUMNS = columns("ssssiiiqs", "database", "user", "type", "addr", "port", "id", "remote_pid",
+                       "pinned_seconds", "reason")
 
 # ------------------------------------------------------------------ helpers
 
@@ -599,6 +603,17 @@ def show_version(pooler: Pooler) -> Result:
     return _rows(VERSION_COLUMNS, [[VERSION_STRING]])
 
 
+def show_pins(pooler: Pooler) -> Result:
+    """SHOW PINS (pgmux): who is pinned to which backend, for how long and why."""
+    now = time.monotonic()
+    rows = []
+    for client, server in sorted(pooler.pins(), key=lambda cs: cs[0].id):
+        rows.append([client.dbname, client.user, "C", client.addr, client.port, client.id,
+                     server.backend_pid if server is not None else 0, int(now - client.pinned_since),
+                     client.pinned])
+    return _rows(PINS_COLUMNS, rows)
+
+
 def show_help(pooler: Pooler) -> Result:
     notice = m.message(b"N", b"SNOTICE\0C00000\0MConsole usage\0D" + HELP_DETAIL.encode() + b"\0\0")
     return Result("SHOW", notices=[notice])
@@ -639,4 +654,5 @@ SHOW_FUNCTIONS: dict[str, Callable[[Pooler], Result]] = {
     "dns_hosts": show_dns_hosts,
     "dns_zones": show_dns_zones,
     "state": show_state,
+    "pins": show_pins,
 }

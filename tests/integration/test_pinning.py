@@ -139,3 +139,17 @@ def test_drain_before_create_database_template(cluster: TempCluster, pooler: Cal
         admin.execute("DROP DATABASE drain_copy")
         admin.execute("DROP DATABASE drain_src")
     assert "drained connections to drain_src" in p.log_text()
+
+
+def test_show_pins_lists_pinned_clients(pooler: Callable[..., PoolerProcess]) -> None:
+    p = pooler(pool_mode="transaction", extra={"default_pool_size": 2})
+    with connect(p) as a:
+        a.execute("LISTEN somewhere")
+        pid = a.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        with psycopg.connect(p.unix_dsn("pgbouncer", dbname="pgbouncer"), autocommit=True) as admin:
+            cur = admin.cursor(binary=False)
+            cur.execute("SHOW PINS")
+            cols = [d.name for d in cur.description]  # type: ignore[union-attr]
+            rows = cur.fetchall()
+        assert cols == ["database", "user", "type", "addr", "port", "id", "remote_pid", "pinned_seconds", "reason"]
+        assert len(rows) == 1 and rows[0][0] == "testdb" and rows[0][6] == pid and rows[0][8] == "LISTEN"
