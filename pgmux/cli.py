@@ -42,6 +42,12 @@ def load(path: str) -> Config:
         from pgmux.auth import load_auth_file
 
         load_auth_file(config.settings.auth_file)
+    from pgmux.net.tls import TlsConfigError, build_contexts
+
+    try:
+        build_contexts(config.settings)
+    except TlsConfigError as exc:
+        raise ConfigError(str(exc), file=path) from exc
     return config
 
 

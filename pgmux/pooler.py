@@ -20,6 +20,7 @@ from pgmux.auth import load_auth_file
 from pgmux.config import Config, DatabaseEntry
 from pgmux.net.client import ClientConnection, ClientError
 from pgmux.net.server import ServerConnection, ServerLoginError
+from pgmux.net.tls import TlsConfigError, build_contexts
 from pgmux.pool.pool import Pool, PoolLimits
 from pgmux.protocol import messages as m
 from pgmux.protocol.prepared import StatementRegistry
@@ -27,6 +28,15 @@ from pgmux.protocol.sessionstate import describe, probe_sql
 from pgmux.protocol.varcache import set_statement, tracked_names
 
 logger = pglog.logger
+
+DEFAULT_AUTH_QUERY_PGBOUNCER = (
+    "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END "
+    "FROM pg_authid WHERE rolname=$1 AND rolcanlogin"
+)
+DEFAULT_AUTH_QUERY = (
+    "SELECT rolname, CASE WHEN rolvaliduntil < pg_catalog.now() THEN NULL ELSE rolpassword END "
+    "FROM pg_catalog.pg_authid WHERE rolname OPERATOR(pg_catalog.=) $1 AND rolcanlogin"
+)
 
 # Startup parameters a client may send besides the tracked ones (PgBouncer's list).
 _ALWAYS_ALLOWED = {"user", "database", "application_name", "replication", "options"}
@@ -50,6 +60,7 @@ class Pooler:
         self._params_waiters: dict[int, list[asyncio.Future[dict[str, str]]]] = {}
         self._rr_counter = 0
         self.statements = StatementRegistry()
+        self.looked_up_secrets: dict[str, str] = {}
         self.apply_config(config)
 
     # ------------------------------------------------------------ configuration
@@ -63,6 +74,22 @@ class Pooler:
         self.config = config
         s = config.settings
         self.auth_users = load_auth_file(s.auth_file) if s.auth_file else {}
+        old_tls = self.__dict__.get("tls")
+        try:
+            self.tls = build_contexts(s)
+        except TlsConfigError as exc:
+            if old_tls is None:
+                raise
+            logger.error("TLS settings not applied: %s", exc)
+        else:
+            if old_tls is not None and (old_tls.server_mode, old_tls.client_mode) != (
+                    self.tls.server_mode, self.tls.client_mode):
+                for pool in self.pools.values():  # changed TLS modes: reconnect, as PgBouncer
+                    for server in list(pool.idle):
+                        pool.server_gone(server)
+                        server.close("TLS settings changed")
+                    for server in pool.active | pool.busy:
+                        server.close_needed = True
         self.tracked = tracked_names(list(s.track_extra_parameters))
         self.ignored_params = {p.lower() for p in s.ignore_startup_parameters}
         for pool in self.pools.values():
@@ -73,7 +100,10 @@ class Pooler:
                 self.launch_connects(pool)
 
     def auth_secret(self, user: str) -> str | None:
-        return self.auth_users.get(user)
+        """The secret to check a client's password with and to log in to the server: auth_file
+        first, then what auth_query last returned for the user."""
+        secret = self.auth_users.get(user)
+        return secret if secret is not None else self.looked_up_secrets.get(user)
 
     def limits_for(self, db: DatabaseEntry, user: str) -> PoolLimits:
         s = self.settings
@@ -336,7 +366,10 @@ class Pooler:
             return None, db.port, path
         return host, db.port, None
 
-    async def _connect(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
+    async def _connect(self, pool: Pool[ServerConnection, ClientConnection],
+                       deliver: asyncio.Future[ServerConnection] | None = None) -> None:
+        """Open and log in one server of `pool`; it goes to the pool (server_ready), or to
+        `deliver` when given (auth_query borrows it and gives it back)."""
         db = self.config.find_database(pool.database)
         server: ServerConnection | None = None
         try:
@@ -357,22 +390,26 @@ class Pooler:
                 if self.settings.log_connections:
                     logger.info("%s new connection to server (from %s:%s)", server.log_prefix,
                                 server.local_addr, server.local_port)
+                if self.tls.server is not None and path is None:
+                    await server.negotiate_tls(self.tls.server, self.tls.server_mode, host or "")
                 password = db.password if db.user else self.auth_secret(pool.user)
                 await server.login(pool.user, db.target_dbname, password, self._server_startup(db))
                 if db.connect_query:
                     err = await server.simple_query(db.connect_query)
                     if err:
                         logger.warning("%s connect_query failed: %s", server.log_prefix, err.get("M"))
-        except ServerLoginError as exc:
-            self._connect_failed(pool, server, exc.fields)
-            return
-        except (OSError, TimeoutError, ConnectionError) as exc:
-            msg = "connect timeout" if isinstance(exc, TimeoutError) else f"connect failed: {exc}"
-            self._connect_failed(pool, server, {"S": "FATAL", "C": "08006", "M": msg})
-            return
         except Exception as exc:  # noqa: BLE001 - a server must never take the process down
-            logger.exception("unexpected error connecting to server")
-            self._connect_failed(pool, server, {"S": "FATAL", "C": "08006", "M": str(exc)})
+            if isinstance(exc, ServerLoginError):
+                fields = exc.fields
+            elif isinstance(exc, OSError | TimeoutError | ConnectionError):
+                msg = "connect timeout" if isinstance(exc, TimeoutError) else f"connect failed: {exc}"
+                fields = {"S": "FATAL", "C": "08006", "M": msg}
+            else:
+                logger.exception("unexpected error connecting to server")
+                fields = {"S": "FATAL", "C": "08006", "M": str(exc)}
+            self._connect_failed(pool, server, fields)
+            if deliver is not None and not deliver.done():
+                deliver.set_exception(ServerLoginError(fields))
             return
         pool.connecting -= 1
         pool.login_failure = None
@@ -382,7 +419,56 @@ class Pooler:
         for fut in self._params_waiters.pop(id(pool), []):
             if not fut.done():
                 fut.set_result(pool.params)
+        if deliver is not None and not deliver.done():
+            pool.server_busy(server)
+            deliver.set_result(server)
+            return
         self.server_ready(server)
+
+    # ------------------------------------------------------------ auth_query
+
+    async def auth_query_secret(self, db: DatabaseEntry | None, user: str) -> str | None:
+        """The password secret of a user missing from auth_file, looked up with auth_query over
+        an auth_user server connection (None: unknown user, or auth_query not configured)."""
+        s = self.settings
+        auth_user = (db.auth_user if db is not None and db.auth_user else None) or s.auth_user
+        if not auth_user:
+            return None
+        dbname = (db.auth_dbname if db is not None and db.auth_dbname else None) or s.auth_dbname
+        auth_db = self.config.find_database(dbname) if dbname else db
+        if auth_db is None:
+            logger.warning("auth_query: no database to run it in (auth_dbname)")
+            return None
+        query = (db.auth_query if db is not None and db.auth_query else None) or s.auth_query
+        if query == DEFAULT_AUTH_QUERY_PGBOUNCER:
+            query = DEFAULT_AUTH_QUERY  # schema-qualified: a search_path cannot redirect it
+        pool = self.get_pool(auth_db, auth_user)
+        server = pool.take_idle()
+        if server is None:
+            fut: asyncio.Future[ServerConnection] = self.loop.create_future()
+            pool.connecting += 1
+            self.spawn(self._connect(pool, fut))
+            server = await fut
+        else:
+            pool.server_busy(server)
+        try:
+            rows, err = await server.query_params(query, [user])
+        except Exception:  # noqa: BLE001 - the server went away
+            rows, err = [], {"M": "server conn crashed?"}
+        if server.closed or server.status != _IDLE:
+            pool.server_gone(server)
+            server.close("auth_query failed")
+        else:
+            self.server_ready(server)
+        if err is not None:
+            logger.warning("auth_query for %s failed: %s", user, err.get("M"))
+            return None
+        if not rows or len(rows[0]) < 2 or rows[0][1] is None:
+            self.looked_up_secrets.pop(user, None)
+            return None
+        secret = rows[0][1]
+        self.looked_up_secrets[user] = secret
+        return secret
 
     def _server_startup(self, db: DatabaseEntry) -> dict[str, str]:
         out = {}

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import ssl
 import time
 from typing import TYPE_CHECKING
 
 from pgmux import log as pglog
 from pgmux.auth import ScramError, ScramServer, SecretKind, md5_verify, plain_verify, secret_kind
 from pgmux.net.base import ConnectionLost, PgConnection
+from pgmux.net.tls import describe as tls_describe
 from pgmux.protocol import messages as m
 from pgmux.protocol.prepared import (
     CLOSE_COMPLETE,
@@ -70,6 +72,7 @@ class ClientConnection(PgConnection):
         super().__init__()
         self.pooler = pooler
         self.is_unix = is_unix
+        self.tls = False
         self.server: ServerConnection | None = None
         self.pool: Pool | None = None
         self.db: DatabaseEntry | None = None
@@ -498,9 +501,25 @@ class ClientConnection(PgConnection):
                     # Bytes sent before our answer would be read as if encrypted later
                     # (CVE-2021-23214 class): refuse them.
                     raise m.ProtocolError("unexpected data after SSL request")
-                self.write(b"N")
+                ctx = self.pooler.tls.client
+                if pkt.is_gssenc_request or ctx is None or self.tls or self.is_unix:
+                    self.write(b"N")
+                    continue
+                await self._start_tls(ctx)
                 continue
             return pkt
+
+    async def _start_tls(self, ctx: ssl.SSLContext) -> None:
+        """Answer S and switch this connection to TLS; the next packet is a StartupMessage again."""
+        transport = self.transport
+        assert transport is not None
+        transport.pause_reading()  # no raw ClientHello may reach the startup reader
+        transport.write(b"S")
+        new = await asyncio.get_running_loop().start_tls(transport, self, ctx, server_side=True)
+        if new is None:
+            raise ConnectionLost()
+        self.transport = new  # type: ignore[assignment]
+        self.tls = True
 
     async def login(self) -> None:
         pooler = self.pooler
@@ -517,6 +536,8 @@ class ClientConnection(PgConnection):
             raise ClientError("no username supplied")
         self.user = user
         self.dbname = params.get("database") or user
+        if not self.tls and not self.is_unix and self.pooler.tls.client_mode in ("require", "verify-ca", "verify-full"):
+            raise ClientError("SSL required", "28000")
         if pooler.client_count > settings.max_client_conn:
             raise ClientError("no more connections allowed (max_client_conn)")
         self.startup_params = pooler.check_startup_params(params)
@@ -524,7 +545,8 @@ class ClientConnection(PgConnection):
             name = self.startup_params.get("application_name", "")
             self.startup_params["application_name"] = f"{name} - {self.addr}:{self.port}"
         if settings.log_connections:
-            pglog.logger.info("%s login attempt: db=%s user=%s tls=no", self.log_prefix, self.dbname, user)
+            pglog.logger.info("%s login attempt: db=%s user=%s tls=%s", self.log_prefix, self.dbname, user,
+                              tls_describe(self.transport))
         if pooler.shutting_down:
             raise ClientError("pooler is shutting down")
         db = pooler.config.find_database(self.dbname)
@@ -536,7 +558,7 @@ class ClientConnection(PgConnection):
         if db is not None and pooler.admin_db_disabled(db.name):
             raise ClientError(f'database "{db.name}" is disabled')
         pool_user = db.user if (db is not None and db.user) else user
-        await self.authenticate(user, forced=bool(db and db.user))
+        await self.authenticate(user, forced=bool(db and db.user), db=db)
         if db is None:
             raise ClientError(f"no such database: {self.dbname}", "08P01")
         self.db = db
@@ -580,11 +602,14 @@ class ClientConnection(PgConnection):
         self.pool.stats.client_login_count += 1
         self.start_forwarding()
 
-    async def authenticate(self, user: str, forced: bool) -> None:
-        """Check the client's password per auth_type, against the auth_file secret."""
+    async def authenticate(self, user: str, forced: bool, db: DatabaseEntry | None = None) -> None:
+        """Check the client's password per auth_type, against the auth_file secret (or, for a
+        user missing there, the one auth_query finds)."""
         settings = self.pooler.settings
         auth_type = settings.auth_type
-        stored = self.pooler.auth_secret(user)
+        stored = self.pooler.auth_users.get(user)
+        if stored is None and auth_type not in ("any", "trust"):
+            stored = await self.pooler.auth_query_secret(db, user)
         if auth_type == "any" or (auth_type == "trust" and stored is not None):
             self.write(m.auth_ok())
             return
@@ -594,6 +619,10 @@ class ClientConnection(PgConnection):
             await self._auth_plain(user, stored)
         elif auth_type in ("md5", "scram-sha-256"):
             kind = secret_kind(stored) if stored is not None else None
+            if kind is None and settings.auth_user:
+                # Unknown to auth_query as well: answer as for a SCRAM role (what PostgreSQL
+                # stores by default), so the exchange does not tell whether the role exists.
+                kind = SecretKind.SCRAM
             if auth_type == "md5" and kind is not SecretKind.SCRAM:
                 await self._auth_md5(user, stored)
             elif kind is SecretKind.MD5:
@@ -638,9 +667,13 @@ class ClientConnection(PgConnection):
             self.write(m.auth_request(m.AUTH_SASL_CONTINUE, server.handle_client_first(data)))
             final = server.handle_client_final(await self._read_password())
         except ScramError as exc:
-            raise ClientError("SASL authentication failed", "28P01") from exc
+            # PostgreSQL says "password authentication failed" for a wrong SCRAM proof too; so
+            # do we (PgBouncer says "SASL authentication failed"), keeping every password
+            # failure, and an unknown user, worded the same.
+            text = "password authentication failed" if exc.wrong_password else "SASL authentication failed"
+            raise ClientError(text, "28P01") from exc
         if not stored:
-            raise ClientError("SASL authentication failed", "28P01")
+            raise ClientError("password authentication failed", "28P01")
         self.write(m.auth_request(m.AUTH_SASL_FINAL, final))
         if secret_kind(stored) is SecretKind.SCRAM:
             self.client_key = server.client_key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from typing import TYPE_CHECKING
 
@@ -69,6 +70,7 @@ class ServerConnection(PgConnection):
         self.query_start = 0.0
         self.xact_start = 0.0
         self.close_needed = False
+        self.tls = False
         self.dirty = False  # a pinned client left session state here: reset before reuse
         self.read_paused = False
         self.local_addr = ""
@@ -320,6 +322,29 @@ class ServerConnection(PgConnection):
 
     # ------------------------------------------------------------ slow path: login and queries
 
+    async def negotiate_tls(self, ctx: ssl.SSLContext, mode: str, host: str) -> None:
+        """SSLRequest to PostgreSQL; switch to TLS on S. With `prefer`/`allow` a plain server is
+        accepted; `require` and above refuse it."""
+        self.write(m.ssl_request())
+        answer = await self.read_exact(1)
+        if answer == b"S":
+            if self.inbox:  # bytes before the handshake: a man in the middle (CVE-2021-23222 class)
+                raise self._login_refused("server sent unencrypted data after SSL response")
+            try:
+                new = await asyncio.get_running_loop().start_tls(
+                    self.transport, self, ctx, server_hostname=host if ctx.check_hostname else None)
+            except (ssl.SSLError, ssl.CertificateError) as exc:
+                raise self._login_refused(f"server TLS handshake failed: {exc}") from exc
+            if new is None:
+                raise ConnectionLost()
+            self.transport = new  # type: ignore[assignment]
+            self.tls = True
+        elif answer == b"N":
+            if mode not in ("allow", "prefer"):
+                raise self._login_refused(f"server does not support TLS (server_tls_sslmode = {mode})")
+        else:
+            raise self._login_refused("bad answer to SSL request")
+
     async def login(self, user: str, database: str, password: str | None, startup: dict[str, str]) -> None:
         """Startup and authentication; collects ParameterStatus and BackendKeyData up to the
         first ReadyForQuery."""
@@ -402,9 +427,18 @@ class ServerConnection(PgConnection):
         _, error = await self.query_rows(sql)
         return error
 
+    async def query_params(self, sql: str, params: list[str]) -> tuple[list[list[str | None]], dict[str, str] | None]:
+        """query_rows() with $n parameters sent separately (extended protocol), never spliced
+        into the text: auth_query takes a user name from the client."""
+        self.write(m.extended_query(sql, params))
+        return await self._read_rows()
+
     async def query_rows(self, sql: str) -> tuple[list[list[str | None]], dict[str, str] | None]:
         """Run one query on the slow path: its rows as text, and the ErrorResponse fields if it failed."""
         self.write(m.query(sql))
+        return await self._read_rows()
+
+    async def _read_rows(self) -> tuple[list[list[str | None]], dict[str, str] | None]:
         error: dict[str, str] | None = None
         rows: list[list[str | None]] = []
         while True:

@@ -177,6 +177,14 @@ def query(sql: str) -> bytes:
     return message(b"Q", cstr(sql))
 
 
+def extended_query(sql: str, params: list[str]) -> bytes:
+    """Parse + Bind (text parameters) + Execute + Sync with the unnamed statement and portal."""
+    parse = message(b"P", b"\0" + cstr(sql) + _I16.pack(0))
+    values = b"".join(_I32.pack(len(v.encode())) + v.encode() for v in params)
+    bind = message(b"B", b"\0\0" + _I16.pack(0) + _I16.pack(len(params)) + values + _I16.pack(0))
+    return parse + bind + message(b"E", b"\0" + _I32.pack(0)) + message(b"S")
+
+
 def terminate() -> bytes:
     return message(b"X")
 

@@ -1,0 +1,1 @@
+"""pgmux benchmark suite: pgmux against PgBouncer and direct PostgreSQL, side by side (``python -m bench.run``)."""

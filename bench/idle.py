@@ -1,0 +1,112 @@
+"""Many idle client connections: open N real logins (md5) on raw asyncio sockets, hold them, close them.
+
+Why raw sockets: a libpq/psycopg connection object costs far more memory and CPU in *our* process than the
+pooler spends on it; the pooler only sees the wire protocol, so a StartupMessage, an md5 PasswordMessage
+and waiting for ReadyForQuery is all a "real login" needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+
+def _startup(user: str, database: str) -> bytes:
+    body = (
+        struct.pack("!I", 196608)
+        + b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in (("user", user), ("database", database)))
+        + b"\0"
+    )
+    return struct.pack("!I", len(body) + 4) + body
+
+
+def _md5_password(user: str, password: str, salt: bytes) -> bytes:
+    inner = hashlib.md5((password + user).encode()).hexdigest()
+    digest = "md5" + hashlib.md5(inner.encode() + salt).hexdigest()
+    payload = digest.encode() + b"\0"
+    return b"p" + struct.pack("!I", len(payload) + 4) + payload
+
+
+async def _login(host: str, port: int, user: str, password: str, database: str, timeout: float):
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        writer.write(_startup(user, database))
+        while True:
+            header = await asyncio.wait_for(reader.readexactly(5), timeout)
+            typ, length = header[:1], struct.unpack("!I", header[1:])[0]
+            body = await asyncio.wait_for(reader.readexactly(length - 4), timeout)
+            if typ == b"R":
+                code = struct.unpack("!I", body[:4])[0]
+                if code == 5:
+                    writer.write(_md5_password(user, password, body[4:8]))
+                elif code != 0:
+                    raise RuntimeError(f"unsupported authentication request {code}")
+            elif typ == b"E":
+                fields = dict((f[:1], f[1:]) for f in body.split(b"\0") if f)
+                raise RuntimeError(fields.get(b"M", body).decode(errors="replace"))
+            elif typ == b"Z":
+                return reader, writer
+    except BaseException:
+        writer.transport.abort()
+        raise
+
+
+async def hold_idle_clients(
+    host: str,
+    port: int,
+    user: str,
+    password: str,
+    database: str,
+    n: int,
+    *,
+    concurrency: int = 100,
+    hold: float = 2.0,
+    on_held: Callable[[int], None] | None = None,
+    timeout: float = 30.0,
+) -> dict[str, object]:
+    """Open ``n`` logged-in connections (``concurrency`` logins in flight), call ``on_held(opened)``
+    after ``hold`` seconds, then close them all. Returns counts, first error and timings."""
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    errors: list[str] = []
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with sem:
+            try:
+                conns.append(await _login(host, port, user, password, database, timeout))
+            except Exception as e:  # noqa: BLE001 - counted and reported, not fatal
+                errors.append(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+
+    t0 = time.monotonic()
+    try:
+        await asyncio.gather(*(one() for _ in range(n)))
+        login_s = time.monotonic() - t0
+        await asyncio.sleep(hold)
+        # every connection must still be open (the pooler must not have dropped idle clients)
+        alive = sum(1 for r, _w in conns if not r.at_eof())
+        if on_held is not None:
+            on_held(len(conns))
+    finally:
+        for _r, w in conns:
+            # Terminate, then RST instead of FIN: 10,000 closes per run would otherwise leave 10,000
+            # loopback ports in TIME_WAIT for a minute
+            try:
+                w.write(b"X\0\0\0\4")
+                sock = w.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except (OSError, RuntimeError):
+                pass
+            w.transport.abort()
+        await asyncio.sleep(0)
+    return {
+        "opened": len(conns),
+        "alive": alive,
+        "failed": len(errors),
+        "first_error": errors[0] if errors else "",
+        "login_seconds": login_s,
+    }

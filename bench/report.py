@@ -1,0 +1,472 @@
+"""Summaries, the Markdown report and the PNG chart.
+
+Every pooler figure is shown next to its ratio pgmux/PgBouncer. Ratios are computed per repetition (the
+two runs of a repetition ran back to back, so they shared the machine's conditions) and the median of
+those ratios is reported; absolute figures are medians over repetitions.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .measure import RunResult
+from .workloads import TARGET_LABEL, Workload
+
+METRICS = ("tps", "mean_ms", "p99_ms", "cpu_us")
+
+
+@dataclass
+class Cell:
+    """Median of one metric over the successful repetitions of one (workload, target)."""
+
+    runs: list[RunResult] = field(default_factory=list)
+
+    @property
+    def ok_runs(self) -> list[RunResult]:
+        return [r for r in self.runs if r.ok]
+
+    @property
+    def errors(self) -> list[str]:
+        return [r.error for r in self.runs if r.error]
+
+    def median(self, metric: str) -> float | None:
+        vals = [getattr(r, metric) for r in self.ok_runs if getattr(r, metric) is not None]
+        return statistics.median(vals) if vals else None
+
+    def span(self, metric: str) -> tuple[float, float] | None:
+        vals = [getattr(r, metric) for r in self.ok_runs if getattr(r, metric) is not None]
+        return (min(vals), max(vals)) if vals else None
+
+    def extra_median(self, key: str) -> float | None:
+        vals = [float(r.extra[key]) for r in self.ok_runs if isinstance(r.extra.get(key), int | float)]
+        return statistics.median(vals) if vals else None
+
+
+class Summary:
+    """All results, indexed by workload and target."""
+
+    def __init__(self, workloads: Sequence[Workload], results: Iterable[RunResult]) -> None:
+        self.workloads = list(workloads)
+        self.results = list(results)
+        self.cells: dict[tuple[str, str], Cell] = {}
+        for r in self.results:
+            self.cells.setdefault((r.workload, r.target), Cell()).runs.append(r)
+
+    def cell(self, workload: str, target: str) -> Cell | None:
+        return self.cells.get((workload, target))
+
+    def ratio(self, workload: str, metric: str, num: str = "pgmux", den: str = "pgbouncer") -> float | None:
+        """Median over repetitions of num/den for ``metric``, pairing runs of the same repetition."""
+        a, b = self.cell(workload, num), self.cell(workload, den)
+        if a is None or b is None:
+            return None
+        by_rep = {r.rep: r for r in b.ok_runs}
+        ratios = []
+        for r in a.ok_runs:
+            other = by_rep.get(r.rep)
+            x = getattr(r, metric) if metric in METRICS else r.extra.get(metric)
+            y = (getattr(other, metric) if metric in METRICS else other.extra.get(metric)) if other else None
+            if isinstance(x, int | float) and isinstance(y, int | float) and y:
+                ratios.append(x / y)
+        return statistics.median(ratios) if ratios else None
+
+    def ran(self, workload: Workload) -> bool:
+        return any((workload.key, t) in self.cells for t in workload.targets)
+
+
+# --------------------------------------------------------------------------------------------------
+# formatting
+
+
+def f_num(v: float | None, digits: int = 0) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if digits == 0 or abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:,.{digits}f}"
+
+
+def f_ms(v: float | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 10 else f"{v:,.1f}"
+
+
+def f_ratio(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}x"
+
+
+def fails(cell: Cell | None) -> str | None:
+    """'fails: <error>' if every run of the cell failed, else None."""
+    if cell is None or cell.ok_runs or not cell.errors:
+        return None
+    return "fails: " + cell.errors[0].replace("|", "\\|")
+
+
+def partial_note(cell: Cell | None) -> str:
+    if cell is None or not cell.errors or not cell.ok_runs:
+        return ""
+    return f" ({len(cell.errors)} of {len(cell.runs)} failed)"
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str = "") -> str:
+    align = align or "l" + "r" * (len(headers) - 1)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# tables
+
+
+def throughput_table(s: Summary) -> str:
+    headers = [
+        "workload",
+        "direct TPS",
+        "PgBouncer TPS",
+        "pgmux TPS",
+        "**pgmux/PgBouncer TPS**",
+        "pgmux/direct TPS",
+        "PgBouncer CPU µs/txn",
+        "pgmux CPU µs/txn",
+        "**pgmux/PgBouncer CPU**",
+    ]
+    rows = []
+    for w in s.workloads:
+        if w.kind != "pgbench" or not s.ran(w):
+            continue
+        row = [w.label]
+        for t in ("direct", "pgbouncer", "pgmux"):
+            c = s.cell(w.key, t)
+            if t not in w.targets:
+                row.append("n/a¹" if t == "pgbouncer" else "–")
+            else:
+                row.append(fails(c) or (f_num(c.median("tps")) + partial_note(c) if c else "–"))
+        row.append(f"**{f_ratio(s.ratio(w.key, 'tps'))}**" if s.ratio(w.key, "tps") is not None else "–")
+        row.append(f_ratio(s.ratio(w.key, "tps", den="direct")))
+        for t in ("pgbouncer", "pgmux"):
+            c = s.cell(w.key, t)
+            row.append("–" if c is None or fails(c) else f_num(c.median("cpu_us"), 1))
+        cr = s.ratio(w.key, "cpu_us")
+        row.append(f"**{f_ratio(cr)}**" if cr is not None else "–")
+        rows.append(row)
+    return md_table(headers, rows)
+
+
+def latency_table(s: Summary) -> str:
+    headers = [
+        "workload",
+        "direct mean / p99 ms",
+        "PgBouncer mean / p99 ms",
+        "pgmux mean / p99 ms",
+        "pgmux/PgBouncer mean",
+        "pgmux/PgBouncer p99",
+    ]
+    rows = []
+    for w in s.workloads:
+        if w.kind != "pgbench" or not s.ran(w):
+            continue
+        row = [w.label]
+        for t in ("direct", "pgbouncer", "pgmux"):
+            c = s.cell(w.key, t)
+            if t not in w.targets:
+                row.append("n/a¹" if t == "pgbouncer" else "–")
+            elif c is None:
+                row.append("–")
+            elif fails(c):
+                row.append("fails")
+            else:
+                row.append(f"{f_ms(c.median('mean_ms'))} / {f_ms(c.median('p99_ms'))}")
+        row.append(f_ratio(s.ratio(w.key, "mean_ms")))
+        row.append(f_ratio(s.ratio(w.key, "p99_ms")))
+        rows.append(row)
+    return md_table(headers, rows)
+
+
+def idle_table(s: Summary) -> str:
+    headers = [
+        "pooler",
+        "clients held",
+        "RSS before MiB",
+        "RSS holding MiB",
+        "**KiB per idle client**",
+        "CPU µs per login",
+    ]
+    rows = []
+    for t in ("pgbouncer", "pgmux"):
+        c = s.cell("idle", t)
+        if c is None:
+            continue
+        if fails(c):
+            rows.append([TARGET_LABEL[t], fails(c) or "", "", "", "", ""])
+            continue
+        before, after = c.extra_median("rss_before_kb"), c.extra_median("rss_held_kb")
+        rows.append(
+            [
+                TARGET_LABEL[t],
+                f_num(c.extra_median("held")) + partial_note(c),
+                f_num(before / 1024 if before else None, 1),
+                f_num(after / 1024 if after else None, 1),
+                f"**{f_num(c.extra_median('kib_per_client'), 2)}**",
+                f_num(c.extra_median("cpu_us_per_login"), 1),
+            ]
+        )
+    if len(rows) == 2:
+        rows.append(
+            [
+                "**pgmux/PgBouncer**",
+                "",
+                f_ratio(s.ratio("idle", "rss_before_kb")),
+                f_ratio(s.ratio("idle", "rss_held_kb")),
+                f"**{f_ratio(s.ratio('idle', 'kib_per_client'))}**",
+                f_ratio(s.ratio("idle", "cpu_us_per_login")),
+            ]
+        )
+    return md_table(headers, rows)
+
+
+def goals_table(s: Summary) -> str:
+    """The measurable goals of issue 8, with this run's ratios."""
+    rows = []
+
+    def add(goal: str, value: float | None, ok: bool | None, where: str = "") -> None:
+        verdict = "–" if ok is None else ("yes" if ok else "**no**")
+        rows.append([goal, f_ratio(value) + (f" ({where})" if where else ""), verdict])
+
+    for key, label in (
+        ("select-c50", "TPS ≥ 1.0x on -S -c 50"),
+        ("select-c500", "TPS ≥ 1.0x on -S -c 500"),
+        ("connect-md5", "TPS ≥ 1.0x on -C (md5)"),
+        ("connect-scram", "TPS ≥ 1.0x on -C (SCRAM)"),
+        ("rows-1k", "1,000-row result TPS ≥ 1.0x"),
+    ):
+        if (key, "pgmux") in s.cells:
+            r = s.ratio(key, "tps")
+            if fails(s.cell(key, "pgmux")):
+                rows.append([label, "pgmux fails", "**no**"])
+            else:
+                add(label, r, None if r is None else r >= 1.0)
+    cpu = [(s.ratio(w.key, "cpu_us"), w.label) for w in s.workloads if w.kind == "pgbench"]
+    cpu = [(r, lbl) for r, lbl in cpu if r is not None]
+    if cpu:
+        worst = max(cpu)
+        add("pooler CPU/txn ≤ 1.0x (worst workload)", worst[0], worst[0] <= 1.0, worst[1])
+    if ("idle", "pgmux") in s.cells:
+        add("RSS per idle client, against PgBouncer (reported)", s.ratio("idle", "kib_per_client"), None)
+    return md_table(["goal (issue 8)", "pgmux/PgBouncer", "met in this run"], rows, align="lrl")
+
+
+def glance(s: Summary) -> list[str]:
+    """Automatic one-liners: where pgmux is behind PgBouncer, where ahead."""
+    lines = []
+    tps = [(s.ratio(w.key, "tps"), w.label) for w in s.workloads if w.kind == "pgbench"]
+    tps = sorted((r, lbl) for r, lbl in tps if r is not None)
+    slow = [f"{lbl} ({r:.2f}x)" for r, lbl in tps if r < 1.0]
+    fast = [f"{lbl} ({r:.2f}x)" for r, lbl in tps if r >= 1.0]
+    if slow:
+        lines.append("pgmux TPS below PgBouncer's: " + "; ".join(slow) + ".")
+    if fast:
+        lines.append("pgmux TPS at or above PgBouncer's: " + "; ".join(fast) + ".")
+    cpu = [(s.ratio(w.key, "cpu_us"), w.label) for w in s.workloads if w.kind == "pgbench"]
+    cpu = sorted(((r, lbl) for r, lbl in cpu if r is not None), reverse=True)
+    if cpu:
+        lines.append(
+            "pgmux CPU per transaction relative to PgBouncer: " + "; ".join(f"{lbl} {r:.2f}x" for r, lbl in cpu) + "."
+        )
+    r = s.ratio("idle", "kib_per_client")
+    if r is not None:
+        lines.append(f"Memory per idle client: pgmux uses {r:.2f}x PgBouncer's.")
+    failed = [
+        f"{w.label} via {TARGET_LABEL[t]}: {(fails(s.cell(w.key, t)) or '').removeprefix('fails: ')}"
+        for w in s.workloads
+        for t in w.targets
+        if fails(s.cell(w.key, t))
+    ]
+    if failed:
+        lines.append("Failed: " + "; ".join(failed) + ".")
+    return lines
+
+
+def raw_table(s: Summary) -> str:
+    headers = [
+        "rep",
+        "workload",
+        "target",
+        "TPS",
+        "txns",
+        "mean ms",
+        "p99 ms",
+        "CPU µs/txn (window / whole)",
+        "pooler RSS MiB",
+        "error",
+    ]
+    rows = []
+    order = {w.key: i for i, w in enumerate(s.workloads)}
+    for r in sorted(s.results, key=lambda r: (r.rep, order.get(r.workload, 99))):
+        if r.workload == "idle":
+            cpu = f_num(r.extra.get("cpu_us_per_login"), 1) + " per login" if r.ok else "–"
+            tps = f"{f_num(r.extra.get('kib_per_client'), 2)} KiB/client" if r.ok else "–"
+            txns = f_num(r.extra.get("held")) if r.ok else "–"
+        else:
+            cpu = "–" if r.cpu_us is None else f"{f_num(r.cpu_us, 1)} / {f_num(r.cpu_us_whole, 1)}"
+            tps, txns = f_num(r.tps), f_num(r.txns) if r.txns else "–"
+        rows.append(
+            [
+                str(r.rep + 1),
+                r.workload,
+                TARGET_LABEL[r.target],
+                tps,
+                txns,
+                f_ms(r.mean_ms),
+                f_ms(r.p99_ms),
+                cpu,
+                f_num(r.rss_kb / 1024, 1) if r.rss_kb else "–",
+                (r.error or "").replace("|", "\\|"),
+            ]
+        )
+    return md_table(headers, rows, align="lllrrrrrrl")
+
+
+# --------------------------------------------------------------------------------------------------
+# chart
+
+
+def chart(s: Summary, path: str, title: str) -> str | None:
+    """Grouped bars: TPS per workload (direct, PgBouncer, pgmux), CPU µs/txn, KiB per idle client.
+
+    Returns None on success, else why no chart was written (matplotlib missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"matplotlib not installed ({e}); pip install '.[bench]'"
+
+    colors = {"direct": "#9e9e9e", "pgbouncer": "#1f77b4", "pgmux": "#ff7f0e"}
+    wls = [w for w in s.workloads if w.kind == "pgbench" and s.ran(w)]
+    has_idle = any(("idle", t) in s.cells for t in ("pgbouncer", "pgmux"))
+    fig = plt.figure(figsize=(14, 12 if has_idle else 9.5))
+    gs = fig.add_gridspec(3 if has_idle else 2, 1, height_ratios=[1.15, 1, 0.55] if has_idle else [1.15, 1])
+    ax1, ax2 = fig.add_subplot(gs[0]), fig.add_subplot(gs[1])
+    x = list(range(len(wls)))
+    labels = [w.label.replace(", ", "\n") for w in wls]
+
+    def bars(ax, targets, metric, width):
+        shown = [v for w in wls for t in targets if (c := s.cell(w.key, t)) and (v := c.median(metric))]
+        for i, t in enumerate(targets):
+            off = (i - (len(targets) - 1) / 2) * width
+            for j, w in enumerate(wls):
+                c = s.cell(w.key, t)
+                if t not in w.targets or c is None:
+                    if t not in w.targets:
+                        ax.text(
+                            off + j,
+                            0.02,
+                            "n/a",
+                            rotation=90,
+                            ha="center",
+                            va="bottom",
+                            fontsize=8,
+                            color=colors[t],
+                            transform=ax.get_xaxis_transform(),
+                        )
+                    continue
+                v = c.median(metric)
+                xpos = j + off
+                if v is None:
+                    ax.text(
+                        xpos,
+                        0.02,
+                        "fails" if fails(c) else "–",
+                        rotation=90,
+                        ha="center",
+                        va="bottom",
+                        fontsize=8,
+                        color=colors[t],
+                        transform=ax.get_xaxis_transform(),
+                    )
+                    continue
+                sp = c.span(metric)
+                yerr = [[v - sp[0]], [sp[1] - v]] if sp and sp[1] > sp[0] else None
+                ax.bar(xpos, v, width, color=colors[t], yerr=yerr, capsize=2, ecolor="#444444", label=TARGET_LABEL[t])
+                ax.text(xpos, v, f_num(v, 1 if v < 100 else 0), ha="center", va="bottom", fontsize=7, rotation=90)
+        ax.set_yscale("log")
+        if shown:
+            # log bars need a common floor: one decade below the smallest value, headroom for the labels
+            ax.set_ylim(10 ** math.floor(math.log10(min(shown) * 0.5)), max(shown) * 6)
+
+    bars(ax1, ["direct", "pgbouncer", "pgmux"], "tps", 0.27)
+    ax1.set_ylabel("transactions/s (log scale)")
+    ax1.set_title(
+        "Throughput (median of repetitions; whiskers: min–max); TPS ratio pgmux/PgBouncer above each group", pad=16
+    )
+    for j, w in enumerate(wls):
+        r = s.ratio(w.key, "tps")
+        if r is not None:
+            ax1.text(
+                j,
+                1.02,
+                f"{r:.2f}x",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                fontweight="bold",
+                color="#d62728" if r < 1.0 else "#2ca02c",
+                transform=ax1.get_xaxis_transform(),
+            )
+
+    bars(ax2, ["pgbouncer", "pgmux"], "cpu_us", 0.36)
+    ax2.set_ylabel("pooler CPU µs per transaction (log)")
+    ax2.set_title("Pooler's own CPU per transaction (schedstat); ratio pgmux/PgBouncer above each group", pad=16)
+    for j, w in enumerate(wls):
+        r = s.ratio(w.key, "cpu_us")
+        if r is not None:
+            ax2.text(
+                j,
+                1.01,
+                f"{r:.2f}x",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                fontweight="bold",
+                color="#d62728" if r > 1.0 else "#2ca02c",
+                transform=ax2.get_xaxis_transform(),
+            )
+    for ax in (ax1, ax2):
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.grid(axis="y", alpha=0.3, which="both")
+        ax.set_xlim(-0.6, len(wls) - 0.4)
+
+    if has_idle:
+        ax3 = fig.add_subplot(gs[2])
+        names, vals, cols = [], [], []
+        for t in ("pgbouncer", "pgmux"):
+            c = s.cell("idle", t)
+            v = c.extra_median("kib_per_client") if c else None
+            if v is not None:
+                names.append(TARGET_LABEL[t])
+                vals.append(v)
+                cols.append(colors[t])
+        ax3.barh(names, vals, color=cols)
+        for i, v in enumerate(vals):
+            ax3.text(v, i, f" {v:.2f} KiB", va="center", fontsize=9)
+        r = s.ratio("idle", "kib_per_client")
+        ax3.set_title("Pooler RSS per idle client connection" + (f" (pgmux/PgBouncer {r:.2f}x)" if r else ""))
+        ax3.set_xlabel("KiB per idle client")
+        ax3.set_xlim(0, max(vals, default=1) * 1.25)
+    fig.suptitle(title, fontsize=11)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=colors[t], label=TARGET_LABEL[t]) for t in ("direct", "pgbouncer", "pgmux")]
+    fig.legend(handles=handles, loc="upper center", ncol=3, fontsize=9, frameon=False, bbox_to_anchor=(0.5, 0.975))
+    fig.tight_layout(rect=(0, 0, 1, 0.965))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

@@ -1,0 +1,639 @@
+"""pgmux against PgBouncer and direct PostgreSQL, side by side, interleaved and repeated.
+
+Run ``python -m bench.run`` (or ``python bench/run.py``, or ``bash scripts/bench.sh`` on a fresh machine).
+It starts a throwaway PostgreSQL cluster (pgbench scale 10), Debian's PgBouncer and pgmux with the same
+configuration (transaction mode, pool 20, max_client_conn 11000, no connection logging), runs every
+workload against every target, repetition after repetition, and writes ``docs/benchmarks.md`` and
+``docs/benchmarks.png``. Everything it starts is stopped and deleted at the end, also on error or Ctrl-C.
+
+The stable metric is the pooler's own CPU time per transaction (``/proc/PID/task/*/schedstat``); TPS on a
+small shared machine swings between runs, so every pooler figure comes with its ratio pgmux/PgBouncer from
+the same repetition. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # python bench/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "bench"  # noqa: A001
+
+from bench import report  # noqa: E402
+from bench.idle import hold_idle_clients  # noqa: E402
+from bench.measure import (  # noqa: E402
+    RunResult,
+    cpu_ns,
+    maps_contain,
+    nofile_limit,
+    rss_kb,
+    run_pgbench,
+)
+from bench.workloads import TARGET_LABEL, TARGETS, Workload, all_workloads  # noqa: E402
+from pgmux import __version__ as PGMUX_VERSION  # noqa: E402
+from pgmux.testing.cluster import PGBOUNCER_BIN, PoolerProcess, TempCluster, write_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DB = "testdb"
+PASSWORDS = {"md5user": "md5pass", "scramuser": "scrampass"}
+RAMP_500 = 4  # extra seconds for pgbench -c 500 to connect its clients (direct: 500 forks)
+PG_SETTINGS = {
+    # 500 direct clients + 2 poolers x 2 users x 20 servers + the harness's own connections
+    "max_connections": "700",
+    "shared_buffers": "256MB",
+}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# environment
+
+
+def raise_nofile(need: int) -> tuple[int, int]:
+    """Raise our RLIMIT_NOFILE soft limit to ``need`` (the hard limit too when root); children inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return soft, hard
+    if hard < need and os.geteuid() == 0:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+            return need, need
+    new = min(need, hard) if hard != resource.RLIM_INFINITY else need
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    return new, hard
+
+
+def ensure_pooler_nofile(pid: int, need: int) -> int:
+    """Make sure a running pooler may open ``need`` files (prlimit on the pooler itself; PgBouncer runs as
+    postgres through runuser/pam_limits, so its limit is not necessarily ours). Returns the limit."""
+    cur = nofile_limit(pid)
+    if cur and cur < need:
+        with contextlib.suppress(OSError, ValueError, PermissionError):
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (need, max(need, cur)))
+        cur = nofile_limit(pid)
+    return cur
+
+
+class BenchPooler(PoolerProcess):
+    """PoolerProcess whose PgBouncer starts with a raised open-files limit.
+
+    Why here and not in pgmux/testing/cluster.py: only the benchmark needs 10,000+ client sockets. As root,
+    PgBouncer runs through ``runuser -u postgres`` whose PAM session (pam_limits) leaves it a soft limit of
+    1024, and ``prlimit()`` on another user's process needs CAP_SYS_RESOURCE, which containers often lack.
+    So ``prlimit(1)`` goes between runuser and PgBouncer; it execs PgBouncer, which stays runuser's only
+    child (what ``PoolerProcess.pid`` relies on). pgmux inherits our own raised limit.
+    """
+
+    nofile = 0
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        if self.kind == "pgbouncer" and self.nofile and cmd[:1] == ["runuser"] and shutil.which("prlimit"):
+            i = cmd.index("--") + 1
+            cmd[i:i] = ["prlimit", f"--nofile={self.nofile}:{self.nofile}", "--"]
+        return cmd
+
+
+def pgmux_default(name: str) -> str:
+    """pgmux's default for a setting PgBouncer 1.18 does not have (so it cannot go into the shared ini)."""
+    try:
+        from pgmux.config.settings import lookup_setting
+
+        d = lookup_setting(name)
+        return "unknown" if d is None else str(d.default_text if d.default_text is not None else d.default)
+    except Exception:  # noqa: BLE001 - informational only
+        return "unknown"
+
+
+def first_line(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "not installed"
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0].strip() if text else "unknown"
+
+
+def dist_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def mem_total() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                return f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    return "unknown"
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "pgmux"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    if not rev:
+        return "unknown"
+    return rev + (" + uncommitted changes in pgmux/" if dirty else "")
+
+
+def loadavg() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# --------------------------------------------------------------------------------------------------
+# the benchmark
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workloads: list[Workload]) -> None:
+        self.args = args
+        self.workloads = workloads
+        self.targets = [t for t in TARGETS if t in args.targets]
+        self.tmp = ""
+        self.cluster: TempCluster | None = None
+        self.poolers: dict[str, PoolerProcess] = {}
+        self.extra_poolers: list[PoolerProcess] = []
+        self.results: list[RunResult] = []
+        self.notes: list[str] = []
+        self.info: dict[str, str] = {}
+        self.started_at = dt.datetime.now().astimezone()
+        self.env = dict(os.environ, PGSSLMODE="disable", PGGSSENCMODE="disable")
+        self.env.pop("PGSERVICE", None)
+        self.nofile_need = args.max_client_conn + 500
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    # -- setup / teardown
+    def setup(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="pgmux-bench-")
+        os.chmod(self.tmp, 0o755)
+        soft, _hard = raise_nofile(self.nofile_need + 200)
+        self.info["bench_nofile"] = str(soft)
+        log("starting a throwaway PostgreSQL cluster ...")
+        self.cluster = TempCluster(settings=PG_SETTINGS)
+        self.cluster.start()
+        self.cluster.create_test_roles()
+        log(f"  PostgreSQL on 127.0.0.1:{self.cluster.port}; pgbench -i -s {self.args.scale} ...")
+        init = subprocess.run(
+            ["pgbench", "-i", "-s", str(self.args.scale), "-q", self.cluster.socket_dsn(dbname=DB)],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            env=self.env,
+            check=False,
+        )
+        if init.returncode != 0:
+            raise RuntimeError(f"pgbench -i failed:\n{init.stdout}\n{init.stderr}")
+        self.cluster.execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO md5user, scramuser", dbname=DB)
+        self.cluster.execute("VACUUM ANALYZE", dbname=DB)
+        self.cluster.execute("CHECKPOINT")
+        self.scripts = {}
+        for w in self.workloads:
+            if w.script:
+                path = os.path.join(self.tmp, f"{w.key}.sql")
+                Path(path).write_text(w.script)
+                self.scripts[w.key] = path
+        for kind in ("pgbouncer", "pgmux"):
+            if kind in self.targets:
+                self.poolers[kind] = self.start_pooler(kind, kind)
+        self.collect_info()
+
+    def pooler_settings(self) -> dict[str, object]:
+        return {
+            "default_pool_size": self.args.pool_size,
+            "max_client_conn": self.args.max_client_conn,
+            "log_connections": 0,
+            "log_disconnections": 0,
+        }
+
+    def start_pooler(self, kind: str, name: str) -> PoolerProcess:
+        assert self.cluster is not None
+        workdir = os.path.join(self.tmp, name)
+        os.makedirs(workdir, exist_ok=True)
+        os.chmod(workdir, 0o755)
+        ini, userlist = write_config(
+            self.cluster, pool_mode="transaction", extra=self.pooler_settings(), workdir=workdir
+        )
+        proc = BenchPooler(kind, ini, userlist, workdir, verbose=False)
+        proc.nofile = min(self.nofile_need, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        proc.start()
+        limit = ensure_pooler_nofile(proc.pid, self.nofile_need)
+        log(f"  {kind} ({name}) on 127.0.0.1:{proc.port}, pid {proc.pid}, open files limit {limit}")
+        if limit and limit < self.nofile_need:
+            self.note(f"{kind}: open files limit {limit} < {self.nofile_need}; idle-client counts may be capped")
+        return proc
+
+    def ensure_running(self, kind: str) -> PoolerProcess:
+        """Restart a pooler that died (and say so in the notes), so one crash does not end the run."""
+        proc = self.poolers[kind]
+        if proc.is_running():
+            return proc
+        tail_text = proc.log_text().strip().splitlines()[-3:]
+        self.note(
+            f"{kind} exited (code {proc.proc.returncode if proc.proc else '?'}) and was restarted; "
+            f"log tail: {' / '.join(tail_text)}"
+        )
+        log(f"  !! {kind} is not running; restarting it")
+        proc.stop()
+        self.poolers[kind] = self.start_pooler(kind, kind + f"-restart{len(self.notes)}")
+        return self.poolers[kind]
+
+    def close(self) -> None:
+        for proc in [*self.poolers.values(), *self.extra_poolers]:
+            with contextlib.suppress(Exception):
+                proc.stop()
+        if self.cluster is not None:
+            with contextlib.suppress(Exception):
+                self.cluster.stop()
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- info
+    def collect_info(self) -> None:
+        assert self.cluster is not None
+        aff = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        pgmux_proc = self.poolers.get("pgmux")
+        uvloop_used = "unknown"
+        if pgmux_proc is not None:
+            uvloop_used = "yes" if maps_contain(pgmux_proc.pid, "uvloop") else "no (stdlib asyncio)"
+        self.info.update(
+            date=self.started_at.strftime("%Y-%m-%d %H:%M %Z"),
+            machine=f"{os.cpu_count()} CPUs ({aff} usable), {cpu_model()}, {mem_total()} RAM",
+            kernel=f"{platform.system()} {platform.release()} ({platform.machine()})",
+            load_start=loadavg(),
+            postgresql=self.cluster.version(),
+            pgbench=first_line(["pgbench", "--version"]),
+            pgbouncer=first_line([PGBOUNCER_BIN, "-V"]) if "pgbouncer" in self.targets else "not run",
+            pgmux=f"{PGMUX_VERSION} (git {git_revision()})",
+            python=f"{platform.python_version()} ({sys.executable})",
+            uvloop=f"{dist_version('uvloop')}; loaded by the pgmux process: {uvloop_used}",
+            matplotlib=dist_version("matplotlib"),
+        )
+
+    def how_it_was_run(self) -> list[str]:
+        a, i = self.args, self.info
+        cpus = os.cpu_count() or 0
+        lines = [
+            f"- Date: {i['date']}; command: `{a.command_line}`",
+            f"- Machine: {i['machine']}; {i['kernel']}; load average at start {i['load_start']}"
+            + (f", at end {i['load_end']}" if "load_end" in i else ""),
+        ]
+        if cpus <= 4:
+            lines.append(
+                f"- **Only {cpus} CPU cores, shared** by PostgreSQL, pgbench, the pooler under test and other work on "
+                "this host: TPS moves by tens of percent between runs; the pooler's CPU per transaction is the "
+                "stable metric. Read ratios, not absolute numbers."
+            )
+        lines += [
+            f"- Versions: {i['postgresql']}; {i['pgbench']}; {i['pgbouncer']}; pgmux {i['pgmux']}; "
+            f"Python {i['python']}; uvloop {i['uvloop']}; matplotlib {i['matplotlib']}",
+            f"- PostgreSQL: throwaway cluster on 127.0.0.1 (TCP for every target), fsync=off, synchronous_commit=off, "
+            f"full_page_writes=off, shared_buffers={PG_SETTINGS['shared_buffers']}, "
+            f"max_connections={PG_SETTINGS['max_connections']}; pgbench -i -s {a.scale}",
+            f"- Poolers (same ini for both): pool_mode=transaction, default_pool_size={a.pool_size}, "
+            f"max_client_conn={a.max_client_conn}, auth_type=md5 (SCRAM for scramuser, whose stored secret is "
+            "SCRAM), log_connections=0, log_disconnections=0, listen on 127.0.0.1; started once and kept running "
+            f"(the idle-clients test uses a fresh instance of each); open files limit ≥ {self.nofile_need}; "
+            "pgmux uses its defaults for settings PgBouncer 1.18 lacks "
+            f"(max_prepared_statements={pgmux_default('max_prepared_statements')})",
+            f"- Runs: {a.reps} repetition(s) × {a.duration} s per pgbench run, `pgbench -n -j 2` "
+            "(-j 1 for 1 client), PGSSLMODE=disable; targets interleaved within each workload and their order "
+            "rotated every repetition; users md5user (md5) unless stated. pgbench connects its clients inside -T, "
+            "so the 500-client runs get -T duration + "
+            f"{RAMP_500} s (for every target; reported TPS excludes the connection time)",
+            "- TPS: pgbench's `tps =` line (without initial connection time; with -C including reconnection). "
+            "Mean and p99 latency: from pgbench's per-transaction log (`-l`), all transactions. "
+            "Pooler CPU µs/txn: sum of the first field of `/proc/PID/task/*/schedstat` over the pooler process, "
+            "sampled every 100 ms; the delta over the steady part of the run (10% after the first transaction to "
+            "2% before the last) divided by the transactions completed in that window (the raw table also shows the "
+            "whole-run figure). RSS: VmRSS of the pooler from /proc/PID/status",
+            f"- Idle clients: {a.idle_clients:,} raw asyncio sockets doing a real md5 login (StartupMessage, "
+            "PasswordMessage, wait for ReadyForQuery), 100 logins in flight, held 2 s, then closed; KiB per idle "
+            "client = (VmRSS holding − VmRSS before) / clients held, on a fresh pooler process after one warm-up login",
+            "- Figures are medians over repetitions; every pgmux/PgBouncer (and pgmux/direct) ratio is the median of "
+            "per-repetition ratios (the two runs of a repetition ran back to back)",
+        ]
+        return lines
+
+    # -- runs
+    def dsn(self, target: str, user: str) -> str:
+        password = PASSWORDS[user]
+        if target == "direct":
+            assert self.cluster is not None
+            return self.cluster.dsn(user, password, DB)
+        return self.poolers[target].dsn(user, password, DB)
+
+    def warmup(self) -> None:
+        """Fill each pooler's pools (md5 and SCRAM) and PostgreSQL's caches before measuring."""
+        log("warm-up ...")
+        for target in self.targets:
+            for user, extra in (("md5user", ["-c", "20", "-j", "2"]), ("scramuser", ["-c", "20", "-j", "2"])):
+                if target != "direct":
+                    self.ensure_running(target)
+                subprocess.run(
+                    ["pgbench", "-n", "-S", "-T", "1", *extra, self.dsn(target, user)],
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                    env=self.env,
+                    check=False,
+                )
+
+    def run_one(self, w: Workload, target: str, rep: int) -> RunResult:
+        pid = None
+        if target != "direct":
+            pid = self.ensure_running(target).pid
+        args = list(w.args)
+        if w.key in self.scripts:
+            args += ["-f", self.scripts[w.key]]
+        prefix = os.path.join(self.tmp, f"log-{w.key}-{target}-{rep}")
+        res = run_pgbench(
+            workload=w.key,
+            target=target,
+            rep=rep,
+            pgbench_args=args,
+            dsn=self.dsn(target, w.user),
+            duration=self.args.duration + (RAMP_500 if w.clients >= 500 else 0),
+            log_prefix=prefix,
+            pooler_pid=pid,
+            env=self.env,
+            cwd=self.tmp,
+            timeout=self.args.duration + 90 + w.clients * 0.2 + (RAMP_500 if w.clients >= 500 else 0),
+        )
+        if target != "direct" and not self.poolers[target].is_running():
+            tail_text = " / ".join(self.poolers[target].log_text().strip().splitlines()[-2:])
+            res.error = (res.error + "; " if res.error else "") + f"{target} exited: {tail_text}"
+        return res
+
+    def run_idle(self, target: str, rep: int) -> RunResult:
+        """A fresh pooler process, one warm-up login, then N idle clients held."""
+        res = RunResult("idle", target, rep)
+        proc = self.start_pooler(target, f"{target}-idle-{rep}")
+        self.extra_poolers.append(proc)
+        try:
+            n = self.args.idle_clients
+            warm = asyncio.run(
+                hold_idle_clients(proc.host, proc.port, "md5user", PASSWORDS["md5user"], DB, 1, hold=0.2)
+            )
+            if warm["opened"] != 1:
+                res.error = f"warm-up login failed: {warm['first_error']}"
+                return res
+            time.sleep(0.5)
+            before, cpu0 = rss_kb(proc.pid), cpu_ns(proc.pid)
+            held: dict[str, int] = {}
+
+            def on_held(opened: int) -> None:
+                held.update(rss=rss_kb(proc.pid), cpu=cpu_ns(proc.pid), opened=opened)
+
+            t0 = time.monotonic()
+            out = asyncio.run(
+                hold_idle_clients(
+                    proc.host, proc.port, "md5user", PASSWORDS["md5user"], DB, n, hold=2.0, on_held=on_held
+                )
+            )
+            res.seconds = time.monotonic() - t0
+            opened = int(out["opened"])  # type: ignore[arg-type]
+            res.rss_kb = held.get("rss")
+            if opened == 0:
+                res.error = f"no client could log in: {out['first_error']}"
+                return res
+            res.extra.update(
+                held=opened,
+                alive=out["alive"],
+                failed=out["failed"],
+                login_seconds=out["login_seconds"],
+                rss_before_kb=before,
+                rss_held_kb=held["rss"],
+                kib_per_client=(held["rss"] - before) / opened,
+                cpu_us_per_login=(held["cpu"] - cpu0) / opened / 1000.0,
+            )
+            if out["failed"]:
+                self.note(
+                    f"idle clients via {TARGET_LABEL[target]} (rep {rep + 1}): {out['failed']} of {n} logins failed, "
+                    f"first error: {out['first_error']}"
+                )
+            if out["alive"] != opened:
+                self.note(
+                    f"idle clients via {TARGET_LABEL[target]} (rep {rep + 1}): {opened - int(out['alive'])} "  # type: ignore[arg-type]
+                    "connections were closed by the pooler while held"
+                )
+        except Exception as e:  # noqa: BLE001 - recorded as "fails: ..."
+            res.error = f"{type(e).__name__}: {e}"
+        finally:
+            proc.stop()
+            self.extra_poolers.remove(proc)
+            shutil.rmtree(proc.workdir, ignore_errors=True)
+        return res
+
+    def run(self) -> None:
+        reps = self.args.reps
+        for rep in range(reps):
+            order = self.targets[rep % len(self.targets) :] + self.targets[: rep % len(self.targets)]
+            for w in self.workloads:
+                for target in order:
+                    if target not in w.targets:
+                        continue
+                    log_label = f"[rep {rep + 1}/{reps}] {w.key:<14} {TARGET_LABEL[target]:<9}"
+                    if w.kind == "idle":
+                        res = self.run_idle(target, rep)
+                        self.results.append(res)
+                        if res.ok:
+                            e = res.extra
+                            log(
+                                f"{log_label} {e['held']:,} idle clients: RSS {e['rss_before_kb'] / 1024:.1f} -> "
+                                f"{e['rss_held_kb'] / 1024:.1f} MiB = {e['kib_per_client']:.2f} KiB/client, "
+                                f"{e['cpu_us_per_login']:.0f} µs CPU/login"
+                            )
+                        else:
+                            log(f"{log_label} fails: {res.error}")
+                        continue
+                    res = self.run_one(w, target, rep)
+                    self.results.append(res)
+                    if res.ok:
+                        cpu = f"  cpu {res.cpu_us:8.1f} µs/txn" if res.cpu_us is not None else ""
+                        rss = f"  rss {res.rss_kb / 1024:.0f} MiB" if res.rss_kb else ""
+                        log(
+                            f"{log_label} tps {res.tps:9.1f}  mean {report.f_ms(res.mean_ms):>7} ms  "
+                            f"p99 {report.f_ms(res.p99_ms):>7} ms{cpu}{rss}"
+                        )
+                    else:
+                        log(f"{log_label} fails: {res.error}")
+                    time.sleep(0.5)
+
+    # -- output
+    def render(self, interrupted: bool = False) -> str:
+        self.info["load_end"] = loadavg()
+        s = report.Summary(self.workloads, self.results)
+        out = ["# pgmux benchmarks: against PgBouncer and direct PostgreSQL", ""]
+        out.append(
+            "Generated by `bash scripts/bench.sh` / `python -m bench.run` (bench/README.md explains the method). "
+            "Do not edit by hand: rerun the benchmark."
+        )
+        if interrupted:
+            out += ["", "**Interrupted run: partial results.**"]
+        out += ["", "## How it was run", "", *self.how_it_was_run(), ""]
+        out += ["## Throughput and pooler CPU", "", report.throughput_table(s), ""]
+        if any(w.key == "prepared" for w in self.workloads):
+            out.append(
+                "¹ PgBouncer 1.18 cannot run `-M prepared` in transaction mode (protocol-level prepared statements "
+                "arrived in 1.21), so that row compares pgmux with direct only."
+            )
+            out.append("")
+        out += ["## Latency", "", report.latency_table(s), ""]
+        if any(w.kind == "idle" for w in self.workloads):
+            out += [f"## {self.args.idle_clients:,} idle clients", "", report.idle_table(s), ""]
+        out += ["## Goals of issue 8, this run", "", report.goals_table(s), ""]
+        glance = report.glance(s)
+        if glance:
+            out += ["## At a glance", "", *[f"- {g}" for g in glance], ""]
+        if self.notes:
+            out += ["## Notes from the run", "", *[f"- {n}" for n in self.notes], ""]
+        out += ["![TPS, pooler CPU per transaction and RSS per idle client](benchmarks.png)", ""]
+        out += ["## Every run", "", report.raw_table(s), ""]
+        return "\n".join(out)
+
+    def write_outputs(self, text: str) -> None:
+        outdir = Path(self.args.output_dir)
+        outdir.mkdir(parents=True, exist_ok=True)
+        md = outdir / "benchmarks.md"
+        md.write_text(text)
+        log(f"wrote {md}")
+        s = report.Summary(self.workloads, self.results)
+        pgb = (self.info.get("pgbouncer") or "PgBouncer ?").replace("not run", "PgBouncer (not run)")
+        pg = self.info.get("postgresql", "").replace("postgres (PostgreSQL)", "PostgreSQL")
+        title = (
+            f"pgmux {PGMUX_VERSION} vs {pgb} vs direct {pg}; {os.cpu_count()} shared CPUs; "
+            f"{self.args.reps} rep(s) x {self.args.duration} s; {self.info.get('date', '')}"
+        )
+        why = report.chart(s, str(outdir / "benchmarks.png"), title)
+        if why:
+            log(f"no chart: {why}")
+        else:
+            log(f"wrote {outdir / 'benchmarks.png'}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    keys = [w.key for w in all_workloads()]
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="workloads: " + ", ".join(keys),
+    )
+    ap.add_argument("--duration", type=int, default=10, help="seconds per pgbench run (10)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions, interleaved (3)")
+    ap.add_argument("--only", default="", help="comma-separated workloads to run (default: all)")
+    ap.add_argument("--skip", default="", help="comma-separated workloads to leave out")
+    ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of direct,pgbouncer,pgmux")
+    ap.add_argument("--idle-clients", type=int, default=10_000, help="idle client connections to hold (10000)")
+    ap.add_argument("--scale", type=int, default=10, help="pgbench scale factor (10)")
+    ap.add_argument("--pool-size", type=int, default=20, help="default_pool_size of both poolers (20)")
+    ap.add_argument("--max-client-conn", type=int, default=11_000, help="max_client_conn of both poolers (11000)")
+    ap.add_argument("--output-dir", default=str(ROOT / "docs"), help="where benchmarks.md/.png go (docs/)")
+    ap.add_argument("--no-docs", action="store_true", help="print the report only, write nothing")
+    args = ap.parse_args(argv)
+    args.command_line = "python -m bench.run" + ("" if not argv else " " + shlex.join(argv))
+    for name in ("only", "skip", "targets"):
+        setattr(args, name, [x.strip() for x in getattr(args, name).split(",") if x.strip()])
+    bad = [k for k in args.only + args.skip if k not in keys] + [t for t in args.targets if t not in TARGETS]
+    if bad:
+        ap.error(
+            f"unknown workload/target: {', '.join(bad)} (workloads: {', '.join(keys)}; targets: {', '.join(TARGETS)})"
+        )
+    if args.duration < 1 or args.reps < 1:
+        ap.error("--duration and --reps must be at least 1")
+    if args.idle_clients > args.max_client_conn - 10:
+        ap.error("--idle-clients must stay below --max-client-conn")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    args = parse_args(argv)
+    workloads = [w for w in all_workloads() if (not args.only or w.key in args.only) and w.key not in args.skip]
+    if "pgbouncer" in args.targets and not os.access(PGBOUNCER_BIN, os.X_OK):
+        print(f"{PGBOUNCER_BIN} not found: run scripts/setup.sh, or --targets direct,pgmux", file=sys.stderr)
+        return 2
+    if not shutil.which("pgbench"):
+        print("pgbench not found: run scripts/setup.sh", file=sys.stderr)
+        return 2
+
+    # SIGTERM/SIGHUP act like Ctrl-C: re-raised as SIGINT, so that inside asyncio.run() the runner's own
+    # SIGINT handler cancels the idle-client task cleanly, and elsewhere KeyboardInterrupt unwinds to the
+    # cleanup. SIGINT is (re)installed because shells start background jobs with SIGINT ignored.
+    def on_signal(_signum: int, _frame: object) -> None:
+        signal.raise_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+    bench = Bench(args, workloads)
+    interrupted = False
+    try:
+        bench.setup()
+        log("")
+        log("How it was run")
+        for line in bench.how_it_was_run():
+            log("  " + line)
+        log("")
+        bench.warmup()
+        bench.run()
+    except KeyboardInterrupt:
+        interrupted = True
+        log("\ninterrupted: stopping everything")
+    finally:
+        bench.close()
+    text = bench.render(interrupted)
+    log("")
+    log(text)
+    if interrupted:
+        log("(interrupted: docs/ not written)")
+        return 130
+    if not args.no_docs:
+        bench.write_outputs(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

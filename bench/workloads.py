@@ -1,0 +1,73 @@
+"""The workloads of issue 8, in the order they run within each repetition."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TARGETS = ("direct", "pgbouncer", "pgmux")
+TARGET_LABEL = {"direct": "direct", "pgbouncer": "PgBouncer", "pgmux": "pgmux"}
+
+
+@dataclass(frozen=True)
+class Workload:
+    key: str  # --only name
+    label: str  # as shown in tables and the chart
+    args: tuple[str, ...] = ()  # pgbench arguments (without -n -T -l, the connection string)
+    clients: int = 50
+    user: str = "md5user"
+    targets: tuple[str, ...] = TARGETS
+    script: str | None = None  # custom pgbench script text (file written into the temp dir)
+    kind: str = "pgbench"  # or "idle"
+    note: str = ""
+    gate: dict[str, float] = field(default_factory=dict, hash=False, compare=False)  # issue 8 goals
+
+
+def pgbench_workloads() -> list[Workload]:
+    def S(c: int) -> tuple[str, ...]:
+        return ("-S", "-c", str(c), "-j", str(min(2, c)))
+
+    return [
+        Workload("select-c1", "-S, 1 client", S(1), clients=1),
+        Workload("select-c50", "-S, 50 clients", S(50), gate={"tps": 1.0, "cpu": 1.0}),
+        Workload("select-c500", "-S, 500 clients", S(500), clients=500, gate={"tps": 1.0, "cpu": 1.0}),
+        Workload("extended", "-S -M extended, 50 clients", (*S(50), "-M", "extended")),
+        Workload(
+            "prepared",
+            "-S -M prepared, 50 clients",
+            (*S(50), "-M", "prepared"),
+            targets=("direct", "pgmux"),
+            note="PgBouncer 1.18 has no protocol-level prepared statements in transaction mode (1.21+ has)",
+        ),
+        Workload("tpcb", "TPC-B-like, 50 clients", ("-c", "50", "-j", "2")),
+        Workload("connect-md5", "-C -S md5, 8 clients", ("-C", *S(8)), clients=8, gate={"tps": 1.0}),
+        Workload(
+            "connect-scram",
+            "-C -S SCRAM, 8 clients",
+            ("-C", *S(8)),
+            clients=8,
+            user="scramuser",
+            gate={"tps": 1.0},
+        ),
+        Workload(
+            "rows-1k",
+            "1,000-row result, 8 clients",
+            ("-c", "8", "-j", "2"),
+            clients=8,
+            script="SELECT * FROM generate_series(1, 1000);\n",
+            gate={"tps": 1.0},
+        ),
+        Workload(
+            "rows-100k",
+            "100,000-row result, 8 clients",
+            ("-c", "8", "-j", "2"),
+            clients=8,
+            script="SELECT * FROM generate_series(1, 100000);\n",
+        ),
+    ]
+
+
+IDLE = Workload("idle", "idle clients", kind="idle", targets=("pgbouncer", "pgmux"))
+
+
+def all_workloads() -> list[Workload]:
+    return [*pgbench_workloads(), IDLE]
