@@ -25,10 +25,13 @@ class ConnectionLost(Exception):
 class PgConnection(asyncio.BufferedProtocol):
     """Receive buffer plus a message reader for the non-forwarding phases."""
 
-    def __init__(self) -> None:
-        self.buf = bytearray(BUF_SIZE)
+    def __init__(self, buf_size: int = BUF_SIZE) -> None:
+        # Clients start small (thousands of idle ones must stay cheap) and grow to BUF_SIZE
+        # once a read fills their buffer.
+        self.buf = bytearray(buf_size)
         self.mv = memoryview(self.buf)
         self.keep = 0  # bytes retained at the front of buf, waiting for the rest of a message
+        self.grow = False
         self.skip = 0  # body bytes of the current message still to arrive, not to be scanned
         self.transport: asyncio.Transport | None = None
         self.forwarding = False  # False: bytes go to `inbox` for read_message()
@@ -44,11 +47,14 @@ class PgConnection(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self.keep >= len(self.buf):  # a retained message fills the buffer: grow it
+        if self.keep >= len(self.buf) or self.grow:  # full, or a small buffer was filled by one read
+            self.grow = False
             self._resize(len(self.buf) * 2)
         return self.mv[self.keep :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if len(self.buf) < BUF_SIZE and self.keep + nbytes >= len(self.buf):
+            self.grow = True
         if self.forwarding:
             self.data_path(nbytes)
         else:
@@ -70,7 +76,7 @@ class PgConnection(asyncio.BufferedProtocol):
     def _resize(self, size: int) -> None:
         """Move retained bytes into a new buffer (also used when the transport still holds a
         view of the old one: uvloop and CPython >= 3.12 keep references to unsent data)."""
-        new = bytearray(max(size, BUF_SIZE))
+        new = bytearray(max(size, self.keep))
         new[: self.keep] = self.buf[: self.keep]
         self.buf = new
         self.mv = memoryview(new)
@@ -80,7 +86,7 @@ class PgConnection(asyncio.BufferedProtocol):
         still be referenced by a transport and must not be overwritten."""
         n = end - start
         if fresh:
-            new = bytearray(max(BUF_SIZE, n * 2))
+            new = bytearray(max(len(self.buf), n * 2))
             new[:n] = self.buf[start:end]
             self.buf = new
             self.mv = memoryview(new)

@@ -53,6 +53,7 @@ _X = m.TERMINATE
 _Q = m.QUERY
 _SYNC = m.SYNC
 _F = m.FUNCTION_CALL
+CLIENT_BUF_SIZE = 4096  # grows to 64 KiB for clients that send more per read
 HOLD_LIMIT = 1 << 20  # bytes buffered for an unlinked client before we stop reading from it
 
 
@@ -69,7 +70,7 @@ class ClientConnection(PgConnection):
     """One client socket. `server` is the linked server connection, if any."""
 
     def __init__(self, pooler: Pooler, is_unix: bool = False) -> None:
-        super().__init__()
+        super().__init__(CLIENT_BUF_SIZE)
         self.pooler = pooler
         self.is_unix = is_unix
         self.tls = False
