@@ -544,7 +544,9 @@ class Pooler:
         self._start_link(client, server)
 
     def _start_link(self, client: ClientConnection, server: ServerConnection) -> None:
-        tracking = server.pool.limits.pool_mode != "session" and server.stmts.capacity > 0
+        # Prepared statements are tracked only for clients that have named statements: the
+        # others skip the per-answer bookkeeping (see ClientConnection._start_tracking).
+        tracking = client.lazy_prepare and bool(client.stmts)
         client.tracking = server.tracking = tracking
         server.sent_prefix = 0
         server.start_forwarding()
@@ -604,6 +606,12 @@ class Pooler:
         """A ReadyForQuery with nothing outstanding: release per pool mode."""
         client = server.client
         if client is None:
+            return
+        if client.awaiting_quiet:  # a named Parse waited for the pipeline to drain
+            client.awaiting_quiet = False
+            client.linking = False
+            client.start_tracking()
+            client.resume_held()
             return
         mode = client.pool_mode
         if mode == "session":

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 # Terminate must be seen whole (it is never forwarded). Requests that will be answered by a
 # ReadyForQuery (Query, Sync, FunctionCall) are counted, and extended-protocol messages mark the
 # server busy until the next Sync: together they decide when a transaction-mode server is free.
-CLIENT_NEED_BODY = type_table("XQ")
+CLIENT_NEED_BODY = type_table("XQP")  # P: a named Parse turns on prepared-statement tracking
 CLIENT_NOTIFY = type_table("QSFPBDEC")
 # With prepared-statement tracking, statement messages are read whole (names are rewritten) and so
 # are simple queries (a DEALLOCATE of a protocol-level statement is answered here).
@@ -110,6 +110,7 @@ class ClientConnection(PgConnection):
         self.pinned: str | None = None
         self.pinned_since = 0.0
         self.drain_passed = False  # the held DROP/CREATE/ALTER DATABASE already had its drain
+        self.awaiting_quiet = False  # a named Parse waits for in-flight requests before tracking starts
         self.stmts: dict[bytes, Statement] = {}  # this client's named statements
 
     def __repr__(self) -> str:
@@ -195,7 +196,7 @@ class ClientConnection(PgConnection):
             self.fail(str(exc))
             return
         fwd = stop
-        terminate = interrupt = False
+        terminate = interrupt = switch = False
         if events:
             for typ, start, stop_ in events:
                 if typ in (_Q, _F):
@@ -214,12 +215,41 @@ class ClientConnection(PgConnection):
                     terminate = True
                     break
                 else:
+                    if typ == _P and self.pin_mode != "off":
+                        self._hint_parse(bytes(self.buf[start + 5 : stop_]))
+                    if typ == _P and self.lazy_prepare and self.buf[start + 5] != 0:
+                        # A named statement: from here on this link is tracked. Hold this Parse
+                        # until nothing is in flight, so the tracker starts in step.
+                        fwd = start
+                        interrupt = True
+                        if server.outstanding or server.pending_ext:
+                            self.linking = self.awaiting_quiet = True
+                        else:
+                            switch = True
+                        break
                     server.pending_ext = True
             events.clear()
         if fwd:
             st.write(mv[:fwd])
             server.pool.stats.bytes_received += fwd
         self._after_forward(st, fwd, stop, end, terminate, interrupt)
+        if switch:
+            self.start_tracking()
+            self.forward(self.keep)
+
+    def _hint_parse(self, body: bytes) -> None:
+        """Pinning hint from the query text of a Parse message body."""
+        text_start = body.find(b"\0") + 1
+        word = hint(body[text_start : body.find(b"\0", text_start)])
+        if word is not None:
+            self.state_hint = word
+
+    def start_tracking(self) -> None:
+        """Track prepared statements on this link from now on (nothing is in flight)."""
+        server = self.server
+        assert server is not None
+        self.tracking = server.tracking = True
+        server.sent_prefix = server.keep  # the untracked path had forwarded what it retained
 
     def _after_forward(self, st: asyncio.WriteTransport, fwd: int, stop: int, end: int, terminate: bool,
                        interrupt: bool) -> None:
@@ -375,9 +405,7 @@ class ClientConnection(PgConnection):
         if typ == _P:
             name, tail = split_parse(body)
             if self.pin_mode != "off":
-                word = hint(tail[: tail.find(b"\0")])
-                if word is not None:
-                    self.state_hint = word
+                self._hint_parse(body)
             if not name:
                 replacement = self._rewrite_deallocate(_P, body, server) if tail[:1] in _D_FIRST_B else None
                 tracker.request(_P)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 # Messages whose body the data path reads: ReadyForQuery (transaction status) and
 # ParameterStatus (tracked parameters). Everything else is forwarded unread.
-SERVER_NEED_BODY = type_table("ZS")
+SERVER_NEED_BODY = type_table("ZSC")  # C: DISCARD ALL / DEALLOCATE ALL forget prepared statements
 # With prepared-statement tracking every answer that ends a request is read whole, so invented
 # answers can be put right after it; DataRows and COPY data still stream through.
 TRACKED_NEED_BODY = type_table("ZSCTnE123Is")
@@ -163,6 +163,10 @@ class ServerConnection(PgConnection):
                 if typ == _Z:
                     self._ready_for_query(buf[start + 5])
                     ready = True
+                elif typ == _C:
+                    if self._clears_statements(buf, start, stop_):
+                        self.stmts.clear()
+                        client.stmts.clear()
                 else:  # ParameterStatus
                     name, value = m.parse_parameter_status(bytes(buf[start + 5 : stop_]))
                     self.params.set(name, value)

@@ -33,8 +33,20 @@ _DATABASE_DDL = re.compile(
 )
 
 
+# Statements that never create session state; a query made of one of them (no `;`) and naming
+# neither function skips the regex. This is the hot path of every transaction-mode query.
+_PLAIN_STARTS = (b"select", b"insert", b"update", b"delete", b"with", b"begin", b"commit", b"rollback",
+                 b"end", b"values", b"fetch", b"move", b"copy", b"savepoint", b"release", b"explain",
+                 b"table", b"show", b"start", b"abort", b"notify", b"call", b"merge", b"lock", b"truncate")
+
+
 def hint(query: bytes) -> bytes | None:
     """The keyword that makes this query worth a probe (lower-case), or None."""
+    head = query[:12].lstrip().lower()
+    if head.startswith(_PLAIN_STARTS) and b";" not in query:
+        low = query.lower()
+        if b"advisory" not in low and b"set_config" not in low:
+            return None
     m = _HINT.search(query)
     if m is None:
         return None
