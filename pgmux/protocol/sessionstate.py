@@ -43,7 +43,7 @@ _PLAIN_STARTS = (b"select", b"insert", b"update", b"delete", b"with", b"begin", 
 def hint(query: bytes) -> bytes | None:
     """The keyword that makes this query worth a probe (lower-case), or None."""
     head = query[:12].lstrip().lower()
-    if head.startswith(_PLAIN_STARTS) and b";" not in query:
+    if head.startswith(_PLAIN_STARTS) and b";" not in query.rstrip(b" \t\r\n;"):
         low = query.lower()
         if b"advisory" not in low and b"set_config" not in low:
             return None

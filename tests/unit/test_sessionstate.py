@@ -60,3 +60,10 @@ def test_describe_probe_rows() -> None:
     )
     sql = probe_sql("o'brien", ["TimeZone"])
     assert "'o''brien'" in sql and "'timezone'" in sql
+
+
+def test_fast_path_still_sees_second_statements_and_functions() -> None:
+    assert hint(b"SELECT 1;") is None
+    assert hint(b"SELECT 1; SET work_mem = '1MB'") == b"set"
+    assert hint(b"select PG_ADVISORY_LOCK(1);") == b"advisory_lock"
+    assert hint(b"WITH x AS (SELECT 1) SELECT set_config('a.b', '1', false)") == b"set"
