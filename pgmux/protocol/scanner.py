@@ -71,3 +71,13 @@ def scan(
         if nxt >= end:
             return end, nxt - end
         pos = nxt
+
+
+scan_py = scan
+try:  # the compiled twin, when it was built (setup.py); same signature and results
+    from pgmux.protocol._scan import scan as _compiled_scan
+except ImportError:  # pragma: no cover - depends on the build
+    COMPILED = False
+else:
+    COMPILED = True
+    scan = _compiled_scan  # type: ignore[assignment]  # noqa: F811

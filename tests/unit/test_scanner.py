@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pgmux.protocol import scanner
 from pgmux.protocol.messages import ProtocolError
-from pgmux.protocol.scanner import NO_TYPES, scan, type_table
+from pgmux.protocol.scanner import NO_TYPES, scan, scan_py, type_table
 
 NEED = type_table("ZS")
 
@@ -104,3 +105,24 @@ def test_bad_length_is_a_protocol_error() -> None:
         scan(b"Q\0\0\0\x02", 0, 5, NO_TYPES, NO_TYPES, [])
     with pytest.raises(ProtocolError):
         scan(b"Q\x7f\0\0\0", 0, 5, NO_TYPES, NO_TYPES, [], max_length=1 << 20)
+
+
+@pytest.mark.skipif(not scanner.COMPILED, reason="compiled walker not built (no Cython or compiler)")
+def test_compiled_walker_agrees_with_python() -> None:
+    rng = random.Random(99)
+    need, notify = type_table("ZSC"), type_table("TQ")
+    for _ in range(3000):
+        stream = bytearray(random_stream(rng))
+        if rng.random() < 0.05:  # a corrupt length word somewhere
+            i = rng.randrange(len(stream))
+            stream[i] = rng.randrange(256)
+        end = rng.randint(0, len(stream))
+        results = []
+        for impl in (scan_py, scan):
+            events: list[tuple[int, int, int]] = []
+            try:
+                out: object = impl(stream, 0, end, need, notify, events, 1 << 20)
+            except ProtocolError as exc:
+                out = ("error", str(exc))
+            results.append((out, events))
+        assert results[0] == results[1]
