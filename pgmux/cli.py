@@ -37,17 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load(path: str) -> Config:
     """Load the config and check the auth file parses, so errors stop the start, not a login."""
+    from pgmux.pooler import check_config
+
     config = load_config(path)
-    if config.settings.auth_file:
-        from pgmux.auth import load_auth_file
-
-        load_auth_file(config.settings.auth_file)
-    from pgmux.net.tls import TlsConfigError, build_contexts
-
-    try:
-        build_contexts(config.settings)
-    except TlsConfigError as exc:
-        raise ConfigError(str(exc), file=path) from exc
+    check_config(config)
     return config
 
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from pgmux import log as pglog
 from pgmux.auth import load_auth_file
-from pgmux.config import Config, DatabaseEntry
+from pgmux.auth.hba import HbaError, HbaRule, HbaRules, IdentMap
+from pgmux.config import Config, ConfigError, DatabaseEntry
 from pgmux.net.client import ClientConnection, ClientError
 from pgmux.net.server import ServerConnection, ServerLoginError
 from pgmux.net.tls import TlsConfigError, build_contexts
@@ -37,6 +38,36 @@ DEFAULT_AUTH_QUERY = (
     "SELECT rolname, CASE WHEN rolvaliduntil < pg_catalog.now() THEN NULL ELSE rolpassword END "
     "FROM pg_catalog.pg_authid WHERE rolname OPERATOR(pg_catalog.=) $1 AND rolcanlogin"
 )
+
+def load_hba(settings: Any) -> tuple[HbaRules | None, IdentMap | None]:
+    """auth_hba_file and auth_ident_file, when set; errors name the file and line."""
+    ident = IdentMap.load(settings.auth_ident_file) if settings.auth_ident_file else None
+    if not settings.auth_hba_file:
+        if settings.auth_type == "hba":
+            raise ConfigError("auth_type = hba needs auth_hba_file", key="auth_hba_file")
+        return None, ident
+    rules = HbaRules.load(settings.auth_hba_file, ident=ident)
+    rules.validate_maps(ident)
+    for warning in rules.warnings:
+        logger.warning("%s", warning)
+    return rules, ident
+
+
+def check_config(config: Config) -> None:
+    """Everything a start or RELOAD must refuse before applying a config: the auth file, the
+    HBA and ident files, TLS files. Raises ConfigError/AuthFileError naming file and line."""
+    s = config.settings
+    if s.auth_file:
+        load_auth_file(s.auth_file)
+    try:
+        load_hba(s)
+    except HbaError as exc:
+        raise ConfigError(exc.message, file=exc.file, line=exc.line) from exc
+    try:
+        build_contexts(s)
+    except TlsConfigError as exc:
+        raise ConfigError(str(exc), file=config.path) from exc
+
 
 # Startup parameters a client may send besides the tracked ones (PgBouncer's list).
 _ALWAYS_ALLOWED = {"user", "database", "application_name", "replication", "options"}
@@ -74,6 +105,7 @@ class Pooler:
         self.config = config
         s = config.settings
         self.auth_users = load_auth_file(s.auth_file) if s.auth_file else {}
+        self.hba, self.ident = load_hba(s)
         old_tls = self.__dict__.get("tls")
         try:
             self.tls = build_contexts(s)
@@ -98,6 +130,18 @@ class Pooler:
                 pool.limits = self.limits_for(db, pool.user)
                 pool.round_robin = bool(s.server_round_robin)
                 self.launch_connects(pool)
+
+    def hba_rule(self, client: ClientConnection, user: str) -> HbaRule | None:
+        """The first auth_hba_file rule for this connection (None: no rule, so rejected)."""
+        if self.hba is None:
+            return None
+        return self.hba.match(conn_type="local" if client.is_unix else "host", tls=client.tls,
+                              database=client.dbname or "", user=user,
+                              address=None if client.is_unix else client.addr,
+                              replication=False)
+
+    def ident_allows(self, map_name: str, system_user: str, db_user: str) -> bool:
+        return self.ident is not None and self.ident.allows(map_name, system_user, db_user)
 
     def auth_secret(self, user: str) -> str | None:
         """The secret to check a client's password with and to log in to the server: auth_file
@@ -1145,8 +1189,7 @@ class Pooler:
 
         try:
             new = load_config(self.config.path)
-            if new.settings.auth_file:
-                load_auth_file(new.settings.auth_file)
+            check_config(new)
         except (ConfigError, AuthFileError, OSError) as exc:
             logger.error("RELOAD failed: %s", exc)
             return False

@@ -17,6 +17,10 @@ SHOW_WHAT = ("pools", "clients", "servers", "stats", "databases", "config", "lis
              "totals", "mem", "state")
 
 
+#: libpq connection keys copied from the entry's OPTIONS to the console connection
+SSL_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslpassword", "sslcrl", "gssencmode")
+
+
 class ConsoleError(Exception):
     """The console could not be reached or refused the command."""
 
@@ -35,6 +39,10 @@ def console_params(entry: Mapping[str, Any], timeout: float = 5.0) -> dict[str, 
     }
     if password:
         params["password"] = password
+    options = entry.get("OPTIONS") or {}
+    for key in SSL_KEYS:  # reach the console the way the application reaches the pooler
+        if key in options:
+            params[key] = options[key]
     return params
 
 

@@ -1,10 +1,11 @@
 """Health and metrics views for the pgmux behind each pooled DATABASES alias.
 
 ``health``: for load balancers. For each alias with a ``PGMUX`` key (or those in the setting
-``PGMUX_HEALTH_DATABASES``) it runs ``SELECT 1`` through Django's own connection (so through pgmux) and
-reads ``SHOW POOLS`` for waiting clients and ``maxwait``. 200 when every round trip worked and no client
-has waited longer than ``PGMUX["health"]["max_wait"]`` seconds (default 5), 503 otherwise. An unreadable
-console is reported but does not fail the check: the database path is what the load balancer needs.
+``PGMUX_HEALTH_DATABASES``) it reads ``SHOW POOLS`` for waiting clients and ``maxwait``, then runs
+``SELECT 1`` through Django's own connection (so through pgmux). 200 when every round trip worked and no
+client has waited longer than ``PGMUX["health"]["max_wait"]`` seconds (default 5), 503 otherwise (a
+saturated pool answers 503 at once, without queueing the health check's own query). An unreadable console
+is reported but does not fail the check: the database path is what the load balancer needs.
 
 ``metrics``: ``SHOW POOLS`` and ``SHOW STATS`` of each pooler in Prometheus text format
 (``?format=json`` for JSON). Route it where only your monitoring can reach it.
@@ -49,18 +50,8 @@ def health_report(aliases: Iterable[str] | None = None) -> tuple[bool, dict[str,
         opts = pgmux_options(entry) or {}
         limit = float((opts.get("health") or {}).get("max_wait", 5.0))
         item: dict[str, Any] = {"pooler": f"{entry.get('HOST')}:{entry.get('PORT')}", "max_wait_limit": limit}
-        start = time.perf_counter()
-        try:
-            with connections[alias].cursor() as cur:
-                cur.execute("SELECT 1")
-                cur.fetchone()
-            item["round_trip_ms"] = round((time.perf_counter() - start) * 1000, 3)
-            item["ok"] = True
-        except Exception as e:
-            item["ok"] = False
-            item["error"] = f"{type(e).__name__}: {str(e).strip()}"
-            # a broken persistent connection must not poison the next check
-            connections[alias].close_if_unusable_or_obsolete()
+        item["ok"] = True
+        # the console first: when clients already wait too long, do not queue one more behind them
         try:
             rows = console.pool_rows(entry, timeout=2.0)
         except console.ConsoleError as e:
@@ -75,6 +66,18 @@ def health_report(aliases: Iterable[str] | None = None) -> tuple[bool, dict[str,
             if item["maxwait_s"] > limit:
                 item["ok"] = False
                 item["error"] = f"clients have waited {item['maxwait_s']} s for a server (limit {limit} s)"
+        if item["ok"]:
+            start = time.perf_counter()
+            try:
+                with connections[alias].cursor() as cur:
+                    cur.execute("SELECT 1")
+                    cur.fetchone()
+                item["round_trip_ms"] = round((time.perf_counter() - start) * 1000, 3)
+            except Exception as e:
+                item["ok"] = False
+                item["error"] = f"{type(e).__name__}: {str(e).strip()}"
+                # a broken persistent connection must not poison the next check
+                connections[alias].close_if_unusable_or_obsolete()
         healthy = healthy and item["ok"]
         report["databases"][alias] = item
     report["status"] = "ok" if healthy else "unhealthy"

@@ -632,27 +632,38 @@ class ClientConnection(PgConnection):
         self.start_forwarding()
 
     async def authenticate(self, user: str, forced: bool, db: DatabaseEntry | None = None) -> None:
-        """Check the client's password per auth_type, against the auth_file secret (or, for a
-        user missing there, the one auth_query finds)."""
-        settings = self.pooler.settings
-        auth_type = settings.auth_type
-        stored = self.pooler.auth_users.get(user)
-        if stored is None and auth_type not in ("any", "trust"):
-            stored = await self.pooler.auth_query_secret(db, user)
-        if auth_type == "any" or (auth_type == "trust" and stored is not None):
+        """Check the client per auth_type (or its auth_hba_file rule), against the auth_file secret
+        or, for a user missing there, the one auth_query finds. Sends AuthenticationOk."""
+        pooler = self.pooler
+        method = pooler.settings.auth_type
+        ident_map = None
+        if method == "hba":
+            rule = pooler.hba_rule(self, user)
+            if rule is None or rule.method == "reject":
+                raise ClientError("login rejected", "28000")
+            method, ident_map = rule.auth_type, rule.map
+        if method == "any":
             self.write(m.auth_ok())
             return
-        if auth_type == "trust":
-            raise ClientError('"trust" authentication failed', "28000")
-        if auth_type == "plain":
+        if method in ("cert", "peer"):
+            self._auth_identity(method, user, ident_map)
+            self.write(m.auth_ok())
+            return
+        stored = pooler.auth_users.get(user)
+        if stored is None:
+            stored = await pooler.auth_query_secret(db, user)
+        if method == "trust":
+            if stored is None:
+                raise ClientError('"trust" authentication failed', "28000")
+        elif method == "plain":
             await self._auth_plain(user, stored)
-        elif auth_type in ("md5", "scram-sha-256"):
+        elif method in ("md5", "scram-sha-256"):
             kind = secret_kind(stored) if stored is not None else None
-            if kind is None and settings.auth_user:
+            if kind is None and pooler.settings.auth_user:
                 # Unknown to auth_query as well: answer as for a SCRAM role (what PostgreSQL
                 # stores by default), so the exchange does not tell whether the role exists.
                 kind = SecretKind.SCRAM
-            if auth_type == "md5" and kind is not SecretKind.SCRAM:
+            if method == "md5" and kind is not SecretKind.SCRAM:
                 await self._auth_md5(user, stored)
             elif kind is SecretKind.MD5:
                 # A SCRAM exchange cannot be checked against an md5 secret.
@@ -660,8 +671,37 @@ class ClientConnection(PgConnection):
             else:
                 await self._auth_scram(user, stored)
         else:
-            raise ClientError("bouncer config error", "08P01")
+            raise ClientError("no authentication method is found", "28000")
         self.write(m.auth_ok())
+
+    def _auth_identity(self, method: str, user: str, ident_map: str | None) -> None:
+        """cert: the TLS client certificate's CN; peer: the Unix user at the other end of the
+        socket. Either must equal the user name, or be mapped to it by auth_ident_file."""
+        if method == "cert":
+            cert = self.transport.get_extra_info("peercert") if self.transport is not None else None
+            if not self.tls or not cert:
+                raise ClientError("certificate authentication failed", "28000")
+            names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+            system_user = names[0] if names else ""
+            failure = "certificate authentication failed"
+        else:
+            from pgmux.admin.peer import peer_credentials
+
+            creds = peer_credentials(self.transport)
+            if creds is None:
+                raise ClientError("unix socket login rejected", "28000")
+            import pwd
+
+            try:
+                system_user = pwd.getpwuid(creds[1]).pw_name
+            except KeyError as exc:
+                raise ClientError("unix socket login rejected", "28000") from exc
+            failure = "unix socket login rejected"
+        if ident_map:
+            if not self.pooler.ident_allows(ident_map, system_user, user):
+                raise ClientError(failure, "28000")
+        elif system_user != user:
+            raise ClientError(failure, "28000")
 
     async def _read_password(self) -> bytes:
         typ, body = await self.read_message()

@@ -36,6 +36,16 @@ def pgmux_env() -> dict[str, str]:
     return env
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: SIGTERM the pooler if this command dies without forwarding a signal (e.g. SIGKILL)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 class Command(BaseCommand):
     help = "Run the pgmux pooler for settings.DATABASES (entries made with pgmux.django.database())."
     requires_system_checks: list[str] = []
@@ -79,7 +89,8 @@ class Command(BaseCommand):
 
     def run_pooler(self, workdir: str, ini: Path, debug: int) -> int:
         cmd = [sys.executable, "-m", "pgmux", *(["-v"] * debug), str(ini)]
-        proc = subprocess.Popen(cmd, cwd=workdir, env=pgmux_env())
+        proc = subprocess.Popen(cmd, cwd=workdir, env=pgmux_env(),
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
         def forward(signum: int, _frame: Any) -> None:
             if proc.poll() is None:
