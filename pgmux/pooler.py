@@ -25,7 +25,13 @@ from pgmux.net.tls import TlsConfigError, build_contexts
 from pgmux.pool.pool import Pool, PoolLimits
 from pgmux.protocol import messages as m
 from pgmux.protocol.prepared import StatementRegistry
-from pgmux.protocol.sessionstate import describe, probe_sql
+from pgmux.protocol.sessionstate import (
+    CURSOR_PROBE_SQL,
+    cursor_only,
+    describe,
+    describe_cursors,
+    probe_sql,
+)
 from pgmux.protocol.varcache import set_statement, tracked_names
 
 logger = pglog.logger
@@ -282,8 +288,7 @@ class Pooler:
             if server.is_clean and not client.linking:
                 self.release(server, reset=True)
             else:
-                server.close("client disconnected with query in progress"
-                             if server.outstanding else "unclean server")
+                server.close("client disconnect while server was not ready")
         self._check_shutdown()
 
     # ------------------------------------------------------------ pools and servers
@@ -307,9 +312,26 @@ class Pooler:
         self._fail_fast_if_login_failing(pool)
         fut: asyncio.Future[dict[str, str]] = self.loop.create_future()
         self._params_waiters.setdefault(id(pool), []).append(fut)
-        if pool.connecting == 0:
-            self._spawn_connect(pool)
+        if pool.connecting == 0 and len(self._params_waiters[id(pool)]) == 1:
+            self.spawn(self._connect_for_params(pool))
         return await fut
+
+    async def _connect_for_params(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
+        """A new pool's first server, opened for its ParameterStatus set, within the database and
+        user caps: wait for room (evicting idle servers of other pools) up to query_wait_timeout."""
+        deadline = time.monotonic() + (self.settings.query_wait_timeout or 3600.0)
+        while True:
+            room = self._room_outside_pool(pool)
+            if room is None or room > 0 or self._evict_for(pool):
+                break
+            if time.monotonic() >= deadline:
+                for fut in self._params_waiters.pop(id(pool), []):
+                    if not fut.done():
+                        fut.set_exception(ClientError("query_wait_timeout"))
+                return
+            await asyncio.sleep(0.05)
+        if pool.params is None and pool.connecting == 0:
+            self._spawn_connect(pool)
 
     def _fail_fast_if_login_failing(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
         failure = pool.login_failure
@@ -383,6 +405,8 @@ class Pooler:
         return room
 
     def _spawn_connect(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
+        if pool.limits.reserve_pool_size and pool.server_count >= pool.limits.pool_size:
+            logger.info("%s/%s taking connection from reserve_pool", pool.database, pool.user)
         pool.connecting += 1
         self.spawn(self._connect(pool))
 
@@ -591,7 +615,10 @@ class Pooler:
         # Prepared statements are tracked only for clients that have named statements: the
         # others skip the per-answer bookkeeping (see ClientConnection._start_tracking).
         tracking = client.lazy_prepare and bool(client.stmts)
-        client.tracking = server.tracking = tracking
+        client.tracking = tracking
+        # Statement mode reads each answer before forwarding it, to withhold a transaction's start.
+        server.statement_mode = client.pool_mode == "statement"
+        server.tracking = tracking or server.statement_mode
         server.sent_prefix = 0
         server.start_forwarding()
         if client.write_paused and server.transport is not None:
@@ -673,9 +700,18 @@ class Pooler:
             if client.keep:  # the client already sent more: it needs a server again
                 self.request_server(client)
         elif mode == "statement":
-            self.unlink(client, server)
-            server.close("transaction blocks not allowed in statement pooling mode")
-            client.fail("transaction blocks not allowed in statement pooling mode")
+            self.refuse_transaction_block(server)
+
+    def refuse_transaction_block(self, server: ServerConnection) -> None:
+        """Statement mode and a ReadyForQuery 'T': the server goes, the client gets the error
+        (the server path withholds the statement's own answer, as PgBouncer does)."""
+        client = server.client
+        if client is None:
+            return
+        self.unlink(client, server)
+        server.pool.server_gone(server)
+        server.close("transaction blocks not allowed in statement pooling mode")
+        client.fail("transaction blocks not allowed in statement pooling mode")
 
     # ------------------------------------------------------------ session pinning
 
@@ -690,10 +726,10 @@ class Pooler:
             return
         client.linking = True
         server.stop_forwarding()
-        self.spawn(self._run_probe(client, server))
+        self.spawn(self._run_probe(client, server, cursor_only(word, client.pinned)))
 
-    async def _run_probe(self, client: ClientConnection, server: ServerConnection) -> None:
-        sql = probe_sql(server.pool.user, list(self.tracked))
+    async def _run_probe(self, client: ClientConnection, server: ServerConnection, cursors: bool) -> None:
+        sql = CURSOR_PROBE_SQL if cursors else probe_sql(server.pool.user, list(self.tracked))
         try:
             rows, err = await server.query_rows(sql)
         except Exception:  # noqa: BLE001 - the server went away
@@ -705,7 +741,7 @@ class Pooler:
         if err is not None or not rows:
             reason: str | None = f"unknown session state (probe failed: {(err or {}).get('M', 'no row')})"
         else:
-            reason = describe(rows[0])
+            reason = describe_cursors(rows[0]) if cursors else describe(rows[0])
         if reason is None:
             if client.pinned:
                 logger.info("%s unpinned from %s", client.log_prefix, server)
@@ -740,7 +776,7 @@ class Pooler:
         if server.is_clean:
             self.release(server, reset=True)
         else:
-            server.close("unclean server")
+            server.close("client disconnect while server was not ready")
 
     def pins(self) -> list[tuple[ClientConnection, ServerConnection | None]]:
         """Pinned clients and their servers, for SHOW PINS."""
@@ -830,7 +866,7 @@ class Pooler:
         client = server.client
         if client is not None:
             self.unlink(client, server)
-            client.fail(reason if reason != "client disconnected with query in progress" else "server conn crashed?")
+            client.fail(reason)
         if pool.login_failure is None and server.state != "login":
             self.launch_connects(pool)  # after a failed login the janitor retries, not a tight loop
         self._check_shutdown()

@@ -242,7 +242,13 @@ class ClientConnection(PgConnection):
         text_start = body.find(b"\0") + 1
         word = hint(body[text_start : body.find(b"\0", text_start)])
         if word is not None:
-            self.state_hint = word
+            self.note_hint(word)
+
+    def note_hint(self, word: bytes) -> None:
+        """Remember that this transaction may have touched session state; two different keywords
+        make it `mixed`, so the pooler runs the full probe."""
+        old = self.state_hint
+        self.state_hint = word if old is None or old == word else b"mixed"
 
     def start_tracking(self) -> None:
         """Track prepared statements on this link from now on (nothing is in flight)."""
@@ -281,7 +287,7 @@ class ClientConnection(PgConnection):
         if self.pin_mode != "off":
             word = hint(text)
             if word is not None:
-                self.state_hint = word
+                self.note_hint(word)
         return False
 
     def _forward_body_rest(self, end: int, server: ServerConnection) -> int:

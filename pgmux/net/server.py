@@ -28,6 +28,7 @@ SERVER_NEED_BODY = type_table("ZSC")  # C: DISCARD ALL / DEALLOCATE ALL forget p
 TRACKED_NEED_BODY = type_table("ZSCTnE123Is")
 TRACKED_NOTIFY = type_table("tGHWV")
 _C = m.COMMAND_COMPLETE
+_NOTIFICATION = ord("A")
 _Z = m.READY_FOR_QUERY
 _S = m.PARAMETER_STATUS
 _IDLE = ord("I")
@@ -79,6 +80,7 @@ class ServerConnection(PgConnection):
         # Prepared statements (transaction/statement mode): what is prepared here, and the
         # requests in flight with what to do with their answers.
         self.tracking = False
+        self.statement_mode = False
         self.stmts = ServerStatements(pooler.settings.max_prepared_statements or 0)
         self.tracker = ResponseTracker()
         self.sent_prefix = 0  # bytes at the front of buf already forwarded (tracked path)
@@ -188,7 +190,7 @@ class ServerConnection(PgConnection):
         ct = client.transport
         mv = self.mv
         tracker = self.tracker
-        exact = tracker.specials > 0
+        exact = tracker.specials > 0 or self.statement_mode
         if not exact:
             ct.write(mv[self.sent_prefix : end])
         self.pool.stats.bytes_sent += nbytes
@@ -218,6 +220,10 @@ class ServerConnection(PgConnection):
                 client.params.set(name, value)
                 continue
             if typ == _Z:
+                if self.statement_mode and buf[start + 5] == _INTRANS:
+                    events.clear()
+                    self.pooler.refuse_transaction_block(self)
+                    return
                 self._ready_for_query(buf[start + 5])
                 ready = True
             elif typ == _C and self._clears_statements(buf, start, stop_):
@@ -458,6 +464,10 @@ class ServerConnection(PgConnection):
                 self.params.set(*m.parse_parameter_status(body))
             elif typ == m.COPY_IN_RESPONSE:
                 self.write(m.message(b"f", m.cstr("COPY not allowed here")))
+            elif typ == _NOTIFICATION and self.client is not None:
+                # A LISTENing client's notification that arrived during pgmux's own query
+                # (the pinning probe): it belongs to the client.
+                self.client.write(m.message(b"A", body))
 
     def close(self, reason: str) -> None:
         """Close the socket; the pool forgets the server in connection_lost."""

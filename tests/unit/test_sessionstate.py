@@ -67,3 +67,12 @@ def test_fast_path_still_sees_second_statements_and_functions() -> None:
     assert hint(b"SELECT 1; SET work_mem = '1MB'") == b"set"
     assert hint(b"select PG_ADVISORY_LOCK(1);") == b"advisory_lock"
     assert hint(b"WITH x AS (SELECT 1) SELECT set_config('a.b', '1', false)") == b"set"
+
+
+def test_several_keywords_ask_for_the_full_probe() -> None:
+    from pgmux.protocol.sessionstate import cursor_only
+
+    word = hint(b"DECLARE c CURSOR WITH HOLD FOR SELECT 1; SET work_mem = '1MB'")
+    assert word == b"mixed" and not cursor_only(word, None)
+    assert cursor_only(hint(b"CLOSE c"), "WITH HOLD cursor")
+    assert not cursor_only(hint(b"CLOSE c"), "LISTEN")
