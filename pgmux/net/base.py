@@ -32,6 +32,7 @@ class PgConnection(asyncio.BufferedProtocol):
         self.mv = memoryview(self.buf)
         self.keep = 0  # bytes retained at the front of buf, waiting for the rest of a message
         self.grow = False
+        self.later: list[bytes] = []
         self.skip = 0  # body bytes of the current message still to arrive, not to be scanned
         self.transport: asyncio.Transport | None = None
         self.forwarding = False  # False: bytes go to `inbox` for read_message()
@@ -157,4 +158,12 @@ class PgConnection(asyncio.BufferedProtocol):
     def write(self, data: bytes | memoryview) -> None:
         t = self.transport
         if t is not None and not self.closed:
+            if self.later:
+                self.later.append(bytes(data))
+                data = b"".join(self.later)
+                self.later.clear()
             t.write(data)
+
+    def write_later(self, data: bytes) -> None:
+        """Queue bytes to go out with the next write (one send for AuthenticationOk + welcome)."""
+        self.later.append(data)

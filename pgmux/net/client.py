@@ -618,21 +618,31 @@ class ClientConnection(PgConnection):
                 self.params.set(name, value)
         for name, value in self.startup_params.items():
             self.params.set(tracked.get(name.lower(), name), value)
-        out = []
-        sent = set()
-        for name, value in pool_params.items():
-            v = self.params.get(name) if name.lower() in tracked else None
-            out.append(m.parameter_status(name, v if v is not None else value))
-            sent.add(name.lower())
-        for name, value in self.params.items():
-            if name.lower() not in sent:
-                out.append(m.parameter_status(name, value))
+        assert self.pool is not None
+        # Clients of a pool mostly ask for the same values: encode each distinct set once.
+        key = tuple(sorted(self.startup_params.items()))
+        cache = self.pool.welcome_cache
+        status = cache.get(key) if cache.get(None) is pool_params else None
+        if status is None:
+            if cache.get(None) is not pool_params:
+                cache.clear()
+                cache[None] = pool_params  # type: ignore[assignment]
+            parts = []
+            sent = set()
+            for name, value in pool_params.items():
+                v = self.params.get(name) if name.lower() in tracked else None
+                parts.append(m.parameter_status(name, v if v is not None else value))
+                sent.add(name.lower())
+            for name, value in self.params.items():
+                if name.lower() not in sent:
+                    parts.append(m.parameter_status(name, value))
+            status = cache[key] = b"".join(parts)
+        out = [status]
         self.cancel_key = pooler.register_cancel_key(self)
         out.append(m.message(b"K", self.cancel_key))
         out.append(m.ready_for_query(b"I"))
         self.write(b"".join(out))
         self.logged_in = True
-        assert self.pool is not None
         self.pool.clients.add(self)
         self.pool.stats.client_login_count += 1
         self.start_forwarding()
@@ -649,11 +659,11 @@ class ClientConnection(PgConnection):
                 raise ClientError("login rejected", "28000")
             method, ident_map = rule.auth_type, rule.map
         if method == "any":
-            self.write(m.auth_ok())
+            self.write_later(m.auth_ok())
             return
         if method in ("cert", "peer"):
             self._auth_identity(method, user, ident_map)
-            self.write(m.auth_ok())
+            self.write_later(m.auth_ok())
             return
         stored = pooler.auth_users.get(user)
         if stored is None:
@@ -678,7 +688,7 @@ class ClientConnection(PgConnection):
                 await self._auth_scram(user, stored)
         else:
             raise ClientError("no authentication method is found", "28000")
-        self.write(m.auth_ok())
+        self.write_later(m.auth_ok())
 
     def _auth_identity(self, method: str, user: str, ident_map: str | None) -> None:
         """cert: the TLS client certificate's CN; peer: the Unix user at the other end of the
