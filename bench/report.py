@@ -58,9 +58,11 @@ class Summary:
     def cell(self, workload: str, target: str) -> Cell | None:
         return self.cells.get((workload, target))
 
-    def ratio(self, workload: str, metric: str, num: str = "pgmux", den: str = "pgbouncer") -> float | None:
-        """Median over repetitions of num/den for ``metric``, pairing runs of the same repetition."""
-        a, b = self.cell(workload, num), self.cell(workload, den)
+    def ratio(self, workload: str, metric: str, num: str = "pgmux", den: str = "pgbouncer",
+              den_workload: str | None = None) -> float | None:
+        """Median over repetitions of num/den for ``metric``, pairing runs of the same repetition
+        (``den_workload``: the denominator comes from another workload, same target)."""
+        a, b = self.cell(workload, num), self.cell(den_workload or workload, den)
         if a is None or b is None:
             return None
         by_rep = {r.rep: r for r in b.ok_runs}
@@ -227,6 +229,25 @@ def idle_table(s: Summary) -> str:
                 f_ratio(s.ratio("idle", "cpu_us_per_login")),
             ]
         )
+    return md_table(headers, rows)
+
+
+def prepared_table(s: Summary) -> str | None:
+    """`-M prepared` against `-M extended` through each target (issue 5): what protocol-level
+    prepared statements in transaction mode buy."""
+    if s.cell("prepared", "pgmux") is None or s.cell("extended", "pgmux") is None:
+        return None
+    rows = []
+    for target in ("direct", "pgmux"):
+        tps = s.ratio("prepared", "tps", num=target, den=target, den_workload="extended")
+        cpu = s.ratio("prepared", "cpu_us", num=target, den=target, den_workload="extended")
+        if tps is None:
+            continue
+        pc, ec = s.cell("prepared", target), s.cell("extended", target)
+        rows.append([TARGET_LABEL[target], f_num(ec.median("tps") if ec else None),
+                     f_num(pc.median("tps") if pc else None), f"**{f_ratio(tps)}**", f_ratio(cpu)])
+    headers = ["target", "-M extended TPS", "-M prepared TPS", "**prepared/extended TPS**",
+               "prepared/extended pooler CPU per txn"]
     return md_table(headers, rows)
 
 

@@ -518,6 +518,12 @@ class Bench:
                 "arrived in 1.21), so that row compares pgmux with direct only."
             )
             out.append("")
+        prepared = report.prepared_table(s)
+        if prepared:
+            out += ["## Prepared statements in transaction mode: `-M prepared` against `-M extended`", "",
+                    "pgbench -S, 50 clients, pool 20: the same queries with the statement parsed each time "
+                    "(extended) or prepared once per client connection (prepared); pgmux prepares each "
+                    "statement on whichever server a client lands on.", "", prepared, ""]
         out += ["## Latency", "", report.latency_table(s), ""]
         if any(w.kind == "idle" for w in self.workloads):
             out += [f"## {self.args.idle_clients:,} idle clients", "", report.idle_table(s), ""]

@@ -19,6 +19,7 @@ from pgmux import log as pglog
 from pgmux.auth import load_auth_file
 from pgmux.auth.hba import HbaError, HbaRule, HbaRules, IdentMap
 from pgmux.config import Config, ConfigError, DatabaseEntry
+from pgmux.net.base import ConnectionLost
 from pgmux.net.client import ClientConnection, ClientError
 from pgmux.net.server import ServerConnection, ServerLoginError
 from pgmux.net.tls import TlsConfigError, build_contexts
@@ -34,6 +35,7 @@ from pgmux.protocol.sessionstate import (
 )
 from pgmux.protocol.varcache import set_statement, tracked_names
 
+QUERY_TIMEOUT = "query timeout"
 logger = pglog.logger
 
 DEFAULT_AUTH_QUERY_PGBOUNCER = (
@@ -89,6 +91,7 @@ class Pooler:
         self.auth_users: dict[str, str] = {}
         self.pools: dict[tuple[str, str], Pool[ServerConnection, ClientConnection]] = {}
         self.clients: set[ClientConnection] = set()
+        self.admitted_clients = 0  # clients past the max_client_conn check
         self.cancel_keys: dict[bytes, ClientConnection] = {}
         self.shutting_down = False
         self.listeners: list[asyncio.AbstractServer] = []
@@ -254,6 +257,15 @@ class Pooler:
     def client_count(self) -> int:
         return len(self.clients)
 
+    def admit_client(self, client: ClientConnection) -> bool:
+        """Count a client that sent its startup packet against max_client_conn. Sockets that are
+        being refused do not count, so a burst fills the free slots and only the excess is refused."""
+        if self.admitted_clients >= self.settings.max_client_conn:
+            return False
+        self.admitted_clients += 1
+        client.admitted = True
+        return True
+
     def client_connected(self, client: ClientConnection) -> None:
         self.clients.add(client)
 
@@ -269,6 +281,9 @@ class Pooler:
     def client_gone(self, client: ClientConnection, reason: str) -> None:
         """A client socket closed: give back or close its server, forget the client."""
         self.clients.discard(client)
+        if client.admitted:
+            client.admitted = False
+            self.admitted_clients -= 1
         if client.cancel_key:
             self.cancel_keys.pop(client.cancel_key, None)
         if client.login_task is not None and not client.login_task.done():
@@ -285,7 +300,8 @@ class Pooler:
         server = client.server
         if server is not None:
             self.unlink(client, server)
-            if server.is_clean and not client.linking:
+            # skip: the client left in the middle of a message the server has half of
+            if server.is_clean and not client.linking and not client.skip:
                 self.release(server, reset=True)
             else:
                 server.close("client disconnect while server was not ready")
@@ -469,6 +485,8 @@ class Pooler:
         except Exception as exc:  # noqa: BLE001 - a server must never take the process down
             if isinstance(exc, ServerLoginError):
                 fields = exc.fields
+            elif isinstance(exc, ConnectionLost):
+                fields = {"S": "FATAL", "C": "08006", "M": "server closed the connection during login"}
             elif isinstance(exc, OSError | TimeoutError | ConnectionError):
                 msg = "connect timeout" if isinstance(exc, TimeoutError) else f"connect failed: {exc}"
                 fields = {"S": "FATAL", "C": "08006", "M": msg}
@@ -573,6 +591,10 @@ class Pooler:
         if server.closed:
             pool.server_gone(server)
             return
+        if server.cancels:  # a cancel request for its last client is still on its way
+            server.state = "canceling"
+            pool.server_busy(server)
+            return
         if server.close_needed or pool.paused or self._lifetime_over(server):
             pool.server_gone(server)
             server.close("close_needed" if server.close_needed else "pause mode" if pool.paused
@@ -627,10 +649,7 @@ class Pooler:
 
     async def _sync_params(self, client: ClientConnection, server: ServerConnection,
                            diff: list[tuple[str, str]]) -> None:
-        try:
-            err = await server.simple_query(set_statement(diff))
-        except Exception:  # noqa: BLE001 - the server went away
-            err = {"M": "server conn crashed?"}
+        _, err = await self._own_query(server, set_statement(diff))
         client.linking = False
         if client.closed:
             self._abandon_link(client, server)
@@ -638,9 +657,25 @@ class Pooler:
         if err is not None:
             self.unlink(client, server)
             server.close("invalid server parameter")
-            client.fail(f"invalid server parameter: {err.get('M', '')}")
+            msg = err.get("M", "")
+            client.fail(msg if msg == QUERY_TIMEOUT else f"invalid server parameter: {msg}")
             return
         self._start_link(client, server)
+
+    async def _own_query(self, server: ServerConnection, sql: str) -> tuple[list[list[str | None]],
+                                                                           dict[str, str] | None]:
+        """One of pgmux's own queries on a server (parameter sync, check, reset, pinning probe):
+        its rows and error. A server that does not answer within query_timeout (else
+        server_connect_timeout) is closed, so no link step can hang a client."""
+        s = self.settings
+        try:
+            async with asyncio.timeout(s.query_timeout or s.server_connect_timeout or None):
+                return await server.query_rows(sql)
+        except TimeoutError:
+            server.close(QUERY_TIMEOUT)
+            return [], {"M": QUERY_TIMEOUT}
+        except Exception:  # noqa: BLE001 - the server went away
+            return [], {"M": "server conn crashed?"}
 
     def _needs_check(self, server: ServerConnection) -> bool:
         s = self.settings
@@ -649,10 +684,7 @@ class Pooler:
     async def _check_then_link(self, client: ClientConnection, server: ServerConnection) -> None:
         """server_check_query on a server idle longer than server_check_delay, then link it."""
         query = self.settings.server_check_query
-        try:
-            err = await server.simple_query("" if query == "<empty>" else query)
-        except Exception:  # noqa: BLE001 - the server went away
-            err = {"M": "server conn crashed?"}
+        _, err = await self._own_query(server, "" if query == "<empty>" else query)
         client.linking = False
         self.unlink(client, server)
         if err is not None or server.status != _IDLE:
@@ -730,13 +762,12 @@ class Pooler:
 
     async def _run_probe(self, client: ClientConnection, server: ServerConnection, cursors: bool) -> None:
         sql = CURSOR_PROBE_SQL if cursors else probe_sql(server.pool.user, list(self.tracked))
-        try:
-            rows, err = await server.query_rows(sql)
-        except Exception:  # noqa: BLE001 - the server went away
-            rows, err = [], {"M": "server conn crashed?"}
+        rows, err = await self._own_query(server, sql)
         client.linking = False
         if client.closed or server.closed:
             self._abandon_link(client, server)
+            if not client.closed:  # no answer: the session state is unknown, so is the server's
+                client.fail(err.get("M", "server conn crashed?") if err else "server conn crashed?")
             return
         if err is not None or not rows:
             reason: str | None = f"unknown session state (probe failed: {(err or {}).get('M', 'no row')})"
@@ -747,6 +778,8 @@ class Pooler:
                 logger.info("%s unpinned from %s", client.log_prefix, server)
             client.pinned = None
             server.dirty = False
+            # no statements under the client's own names are left: track them again
+            client.lazy_prepare = client.pool_mode != "session" and self.settings.max_prepared_statements > 0
             self.unlink(client, server)
             self.release(server, reset=False)
             if client.keep:
@@ -832,10 +865,7 @@ class Pooler:
         self.server_ready(server)
 
     async def _reset(self, server: ServerConnection, query: str) -> None:
-        try:
-            err = await server.simple_query(query)
-        except Exception:  # noqa: BLE001
-            err = {"M": "server conn crashed?"}
+        _, err = await self._own_query(server, query)
         if err is not None or server.status != _IDLE:
             server.pool.server_gone(server)
             server.close("reset query failed")
@@ -890,12 +920,20 @@ class Pooler:
             else:
                 logger.info("%s cancel request for idle client", client.log_prefix)
             return
-        db = self.config.find_database(server.pool.database)
-        if db is None:
-            return
-        self.spawn(self._send_cancel(server, db))
+        # Until PostgreSQL has the cancel, this server goes to nobody else (server_ready holds
+        # it): a late cancel would otherwise stop the next client's query.
+        server.cancels += 1
+        self.spawn(self._send_cancel(server))
 
-    async def _send_cancel(self, server: ServerConnection, db: DatabaseEntry) -> None:
+    async def _send_cancel(self, server: ServerConnection) -> None:
+        try:
+            await self._deliver_cancel(server)
+        finally:
+            server.cancels -= 1
+            if not server.cancels and server.state == "canceling":
+                self.server_ready(server)
+
+    async def _deliver_cancel(self, server: ServerConnection) -> None:
         packet = m.cancel_request(server.backend_pid, server.backend_key)
         try:
             async with asyncio.timeout(self.settings.cancel_wait_timeout or None):

@@ -40,11 +40,16 @@ if TYPE_CHECKING:
 # ReadyForQuery (Query, Sync, FunctionCall) are counted, and extended-protocol messages mark the
 # server busy until the next Sync: together they decide when a transaction-mode server is free.
 CLIENT_NEED_BODY = type_table("XQP")  # P: a named Parse turns on prepared-statement tracking
-CLIENT_NOTIFY = type_table("QSFPBDEC")
+# Message types a client may send after login; any other one is refused before it reaches a
+# server (PostgreSQL would answer it with FATAL, which would then hit the server's next client).
+CLIENT_TYPES = b"BCdcfDEHFPQSX"
+_UNKNOWN = bytes(sorted(set(range(256)) - set(CLIENT_TYPES)))
+CLIENT_NOTIFY = type_table(b"QSFPBDEC" + _UNKNOWN)
 # With prepared-statement tracking, statement messages are read whole (names are rewritten) and so
 # are simple queries (a DEALLOCATE of a protocol-level statement is answered here).
 TRACKED_NEED_BODY = type_table("XPBDCQ")
-TRACKED_NOTIFY = type_table("SFE")
+TRACKED_NOTIFY = type_table(b"SFE" + _UNKNOWN)
+_UNKNOWN_SET = frozenset(_UNKNOWN)
 _P, _B, _D, _C, _E = (ord(x) for x in "PBDCE")
 _DEALLOCATE = re.compile(rb'\s*deallocate\s+(?:prepare\s+)?("?)([^\s";]+)\1\s*;?\s*$', re.I)
 _D_FIRST = b" \t\n\rdD"  # a query that may be a DEALLOCATE starts with one of these
@@ -71,6 +76,7 @@ class ClientConnection(PgConnection):
 
     def __init__(self, pooler: Pooler, is_unix: bool = False) -> None:
         super().__init__(CLIENT_BUF_SIZE)
+        self.max_packet_size = pooler.settings.max_packet_size or 0x7FFFFFFF
         self.pooler = pooler
         self.is_unix = is_unix
         self.tls = False
@@ -93,6 +99,7 @@ class ClientConnection(PgConnection):
         self.waiting = False
         self.linking = False
         self.logged_in = False
+        self.admitted = False  # counted against max_client_conn
         self.write_paused = False
         self.read_paused = False
         self.pool_mode = "session"
@@ -190,7 +197,7 @@ class ClientConnection(PgConnection):
             return
         events = self._events
         try:
-            stop, self.skip = scan(self.buf, pos, end, CLIENT_NEED_BODY, CLIENT_NOTIFY, events)
+            stop, self.skip = scan(self.buf, pos, end, CLIENT_NEED_BODY, CLIENT_NOTIFY, events, self.max_packet_size)
         except m.ProtocolError as exc:
             events.clear()
             self.fail(str(exc))
@@ -214,19 +221,29 @@ class ClientConnection(PgConnection):
                     fwd = start
                     terminate = True
                     break
+                elif typ in _UNKNOWN_SET:
+                    self._refuse_unknown(typ)
+                    return
                 else:
                     if typ == _P and self.pin_mode != "off":
                         self._hint_parse(bytes(self.buf[start + 5 : stop_]))
-                    if typ == _P and self.lazy_prepare and self.buf[start + 5] != 0:
-                        # A named statement: from here on this link is tracked. Hold this Parse
-                        # until nothing is in flight, so the tracker starts in step.
-                        fwd = start
-                        interrupt = True
-                        if server.outstanding or server.pending_ext:
-                            self.linking = self.awaiting_quiet = True
-                        else:
-                            switch = True
-                        break
+                    if typ == _P and self.buf[start + 5] != 0:
+                        if self.lazy_prepare and not server.pending_ext:
+                            # A named statement: from here on this link is tracked. Hold this
+                            # Parse until nothing is in flight, so the tracker starts in step.
+                            fwd = start
+                            interrupt = True
+                            if server.outstanding:
+                                self.linking = self.awaiting_quiet = True
+                            else:
+                                switch = True
+                            break
+                        # Untracked (max_prepared_statements = 0, or it comes after unsynced
+                        # messages and tracking cannot start in step): the statement goes to
+                        # this server under the client's name, and the probe pins the client.
+                        self.lazy_prepare = False
+                        if self.pin_mode != "off":
+                            self.note_hint(b"parse")
                     server.pending_ext = True
             events.clear()
         if fwd:
@@ -236,6 +253,12 @@ class ClientConnection(PgConnection):
         if switch:
             self.start_tracking()
             self.forward(self.keep)
+
+    def _refuse_unknown(self, typ: int) -> None:
+        """A message type no client may send: nothing of this read goes to the server."""
+        self._events.clear()
+        self.skip = 0
+        self.fail(f"unknown pkt from client: {typ}/0x{typ:x}")
 
     def _hint_parse(self, body: bytes) -> None:
         """Pinning hint from the query text of a Parse message body."""
@@ -322,7 +345,7 @@ class ClientConnection(PgConnection):
             return
         events = self._events
         try:
-            stop, self.skip = scan(buf, pos, end, TRACKED_NEED_BODY, TRACKED_NOTIFY, events)
+            stop, self.skip = scan(buf, pos, end, TRACKED_NEED_BODY, TRACKED_NOTIFY, events, self.max_packet_size)
         except m.ProtocolError as exc:
             events.clear()
             self.fail(str(exc))
@@ -335,6 +358,12 @@ class ClientConnection(PgConnection):
         try:
             for typ, start, stop_ in events:
                 replacement: bytes | None = None
+                if tracker.skipping and typ != _SYNC and typ != _X:
+                    # After an error PostgreSQL ignores everything up to Sync: drop it here, so
+                    # nothing is prepared, closed, counted or answered on its behalf.
+                    out.append(mv[run:start])
+                    run = stop_
+                    continue
                 if typ == _Q:
                     if self._inspect_query(bytes(buf[start + 5 : stop_ - 1])):
                         fwd = start
@@ -358,6 +387,9 @@ class ClientConnection(PgConnection):
                     fwd = start
                     terminate = True
                     break
+                elif typ in _UNKNOWN_SET:
+                    self._refuse_unknown(typ)
+                    return
                 else:
                     server.pending_ext = True
                     if typ == _E:
@@ -395,7 +427,10 @@ class ClientConnection(PgConnection):
         parse_end = 1 + m.unpack_length(buf, 1)
         if parse_end + 5 != end or buf[parse_end] != _SYNC or m.unpack_length(buf, parse_end + 1) != 4:
             return False
-        name, tail = split_parse(bytes(buf[5:parse_end]))
+        try:
+            name, tail = split_parse(bytes(buf[5:parse_end]))
+        except PreparedError:
+            return False  # malformed: the data path refuses it once a server is linked
         if not name or name in self.stmts:
             return False
         self.stmts[name] = self.pooler.statements.get(tail)
@@ -422,7 +457,7 @@ class ClientConnection(PgConnection):
             self.stmts[name] = stmt
             self.pooler.stats_parse(server, client_side=True)
             if server.stmts.has(stmt):
-                self._answer_now(tracker.fake(_P, PARSE_COMPLETE))
+                self._answer_now(tracker.fake(_P, PARSE_COMPLETE, (self.stmts, name, stmt)))
                 return b""
             return self._prepare_on(server, stmt, (stmt, server.stmts, self.stmts, name))
         if typ == _C:
@@ -573,7 +608,7 @@ class ClientConnection(PgConnection):
         self.dbname = params.get("database") or user
         if not self.tls and not self.is_unix and self.pooler.tls.client_mode in ("require", "verify-ca", "verify-full"):
             raise ClientError("SSL required", "28000")
-        if pooler.client_count > settings.max_client_conn:
+        if not pooler.admit_client(self):
             raise ClientError("no more connections allowed (max_client_conn)")
         self.startup_params = pooler.check_startup_params(params)
         if settings.application_name_add_host:

@@ -71,6 +71,7 @@ class ServerConnection(PgConnection):
         self.query_start = 0.0
         self.xact_start = 0.0
         self.close_needed = False
+        self.cancels = 0  # cancel requests for this backend not yet delivered
         self.tls = False
         self.dirty = False  # a pinned client left session state here: reset before reuse
         self.read_paused = False

@@ -105,8 +105,11 @@ class ServerStatements:
 
 
 def split_cstring(body: bytes | memoryview, pos: int = 0) -> tuple[bytes, int]:
+    """The NUL-terminated string at body[pos:] and the position after it."""
     data = bytes(body) if not isinstance(body, bytes) else body
-    end = data.index(b"\0", pos)
+    end = data.find(b"\0", pos)
+    if end < 0:
+        raise PreparedError("invalid string in message")  # PostgreSQL's text for the same fault
     return data[pos:end], end + 1
 
 
@@ -130,30 +133,48 @@ def close_message(server_name: bytes) -> bytes:
 class ResponseTracker:
     """Requests in flight on one server, in order, with what to do with their answers."""
 
-    __slots__ = ("queue", "specials")
+    __slots__ = ("queue", "specials", "skipping")
 
     def __init__(self) -> None:
-        # entries: [request kind, action, payload]; payload is the fake bytes for FAKE, or
-        # (Statement, ServerStatements, client statement dict, client name) for a Parse.
+        # entries: [request kind, action, payload]; payload is the fake bytes for FAKE (plus, for a
+        # faked ParseComplete, a 4th item: how to undo the client's statement), or (Statement,
+        # ServerStatements, client statement dict, client name) for a Parse.
         self.queue: deque[list] = deque()
         self.specials = 0  # SKIP and FAKE entries queued: the server path must then go message by message
+        # An extended-protocol error was answered and no Sync was sent after it yet: PostgreSQL
+        # ignores every message up to the next Sync, so none of them is queued or answered.
+        self.skipping = False
 
     def request(self, kind: int, action: int = PASS, payload: object = None) -> None:
+        if self.skipping:
+            if kind != S:
+                if kind == P and isinstance(payload, tuple):
+                    _forget_failed_parse(payload)
+                return
+            self.skipping = False
         self.queue.append([kind, action, payload])
         if action != PASS:
             self.specials += 1
 
-    def fake(self, kind: int, answer: bytes) -> bytes | None:
+    def fake(self, kind: int, answer: bytes, undo: tuple | None = None) -> bytes | None:
         """An answer to invent. Returned at once when nothing is in flight before it, else
-        queued to come out after the answers that precede it."""
+        queued to come out after the answers that precede it. `undo` (client statement dict,
+        name, Statement) forgets the client's statement if PostgreSQL would have skipped it."""
+        if self.skipping:
+            if undo is not None:
+                _forget_client_name(*undo)
+            return None
         if not self.queue:
             return answer
         self.request(kind, FAKE, answer)
+        if undo is not None:
+            self.queue[-1].append(undo)
         return None
 
     def clear(self) -> None:
         self.queue.clear()
         self.specials = 0
+        self.skipping = False
 
     def _pop(self) -> list:
         entry = self.queue.popleft()
@@ -181,11 +202,17 @@ class ResponseTracker:
         elif typ == _ERROR:
             if kind in (Q, F):
                 return True  # ReadyForQuery follows
-            # Extended protocol: the server skips everything up to the next Sync.
+            # Extended protocol: the server skips everything up to the next Sync, and whatever
+            # the client sends before that Sync too.
             while q and q[0][0] != S:
                 entry = self._pop()
-                if entry[0] == P and entry[2] is not None:
-                    _forget_failed_parse(entry[2])
+                if entry[0] == P:
+                    if entry[1] != FAKE and entry[2] is not None:
+                        _forget_failed_parse(entry[2])
+                    elif len(entry) > 3:
+                        _forget_client_name(*entry[3])
+            if not q:
+                self.skipping = True
         elif typ in _SIMPLE_OK:
             if kind in (P, B, C):
                 forward = self._pop()[1] != SKIP
@@ -200,5 +227,9 @@ class ResponseTracker:
 def _forget_failed_parse(payload: tuple) -> None:
     stmt, server_stmts, client_stmts, client_name = payload
     server_stmts.discard(stmt)
+    _forget_client_name(client_stmts, client_name, stmt)
+
+
+def _forget_client_name(client_stmts: dict | None, client_name: bytes | None, stmt: Statement) -> None:
     if client_stmts is not None and client_stmts.get(client_name) is stmt:
         del client_stmts[client_name]

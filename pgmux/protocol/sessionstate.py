@@ -79,7 +79,8 @@ def probe_sql(login_user: str, tracked: list[str]) -> str:
     user = login_user.replace("'", "''")
     return (
         "SELECT (SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable),"
-        " (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql),"
+        # protocol-level statements pgmux did not prepare count too (PGMUX_<n> are its own)
+        " (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql OR name NOT LIKE 'PGMUX\\_%'),"
         " (SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory'"
         " AND pid = pg_catalog.pg_backend_pid()),"
         " (SELECT count(*) FROM pg_catalog.pg_listening_channels()),"
@@ -90,7 +91,7 @@ def probe_sql(login_user: str, tracked: list[str]) -> str:
     )
 
 
-_LABELS = ("WITH HOLD cursor", "SQL prepared statement", "advisory lock", "LISTEN", "temporary table")
+_LABELS = ("WITH HOLD cursor", "prepared statement", "advisory lock", "LISTEN", "temporary table")
 
 
 def describe(row: list[str | None]) -> str | None:

@@ -502,9 +502,6 @@ def test_max_client_conn_flood(rig: Rig) -> None:
     assert outcomes["logged in"] <= MAX_CLIENTS, outcomes
 
 
-@pytest.mark.xfail(strict=True, reason="pgmux bug: max_client_conn is checked after the startup packet against every "
-                   "connected socket, including the ones about to be refused: a burst bigger than the free slots is "
-                   "refused as a whole instead of filling the free slots (PgBouncer refuses only the excess)")
 def test_burst_fills_the_free_client_slots(pooler: Callable[..., PoolerProcess]) -> None:
     p = pooler(pool_mode="transaction", extra={"max_client_conn": 20, "tcp_defer_accept": 0})
     outcomes: Counter[str] = Counter()
@@ -661,10 +658,6 @@ def _cpu_seconds(pid: int) -> float:
 
 
 
-@pytest.mark.xfail(strict=True, reason="pgmux bug: a server that closes the socket during TLS negotiation or login "
-                   "raises ConnectionLost, which Pooler._connect does not count as a connection failure: it logs "
-                   "'unexpected error connecting to server' with a traceback and clients get a FATAL with an empty "
-                   "message (also cached for server_login_retry)")
 def test_server_closing_during_login_gives_a_clear_error(cluster: TempCluster, pooler: Callable[..., PoolerProcess],
                                                           ) -> None:
     with FaultProxy(cluster.port) as proxy:
@@ -680,9 +673,6 @@ def test_server_closing_during_login_gives_a_clear_error(cluster: TempCluster, p
     assert not tracebacks(log), tracebacks(log)[0]
 
 
-@pytest.mark.xfail(strict=True, reason="pgmux bug: the slow-path steps of a link (SET of tracked parameters, "
-                   "server_check_query, and likewise the reset query and the pinning probe) have no timeout and the "
-                   "janitor skips linking clients: a server that stops answering there hangs the client forever")
 def test_server_silent_during_parameter_sync(cluster: TempCluster, pooler: Callable[..., PoolerProcess]) -> None:
     from pgwire import RawConn
 

@@ -365,7 +365,7 @@ _KIND = {c: ord(c) for c in "PBDECSQ"}
 # Two ResponseTracker bugs this property found (deterministic reproducers below, xfail(strict=True)). While
 # they are open the model steers around them (hypothesis.reject) so that the property keeps guarding the
 # rest; set to False once they are fixed.
-AVOID_KNOWN_TRACKER_BUGS = True
+AVOID_KNOWN_TRACKER_BUGS = False
 
 
 def _error_would_drop_fake_parse(tracker: ResponseTracker) -> bool:
@@ -520,8 +520,6 @@ def _flow(tracker: ResponseTracker, steps: list[tuple[str, object]]) -> str:
     return "".join(view)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="pgmux bug: an extended-protocol error pops a queued "
-                   "FAKE ParseComplete and passes its bytes to _forget_failed_parse (ValueError on the data path)")
 def test_tracker_error_before_a_queued_fake_parse() -> None:
     """Bind, Execute (fails), Parse of a statement already on the server (answer faked, queued), Sync."""
     t = ResponseTracker()
@@ -532,9 +530,6 @@ def test_tracker_error_before_a_queued_fake_parse() -> None:
     assert not t.queue and t.specials == 0
 
 
-@pytest.mark.xfail(strict=True, reason="pgmux bug: once an error has emptied the queue, the tracker forgets that "
-                   "PostgreSQL skips messages until Sync; what the client sends before its Sync is queued (or faked) "
-                   "although it will never be answered")
 @pytest.mark.parametrize("after_error", ["bind-execute", "fake-parse"])
 def test_tracker_messages_after_an_error_before_sync(after_error: str) -> None:
     """Parse (fails), Flush; the client reads the error, then sends more before its Sync (libpq pipeline

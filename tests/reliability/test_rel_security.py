@@ -233,9 +233,6 @@ def test_cancel_with_a_wrong_key_does_nothing(pooler: PoolerFactory) -> None:
         other.close()
 
 
-@pytest.mark.xfail(strict=True, reason="pgmux bug: a CancelRequest is sent on a new connection while the server "
-                   "it targets may be released and linked to another client before PostgreSQL processes it: the "
-                   "cancel then kills the other client's query (PgBouncer keeps such a server 'being_canceled')")
 def test_cancel_cannot_hit_the_next_client_of_the_server(cluster: TempCluster, pooler: PoolerFactory) -> None:
     """Deterministic through the fault proxy: cancel connections to PostgreSQL are slowed down by 0.6 s,
     so A's cancel arrives after A's query ended and the server went to B."""
