@@ -39,7 +39,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +49,7 @@ if str(ROOT) not in sys.path:  # python bench/django_bench.py
 import pgmux.django  # noqa: E402
 from pgmux.django.config import build_config  # noqa: E402
 from pgmux.django.loadtest import run_load  # noqa: E402
+from pgmux.testing import djangoapp  # noqa: E402
 from pgmux.testing.cluster import (  # noqa: E402
     PGBOUNCER_BIN,
     BackendSampler,
@@ -58,7 +58,6 @@ from pgmux.testing.cluster import (  # noqa: E402
     free_port,
 )
 
-EXAMPLE = ROOT / "examples" / "djangoapp"
 DB = {"name": "shop", "user": "shop", "password": "shop"}
 POOL_SIZE = 4
 
@@ -128,56 +127,10 @@ def cpu_ns(pid: int) -> int:
 
 
 def example_env(cluster: TempCluster, pooler_port: int, extra: dict[str, str]) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(EXAMPLE), *filter(None, [env.get("PYTHONPATH")])])
-    env.update({
-        "DJANGO_SETTINGS_MODULE": "djangoapp.settings",
-        "PG_HOST": cluster.host, "PG_PORT": str(cluster.port),
-        "PGMUX_HOST": "127.0.0.1", "PGMUX_PORT": str(pooler_port),
-        "DJANGOAPP_DB_NAME": DB["name"], "DJANGOAPP_DB_USER": DB["user"], "DJANGOAPP_DB_PASSWORD": DB["password"],
-        "PGMUX_POOL_SIZE": str(POOL_SIZE),
-    })
-    env.update(extra)
-    return env
-
-
-def http_ok(port: int, path: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-class Gunicorn:
-    def __init__(self, env: dict[str, str], workers: int) -> None:
-        self.port = free_port()
-        env = dict(env, GUNICORN_BIND=f"127.0.0.1:{self.port}", GUNICORN_WORKERS=str(workers))
-        self.logfile = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as gunicorn
-            prefix="django-bench-gunicorn-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], cwd=EXAMPLE,
-                                     env=env, stdout=self.logfile, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited:\n{Path(self.logfile.name).read_text()[-3000:]}")
-            if http_ok(self.port, "/nodb/"):
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("gunicorn did not answer within 30 s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.logfile.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.logfile.name)
+    """The example's environment for database ``shop`` and POOL_SIZE, plus ``extra``."""
+    db = {"DJANGOAPP_DB_NAME": DB["name"], "DJANGOAPP_DB_USER": DB["user"], "DJANGOAPP_DB_PASSWORD": DB["password"],
+          "PGMUX_POOL_SIZE": str(POOL_SIZE)}
+    return djangoapp.example_env(cluster, pooler_port, **{**db, **extra})
 
 
 WRK_LAT = re.compile(r"^\s*(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
@@ -211,8 +164,7 @@ def setup_database(cluster: TempCluster) -> None:
         conn.execute(f"ALTER ROLE {DB['user']} SET timezone = 'UTC'")  # no set_config per connection
         conn.execute(f"CREATE DATABASE {DB['name']} OWNER {DB['user']}")
     env = example_env(cluster, 0, {"DJANGOAPP_MODE": "direct"})
-    proc = subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=EXAMPLE, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = djangoapp.manage(env, "migrate", "--noinput", timeout=120)
     if proc.returncode:
         raise RuntimeError(f"migrate failed:\n{proc.stdout}\n{proc.stderr}")
 
@@ -245,11 +197,11 @@ def measure(name: str, cluster: TempCluster, args: argparse.Namespace, use_wrk: 
     extra = CONFIGS[name]
     mode = extra["DJANGOAPP_MODE"]
     pooler = start_pooler(cluster, mode) if mode in ("pgmux", "pgbouncer") else None
-    g = None
+    g: djangoapp.Gunicorn | None = None
     try:
         env = example_env(cluster, pooler.port if pooler else 0, extra)
         path = "/nodb/" if name == "nodb" else "/items/iter/" if name in ITER else args.view
-        g = Gunicorn(env, args.workers)
+        g = djangoapp.Gunicorn(env, args.workers)
         load(g.port, path, args.warmup, args.connections, use_wrk)  # warm-up: imports, connections, pools
         sessions0 = cluster.sessions_started(DB["name"])
         cpu0 = cpu_ns(pooler.pid) if pooler else 0

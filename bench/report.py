@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .measure import RunResult
@@ -126,6 +126,28 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str =
 # tables
 
 
+def pgbench_ran(s: Summary) -> list[Workload]:
+    """The pgbench workloads that have results."""
+    return [w for w in s.workloads if w.kind == "pgbench" and s.ran(w)]
+
+
+def target_cells(s: Summary, w: Workload, fmt: Callable[[Cell], str], failed: str | None = None) -> list[str]:
+    """One column per target (direct, PgBouncer, pgmux): n/a¹ or – where ``w`` does not run, – without
+    results, ``failed`` (default: the error) where every run failed, else ``fmt(cell)``."""
+    out = []
+    for t in ("direct", "pgbouncer", "pgmux"):
+        c = s.cell(w.key, t)
+        if t not in w.targets:
+            out.append("n/a¹" if t == "pgbouncer" else "–")
+        elif c is None:
+            out.append("–")
+        elif fails(c):
+            out.append(failed or fails(c) or "")
+        else:
+            out.append(fmt(c))
+    return out
+
+
 def throughput_table(s: Summary) -> str:
     headers = [
         "workload",
@@ -139,16 +161,8 @@ def throughput_table(s: Summary) -> str:
         "**pgmux/PgBouncer CPU**",
     ]
     rows = []
-    for w in s.workloads:
-        if w.kind != "pgbench" or not s.ran(w):
-            continue
-        row = [w.label]
-        for t in ("direct", "pgbouncer", "pgmux"):
-            c = s.cell(w.key, t)
-            if t not in w.targets:
-                row.append("n/a¹" if t == "pgbouncer" else "–")
-            else:
-                row.append(fails(c) or (f_num(c.median("tps")) + partial_note(c) if c else "–"))
+    for w in pgbench_ran(s):
+        row = [w.label, *target_cells(s, w, lambda c: f_num(c.median("tps")) + partial_note(c))]
         row.append(f"**{f_ratio(s.ratio(w.key, 'tps'))}**" if s.ratio(w.key, "tps") is not None else "–")
         row.append(f_ratio(s.ratio(w.key, "tps", den="direct")))
         for t in ("pgbouncer", "pgmux"):
@@ -170,20 +184,9 @@ def latency_table(s: Summary) -> str:
         "pgmux/PgBouncer p99",
     ]
     rows = []
-    for w in s.workloads:
-        if w.kind != "pgbench" or not s.ran(w):
-            continue
-        row = [w.label]
-        for t in ("direct", "pgbouncer", "pgmux"):
-            c = s.cell(w.key, t)
-            if t not in w.targets:
-                row.append("n/a¹" if t == "pgbouncer" else "–")
-            elif c is None:
-                row.append("–")
-            elif fails(c):
-                row.append("fails")
-            else:
-                row.append(f"{f_ms(c.median('mean_ms'))} / {f_ms(c.median('p99_ms'))}")
+    for w in pgbench_ran(s):
+        row = [w.label, *target_cells(s, w, lambda c: f"{f_ms(c.median('mean_ms'))} / {f_ms(c.median('p99_ms'))}",
+                                      failed="fails")]
         row.append(f_ratio(s.ratio(w.key, "mean_ms")))
         row.append(f_ratio(s.ratio(w.key, "p99_ms")))
         rows.append(row)

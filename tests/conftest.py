@@ -85,13 +85,9 @@ def pooler_kind(pytestconfig: pytest.Config) -> str:
 @pytest.fixture(scope="session")
 def cluster(pytestconfig: pytest.Config) -> Iterator[TempCluster]:
     """One PostgreSQL cluster per test run, with md5user/scramuser/trustuser and database testdb."""
-    c = TempCluster(keep=pytestconfig.getoption("--keep-cluster"))
-    c.start()
-    try:
+    with TempCluster(keep=pytestconfig.getoption("--keep-cluster")) as c:  # started, stopped at the end
         c.create_test_roles()
         yield c
-    finally:
-        c.stop()
 
 
 PoolerFactory = Callable[..., PoolerProcess]

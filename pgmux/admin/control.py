@@ -42,6 +42,16 @@ def _not_admin_db(name: str, what: str) -> None:
         raise AdminError(f"cannot {what} admin db: {name}")
 
 
+def _target_db(pooler: Pooler, what: str, arg: str) -> str | None:
+    """The database PAUSE, RECONNECT or KILL names (None: all of them), the command logged as PgBouncer does."""
+    if not arg:
+        logger.info("%s command issued", what.upper())
+        return None
+    logger.info("%s '%s' command issued", what.upper(), arg)
+    _not_admin_db(arg, what)
+    return _find_db(pooler, arg)
+
+
 def describe(pooler: Pooler, session: ConsoleSession, cmd: Command) -> Result | None:
     """The result a row-returning command would give now (Describe needs its columns before
     Execute); None for commands without rows. Only SHOW qualifies, and SHOW has no side effects."""
@@ -105,22 +115,10 @@ async def execute(pooler: Pooler, session: ConsoleSession, cmd: Command,
     if name == "pause":
         if state.pause_mode != P_NONE:
             raise AdminError("already suspended/paused")
-        if not arg:
-            logger.info("PAUSE command issued")
-            await pooler.admin_pause(None, alive)
-        else:
-            logger.info("PAUSE '%s' command issued", arg)
-            _not_admin_db(arg, "pause")
-            await pooler.admin_pause(_find_db(pooler, arg), alive)
+        await pooler.admin_pause(_target_db(pooler, name, arg), alive)
         return Result("PAUSE")
     if name == "reconnect":
-        if not arg:
-            logger.info("RECONNECT command issued")
-            pooler.admin_reconnect(None)
-        else:
-            logger.info("RECONNECT '%s' command issued", arg)
-            _not_admin_db(arg, "reconnect")
-            pooler.admin_reconnect(_find_db(pooler, arg))
+        pooler.admin_reconnect(_target_db(pooler, name, arg))
         return Result("RECONNECT")
     if name in ("disable", "enable"):
         if not arg:
@@ -142,13 +140,7 @@ async def execute(pooler: Pooler, session: ConsoleSession, cmd: Command,
     if name == "kill":
         if state.pause_mode != P_NONE:
             raise AdminError("already suspended/paused")
-        if not arg:
-            logger.info("KILL command issued")
-            pooler.admin_kill(None)
-        else:
-            logger.info("KILL '%s' command issued", arg)
-            _not_admin_db(arg, "kill")
-            pooler.admin_kill(_find_db(pooler, arg))
+        pooler.admin_kill(_target_db(pooler, name, arg))
         return Result("KILL")
     if name == "wait_close":
         if not arg:

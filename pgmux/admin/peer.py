@@ -1,4 +1,4 @@
-"""Facts about a client socket that only the kernel knows: the Unix peer's credentials, TLS details."""
+"""Facts about a client socket that only the kernel knows: the Unix peer's credentials."""
 
 from __future__ import annotations
 
@@ -26,13 +26,3 @@ def peer_credentials(transport: Any) -> tuple[int, int, int] | None:
     pid, uid, gid = _UCRED.unpack(raw)
     return pid, uid, gid
 
-
-def tls_info(transport: Any) -> str:
-    """``TLSv1.3/TLS_AES_256_GCM_SHA384``-style text for SHOW CLIENTS/SERVERS, '' without TLS."""
-    if transport is None:
-        return ""
-    obj = transport.get_extra_info("ssl_object")
-    if obj is None:
-        return ""
-    cipher = obj.cipher()
-    return f"{obj.version()}/{cipher[0] if cipher else ''}"

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from pgmux import __version__
 from pgmux.admin.commands import FAKE_PARAMS, AdminError
-from pgmux.admin.peer import peer_credentials, tls_info
+from pgmux.admin.peer import peer_credentials
 from pgmux.admin.result import Column, Result, Value, columns
 from pgmux.admin.state import ADMIN_DB, ADMIN_USER, P_PAUSE, P_SUSPEND
 from pgmux.net.base import BUF_SIZE
+from pgmux.net.tls import describe as tls_describe
 from pgmux.protocol import messages as m
 from pgmux.stats import counters
 
@@ -347,7 +348,7 @@ def _client_row(pooler: Pooler, c: ClientConnection, state: str, clock: _Clock, 
     row: list[Value] = [
         "C", c.user or "(nouser)", db_name or "(nodb)", "none", state, addr, port, laddr, lport,
         timestamp(c.connect_wall), timestamp(clock.wall_of(c.request_time)), wait, wait_us, 0,
-        _ptr(c), _ptr(c.server), remote_pid, tls_info(c.transport), app, _prepared_count(c), c.id,
+        _ptr(c), _ptr(c.server), remote_pid, tls_describe(c.transport, absent=""), app, _prepared_count(c), c.id,
     ]
     if debug:
         row += _debug_cols(c)
@@ -373,7 +374,7 @@ def _server_row(pooler: Pooler, sv: ServerConnection, state: str, clock: _Clock,
     row: list[Value] = [
         "S", sv.pool.user, sv.pool.database, "none", state, addr, sv.port, laddr, sv.local_port,
         timestamp(sv.connect_wall), timestamp(clock.wall_of(sv.request_time)), wait, wait_us,
-        int(sv.close_needed), _ptr(sv), _ptr(sv.client), sv.backend_pid, tls_info(sv.transport),
+        int(sv.close_needed), _ptr(sv), _ptr(sv.client), sv.backend_pid, tls_describe(sv.transport, absent=""),
         sv.params.get("application_name") or "", _prepared_count(sv), server_id(pooler, sv),
     ]
     if debug:

@@ -126,13 +126,9 @@ def check_entry(alias: str, entry: Mapping[str, Any]) -> list[checks.CheckMessag
     if opts is None:
         return out
 
-    invalid = []
-    if opts["pool_mode"] not in POOL_MODES:
-        invalid.append(f"pool_mode={opts['pool_mode']!r} (one of {', '.join(POOL_MODES)})")
-    if opts["pin_session_state"] not in PIN_MODES:
-        invalid.append(f"pin_session_state={opts['pin_session_state']!r} (one of {', '.join(PIN_MODES)})")
-    if opts["pooler"] not in POOLERS:
-        invalid.append(f"pooler={opts['pooler']!r} (one of {', '.join(POOLERS)})")
+    invalid = [f"{key}={opts[key]!r} (one of {', '.join(choices)})"
+               for key, choices in (("pool_mode", POOL_MODES), ("pin_session_state", PIN_MODES), ("pooler", POOLERS))
+               if opts[key] not in choices]
     mps = opts["max_prepared_statements"]
     if not isinstance(mps, int) or isinstance(mps, bool) or mps < 0:
         invalid.append(f"max_prepared_statements={mps!r} (an integer >= 0)")

@@ -18,6 +18,23 @@ BUF_SIZE = 65536
 _unpack_u32 = struct.Struct("!I").unpack_from
 
 
+class SharedReadBuffer:
+    """The receive buffer of every client with nothing retained between reads.
+
+    Thousands of idle clients must stay cheap, so a client reads into this one process-wide buffer
+    and owns a buffer only while it keeps bytes between reads (`ClientConnection.buffer_updated`).
+    Callbacks do not nest, so one read at a time uses it; a transport that still holds a view of it
+    after a write gets it for good, and a new one replaces it (`PgConnection.retain`)."""
+
+    buf = bytearray(BUF_SIZE)
+    mv = memoryview(buf)
+
+    @classmethod
+    def renew(cls) -> None:
+        cls.buf = bytearray(BUF_SIZE)
+        cls.mv = memoryview(cls.buf)
+
+
 class ConnectionLost(Exception):
     """The peer closed the socket while we waited for a message."""
 
@@ -87,6 +104,8 @@ class PgConnection(asyncio.BufferedProtocol):
         still be referenced by a transport and must not be overwritten."""
         n = end - start
         if fresh:
+            if self.buf is SharedReadBuffer.buf:
+                SharedReadBuffer.renew()
             new = bytearray(max(len(self.buf), n * 2))
             new[:n] = self.buf[start:end]
             self.buf = new

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from pgmux import log as pglog
 from pgmux.auth import ScramError, ScramServer, SecretKind, md5_verify, plain_verify, secret_kind
-from pgmux.net.base import ConnectionLost, PgConnection
+from pgmux.net.base import ConnectionLost, PgConnection, SharedReadBuffer
 from pgmux.net.tls import describe as tls_describe
 from pgmux.protocol import messages as m
 from pgmux.protocol.prepared import (
@@ -58,7 +58,7 @@ _X = m.TERMINATE
 _Q = m.QUERY
 _SYNC = m.SYNC
 _F = m.FUNCTION_CALL
-CLIENT_BUF_SIZE = 4096  # grows to 64 KiB for clients that send more per read
+CLIENT_BUF_SIZE = 4096  # smallest buffer a client owns while it keeps bytes between reads
 HOLD_LIMIT = 1 << 20  # bytes buffered for an unlinked client before we stop reading from it
 
 
@@ -75,7 +75,9 @@ class ClientConnection(PgConnection):
     """One client socket. `server` is the linked server connection, if any."""
 
     def __init__(self, pooler: Pooler, is_unix: bool = False) -> None:
-        super().__init__(CLIENT_BUF_SIZE)
+        super().__init__(0)
+        self.buf = SharedReadBuffer.buf  # see SharedReadBuffer: owned only while bytes are kept
+        self.mv = SharedReadBuffer.mv
         self.max_packet_size = pooler.settings.max_packet_size or 0x7FFFFFFF
         self.pooler = pooler
         self.is_unix = is_unix
@@ -159,6 +161,41 @@ class ClientConnection(PgConnection):
         s = self.server
         if s is not None and s.transport is not None:
             s.transport.resume_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if not self.keep:
+            shared = SharedReadBuffer
+            self.buf = shared.buf
+            self.mv = mv = shared.mv
+            return mv
+        return super().get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.forwarding:
+            self.data_path(nbytes)
+        else:
+            self.inbox += self.mv[self.keep : self.keep + nbytes]
+            self._wake()
+        if self.keep:
+            self._own_buffer()
+
+    def start_forwarding(self) -> None:
+        super().start_forwarding()
+        if self.keep:
+            self._own_buffer()
+
+    def _own_buffer(self) -> None:
+        """Bytes stay for the next read: they must not sit in the shared buffer. An owned buffer
+        with little room left is doubled on the next read (PgConnection.get_buffer)."""
+        keep = self.keep
+        buf = self.buf
+        if buf is SharedReadBuffer.buf:
+            new = bytearray(max(CLIENT_BUF_SIZE, keep * 2))
+            new[:keep] = buf[:keep]
+            self.buf = new
+            self.mv = memoryview(new)
+        elif len(buf) - keep < CLIENT_BUF_SIZE:
+            self.grow = True
 
     # ------------------------------------------------------------ data path: client -> server
 

@@ -106,10 +106,10 @@ def build_contexts(settings: Any) -> TlsContexts:
     return TlsContexts(client_ctx, server_ctx, client_mode, server_mode)
 
 
-def describe(transport: Any) -> str:
-    """`TLSv1.3/TLS_AES_256_GCM_SHA384` for the login log line, or `no`."""
+def describe(transport: Any, absent: str = "no") -> str:
+    """`TLSv1.3/TLS_AES_256_GCM_SHA384` for the login log line and SHOW CLIENTS/SERVERS; `absent` without TLS."""
     obj = transport.get_extra_info("ssl_object") if transport is not None else None
     if obj is None:
-        return "no"
+        return absent
     cipher = obj.cipher()
     return f"{obj.version()}/{cipher[0] if cipher else '?'}"

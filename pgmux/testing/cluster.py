@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,18 @@ def make_dsn(**params: object) -> str:
 def tail(text: str, lines: int = 40) -> str:
     """Last ``lines`` lines of ``text``, for error messages."""
     return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "") -> Any:
+    """Poll ``predicate`` until truthy and return its value; AssertionError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
 
 
 def _read(path: str | os.PathLike[str]) -> str:

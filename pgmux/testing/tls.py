@@ -33,6 +33,11 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 __all__ = ["CA", "CertError", "available_backends", "default_backend", "make_ca", "make_other_ca"]
 
@@ -169,46 +174,65 @@ def _crypto_validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
     return now - datetime.timedelta(hours=1), now + datetime.timedelta(days=days)  # an hour of clock skew
 
 
-def _crypto_make_ca(ca: CA) -> None:
+def _crypto_builder(
+    subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey, days: int, *, ca: bool
+) -> x509.CertificateBuilder:
+    """What CA and leaf certificates share: names, key, serial, validity, basicConstraints, and keyUsage
+    (keyCertSign and cRLSign for a CA, keyAgreement for a leaf)."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca.name)])
-    not_before, not_after = _crypto_validity(ca.days)
-    cert = (
+    not_before, not_after = _crypto_validity(days)
+    return (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
+        .issuer_name(issuer)
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
                 content_commitment=False,
                 key_encipherment=False,
                 data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
+                key_agreement=not ca,
+                key_cert_sign=ca,
+                crl_sign=ca,
                 encipher_only=False,
                 decipher_only=False,
             ),
             critical=True,
         )
+    )
+
+
+def _crypto_save(key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, key_path: Path, cert_path: Path) -> None:
+    """The key as unencrypted PKCS#8 PEM (mode 0600), the certificate as PEM."""
+    from cryptography.hazmat.primitives import serialization
+
+    _write_key(
+        key_path,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _crypto_make_ca(ca: CA) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca.name)])
+    cert = (
+        _crypto_builder(subject, subject, key.public_key(), ca.days, ca=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write_key(
-        ca.key_path,
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-    )
-    ca.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _crypto_save(key, cert, ca.key_path, ca.cert_path)
 
 
 def _crypto_issue(ca: CA, cert_path: Path, key_path: Path, *, cn: str, sans: Sequence[str], server: bool) -> None:
@@ -220,30 +244,9 @@ def _crypto_issue(ca: CA, cert_path: Path, key_path: Path, *, cn: str, sans: Seq
     ca_key = serialization.load_pem_private_key(ca.key_path.read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate(ca.cert_path.read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
-    not_before, not_after = _crypto_validity(ca.days)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        _crypto_builder(subject, ca_cert.subject, key.public_key(), ca.days, ca=False)
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
@@ -260,11 +263,7 @@ def _crypto_issue(ca: CA, cert_path: Path, key_path: Path, *, cn: str, sans: Seq
         entries += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
         builder = builder.add_extension(x509.SubjectAlternativeName(entries), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    _write_key(
-        key_path,
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _crypto_save(key, cert, key_path, cert_path)
 
 
 # --------------------------------------------------------------------------------------------------------------

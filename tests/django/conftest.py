@@ -14,9 +14,10 @@ import pytest
 
 pytest.importorskip("django")
 
-from djhelpers import ManagedPooler, manage, start_managed_pooler  # noqa: E402
+from djhelpers import ManagedPooler, start_managed_pooler  # noqa: E402
 
 from pgmux.testing.cluster import TempCluster, tail  # noqa: E402
+from pgmux.testing.djangoapp import manage  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ tests, which swap ``DATABASES`` with ``use_databases``; the example project runs
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 import time
@@ -24,10 +23,10 @@ pytest.importorskip("django")
 import django  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+from pgmux.testing import djangoapp  # noqa: E402
 from pgmux.testing.cluster import TempCluster, free_port, port_accepts, tail  # noqa: E402
+from pgmux.testing.djangoapp import EXAMPLE, stop_process  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO / "examples" / "djangoapp"
 SHOP = {"name": "shop", "user": "shop", "password": "shop"}
 
 if not settings.configured:
@@ -66,23 +65,8 @@ def use_databases(databases: dict[str, dict[str, Any]], *modules: Any, **more_se
 
 
 def example_env(cluster: TempCluster, pgmux_port: int, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(EXAMPLE), *filter(None, [env.get("PYTHONPATH")])])
-    env.update({
-        "DJANGO_SETTINGS_MODULE": "djangoapp.settings",
-        "PG_HOST": cluster.host,
-        "PG_PORT": str(cluster.port),
-        "PGMUX_HOST": "127.0.0.1",
-        "PGMUX_PORT": str(pgmux_port),
-        "PYTHONUNBUFFERED": "1",
-    })
-    env.update(extra)
-    return env
-
-
-def manage(env: dict[str, str], *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "manage.py", *args], cwd=EXAMPLE, env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    """The example's environment, unbuffered so that a failing child's output is complete."""
+    return djangoapp.example_env(cluster, pgmux_port, **{"PYTHONUNBUFFERED": "1", **extra})
 
 
 @dataclass
@@ -98,14 +82,7 @@ class ManagedPooler:
         return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+        return stop_process(self.proc)
 
 
 def start_managed_pooler(cluster: TempCluster, workdir: Path, *args: str, **env_extra: str) -> ManagedPooler:

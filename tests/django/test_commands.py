@@ -10,9 +10,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from djhelpers import SHOP, ManagedPooler, example_env, manage, start_managed_pooler
+from djhelpers import SHOP, ManagedPooler, example_env, start_managed_pooler
 
 from pgmux.testing.cluster import PGBOUNCER_BIN, PoolerProcess, TempCluster, free_port, ini_get, ini_set
+from pgmux.testing.djangoapp import manage
 
 pytestmark = pytest.mark.pgmux_only
 

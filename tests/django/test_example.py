@@ -9,18 +9,15 @@ PostgreSQL never sees more backends than the pool size.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from djhelpers import EXAMPLE, ManagedPooler, manage
+from djhelpers import ManagedPooler
 
 from pgmux.django.loadtest import run_load
-from pgmux.testing.cluster import BackendSampler, TempCluster, free_port, tail
+from pgmux.testing.cluster import BackendSampler, TempCluster, tail
+from pgmux.testing.djangoapp import Gunicorn, http_get, manage
 
 pytestmark = pytest.mark.pgmux_only
 
@@ -28,44 +25,9 @@ POOL_SIZE = 4  # examples/djangoapp settings: PGMUX_POOL_SIZE default
 
 
 def get(port: int, path: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
-            body = resp.read()
-            status = resp.status
-    except urllib.error.HTTPError as e:
-        body, status = e.read(), e.code
-    ctype = "json" if body[:1] in (b"{", b"[") else "text"
-    return status, json.loads(body) if ctype == "json" else body.decode()
-
-
-class Gunicorn:
-    def __init__(self, env: dict[str, str], workers: int = 2) -> None:
-        self.port = free_port()
-        env = dict(env, GUNICORN_BIND=f"127.0.0.1:{self.port}", GUNICORN_WORKERS=str(workers))
-        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], cwd=EXAMPLE,
-                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited: {self.proc.stdout.read() if self.proc.stdout else ''}")
-            try:
-                if get(self.port, "/nodb/")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("gunicorn did not answer within 20 s")
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.stdout.read() if self.proc.stdout else ""
+    """(status, JSON or text body) of a GET to the example."""
+    status, body = http_get(port, path)
+    return status, json.loads(body) if body[:1] in (b"{", b"[") else body.decode()
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +35,7 @@ def gunicorn(shop_migrated: ManagedPooler) -> Iterator[Callable[..., Gunicorn]]:
     made: list[Gunicorn] = []
 
     def start(**env: str) -> Gunicorn:
-        g = Gunicorn(dict(shop_migrated.env, **env))
+        g = Gunicorn(dict(shop_migrated.env, **env), start_timeout=20)
         made.append(g)
         return g
 

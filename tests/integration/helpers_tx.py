@@ -1,4 +1,4 @@
-"""Helpers shared by the transaction-mode, limits/timeouts and server-failure tests.
+"""Helpers shared by the session-mode, transaction-mode, limits/timeouts and server-failure tests.
 
 Kept out of conftest.py (owned by the harness) on purpose: these are plain functions plus one
 session fixture (``txbench``) that the test modules import by name.
@@ -6,12 +6,16 @@ session fixture (``txbench``) that the test modules import by name.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import selectors
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +26,22 @@ from pgmux.testing.cluster import PoolerProcess, TempCluster
 
 PASSWORDS = {"md5user": "md5pass", "scramuser": "scrampass"}
 BENCH_DB = "txbench"
+BIG_N = 100_000
+BIG_SQL = f"SELECT i, md5(i::text) FROM generate_series(1, {BIG_N}) AS i"
+
+
+def big_digest(rows: Iterable[Sequence[Any]]) -> tuple[int, int, str]:
+    """(count, sum of i, sha256 over 'i:md5' lines): a result read incompletely or out of order fails."""
+    h = hashlib.sha256()
+    count = total = 0
+    for i, md in rows:
+        count += 1
+        total += int(i)
+        h.update(f"{i}:{md}\n".encode())
+    return count, total, h.hexdigest()
+
+
+EXPECTED_BIG = big_digest((i, hashlib.md5(str(i).encode()).hexdigest()) for i in range(1, BIG_N + 1))
 
 
 def dbline(dbname: str = "testdb", **params: object) -> str:
@@ -33,18 +53,6 @@ def dbline(dbname: str = "testdb", **params: object) -> str:
 def default_dbs(**testdb_params: object) -> dict[str, str]:
     """The harness's default [databases] (testdb, postgres) with extra params on testdb."""
     return {"testdb": dbline("testdb", **testdb_params), "postgres": dbline("postgres")}
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "") -> Any:
-    """Poll ``predicate`` until truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(interval)
 
 
 def connect(p: PoolerProcess, user: str = "md5user", dbname: str = "testdb", **kw: Any) -> Any:
@@ -186,6 +194,61 @@ def quiet_cluster(cluster: TempCluster) -> None:
         if rows[0][0] == 0:
             return
         time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------------------------------
+# a client killed mid-transaction
+
+# argv: dsn, marker, table, statements to run before BEGIN (session state the next client must not see)
+KILL_SCRIPT = r"""
+import sys, time, psycopg
+dsn, marker, table, *setup = sys.argv[1:]
+conn = psycopg.connect(dsn, autocommit=True)
+for sql in setup:
+    conn.execute(sql)
+conn.execute("BEGIN")
+conn.execute(f"INSERT INTO {table} SELECT %s, g FROM generate_series(1, 100) g", [marker])
+pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+print(pid, flush=True)
+time.sleep(600)
+"""
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """One stdout line from a child, failing (with its stderr) instead of hanging."""
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    if not sel.select(timeout):
+        proc.kill()
+        pytest.fail(f"child printed nothing within {timeout}s; stderr: {proc.communicate()[1]}")
+    line = proc.stdout.readline()
+    if not line:
+        pytest.fail(f"child exited ({proc.wait()}): {proc.communicate()[1]}")
+    return line.strip()
+
+
+def sigkill_mid_transaction(cluster: TempCluster, dsn: str, table: str, marker: str, *setup: str) -> int:
+    """Have a child client run ``setup``, open a transaction inserting ``marker`` rows into ``table``,
+    then SIGKILL it; the pid of the server its transaction is open on."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, dsn, marker, table, *setup],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        server_pid = int(read_line(child, 30))
+        state = cluster.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", params=[server_pid])
+        assert state == [("idle in transaction",)], "setup: the child's transaction should be open"
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.communicate()
+    return server_pid
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgmux.testing.cluster import PoolerProcess, TempCluster, free_port, tail, write_config
+from pgmux.testing.cluster import PoolerProcess, TempCluster, free_port, tail, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -120,17 +120,6 @@ def show(conn: psycopg.Connection, what: str) -> tuple[list[str], list[dict[str,
 
 def rows_by(conn: psycopg.Connection, what: str, key: str) -> dict[Any, dict[str, Any]]:
     return {r[key]: r for r in show(conn, what)[1]}
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 5.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.05)
 
 
 class Background:
@@ -336,10 +325,10 @@ def test_stats_count_transactions(admin_pooler: PoolerProcess) -> None:
                 row = rows_by(a, "stats", "database")["testdb"]
                 return row if row["avg_xact_count"] > 0 and row["avg_xact_time"] > 0 else None
 
-            avg = wait_for(recent_averages, 3, "non-zero averages")
+            avg = wait_for(recent_averages, 3, what="non-zero averages")
             assert avg["avg_query_count"] >= avg["avg_xact_count"]
             assert rows_by(a, "stats_averages", "database")["testdb"]["xact_count"] >= 0
-    wait_for(lambda: "stats: " in admin_pooler.log_text(), 3, "the periodic stats log line")
+    wait_for(lambda: "stats: " in admin_pooler.log_text(), 3, what="the periodic stats log line")
 
 
 def test_waiting_client_in_pools(cluster: TempCluster, pooler: Callable[..., PoolerProcess]) -> None:
@@ -349,7 +338,7 @@ def test_waiting_client_in_pools(cluster: TempCluster, pooler: Callable[..., Poo
         holder.execute("select 1")
         blocked = Background(lambda: waiter.execute("select 2").fetchall())
         pool = wait_for(lambda: (r := rows_by(a, "pools", "database")["testdb"])["cl_waiting"] == 1 and r,
-                        5, "cl_waiting = 1")
+                        5, what="cl_waiting = 1")
         assert pool["sv_active"] == 1 and pool["cl_active"] >= 1
         time.sleep(1.05)
         pool = rows_by(a, "pools", "database")["testdb"]
@@ -501,13 +490,22 @@ def test_pause_waits_for_transactions_and_holds_new_ones(cluster: TempCluster,
         assert not held.done
         running.execute("commit")  # the transaction ends: its server is released and closed
         assert pause.join(5) == "PAUSE"
-        wait_for(lambda: rows_by(watcher, "pools", "database")["testdb"]["cl_waiting"] == 1, 3, "held client")
+        wait_for(lambda: rows_by(watcher, "pools", "database")["testdb"]["cl_waiting"] == 1, 3, what="held client")
         assert rows_by(watcher, "pools", "database")["testdb"]["sv_idle"] == 0
         time.sleep(0.3)
         assert not held.done, "PAUSE holds new transactions until RESUME"
         assert watcher.execute("RESUME testdb").statusmessage == "RESUME"
         assert held.join(5) == [(2,)]
         assert running.execute("select 3").fetchall() == [(3,)]
+
+
+def assert_held_until_resume(c: psycopg.Connection, a: psycopg.Connection, n: int) -> None:
+    """``select n`` on ``c`` waits (paused or suspended) until RESUME on console ``a``, then answers."""
+    held = Background(lambda: c.execute(f"select {n}").fetchall())
+    time.sleep(0.3)
+    assert not held.done
+    a.execute("RESUME")
+    assert held.join(5) == [(n,)]
 
 
 def test_global_pause_and_resume(admin_pooler: PoolerProcess) -> None:
@@ -518,11 +516,7 @@ def test_global_pause_and_resume(admin_pooler: PoolerProcess) -> None:
             assert {r["key"]: r["value"] for r in show(a, "state")[1]}["paused"] == "yes"
         with pytest.raises(psycopg.errors.ProtocolViolation, match="^already suspended/paused$"):
             a.execute("PAUSE")
-        held = Background(lambda: c.execute("select 5").fetchall())
-        time.sleep(0.3)
-        assert not held.done
-        a.execute("RESUME")
-        assert held.join(5) == [(5,)]
+        assert_held_until_resume(c, a, 5)
 
 
 def test_kill_drops_the_database_clients(admin_pooler: PoolerProcess) -> None:
@@ -570,7 +564,7 @@ def test_reload_applies_pool_size_and_new_database(cluster: TempCluster,
         holder.execute("begin")
         holder.execute("select 1")
         blocked = Background(lambda: waiter.execute("select 2").fetchall())
-        wait_for(lambda: rows_by(a, "pools", "database")["testdb"]["cl_waiting"] == 1, 5, "a waiting client")
+        wait_for(lambda: rows_by(a, "pools", "database")["testdb"]["cl_waiting"] == 1, 5, what="a waiting client")
         databases = {"testdb": "host={host} port={port} dbname=testdb",
                      "postgres": "host={host} port={port}",
                      "newdb": "host={host} port={port} dbname=testdb pool_size=3"}
@@ -646,11 +640,7 @@ def test_suspend_and_resume(admin_pooler: PoolerProcess) -> None:
         assert {r["key"]: r["value"] for r in show(a, "state")[1]}["suspended"] == "yes"
         with pytest.raises(psycopg.errors.ProtocolViolation, match="already suspended/paused"):
             a.execute("KILL")
-        held = Background(lambda: c.execute("select 4").fetchall())
-        time.sleep(0.3)
-        assert not held.done
-        a.execute("RESUME")
-        assert held.join(5) == [(4,)]
+        assert_held_until_resume(c, a, 4)
 
 
 def test_shutdown_immediate(cluster: TempCluster, pooler: Callable[..., PoolerProcess]) -> None:
@@ -677,7 +667,7 @@ def test_metrics_endpoint_agrees_with_show_stats(cluster: TempCluster, pooler: C
     with app(p) as c, console(p) as a:  # (the listener starts at the latest with the first console login)
         for i in range(5):
             c.execute("select %s::int", (i,), prepare=False)
-        wait_for(lambda: _port_open(port), 3, "metrics listener")
+        wait_for(lambda: _port_open(port), 3, what="metrics listener")
         stats = rows_by(a, "stats_totals", "database")["testdb"]
         pools = rows_by(a, "pools", "database")["testdb"]
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()

@@ -29,11 +29,10 @@ from helpers_tx import (
     send_query,
     sleepers,
     terminate,
-    wait_for,
 )
 from pgwire import RawConn, login_error, startup_packet
 
-from pgmux.testing.cluster import BackendSampler, PoolerProcess, TempCluster
+from pgmux.testing.cluster import BackendSampler, PoolerProcess, TempCluster, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("quiet_cluster")]
 

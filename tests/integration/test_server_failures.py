@@ -31,10 +31,9 @@ from helpers_tx import (
     terminate,
     truncate_history,
     txbench,  # noqa: F401 - session fixture
-    wait_for,
 )
 
-from pgmux.testing.cluster import PoolerProcess, TempCluster
+from pgmux.testing.cluster import PoolerProcess, TempCluster, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("quiet_cluster")]
 

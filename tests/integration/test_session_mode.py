@@ -7,60 +7,27 @@ PgBouncer means the test is wrong, and a failure against pgmux means pgmux is no
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
 import re
-import selectors
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
+from helpers_tx import BIG_SQL, EXPECTED_BIG, PASSWORDS, big_digest, idle_in_tx_count, sigkill_mid_transaction
 
-from pgmux.testing.cluster import BackendSampler, PoolerProcess, TempCluster, make_dsn
+from pgmux.testing.cluster import BackendSampler, PoolerProcess, TempCluster, make_dsn, wait_for
 
 pytestmark = pytest.mark.integration
-
-PASSWORDS = {"md5user": "md5pass", "scramuser": "scrampass"}
-BIG_N = 100_000
-BIG_SQL = f"SELECT i, md5(i::text) FROM generate_series(1, {BIG_N}) AS i"
 
 # Rows for COPY: tabs, newlines, backslashes, quotes, commas, non-ASCII and NULLs must survive.
 COPY_ROWS: list[tuple[int, str | None]] = [
     (i, None if i % 17 == 0 else f"row {i}\t\\ \"q\", 'x'\nline2 é€ {'z' * (i % 50)}") for i in range(1, 1001)
 ]
-
-
-def big_digest(rows: Iterable[Sequence[Any]]) -> tuple[int, int, str]:
-    """(count, sum of i, sha256 over 'i:md5' lines): a result read incompletely or out of order fails."""
-    h = hashlib.sha256()
-    count = total = 0
-    for i, m in rows:
-        count += 1
-        total += int(i)
-        h.update(f"{i}:{m}\n".encode())
-    return count, total, h.hexdigest()
-
-
-EXPECTED_BIG = big_digest((i, hashlib.md5(str(i).encode()).hexdigest()) for i in range(1, BIG_N + 1))
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.05, what: str = "") -> object:
-    """Poll ``predicate`` until truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(interval)
 
 
 def active_query_pid(cluster: TempCluster, needle: str, usename: str) -> int | None:
@@ -369,33 +336,6 @@ def test_pgbench_pool_limit(cluster: TempCluster, pooler: Callable[..., PoolerPr
 # ---------------------------------------------------------------------------------------------------
 # 4. client killed mid-transaction
 
-KILL_SCRIPT = r"""
-import sys, time, psycopg
-conn = psycopg.connect(sys.argv[1], autocommit=True)
-conn.execute("SET work_mem = '77MB'")
-conn.execute("CREATE TEMP TABLE kill_tmp (x int)")
-conn.execute("BEGIN")
-conn.execute("INSERT INTO kill_rows SELECT %s, g FROM generate_series(1, 100) g", [sys.argv[2]])
-pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
-print(pid, flush=True)
-time.sleep(600)
-"""
-
-
-def read_line(proc: subprocess.Popen, timeout: float) -> str:
-    """One stdout line from a child, failing (with its stderr) instead of hanging."""
-    assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    if not sel.select(timeout):
-        proc.kill()
-        pytest.fail(f"child printed nothing within {timeout}s; stderr: {proc.communicate()[1]}")
-    line = proc.stdout.readline()
-    if not line:
-        pytest.fail(f"child exited ({proc.wait()}): {proc.communicate()[1]}")
-    return line.strip()
-
-
 def test_client_sigkill_mid_transaction(cluster: TempCluster, pooler: Callable[..., PoolerProcess]) -> None:
     import psycopg
 
@@ -404,32 +344,10 @@ def test_client_sigkill_mid_transaction(cluster: TempCluster, pooler: Callable[.
     default_work_mem = cluster.execute("SHOW work_mem", dbname="testdb")[0][0]
     assert default_work_mem != "77MB"
     marker = f"kill-{os.getpid()}-{time.monotonic_ns()}"
-
-    child = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, p.dsn("md5user", "md5pass"), marker],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        server_pid = int(read_line(child, 30))
-        state = cluster.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", params=[server_pid])
-        assert state == [("idle in transaction",)], "setup: the child's transaction should be open"
-        child.send_signal(signal.SIGKILL)
-        child.wait(10)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        child.communicate()
-
-    def no_idle_in_tx() -> bool:
-        rows = cluster.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'md5user' AND state LIKE 'idle in transaction%'"
-        )
-        return rows[0][0] == 0
-
-    wait_for(no_idle_in_tx, 5, what="the killed client's transaction to end on the server")
+    server_pid = sigkill_mid_transaction(cluster, p.dsn("md5user", "md5pass"), "kill_rows", marker,
+                                         "SET work_mem = '77MB'", "CREATE TEMP TABLE kill_tmp (x int)")
+    wait_for(lambda: idle_in_tx_count(cluster, "md5user") == 0, 5,
+             what="the killed client's transaction to end on the server")
     rows = cluster.execute("SELECT count(*) FROM kill_rows WHERE marker = %s", dbname="testdb", params=[marker])
     assert rows == [(0,)], "rows of a killed (uncommitted) transaction became visible"
 

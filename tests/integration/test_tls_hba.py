@@ -101,14 +101,10 @@ def tls_cluster(certs: dict[str, Any]) -> Iterator[TempCluster]:
         target.write_bytes(Path(certs[name]).read_bytes())
         os.chmod(target, 0o600)
     chown_service_user(d)
-    c = TempCluster(settings={"ssl": "on", "ssl_cert_file": f"'{d / 'server.cert'}'",
-                              "ssl_key_file": f"'{d / 'server.key'}'"})
-    c.start()
-    try:
+    settings = {"ssl": "on", "ssl_cert_file": f"'{d / 'server.cert'}'", "ssl_key_file": f"'{d / 'server.key'}'"}
+    with TempCluster(settings=settings) as c:  # started, stopped at the end
         c.create_test_roles()
         yield c
-    finally:
-        c.stop()
 
 
 def _server_tls_pooler(pooler: Any, tls_cluster: TempCluster, certs: dict[str, Any], ca: CA,

@@ -8,20 +8,19 @@ Every test runs unchanged against PgBouncer 1.18 (``--pooler=pgbouncer``) unless
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 from helpers_tx import (
     BENCH_DB,
+    BIG_N,
+    BIG_SQL,
+    EXPECTED_BIG,
+    big_digest,
     connect,
     history_count,
     idle_in_tx_count,
@@ -30,35 +29,19 @@ from helpers_tx import (
     run_pgbench,
     run_threads,
     send_query,
+    sigkill_mid_transaction,
     truncate_history,
     txbench,  # noqa: F401 - session fixture
-    wait_for,
 )
 from pgwire import PgError, parse_error_fields
 
-from pgmux.testing.cluster import BackendSampler, PoolerProcess, TempCluster
+from pgmux.testing.cluster import BackendSampler, PoolerProcess, TempCluster, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("quiet_cluster")]
 
 PoolerFactory = Callable[..., PoolerProcess]
 
-BIG_N = 100_000
-BIG_SQL = f"SELECT i, md5(i::text) FROM generate_series(1, {BIG_N}) AS i"
 STATEMENT_MODE_ERROR = "transaction blocks not allowed in statement pooling mode"
-
-
-def big_digest(rows: Iterable[Sequence[Any]]) -> tuple[int, int, str]:
-    """(count, sum of i, sha256 over 'i:md5' lines): a result read incompletely or out of order fails."""
-    h = hashlib.sha256()
-    count = total = 0
-    for i, md in rows:
-        count += 1
-        total += int(i)
-        h.update(f"{i}:{md}\n".encode())
-    return count, total, h.hexdigest()
-
-
-EXPECTED_BIG = big_digest((i, hashlib.md5(str(i).encode()).hexdigest()) for i in range(1, BIG_N + 1))
 
 
 def tx_pooler(pooler: PoolerFactory, pool_size: int, **extra: object) -> PoolerProcess:
@@ -309,55 +292,11 @@ def _catch(fn: Callable[[], object], box: list[BaseException]) -> None:
 # ---------------------------------------------------------------------------------------------------
 # 3. a client killed mid-transaction
 
-KILL_SCRIPT = r"""
-import sys, time, psycopg
-conn = psycopg.connect(sys.argv[1], autocommit=True)
-conn.execute("BEGIN")
-conn.execute("INSERT INTO tx_kill_rows SELECT %s, g FROM generate_series(1, 100) g", [sys.argv[2]])
-pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
-print(pid, flush=True)
-time.sleep(600)
-"""
-
-
-def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    """One stdout line from a child, failing (with its stderr) instead of hanging."""
-    import selectors
-
-    assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    if not sel.select(timeout):
-        proc.kill()
-        pytest.fail(f"child printed nothing within {timeout}s; stderr: {proc.communicate()[1]}")
-    line = proc.stdout.readline()
-    if not line:
-        pytest.fail(f"child exited ({proc.wait()}): {proc.communicate()[1]}")
-    return line.strip()
-
-
 def test_client_sigkill_mid_transaction(cluster: TempCluster, pooler: PoolerFactory) -> None:
     p = tx_pooler(pooler, 1)
     cluster.execute("CREATE TABLE IF NOT EXISTS tx_kill_rows (marker text, n int)", dbname="testdb")
     marker = f"txkill-{os.getpid()}-{time.monotonic_ns()}"
-
-    child = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, p.dsn("md5user", "md5pass"), marker],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        server_pid = int(read_line(child, 30))
-        state = cluster.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", params=[server_pid])
-        assert state == [("idle in transaction",)], "setup: the child's transaction should be open"
-        child.send_signal(signal.SIGKILL)
-        child.wait(10)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        child.communicate()
+    server_pid = sigkill_mid_transaction(cluster, p.dsn("md5user", "md5pass"), "tx_kill_rows", marker)
 
     wait_for(
         lambda: idle_in_tx_count(cluster, "md5user") == 0,

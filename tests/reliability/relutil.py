@@ -42,18 +42,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "") -> Any:
-    """Poll until truthy; AssertionError after `timeout` s (usable outside pytest too)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(interval)
-
-
 _RECORD_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", re.M)
 _TRACE = re.compile(r"Traceback \(most recent call last\)|Task exception was never retrieved|Exception in callback|"
                     r"Fatal error on transport|Fatal error: protocol")

@@ -31,9 +31,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from relutil import LEDGER_DDL, Bench, Ledger, fd_count, run_bench, split_known, tracebacks, wait_until
+from relutil import LEDGER_DDL, Bench, Ledger, fd_count, run_bench, split_known, tracebacks
 
-from pgmux.testing.cluster import PoolerProcess, TempCluster, write_config
+from pgmux.testing.cluster import PoolerProcess, TempCluster, wait_for, write_config
 from pgmux.testing.faultproxy import FaultProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.pgmux_only]
@@ -150,7 +150,7 @@ def wait_serving(rig: Rig, timeout: float) -> float:
         except psycopg.Error:
             return False
 
-    wait_until(ok, timeout, interval=0.1, what="pgmux to serve again")
+    wait_for(ok, timeout, interval=0.1, what="pgmux to serve again")
     return time.monotonic() - start
 
 
@@ -179,8 +179,8 @@ def check_after(rig: Rig, ledger: Ledger | None, bench: Bench | None, label: str
     after = run_bench(rig.dsn, 8, 1)
     assert after.ok, "pgbench after the fault: " + after.describe()
     try:
-        servers = wait_until(lambda: (n := rig.cluster.count_backends(usename="md5user", datname=DB)) == POOL_SIZE
-                             and n, 5, what="the pool back at its size")
+        servers = wait_for(lambda: (n := rig.cluster.count_backends(usename="md5user", datname=DB)) == POOL_SIZE
+                           and n, 5, what="the pool back at its size")
     except AssertionError:
         servers = rig.cluster.count_backends(usename="md5user", datname=DB)
         raise AssertionError(f"pool did not refill to {POOL_SIZE} servers: {servers}") from None
@@ -205,10 +205,10 @@ def under_load(rig: Rig, fault: Callable[[], None], label: str, *, after_fault: 
     bench = Bench(rig.dsn, clients=8, seconds=BENCH_SECONDS).start()
     try:
         history0 = rig.sql("SELECT count(*) FROM pgbench_history")[0][0]
-        wait_until(lambda: ledger.committed >= 5, 15, what="the ledger to make progress")
+        wait_for(lambda: ledger.committed >= 5, 15, what="the ledger to make progress")
         # pgbench connects all its clients before its first transaction: once it commits, they are in
-        wait_until(lambda: rig.sql("SELECT count(*) FROM pgbench_history")[0][0] > history0 + 20, 15,
-                   what="pgbench to make progress")
+        wait_for(lambda: rig.sql("SELECT count(*) FROM pgbench_history")[0][0] > history0 + 20, 15,
+                 what="pgbench to make progress")
         fault()
         time.sleep(after_fault)
     finally:
@@ -468,7 +468,7 @@ def test_client_disconnect_storm(rig: Rig) -> None:
     print("  storm outcomes:", dict(outcomes))
     assert sum(v for k, v in outcomes.items() if k in styles) == 300, outcomes
     assert rig.sql("SELECT count(*) FROM ledger WHERE id < -1000000") == [(0,)], "a storm write survived"
-    wait_until(lambda: fd_count(rig.pid) <= fds0 + 2, 10, what=f"pgmux's fds back to {fds0}")
+    wait_for(lambda: fd_count(rig.pid) <= fds0 + 2, 10, what=f"pgmux's fds back to {fds0}")
 
 
 def test_max_client_conn_flood(rig: Rig) -> None:
@@ -647,7 +647,7 @@ def test_file_descriptor_exhaustion(rig: Rig) -> None:
     print(f"\n  fd limit {base + 40}: {dict(outcomes)}; pgmux used {cpu:.1f}s CPU in those ~2.5 s; "
           f"{emfile} log lines mention 'Too many open files'")
     assert cpu < 2.0, f"pgmux spun the CPU while out of fds ({cpu:.1f}s)"
-    wait_until(lambda: fd_count(rig.pid) <= base + 2, 10, what="fds back to the baseline")
+    wait_for(lambda: fd_count(rig.pid) <= base + 2, 10, what="fds back to the baseline")
     check_after(rig, None, None, f"file descriptors exhausted (limit {base + 40}, 120 connection attempts)")
 
 

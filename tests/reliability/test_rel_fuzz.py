@@ -32,10 +32,10 @@ from typing import Any
 import psycopg
 import pytest
 from pgwire import RawConn, message, parse_error_fields
-from relutil import GoodClients, fd_count, rss_kb, split_known, tracebacks, wait_until
+from relutil import GoodClients, fd_count, rss_kb, split_known, tracebacks
 
 from pgmux.protocol import messages as m
-from pgmux.testing.cluster import PoolerProcess
+from pgmux.testing.cluster import PoolerProcess, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.pgmux_only]
 
@@ -390,8 +390,8 @@ def test_live_fuzzer(pooler: PoolerFactory) -> None:
         rss1 = rss_kb(p.pid)
     finally:
         good.stop()
-    fds_after = wait_until(lambda: fd_count(p.pid) <= fds0 + 4 and fd_count(p.pid), 10,
-                           what="fds back to the baseline")
+    fds_after = wait_for(lambda: fd_count(p.pid) <= fds0 + 4 and fd_count(p.pid), 10,
+                         what="fds back to the baseline")
 
     by_family: dict[str, Counter[str]] = {}
     for o in outcomes:

@@ -6,6 +6,7 @@ waiting, what PAUSE closes, what a stats user may do) quickly and without Postgr
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -160,11 +161,16 @@ def linked(pooler: Pooler, pool: Any, pid: int) -> tuple[FakeClient, FakeServer]
     return client, server
 
 
+def idle_server(pool: Any, pid: int) -> FakeServer:
+    server = FakeServer(pool, pid)
+    pool.idle.append(server)
+    return server
+
+
 async def test_show_pools_counts_and_console_row(pooler: Pooler) -> None:
     pool = pool_of(pooler)
     _, busy = linked(pooler, pool, 1)
-    idle = FakeServer(pool, 2)
-    pool.idle.append(idle)
+    idle_server(pool, 2)
     FakeClient(pooler, pool)  # logged in, no server: active (shown idle in SHOW CLIENTS)
     waiter = FakeClient(pooler, pool)
     waiter.waiting = True
@@ -188,7 +194,7 @@ async def test_show_pools_counts_and_console_row(pooler: Pooler) -> None:
 
 async def test_show_databases_and_users(pooler: Pooler) -> None:
     pool = pool_of(pooler)
-    pool.idle.append(FakeServer(pool, 1))
+    idle_server(pool, 1)
     FakeClient(pooler, pool)
     pooler.admin_state().paused_dbs.add("testdb")
     dbs = {r["name"]: r for r in rows(show.show_databases(pooler))}
@@ -241,10 +247,7 @@ async def test_pause_closes_idle_marks_active_and_resume_undoes(pooler: Pooler) 
     admin = session(pooler, admin=True)
     pool = pool_of(pooler)
     client, active = linked(pooler, pool, 1)
-    idle = FakeServer(pool, 2)
-    pool.idle.append(idle)
-    import asyncio
-
+    idle = idle_server(pool, 2)
     pause = asyncio.ensure_future(run(pooler, admin, "pause testdb"))
     await asyncio.sleep(0.1)
     assert not pause.done()
@@ -289,12 +292,9 @@ async def test_reconnect_and_wait_close(pooler: Pooler) -> None:
     admin = session(pooler, admin=True)
     pool = pool_of(pooler)
     _, active = linked(pooler, pool, 1)
-    idle = FakeServer(pool, 2)
-    pool.idle.append(idle)
+    idle = idle_server(pool, 2)
     await run(pooler, admin, "reconnect")
     assert idle.closed_because == "database configuration changed" and active.close_needed
-    import asyncio
-
     waiter = asyncio.ensure_future(run(pooler, admin, "wait_close testdb"))
     await asyncio.sleep(0.1)
     assert not waiter.done()
@@ -361,8 +361,6 @@ async def test_metrics_collector(pooler: Pooler) -> None:
 
 
 async def test_signals_and_console_cancel(pooler: Pooler) -> None:
-    import asyncio
-
     pool = pool_of(pooler)
     pooler.admin_signal_pause()  # SIGUSR1
     await asyncio.sleep(0)
@@ -392,7 +390,6 @@ async def test_suspend_stops_reading_and_resume_restarts(pooler: Pooler) -> None
 
 async def test_metrics_listener_serves_and_refuses(pooler: Pooler, monkeypatch: pytest.MonkeyPatch,
                                                    caplog: pytest.LogCaptureFixture) -> None:
-    import asyncio
     import logging
     import sys
 
