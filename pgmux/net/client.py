@@ -240,7 +240,8 @@ class ClientConnection(PgConnection):
             self.fail(str(exc))
             return
         fwd = stop
-        terminate = interrupt = switch = False
+        last = -1  # where a Terminate or a message type no client may send starts
+        interrupt = switch = False
         if events:
             for typ, start, stop_ in events:
                 if typ in (_Q, _F):
@@ -254,13 +255,9 @@ class ClientConnection(PgConnection):
                     server.outstanding += 1
                     server.pending_ext = False
                     server.note_request()
-                elif typ == _X:
-                    fwd = start
-                    terminate = True
+                elif typ == _X or typ in _UNKNOWN_SET:
+                    fwd = last = start
                     break
-                elif typ in _UNKNOWN_SET:
-                    self._refuse_unknown(typ)
-                    return
                 else:
                     if typ == _P and self.pin_mode != "off":
                         self._hint_parse(bytes(self.buf[start + 5 : stop_]))
@@ -286,16 +283,10 @@ class ClientConnection(PgConnection):
         if fwd:
             st.write(mv[:fwd])
             server.pool.stats.bytes_received += fwd
-        self._after_forward(st, fwd, stop, end, terminate, interrupt)
+        self._after_forward(st, fwd, stop, end, last, interrupt)
         if switch:
             self.start_tracking()
             self.forward(self.keep)
-
-    def _refuse_unknown(self, typ: int) -> None:
-        """A message type no client may send: nothing of this read goes to the server."""
-        self._events.clear()
-        self.skip = 0
-        self.fail(f"unknown pkt from client: {typ}/0x{typ:x}")
 
     def _hint_parse(self, body: bytes) -> None:
         """Pinning hint from the query text of a Parse message body."""
@@ -317,12 +308,18 @@ class ClientConnection(PgConnection):
         self.tracking = server.tracking = True
         server.sent_prefix = server.keep  # the untracked path had forwarded what it retained
 
-    def _after_forward(self, st: asyncio.WriteTransport, fwd: int, stop: int, end: int, terminate: bool,
+    def _after_forward(self, st: asyncio.WriteTransport, fwd: int, stop: int, end: int, last: int,
                        interrupt: bool) -> None:
         """Keep what was not forwarded: an incomplete message, or everything from a query that
-        must wait for a database drain."""
-        if terminate:
-            self.close("client close request")
+        must wait for a database drain. `last` >= 0: the read ended with a Terminate, or with a
+        message no client may send (refused: it never reaches the server)."""
+        if last >= 0:
+            typ = self.buf[last]
+            self.skip = 0
+            if typ == _X:
+                self.close("client close request")
+            else:
+                self.fail(f"unknown pkt from client: {typ}/0x{typ:x}")
             return
         if interrupt:
             self.skip = 0
@@ -391,7 +388,8 @@ class ClientConnection(PgConnection):
         out: list[bytes | memoryview] = []
         run = 0
         fwd = stop
-        terminate = interrupt = False
+        last = -1
+        interrupt = False
         try:
             for typ, start, stop_ in events:
                 replacement: bytes | None = None
@@ -420,13 +418,9 @@ class ClientConnection(PgConnection):
                     server.outstanding += 1
                     server.note_request()
                     tracker.request(_F)
-                elif typ == _X:
-                    fwd = start
-                    terminate = True
+                elif typ == _X or typ in _UNKNOWN_SET:
+                    fwd = last = start
                     break
-                elif typ in _UNKNOWN_SET:
-                    self._refuse_unknown(typ)
-                    return
                 else:
                     server.pending_ext = True
                     if typ == _E:
@@ -451,7 +445,7 @@ class ClientConnection(PgConnection):
         if data:
             st.write(data)
             server.pool.stats.bytes_received += len(data)
-        self._after_forward(st, fwd, stop, end, terminate, interrupt)
+        self._after_forward(st, fwd, stop, end, last, interrupt)
 
     def _prepare_locally(self, end: int) -> bool:
         """A lone Parse + Sync outside a transaction (libpq's PQprepare) is answered without a

@@ -130,36 +130,27 @@ class ServerConnection(PgConnection):
     # ------------------------------------------------------------ data path: server -> client
 
     def data_path(self, nbytes: int) -> None:
+        client = self.client
+        if client is None:  # unlinked while forwarding: treat as idle data
+            self.inbox += self.mv[self.keep : self.keep + nbytes]
+            self._idle_data()
+            return
         if self.tracking:
-            self._data_path_tracked(nbytes)
+            self._data_path_tracked(nbytes, client)
             return
         keep = self.keep
         end = keep + nbytes
-        client = self.client
-        if client is None:  # unlinked while forwarding: treat as idle data
-            self.inbox += self.mv[keep:end]
-            self._idle_data()
-            return
         ct = client.transport
         ct.write(self.mv[keep:end])  # cut-through: forward before parsing
         self.pool.stats.bytes_sent += nbytes
-        pos = 0
-        if keep == 0 and self.skip:
-            skip = self.skip
-            if skip >= nbytes:
-                self.skip = skip - nbytes
-                if ct.get_write_buffer_size():
-                    self.retain(end, end, True)
-                return
-            pos = skip
+        pos = self._body_rest(nbytes) if self.skip else 0
+        if pos < 0:
+            self._keep_rest(end, end, ct)
+            return
         events = self._events
         buf = self.buf
         stop, self.skip = scan(buf, pos, end, SERVER_NEED_BODY, NO_TYPES, events)
-        fresh = ct.get_write_buffer_size() > 0
-        if stop < end or fresh:
-            self.retain(stop, end, fresh)
-        else:
-            self.keep = 0
+        self._keep_rest(stop, end, ct)
         if events:
             ready = False
             for typ, start, stop_ in events:
@@ -167,27 +158,18 @@ class ServerConnection(PgConnection):
                     self._ready_for_query(buf[start + 5])
                     ready = True
                 elif typ == _C:
-                    if self._clears_statements(buf, start, stop_):
-                        self.stmts.clear()
-                        client.stmts.clear()
+                    self._command_complete(buf, start, stop_, client)
                 else:  # ParameterStatus
-                    name, value = m.parse_parameter_status(bytes(buf[start + 5 : stop_]))
-                    self.params.set(name, value)
-                    client.params.set(name, value)
+                    self._parameter_status(buf, start, stop_, client)
             events.clear()
             if ready and self.outstanding == 0 and not self.pending_ext:
                 self.pooler.transaction_boundary(self)
 
-    def _data_path_tracked(self, nbytes: int) -> None:
+    def _data_path_tracked(self, nbytes: int, client: ClientConnection) -> None:
         """The data path while prepared statements are tracked: cut-through as above unless pgmux
         must swallow or invent answers (`tracker.specials`), then message by message."""
         keep = self.keep
         end = keep + nbytes
-        client = self.client
-        if client is None:
-            self.inbox += self.mv[keep:end]
-            self._idle_data()
-            return
         ct = client.transport
         mv = self.mv
         tracker = self.tracker
@@ -195,18 +177,13 @@ class ServerConnection(PgConnection):
         if not exact:
             ct.write(mv[self.sent_prefix : end])
         self.pool.stats.bytes_sent += nbytes
-        pos = 0
-        if keep == 0 and self.skip:
-            skip = self.skip
-            if skip >= nbytes:
-                self.skip = skip - nbytes
-                if exact:
-                    ct.write(mv[:end])
-                self.sent_prefix = 0
-                if ct.get_write_buffer_size():
-                    self.retain(end, end, True)
-                return
-            pos = skip
+        pos = self._body_rest(nbytes) if self.skip else 0
+        if pos < 0:
+            if exact:
+                ct.write(mv[:end])
+            self.sent_prefix = 0
+            self._keep_rest(end, end, ct)
+            return
         events = self._events
         buf = self.buf
         stop, self.skip = scan(buf, pos, end, TRACKED_NEED_BODY, TRACKED_NOTIFY, events)
@@ -216,9 +193,7 @@ class ServerConnection(PgConnection):
         extra: list[bytes] = []
         for typ, start, stop_ in events:
             if typ == _S:
-                name, value = m.parse_parameter_status(bytes(buf[start + 5 : stop_]))
-                self.params.set(name, value)
-                client.params.set(name, value)
+                self._parameter_status(buf, start, stop_, client)
                 continue
             if typ == _Z:
                 if self.statement_mode and buf[start + 5] == _INTRANS:
@@ -227,9 +202,8 @@ class ServerConnection(PgConnection):
                     return
                 self._ready_for_query(buf[start + 5])
                 ready = True
-            elif typ == _C and self._clears_statements(buf, start, stop_):
-                self.stmts.clear()
-                client.stmts.clear()
+            elif typ == _C:
+                self._command_complete(buf, start, stop_, client)
             forward = tracker.answer(typ, extra)
             if exact:
                 if not forward:
@@ -246,20 +220,42 @@ class ServerConnection(PgConnection):
         if exact:
             out.append(mv[run:stop])
             ct.write(b"".join(out))
+        self._keep_rest(stop, end, ct)
+        self.sent_prefix = 0 if exact else self.keep
+        if ready and self.outstanding == 0 and not self.pending_ext and not tracker.queue:
+            self.pooler.transaction_boundary(self)
+
+    def _body_rest(self, nbytes: int) -> int:
+        """Where this read's first message header starts, after the rest of a body begun in an
+        earlier read; -1 when the whole read is body."""
+        skip = self.skip
+        if self.keep:
+            return 0
+        if skip >= nbytes:
+            self.skip = skip - nbytes
+            return -1
+        return skip
+
+    def _keep_rest(self, stop: int, end: int, ct: asyncio.WriteTransport) -> None:
+        """Keep an incomplete message for the next read, and the buffer itself while the client's
+        transport still holds a view of it."""
         fresh = ct.get_write_buffer_size() > 0
         if stop < end or fresh:
             self.retain(stop, end, fresh)
         else:
             self.keep = 0
-        self.sent_prefix = 0 if exact else self.keep
-        if ready and self.outstanding == 0 and not self.pending_ext and not tracker.queue:
-            self.pooler.transaction_boundary(self)
 
-    @staticmethod
-    def _clears_statements(buf: bytearray, start: int, stop: int) -> bool:
-        """CommandComplete of DISCARD ALL or DEALLOCATE ALL: the server forgot every statement."""
+    def _parameter_status(self, buf: bytearray, start: int, stop: int, client: ClientConnection) -> None:
+        name, value = m.parse_parameter_status(bytes(buf[start + 5 : stop]))
+        self.params.set(name, value)
+        client.params.set(name, value)
+
+    def _command_complete(self, buf: bytearray, start: int, stop: int, client: ClientConnection) -> None:
+        """DISCARD ALL or DEALLOCATE ALL: the server forgot every prepared statement."""
         tag = bytes(buf[start + 5 : min(stop, start + 20)])
-        return tag.startswith((b"DISCARD ALL", b"DEALLOCATE ALL"))
+        if tag.startswith((b"DISCARD ALL", b"DEALLOCATE ALL")):
+            self.stmts.clear()
+            client.stmts.clear()
 
     def _ready_for_query(self, status: int) -> None:
         """Bookkeeping for one ReadyForQuery: outstanding requests, stats, transaction status."""

@@ -6,12 +6,13 @@ many concurrent connections. Checks: the process never dies and logs no unexpect
 client gets an ErrorResponse or a close before logging in (client_login_timeout bounds the rest), memory
 and file descriptors come back to where they were, and the good clients running meanwhile see no error.
 
-Hostile clients that log in use their own pool (database alias ``fuzzdb``): a server they leave in a bad
-state is handed to the next client of *that* pool -- a known pgmux bug with its own tests below -- so the
-good clients share the process, the event loop and every global structure with them, but not servers.
+Hostile clients that log in use their own pool (database alias ``fuzzdb``): the good clients share the
+process, the event loop and every global structure with them, but not servers, so that a good client's
+error points at pgmux's shared state. What the next client of a server a hostile client left gets is
+tested on its own below (test_client_leaving_leaves_no_poison_for_the_next_client).
 
 Then one test per pgmux bug the fuzzer and the property tests found, reduced to a deterministic
-reproducer (xfail(strict=True) until fixed).
+reproducer (they were xfail(strict=True) until fixed; docs/reliability.md, section 6).
 
 ``PGMUX_FUZZ_CASES`` (default 1000) and ``PGMUX_FUZZ_SEED`` (default: random, printed) tune the run.
 """
@@ -406,7 +407,7 @@ def test_live_fuzzer(pooler: PoolerFactory) -> None:
 
     known, unknown = split_known(tracebacks(p.log_text()))
     if known:
-        print("  known pgmux bugs hit (see the xfail tests):", dict(known))
+        print("  known pgmux bugs hit:", dict(known))
     assert not unknown, "unexpected traceback in pgmux's log:\n" + unknown[0]
     assert not good.errors, f"good clients saw errors: {good.errors[:5]}"
     assert good.queries > 50, "good clients made no progress"
