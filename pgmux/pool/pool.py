@@ -148,12 +148,14 @@ class Pool(Generic[S, C]):
     def connects_wanted(self, room_elsewhere: int | None = None, now: float | None = None) -> int:
         """How many new server connections to open now: enough for the waiting clients (and to
         reach min_pool_size), within pool capacity and `room_elsewhere` (db/user caps)."""
-        wanted = self.live_waiters() - self.connecting - len(self.busy)  # busy ones come back soon
-        if self.limits.min_pool_size:
-            wanted = max(wanted, self.limits.min_pool_size - self.server_count)
         room = self.capacity(now) - self.server_count
         if room_elsewhere is not None:
             room = min(room, room_elsewhere)
+        if room <= 0:  # the usual case under load: no need to count the waiters (O(n))
+            return 0
+        wanted = self.live_waiters() - self.connecting - len(self.busy)  # busy ones come back soon
+        if self.limits.min_pool_size:
+            wanted = max(wanted, self.limits.min_pool_size - self.server_count)
         return max(0, min(wanted, room))
 
     def server_ready(self, server: S) -> C | None:
