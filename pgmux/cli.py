@@ -7,12 +7,15 @@ import asyncio
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgmux import __version__
 from pgmux import log as pglog
 from pgmux.auth import AuthFileError
 from pgmux.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from pgmux.workers import WorkerContext
 
 logger = pglog.logger
 
@@ -95,6 +98,25 @@ def _daemonize() -> None:
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:
+    if config.settings.workers > 1:
+        from pgmux.workers import Supervisor
+
+        def relog(new: Config) -> None:
+            s = new.settings
+            pglog.setup_logging(verbose=args.verbose + int(s.verbose), quiet=args.quiet or args.daemon,
+                                logfile=s.logfile or None)
+
+        def drop_privileges() -> None:
+            if args.user:
+                _switch_user(args.user)
+
+        return Supervisor(config, lambda cfg, worker: _run_loop(args, cfg, worker),
+                          after_bind=drop_privileges, on_reload=relog).run()
+    return _run_loop(args, config, None)
+
+
+def _run_loop(args: argparse.Namespace, config: Config, worker: WorkerContext | None) -> int:
+    """One process's event loop: the whole pooler, or one worker of several."""
     use_uvloop = not args.no_uvloop
     loop_factory: Any = None
     if use_uvloop:
@@ -105,17 +127,21 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         except ImportError:
             loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(serve(args, config))
+        return runner.run(serve(args, config, worker))
 
 
-async def serve(args: argparse.Namespace, config: Config) -> int:
+async def serve(args: argparse.Namespace, config: Config, worker: WorkerContext | None = None) -> int:
     from pgmux.net.listener import start_listeners
     from pgmux.pooler import Pooler
 
     loop = asyncio.get_running_loop()
     pooler = Pooler(config)
+    share = worker.prepare(pooler) if worker is not None else None
     try:
-        pooler.listeners = await start_listeners(pooler)
+        if worker is not None:
+            pooler.listeners = await start_listeners(pooler, worker.bound, worker.index)
+        else:
+            pooler.listeners = await start_listeners(pooler)
     except OSError as exc:
         logger.critical("%s", exc)
         return 1
@@ -132,15 +158,18 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
                             logfile=s.logfile or None)
 
     pooler.on_reload = relog  # type: ignore[attr-defined]
+    # Signals act on this process only; a worker's console commands also reach the others
+    # (WorkerShare.start wraps admin_reload/admin_shutdown), the signal path must not.
+    admin_shutdown = pooler.admin_shutdown
 
     def shutdown(signame: str, mode: str) -> None:
         state["signals"] += 1
         if state["signals"] > 1 or mode == "immediate":
             logger.info("got %s, exiting immediately", signame)
-            pooler.admin_shutdown("immediate")
+            admin_shutdown("immediate")
             return
         logger.info("got %s, shutting down (%s)", signame, mode)
-        pooler.admin_shutdown(mode)
+        admin_shutdown(mode)
 
     loop.add_signal_handler(signal.SIGHUP, pooler.admin_reload)
     loop.add_signal_handler(signal.SIGUSR1, pooler.admin_signal_pause)
@@ -149,13 +178,18 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
     loop.add_signal_handler(signal.SIGTERM, shutdown, "SIGTERM", "wait_for_clients")
     loop.add_signal_handler(signal.SIGQUIT, shutdown, "SIGQUIT", "immediate")
     listen = ", ".join(config.settings.listen_addr) or "(unix only)"
-    logger.info("pgmux %s listening on %s port %s", __import__("pgmux").__version__, listen,
-                config.settings.listen_port)
+    where = f" (worker {worker.index + 1} of {worker.count})" if worker is not None else ""
+    logger.info("pgmux %s listening on %s port %s%s", __import__("pgmux").__version__, listen,
+                config.settings.listen_port, where)
+    if share is not None:
+        share.start()
     janitor = loop.create_task(_janitor(pooler))
     try:
         await done
     finally:
         janitor.cancel()
+        if share is not None:
+            share.stop()
         pooler.close_all()
         await asyncio.sleep(0.05)  # let the FATAL messages and Terminates go out
     logger.info("shutdown complete")

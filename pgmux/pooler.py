@@ -13,7 +13,7 @@ import os
 import random
 import secrets
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgmux import log as pglog
 from pgmux.auth import load_auth_file
@@ -34,6 +34,9 @@ from pgmux.protocol.sessionstate import (
     probe_sql,
 )
 from pgmux.protocol.varcache import set_statement, tracked_names
+
+if TYPE_CHECKING:
+    from pgmux.workers import WorkerShare
 
 QUERY_TIMEOUT = "query timeout"
 logger = pglog.logger
@@ -101,6 +104,10 @@ class Pooler:
         self._rr_counter = 0
         self.statements = StatementRegistry()
         self.looked_up_secrets: dict[str, str] = {}
+        # workers > 1 (pgmux/workers.py): this process's place, and the limits it shares.
+        self.workers = 1
+        self.worker_index = 0
+        self.shared: WorkerShare | None = None
         self.apply_config(config)
 
     # ------------------------------------------------------------ configuration
@@ -262,6 +269,9 @@ class Pooler:
         being refused do not count, so a burst fills the free slots and only the excess is refused."""
         if self.admitted_clients >= self.settings.max_client_conn:
             return False
+        if self.shared is not None and not self.shared.admit_client(self.admitted_clients,
+                                                                    self.settings.max_client_conn):
+            return False
         self.admitted_clients += 1
         client.admitted = True
         return True
@@ -273,6 +283,8 @@ class Pooler:
         while True:
             key = bytearray(secrets.token_bytes(8))
             key[0] &= 0x7F  # PgBouncer clears the sign bit of the first byte
+            if self.shared is not None:
+                key[0] = self.shared.stamp_key(key[0])  # which worker a CancelRequest goes to
             k = bytes(key)
             if k not in self.cancel_keys:
                 self.cancel_keys[k] = client
@@ -284,6 +296,8 @@ class Pooler:
         if client.admitted:
             client.admitted = False
             self.admitted_clients -= 1
+            if self.shared is not None:
+                self.shared.clients_changed(self.admitted_clients)
         if client.cancel_key:
             self.cancel_keys.pop(client.cancel_key, None)
         if client.login_task is not None and not client.login_task.done():
@@ -409,6 +423,8 @@ class Pooler:
 
     def _room_outside_pool(self, pool: Pool[ServerConnection, ClientConnection]) -> int | None:
         """Servers still allowed by max_db_connections / max_user_connections."""
+        if self.shared is not None:
+            return self.shared.room_outside_pool(pool)
         room: int | None = None
         lim = pool.limits
         if lim.max_db_connections:
@@ -421,6 +437,8 @@ class Pooler:
         return room
 
     def _spawn_connect(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
+        if self.shared is not None and not self.shared.reserve_server(pool):
+            return  # no room across workers: the worker tick retries while clients wait
         if pool.limits.reserve_pool_size and pool.server_count >= pool.limits.pool_size:
             logger.info("%s/%s taking connection from reserve_pool", pool.database, pool.user)
         pool.connecting += 1
@@ -568,6 +586,8 @@ class Pooler:
     def _connect_failed(self, pool: Pool[ServerConnection, ClientConnection],
                         server: ServerConnection | None, fields: dict[str, str]) -> None:
         pool.connecting -= 1
+        if self.shared is not None:
+            self.shared.servers_changed(pool)
         msg = fields.get("M", "server login failed")
         logger.warning("%s/%s server login failed: %s", pool.database, pool.user, msg)
         if server is not None:
@@ -890,6 +910,8 @@ class Pooler:
         """A server socket closed (by us or by PostgreSQL)."""
         pool = server.pool
         pool.server_gone(server)
+        if self.shared is not None:
+            self.shared.server_closed(server)
         if self.settings.log_disconnections and server.state != "login":
             age = time.monotonic() - server.connect_time
             logger.info("%s closing because: %s (age=%ds)", server.log_prefix, reason, age)
@@ -906,6 +928,8 @@ class Pooler:
     def handle_cancel(self, pid: int, key: int) -> None:
         """Route a CancelRequest to the server the client is linked to, over a new connection."""
         k = pid.to_bytes(4, "big", signed=True) + key.to_bytes(4, "big", signed=True)
+        if self.shared is not None and self.shared.forward_cancel(k):
+            return  # another worker's client: that worker handles it
         client = self.cancel_keys.get(k)
         if client is None:
             logger.info("failed cancel request: no such client")

@@ -281,7 +281,8 @@ _TABLE: tuple[SettingDef, ...] = (
     _def("verbose", "int", None, null_default=0),  # NULL default in PgBouncer, value 0
     # --- pgmux extensions: not in PgBouncer; kept after its keys so SHOW CONFIG's order of the
     # --- PgBouncer keys is unchanged (pgbouncer_exporter and scripts match by name anyway).
-    _def("workers", "int", "1", reloadable=_NO, minimum=1, extension=True),
+    # at most 128: the worker index lives in 7 bits of the cancel key (pgmux/workers.py)
+    _def("workers", "int", "1", reloadable=_NO, minimum=1, maximum=128, extension=True),
     _def("metrics_listen", "str", "", reloadable=_NO, extension=True),
     _def("pin_session_state", "enum", "auto", choices=PIN_SESSION_STATE, extension=True),
     _def("pin_timeout", "float", "0", extension=True),
