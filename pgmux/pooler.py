@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import resource
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
@@ -95,6 +96,10 @@ class Pooler:
         self.pools: dict[tuple[str, str], Pool[ServerConnection, ClientConnection]] = {}
         self.clients: set[ClientConnection] = set()
         self.admitted_clients = 0  # clients past the max_client_conn check
+        self.fd_limit = 0
+        self.fd_warn_at = 0
+        self._fd_warned = -10.0
+        self._read_fd_limit()
         self.cancel_keys: dict[bytes, ClientConnection] = {}
         self.shutting_down = False
         self.listeners: list[asyncio.AbstractServer] = []
@@ -278,6 +283,39 @@ class Pooler:
 
     def client_connected(self, client: ClientConnection) -> None:
         self.clients.add(client)
+        admin = self.__dict__.get("_admin")
+        if admin is not None and admin.pause_mode == "suspend" and client.transport is not None:
+            # SUSPEND: new clients wait, unread, until RESUME (PgBouncer's behaviour)
+            client.transport.pause_reading()
+            admin.suspended.append(client.transport)
+        self._read_fd_limit()  # one getrlimit per connection: prlimit may lower it any time
+        if len(self.clients) + self.server_total() > self.fd_warn_at:
+            self._warn_fd_limit()
+
+    def _read_fd_limit(self) -> None:
+        """The open files limit (it can change under a running process: prlimit), and the number of
+        client and server connections beyond which fewer than ~5% of the descriptors are left (at
+        least 32: listeners, the log, the event loop's own descriptors use some)."""
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if limit == resource.RLIM_INFINITY or limit <= 0:
+            limit = 1 << 30
+        if limit != self.fd_limit:
+            self.fd_limit = limit
+            self.fd_warn_at = max(0, limit - max(32, limit // 20))
+
+    def _warn_fd_limit(self) -> None:
+        """Near the open files limit the kernel resets new connections without a word (libuv
+        closes them for us): say so in the log, at most every 10 s."""
+        now = time.monotonic()
+        if now - self._fd_warned < 10:
+            return
+        self._fd_warned = now
+        logger.warning("%d client and %d server connections, close to the open files limit (%d): new "
+                       "connections will be reset (Too many open files) without an error message; raise the "
+                       "limit (ulimit -n)", len(self.clients), self.server_total(), self.fd_limit)
+
+    def server_total(self) -> int:
+        return sum(pool.server_count for pool in self.pools.values())
 
     def register_cancel_key(self, client: ClientConnection) -> bytes:
         while True:
@@ -518,6 +556,8 @@ class Pooler:
         pool.connecting -= 1
         pool.login_failure = None
         server.state = "idle"
+        if server.connect_time < pool.dirty_since:  # RECONNECT/RELOAD came while it logged in
+            server.close_needed = True
         if pool.params is None:
             pool.params = dict(server.login_params)
         for fut in self._params_waiters.pop(id(pool), []):
@@ -977,6 +1017,7 @@ class Pooler:
     def janitor_tick(self) -> None:
         """Once a second: timeouts of waiting clients, idle servers, lifetimes, min_pool_size."""
         now = time.monotonic()
+        self._read_fd_limit()
         s = self.settings
         for pool in list(self.pools.values()):
             db = self.config.find_database(pool.database)
@@ -1214,8 +1255,10 @@ class Pooler:
                 client.fail("database removed")
 
     def _admin_tag_dirty(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
-        """PgBouncer's tag_pool_dirty: idle servers go now, the others when released."""
+        """PgBouncer's tag_pool_dirty: idle servers go now, the others when released, and the
+        ones still logging in once they have."""
         state = self.admin_state()
+        pool.dirty_since = time.monotonic()
         for server in list(pool.idle):
             pool.server_gone(server)
             server.close("database configuration changed")

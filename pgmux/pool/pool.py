@@ -86,6 +86,7 @@ class Pool(Generic[S, C]):
     scram_client_key: bytes | None = None
     paused: bool = False
     empty_since: float = 0.0  # for autodb_idle_timeout
+    dirty_since: float = 0.0  # RECONNECT: servers that started logging in before it get replaced
     # Encoded ParameterStatus sets by the client's startup values; key None holds the params
     # they were built from, so a change of `params` empties the cache.
     welcome_cache: dict = field(default_factory=dict)

@@ -643,6 +643,22 @@ def test_suspend_and_resume(admin_pooler: PoolerProcess) -> None:
         assert_held_until_resume(c, a, 4)
 
 
+def test_new_client_waits_while_suspended(admin_pooler: PoolerProcess) -> None:
+    """PgBouncer: new client connections to a suspended pooler wait until RESUME."""
+    with console(admin_pooler) as a:
+        assert a.execute("SUSPEND").statusmessage == "SUSPEND"
+
+        def connect_and_query() -> list[Any]:
+            with app(admin_pooler, connect_timeout=10) as c:
+                return c.execute("select 6").fetchall()
+
+        late = Background(connect_and_query)
+        time.sleep(0.5)
+        assert not late.done, "a new client logged in while pgmux was suspended"
+        a.execute("RESUME")
+        assert late.join(5) == [(6,)]
+
+
 def test_shutdown_immediate(cluster: TempCluster, pooler: Callable[..., PoolerProcess]) -> None:
     p = pooler(**admin_config(cluster))
     a = console(p)

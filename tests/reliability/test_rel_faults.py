@@ -644,6 +644,7 @@ def test_file_descriptor_exhaustion(rig: Rig) -> None:
     print(f"\n  fd limit {base + 40}: {dict(outcomes)}; pgmux used {cpu:.1f}s CPU in those ~2.5 s; "
           f"{emfile} log lines mention 'Too many open files'")
     assert cpu < 2.0, f"pgmux spun the CPU while out of fds ({cpu:.1f}s)"
+    assert emfile >= 1, "pgmux said nothing in its log about running out of file descriptors"
     wait_for(lambda: fd_count(rig.pid) <= base + 2, 10, what="fds back to the baseline")
     check_after(rig, None, None, f"file descriptors exhausted (limit {base + 40}, 120 connection attempts)")
 
