@@ -96,6 +96,9 @@ class Pooler:
         self.pools: dict[tuple[str, str], Pool[ServerConnection, ClientConnection]] = {}
         self.clients: set[ClientConnection] = set()
         self.admitted_clients = 0  # clients past the max_client_conn check
+        # clients past check_client_limits, per client-side database name and per user
+        self.db_clients: dict[str, int] = {}
+        self.user_clients: dict[str, int] = {}
         self.fd_limit = 0
         self.fd_warn_at = 0
         self._fd_warned = -10.0
@@ -242,22 +245,44 @@ class Pooler:
         return out
 
     def check_client_limits(self, client: ClientConnection, db: DatabaseEntry, user: str) -> None:
+        """max_db_client_connections / max_user_client_connections (across workers when there are
+        several); a client that passes is counted until it goes (client_gone)."""
         s = self.settings
         max_db = db.max_db_client_connections if db.max_db_client_connections is not None else (
             s.max_db_client_connections
         )
-        if max_db:
-            n = sum(1 for c in self.clients if c.logged_in and c.dbname == client.dbname)
-            if n >= max_db:
-                raise ClientError("client connections exceeded (max_db_client_connections)")
         u = self.config.users.get(user)
         max_user = u.max_user_client_connections if u and u.max_user_client_connections is not None else (
             s.max_user_client_connections
         )
-        if max_user:
-            n = sum(1 for c in self.clients if c.logged_in and c.user == user)
-            if n >= max_user:
-                raise ClientError("client connections exceeded (max_user_client_connections)")
+        dbname = client.dbname or ""
+        n_db = self.db_clients.get(dbname, 0)
+        n_user = self.user_clients.get(user, 0)
+        refused = None
+        if max_db and n_db >= max_db:
+            refused = "max_db_client_connections"
+        elif max_user and n_user >= max_user:
+            refused = "max_user_client_connections"
+        elif self.shared is not None:
+            refused = self.shared.admit_login(dbname, max_db, n_db, user, max_user, n_user)
+        if refused is not None:
+            raise ClientError(f"client connections exceeded ({refused})")
+        self.db_clients[dbname] = n_db + 1
+        self.user_clients[user] = n_user + 1
+        client.limits_counted = (dbname, user)
+
+    def _uncount_client(self, client: ClientConnection) -> None:
+        dbname, user = client.limits_counted  # type: ignore[misc]
+        client.limits_counted = None
+        n_db = self.db_clients[dbname] - 1
+        n_user = self.user_clients[user] - 1
+        for counts, key, n in ((self.db_clients, dbname, n_db), (self.user_clients, user, n_user)):
+            if n:
+                counts[key] = n
+            else:
+                del counts[key]
+        if self.shared is not None:
+            self.shared.logins_changed(dbname, n_db, user, n_user)
 
     # ------------------------------------------------------------ clients
 
@@ -331,6 +356,8 @@ class Pooler:
     def client_gone(self, client: ClientConnection, reason: str) -> None:
         """A client socket closed: give back or close its server, forget the client."""
         self.clients.discard(client)
+        if client.limits_counted is not None:
+            self._uncount_client(client)
         if client.admitted:
             client.admitted = False
             self.admitted_clients -= 1

@@ -328,6 +328,26 @@ class WorkerShare:
     def clients_changed(self, admitted: int) -> None:
         self.table.publish(self.index, [(self.clients_slot, admitted, None)])
 
+    def admit_login(self, dbname: str, max_db: int, n_db: int, user: str, max_user: int,
+                    n_user: int) -> str | None:
+        """max_db_client_connections / max_user_client_connections across workers: take a slot of
+        each limit that is set, or name the one that is full (and take none)."""
+        t = self.table
+        db_item = (t.slot(f"dbclients\0{dbname}"), max_db, n_db)
+        if max_db and not t.reserve(self.index, [db_item]):
+            return "max_db_client_connections"
+        if max_user and not t.reserve(self.index, [(t.slot(f"userclients\0{user}"), max_user, n_user)]):
+            if max_db:
+                t.publish(self.index, [(db_item[0], n_db, None)])
+            return "max_user_client_connections"
+        return None
+
+    def logins_changed(self, dbname: str, n_db: int, user: str, n_user: int) -> None:
+        """A counted client went: publish this worker's counts for its database and user."""
+        t = self.table
+        t.publish(self.index, [(t.slot(f"dbclients\0{dbname}"), n_db, None),
+                               (t.slot(f"userclients\0{user}"), n_user, None)])
+
     # ---- cancel keys
 
     def stamp_key(self, first_byte: int) -> int:

@@ -102,6 +102,7 @@ class ClientConnection(PgConnection):
         self.linking = False
         self.logged_in = False
         self.admitted = False  # counted against max_client_conn
+        self.limits_counted: tuple[str, str] | None = None  # (database, user) counted by check_client_limits
         self.write_paused = False
         self.read_paused = False
         self.pool_mode = "session"

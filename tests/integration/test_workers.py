@@ -165,8 +165,14 @@ def test_max_db_connections_holds_across_workers_and_pools(
     assert sampler.max == 2, f"backends seen: max {sampler.max}, samples {sampler.samples}"
 
 
-def test_max_client_conn_holds_across_workers(pooler: PoolerFactory, workers_db: str) -> None:
-    p = start(pooler, max_client_conn=10)
+@pytest.mark.parametrize(("setting", "message"), [
+    ("max_client_conn", "no more connections allowed (max_client_conn)"),
+    ("max_db_client_connections", "client connections exceeded (max_db_client_connections)"),
+    ("max_user_client_connections", "client connections exceeded (max_user_client_connections)"),
+])
+def test_client_limits_hold_across_workers(pooler: PoolerFactory, workers_db: str, setting: str,
+                                           message: str) -> None:
+    p = start(pooler, **{setting: 10})
     conns, refused = [], []
     try:
         for _ in range(15):
@@ -176,7 +182,7 @@ def test_max_client_conn_holds_across_workers(pooler: PoolerFactory, workers_db:
                 refused.append(str(exc))
         assert len(conns) == 10
         assert len(refused) == 5
-        assert all("no more connections allowed (max_client_conn)" in msg for msg in refused), refused
+        assert all(message in msg for msg in refused), refused
         assert len(set(log_pids(p, "login attempt")) & worker_pids(p)) == 2
         # A client that leaves gives its slot back to whichever worker the next one reaches.
         conns.pop().close()
