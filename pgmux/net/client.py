@@ -317,6 +317,8 @@ class ClientConnection(PgConnection):
         if last >= 0:
             typ = self.buf[last]
             self.skip = 0
+            if self.buf is SharedReadBuffer.buf and st.get_write_buffer_size():
+                SharedReadBuffer.renew()  # the server's transport still sends from it
             if typ == _X:
                 self.close("client close request")
             else:
