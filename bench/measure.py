@@ -23,6 +23,54 @@ from pathlib import Path
 # /proc readers
 
 
+_CHILDREN_FILE = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")  # CONFIG_PROC_CHILDREN
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of ``pid``: /proc/PID/task/*/children, else a walk of /proc for the ppid."""
+    kids: list[int] = []
+    if _CHILDREN_FILE:
+        for path in glob.glob(f"/proc/{pid}/task/*/children"):
+            try:
+                with open(path) as f:
+                    kids += [int(x) for x in f.read().split()]
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                pass
+        return kids
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rpartition(")")[2].split()  # after "(comm)": state, ppid, ...
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if len(fields) > 1 and fields[1] == str(pid):
+            kids.append(int(stat.split("/")[2]))
+    return kids
+
+
+def start_time(pid: int) -> int:
+    """Start time of ``pid`` in clock ticks since boot (/proc/PID/stat field 22), 0 if gone: with the pid it
+    names one process even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[19])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return 0
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (pgmux with ``workers = N``: the supervisor and its N workers)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        if p in out:
+            continue
+        out.append(p)
+        todo += children(p)
+    return out
+
+
 def cpu_ns(pid: int) -> int:
     """CPU time (ns) of all live threads of ``pid``, from /proc/PID/task/*/schedstat."""
     total = 0
@@ -53,6 +101,16 @@ def rss_kb(pid: int) -> int:
     return proc_status(pid).get("VmRSS", 0)
 
 
+def tree_cpu_ns(pid: int) -> int:
+    """CPU time (ns) of ``pid`` and all its descendants (a pooler's supervisor and its workers)."""
+    return sum(cpu_ns(p) for p in process_tree(pid))
+
+
+def tree_rss_kb(pid: int) -> int:
+    """VmRSS summed over ``pid`` and its descendants (pages shared after fork count once per process)."""
+    return sum(rss_kb(p) for p in process_tree(pid))
+
+
 def nofile_limit(pid: int) -> int:
     """Soft RLIMIT_NOFILE of ``pid`` (from /proc/PID/limits), 0 if unknown."""
     try:
@@ -73,18 +131,26 @@ def maps_contain(pid: int, needle: str) -> bool:
 
 
 class CpuSampler:
-    """Samples (wall time, CPU ns of ``pid``) every ``interval`` s in a thread, to cut a steady window later."""
+    """Samples (wall time, CPU ns of ``pid`` and its descendants) every ``interval`` s in a thread, to cut a
+    steady window later. The process tree is looked up at every sample, so workers forked (or respawned)
+    after the start are counted; PgBouncer and single-process pgmux have no children."""
 
     def __init__(self, pid: int | None, interval: float = 0.1) -> None:
         self.pid = pid
         self.interval = interval
         self.samples: list[tuple[float, int]] = []
+        self.root_ns: list[int] = []  # the process ``pid`` alone (pgmux ×2: the supervisor), per sample
+        self.most_procs = 0  # the largest process tree seen (3 for pgmux with workers = 2)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _take(self) -> None:
         if self.pid:
-            self.samples.append((time.time(), cpu_ns(self.pid)))
+            now, tree = time.time(), process_tree(self.pid)
+            per = [cpu_ns(p) for p in tree]
+            self.samples.append((now, sum(per)))
+            self.root_ns.append(per[0])
+            self.most_procs = max(self.most_procs, len(tree))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -229,7 +295,7 @@ def run_pgbench(
     res.seconds = time.monotonic() - t_start
     lat, ends = read_txn_log(log_prefix)
     if pooler_pid:
-        res.rss_kb = rss_kb(pooler_pid) or None
+        res.rss_kb = tree_rss_kb(pooler_pid) or None
     if proc.returncode != 0:
         res.error = pgbench_error(proc.stdout, proc.stderr, proc.returncode)
         return res
@@ -246,6 +312,9 @@ def run_pgbench(
         res.p99_ms = percentile(lat, 99) / 1000.0
     if pooler_pid and res.txns:
         res.cpu_us_whole = sampler.total_ns / res.txns / 1000.0
+        if sampler.most_procs > 1 and len(sampler.root_ns) >= 2:  # the supervisor's own part, whole run
+            res.extra["processes"] = sampler.most_procs
+            res.extra["cpu_us_supervisor"] = (sampler.root_ns[-1] - sampler.root_ns[0]) / res.txns / 1000.0
         res.cpu_us = res.cpu_us_whole
         if len(ends) >= 20 and len(sampler.samples) >= 3:
             ends.sort()

@@ -1,8 +1,9 @@
 """Summaries, the Markdown report and the PNG chart.
 
-Every pooler figure is shown next to its ratio pgmux/PgBouncer. Ratios are computed per repetition (the
-two runs of a repetition ran back to back, so they shared the machine's conditions) and the median of
-those ratios is reported; absolute figures are medians over repetitions.
+Every pooler figure is shown next to its ratio pgmux/PgBouncer (and pgmux ×2/PgBouncer: pgmux with
+``workers = 2``). Ratios are computed per repetition (the runs of a repetition ran back to back, so they
+shared the machine's conditions) and the median of those ratios is reported; absolute figures are medians
+over repetitions.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .measure import RunResult
-from .workloads import TARGET_LABEL, Workload
+from .workloads import PGMUX_TARGETS, POOLERS, TARGET_LABEL, TARGETS, Workload
 
 METRICS = ("tps", "mean_ms", "p99_ms", "cpu_us")
 
@@ -46,14 +47,27 @@ class Cell:
 
 
 class Summary:
-    """All results, indexed by workload and target."""
+    """All results, indexed by workload and target; ``targets``: the columns (default: those with results)."""
 
-    def __init__(self, workloads: Sequence[Workload], results: Iterable[RunResult]) -> None:
+    def __init__(
+        self, workloads: Sequence[Workload], results: Iterable[RunResult], targets: Iterable[str] | None = None
+    ) -> None:
         self.workloads = list(workloads)
         self.results = list(results)
         self.cells: dict[tuple[str, str], Cell] = {}
         for r in self.results:
             self.cells.setdefault((r.workload, r.target), Cell()).runs.append(r)
+        wanted = set(targets) if targets is not None else {r.target for r in self.results}
+        self.targets = [t for t in TARGETS if t in wanted]
+
+    @property
+    def pgmuxes(self) -> list[str]:
+        """The pgmux targets of this run (pgmux, pgmux2), in column order."""
+        return [t for t in PGMUX_TARGETS if t in self.targets]
+
+    @property
+    def poolers(self) -> list[str]:
+        return [t for t in POOLERS if t in self.targets]
 
     def cell(self, workload: str, target: str) -> Cell | None:
         return self.cells.get((workload, target))
@@ -131,11 +145,26 @@ def pgbench_ran(s: Summary) -> list[Workload]:
     return [w for w in s.workloads if w.kind == "pgbench" and s.ran(w)]
 
 
-def target_cells(s: Summary, w: Workload, fmt: Callable[[Cell], str], failed: str | None = None) -> list[str]:
-    """One column per target (direct, PgBouncer, pgmux): n/a¹ or – where ``w`` does not run, – without
-    results, ``failed`` (default: the error) where every run failed, else ``fmt(cell)``."""
+def ratio_name(num: str, den: str = "pgbouncer") -> str:
+    """'pgmux/PgBouncer', 'pgmux ×2/PgBouncer', ..."""
+    return f"{TARGET_LABEL[num]}/{TARGET_LABEL[den]}"
+
+
+def bold_ratio(v: float | None) -> str:
+    return "–" if v is None else f"**{f_ratio(v)}**"
+
+
+def target_cells(
+    s: Summary,
+    w: Workload,
+    fmt: Callable[[Cell], str],
+    failed: str | None = None,
+    targets: Sequence[str] | None = None,
+) -> list[str]:
+    """One column per target of the run (direct, PgBouncer, pgmux, pgmux ×2): n/a¹ or – where ``w`` does not
+    run, – without results, ``failed`` (default: the error) where every run failed, else ``fmt(cell)``."""
     out = []
-    for t in ("direct", "pgbouncer", "pgmux"):
+    for t in s.targets if targets is None else targets:
         c = s.cell(w.key, t)
         if t not in w.targets:
             out.append("n/a¹" if t == "pgbouncer" else "–")
@@ -149,46 +178,42 @@ def target_cells(s: Summary, w: Workload, fmt: Callable[[Cell], str], failed: st
 
 
 def throughput_table(s: Summary) -> str:
+    """TPS of every target, pooler CPU per transaction, and each pgmux's ratios to PgBouncer (and pgmux/direct)."""
+    vs_pgb = s.pgmuxes if "pgbouncer" in s.targets else []
+    vs_direct = ["pgmux"] if "direct" in s.targets and "pgmux" in s.targets else []
     headers = [
         "workload",
-        "direct TPS",
-        "PgBouncer TPS",
-        "pgmux TPS",
-        "**pgmux/PgBouncer TPS**",
-        "pgmux/direct TPS",
-        "PgBouncer CPU µs/txn",
-        "pgmux CPU µs/txn",
-        "**pgmux/PgBouncer CPU**",
+        *(f"{TARGET_LABEL[t]} TPS" for t in s.targets),
+        *(f"**{ratio_name(t)} TPS**" for t in vs_pgb),
+        *(f"{ratio_name(t, 'direct')} TPS" for t in vs_direct),
+        *(f"{TARGET_LABEL[t]} CPU µs/txn" for t in s.poolers),
+        *(f"**{ratio_name(t)} CPU**" for t in vs_pgb),
     ]
     rows = []
     for w in pgbench_ran(s):
         row = [w.label, *target_cells(s, w, lambda c: f_num(c.median("tps")) + partial_note(c))]
-        row.append(f"**{f_ratio(s.ratio(w.key, 'tps'))}**" if s.ratio(w.key, "tps") is not None else "–")
-        row.append(f_ratio(s.ratio(w.key, "tps", den="direct")))
-        for t in ("pgbouncer", "pgmux"):
+        row += [bold_ratio(s.ratio(w.key, "tps", num=t)) for t in vs_pgb]
+        row += [f_ratio(s.ratio(w.key, "tps", num=t, den="direct")) for t in vs_direct]
+        for t in s.poolers:
             c = s.cell(w.key, t)
             row.append("–" if c is None or fails(c) else f_num(c.median("cpu_us"), 1))
-        cr = s.ratio(w.key, "cpu_us")
-        row.append(f"**{f_ratio(cr)}**" if cr is not None else "–")
+        row += [bold_ratio(s.ratio(w.key, "cpu_us", num=t)) for t in vs_pgb]
         rows.append(row)
     return md_table(headers, rows)
 
 
 def latency_table(s: Summary) -> str:
+    vs_pgb = s.pgmuxes if "pgbouncer" in s.targets else []
     headers = [
         "workload",
-        "direct mean / p99 ms",
-        "PgBouncer mean / p99 ms",
-        "pgmux mean / p99 ms",
-        "pgmux/PgBouncer mean",
-        "pgmux/PgBouncer p99",
+        *(f"{TARGET_LABEL[t]} mean / p99 ms" for t in s.targets),
+        *(f"{ratio_name(t)} {m}" for t in vs_pgb for m in ("mean", "p99")),
     ]
     rows = []
     for w in pgbench_ran(s):
         row = [w.label, *target_cells(s, w, lambda c: f"{f_ms(c.median('mean_ms'))} / {f_ms(c.median('p99_ms'))}",
                                       failed="fails")]
-        row.append(f_ratio(s.ratio(w.key, "mean_ms")))
-        row.append(f_ratio(s.ratio(w.key, "p99_ms")))
+        row += [f_ratio(s.ratio(w.key, m, num=t)) for t in vs_pgb for m in ("mean_ms", "p99_ms")]
         rows.append(row)
     return md_table(headers, rows)
 
@@ -241,7 +266,7 @@ def prepared_table(s: Summary) -> str | None:
     if s.cell("prepared", "pgmux") is None or s.cell("extended", "pgmux") is None:
         return None
     rows = []
-    for target in ("direct", "pgmux"):
+    for target in [t for t in ("direct", *PGMUX_TARGETS) if t in s.targets]:
         tps = s.ratio("prepared", "tps", num=target, den=target, den_workload="extended")
         cpu = s.ratio("prepared", "cpu_us", num=target, den=target, den_workload="extended")
         if tps is None:
@@ -255,12 +280,13 @@ def prepared_table(s: Summary) -> str | None:
 
 
 def goals_table(s: Summary) -> str:
-    """The measurable goals of issue 8, with this run's ratios."""
+    """The measurable goals of issue 8, with this run's ratios: one ratio and one verdict per pgmux target
+    (pgmux, pgmux ×2). A goal is met only if it holds in this run."""
+    targets = s.pgmuxes
     rows = []
 
-    def add(goal: str, value: float | None, ok: bool | None, where: str = "") -> None:
-        verdict = "–" if ok is None else ("yes" if ok else "**no**")
-        rows.append([goal, f_ratio(value) + (f" ({where})" if where else ""), verdict])
+    def verdict(ok: bool | None) -> str:
+        return "–" if ok is None else ("yes" if ok else "**no**")
 
     for key, label in (
         ("select-c50", "TPS ≥ 1.0x on -S -c 50"),
@@ -269,39 +295,76 @@ def goals_table(s: Summary) -> str:
         ("connect-scram", "TPS ≥ 1.0x on -C (SCRAM)"),
         ("rows-1k", "1,000-row result TPS ≥ 1.0x"),
     ):
-        if (key, "pgmux") in s.cells:
-            r = s.ratio(key, "tps")
-            if fails(s.cell(key, "pgmux")):
-                rows.append([label, "pgmux fails", "**no**"])
+        if not any((key, t) in s.cells for t in targets):
+            continue
+        row = [label]
+        for t in targets:
+            r = s.ratio(key, "tps", num=t)
+            if (key, t) not in s.cells:
+                row += ["not run", "–"]
+            elif fails(s.cell(key, t)):
+                row += [f"{TARGET_LABEL[t]} fails", "**no**"]
             else:
-                add(label, r, None if r is None else r >= 1.0)
-    cpu = [(s.ratio(w.key, "cpu_us"), w.label) for w in s.workloads if w.kind == "pgbench"]
-    cpu = [(r, lbl) for r, lbl in cpu if r is not None]
-    if cpu:
-        worst = max(cpu)
-        add("pooler CPU/txn ≤ 1.0x (worst workload)", worst[0], worst[0] <= 1.0, worst[1])
+                row += [f_ratio(r), verdict(None if r is None else r >= 1.0)]
+        rows.append(row)
+    row = ["pooler CPU/txn ≤ 1.0x (worst workload)"]
+    for t in targets:
+        cpu = [(s.ratio(w.key, "cpu_us", num=t), w.label) for w in s.workloads if w.kind == "pgbench"]
+        cpu = [(r, lbl) for r, lbl in cpu if r is not None]
+        worst = max(cpu) if cpu else None
+        row += [f"{f_ratio(worst[0])} ({worst[1]})", verdict(worst[0] <= 1.0)] if worst else ["–", "–"]
+    if any(x != "–" for x in row[1:]):
+        rows.append(row)
     if ("idle", "pgmux") in s.cells:
-        add("RSS per idle client, against PgBouncer (reported)", s.ratio("idle", "kib_per_client"), None)
-    return md_table(["goal (issue 8)", "pgmux/PgBouncer", "met in this run"], rows, align="lrl")
+        row = ["RSS per idle client, against PgBouncer (reported)"]
+        for t in targets:
+            row += [f_ratio(s.ratio("idle", "kib_per_client", num=t)), "–"] if t == "pgmux" else ["not measured", "–"]
+        rows.append(row)
+    headers = ["goal (issue 8)"]
+    for t in targets:
+        headers += [ratio_name(t), f"met in this run ({TARGET_LABEL[t]})"]
+    return md_table(headers, rows, align="l" + "rl" * len(targets))
 
 
 def glance(s: Summary) -> list[str]:
-    """Automatic one-liners: where pgmux is behind PgBouncer, where ahead."""
+    """Automatic one-liners: where pgmux (and pgmux ×2) is behind PgBouncer, where ahead."""
     lines = []
-    tps = [(s.ratio(w.key, "tps"), w.label) for w in s.workloads if w.kind == "pgbench"]
-    tps = sorted((r, lbl) for r, lbl in tps if r is not None)
-    slow = [f"{lbl} ({r:.2f}x)" for r, lbl in tps if r < 1.0]
-    fast = [f"{lbl} ({r:.2f}x)" for r, lbl in tps if r >= 1.0]
-    if slow:
-        lines.append("pgmux TPS below PgBouncer's: " + "; ".join(slow) + ".")
-    if fast:
-        lines.append("pgmux TPS at or above PgBouncer's: " + "; ".join(fast) + ".")
-    cpu = [(s.ratio(w.key, "cpu_us"), w.label) for w in s.workloads if w.kind == "pgbench"]
-    cpu = sorted(((r, lbl) for r, lbl in cpu if r is not None), reverse=True)
-    if cpu:
-        lines.append(
-            "pgmux CPU per transaction relative to PgBouncer: " + "; ".join(f"{lbl} {r:.2f}x" for r, lbl in cpu) + "."
-        )
+    for t in s.pgmuxes:
+        name = TARGET_LABEL[t]
+        tps = [(s.ratio(w.key, "tps", num=t), w.label) for w in s.workloads if w.kind == "pgbench"]
+        tps = sorted((r, lbl) for r, lbl in tps if r is not None)
+        slow = [f"{lbl} ({r:.2f}x)" for r, lbl in tps if r < 1.0]
+        fast = [f"{lbl} ({r:.2f}x)" for r, lbl in tps if r >= 1.0]
+        if slow:
+            lines.append(f"{name} TPS below PgBouncer's: " + "; ".join(slow) + ".")
+        if fast:
+            lines.append(f"{name} TPS at or above PgBouncer's: " + "; ".join(fast) + ".")
+        cpu = [(s.ratio(w.key, "cpu_us", num=t), w.label) for w in s.workloads if w.kind == "pgbench"]
+        cpu = sorted(((r, lbl) for r, lbl in cpu if r is not None), reverse=True)
+        if cpu:
+            what = " (supervisor + workers)" if t == "pgmux2" else ""
+            lines.append(
+                f"{name} CPU per transaction{what} relative to PgBouncer: "
+                + "; ".join(f"{lbl} {r:.2f}x" for r, lbl in cpu)
+                + "."
+            )
+    if len(s.pgmuxes) == 2:
+        pairs = [
+            (
+                w.label,
+                s.ratio(w.key, "tps", num="pgmux2", den="pgmux"),
+                s.ratio(w.key, "cpu_us", num="pgmux2", den="pgmux"),
+            )
+            for w in s.workloads
+            if w.kind == "pgbench"
+        ]
+        pairs = [p for p in pairs if p[1] is not None]
+        if pairs:
+            lines.append(
+                "pgmux ×2 against single-process pgmux (TPS, CPU per transaction): "
+                + "; ".join(f"{lbl} {r:.2f}x TPS, {f_ratio(c)} CPU" for lbl, r, c in pairs)
+                + "."
+            )
     r = s.ratio("idle", "kib_per_client")
     if r is not None:
         lines.append(f"Memory per idle client: pgmux uses {r:.2f}x PgBouncer's.")
@@ -338,6 +401,9 @@ def raw_table(s: Summary) -> str:
             txns = f_num(r.extra.get("held")) if r.ok else "–"
         else:
             cpu = "–" if r.cpu_us is None else f"{f_num(r.cpu_us, 1)} / {f_num(r.cpu_us_whole, 1)}"
+            sup = r.extra.get("cpu_us_supervisor")
+            if isinstance(sup, float) and r.cpu_us is not None:
+                cpu += f" ({r.extra.get('processes')} processes; supervisor alone {sup:.2f})"
             tps, txns = f_num(r.tps), f_num(r.txns) if r.txns else "–"
         rows.append(
             [
@@ -361,7 +427,7 @@ def raw_table(s: Summary) -> str:
 
 
 def chart(s: Summary, path: str, title: str) -> str | None:
-    """Grouped bars: TPS per workload (direct, PgBouncer, pgmux), CPU µs/txn, KiB per idle client.
+    """Grouped bars: TPS per workload (direct, PgBouncer, pgmux, pgmux ×2), CPU µs/txn, KiB per idle client.
 
     Returns None on success, else why no chart was written (matplotlib missing)."""
     try:
@@ -372,7 +438,7 @@ def chart(s: Summary, path: str, title: str) -> str | None:
     except ImportError as e:
         return f"matplotlib not installed ({e}); pip install '.[bench]'"
 
-    colors = {"direct": "#9e9e9e", "pgbouncer": "#1f77b4", "pgmux": "#ff7f0e"}
+    colors = {"direct": "#9e9e9e", "pgbouncer": "#1f77b4", "pgmux": "#ff7f0e", "pgmux2": "#a0522d"}
     wls = [w for w in s.workloads if w.kind == "pgbench" and s.ran(w)]
     has_idle = any(("idle", t) in s.cells for t in ("pgbouncer", "pgmux"))
     fig = plt.figure(figsize=(14, 12 if has_idle else 9.5))
@@ -425,43 +491,42 @@ def chart(s: Summary, path: str, title: str) -> str | None:
             # log bars need a common floor: one decade below the smallest value, headroom for the labels
             ax.set_ylim(10 ** math.floor(math.log10(min(shown) * 0.5)), max(shown) * 6)
 
-    bars(ax1, ["direct", "pgbouncer", "pgmux"], "tps", 0.27)
-    ax1.set_ylabel("transactions/s (log scale)")
-    ax1.set_title(
-        "Throughput (median of repetitions; whiskers: min–max); TPS ratio pgmux/PgBouncer above each group", pad=16
-    )
-    for j, w in enumerate(wls):
-        r = s.ratio(w.key, "tps")
-        if r is not None:
-            ax1.text(
-                j,
-                1.02,
-                f"{r:.2f}x",
-                ha="center",
-                va="bottom",
-                fontsize=8,
-                fontweight="bold",
-                color="#d62728" if r < 1.0 else "#2ca02c",
-                transform=ax1.get_xaxis_transform(),
-            )
+    def ratios_above(ax, metric: str, better_low: bool) -> None:
+        # one line per pgmux target, bottom line pgmux, above it pgmux ×2 (prefixed "x2")
+        for k, t in enumerate(s.pgmuxes):
+            for j, w in enumerate(wls):
+                r = s.ratio(w.key, metric, num=t)
+                if r is None:
+                    continue
+                bad = r > 1.0 if better_low else r < 1.0
+                ax.text(
+                    j,
+                    1.01 + 0.055 * k,
+                    ("x2 " if t == "pgmux2" else "") + f"{r:.2f}x",
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                    fontweight="bold",
+                    color="#d62728" if bad else "#2ca02c",
+                    transform=ax.get_xaxis_transform(),
+                )
 
-    bars(ax2, ["pgbouncer", "pgmux"], "cpu_us", 0.36)
+    which = (
+        "ratio to PgBouncer above each group (lower: pgmux, upper: pgmux ×2)"
+        if len(s.pgmuxes) == 2
+        else "".join(f"ratio {ratio_name(t)} above each group" for t in s.pgmuxes)
+    )
+    pad = 16 + 12 * max(0, len(s.pgmuxes) - 1)
+    bars(ax1, s.targets, "tps", 0.8 / max(1, len(s.targets)))
+    ax1.set_ylabel("transactions/s (log scale)")
+    ax1.set_title(f"Throughput (median of repetitions; whiskers: min–max); TPS {which}", pad=pad)
+    ratios_above(ax1, "tps", better_low=False)
+
+    bars(ax2, s.poolers, "cpu_us", 0.8 / max(1, len(s.poolers)))
     ax2.set_ylabel("pooler CPU µs per transaction (log)")
-    ax2.set_title("Pooler's own CPU per transaction (schedstat); ratio pgmux/PgBouncer above each group", pad=16)
-    for j, w in enumerate(wls):
-        r = s.ratio(w.key, "cpu_us")
-        if r is not None:
-            ax2.text(
-                j,
-                1.01,
-                f"{r:.2f}x",
-                ha="center",
-                va="bottom",
-                fontsize=8,
-                fontweight="bold",
-                color="#d62728" if r > 1.0 else "#2ca02c",
-                transform=ax2.get_xaxis_transform(),
-            )
+    x2 = "; pgmux ×2: supervisor + workers" if "pgmux2" in s.targets else ""
+    ax2.set_title(f"Pooler's own CPU per transaction (schedstat{x2}); {which}", pad=pad)
+    ratios_above(ax2, "cpu_us", better_low=True)
     for ax in (ax1, ax2):
         ax.set_xticks(x)
         ax.set_xticklabels(labels, fontsize=8)
@@ -488,8 +553,15 @@ def chart(s: Summary, path: str, title: str) -> str | None:
     fig.suptitle(title, fontsize=11)
     from matplotlib.patches import Patch
 
-    handles = [Patch(color=colors[t], label=TARGET_LABEL[t]) for t in ("direct", "pgbouncer", "pgmux")]
-    fig.legend(handles=handles, loc="upper center", ncol=3, fontsize=9, frameon=False, bbox_to_anchor=(0.5, 0.975))
+    handles = [Patch(color=colors[t], label=TARGET_LABEL[t]) for t in s.targets]
+    fig.legend(
+        handles=handles,
+        loc="upper center",
+        ncol=max(1, len(handles)),
+        fontsize=9,
+        frameon=False,
+        bbox_to_anchor=(0.5, 0.975),
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.965))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,10 +1,11 @@
 """pgmux against PgBouncer and direct PostgreSQL, side by side, interleaved and repeated.
 
 Run ``python -m bench.run`` (or ``python bench/run.py``, or ``bash scripts/bench.sh`` on a fresh machine).
-It starts a throwaway PostgreSQL cluster (pgbench scale 10), Debian's PgBouncer and pgmux with the same
-configuration (transaction mode, pool 20, max_client_conn 11000, no connection logging), runs every
-workload against every target, repetition after repetition, and writes ``docs/benchmarks.md`` and
-``docs/benchmarks.png``. Everything it starts is stopped and deleted at the end, also on error or Ctrl-C.
+It starts a throwaway PostgreSQL cluster (pgbench scale 10), Debian's PgBouncer, pgmux and pgmux with
+``workers = 2`` ("pgmux ×2") with the same configuration (transaction mode, pool 20, max_client_conn 11000,
+no connection logging), runs every workload against every target, repetition after repetition, and
+writes ``docs/benchmarks.md`` and ``docs/benchmarks.png``. Everything it starts is stopped and deleted at
+the end, also on error or Ctrl-C.
 
 The stable metric is the pooler's own CPU time per transaction (``/proc/PID/task/*/schedstat``); TPS on a
 small shared machine swings between runs, so every pooler figure comes with its ratio pgmux/PgBouncer from
@@ -38,13 +39,24 @@ from bench import report  # noqa: E402
 from bench.idle import hold_idle_clients  # noqa: E402
 from bench.measure import (  # noqa: E402
     RunResult,
+    children,
     cpu_ns,
     maps_contain,
     nofile_limit,
+    process_tree,
     rss_kb,
     run_pgbench,
+    start_time,
 )
-from bench.workloads import TARGET_LABEL, TARGETS, Workload, all_workloads  # noqa: E402
+from bench.workloads import (  # noqa: E402
+    POOLER_EXTRA,
+    POOLER_KIND,
+    POOLERS,
+    TARGET_LABEL,
+    TARGETS,
+    Workload,
+    all_workloads,
+)
 from pgmux import __version__ as PGMUX_VERSION  # noqa: E402
 from pgmux.testing.cluster import PGBOUNCER_BIN, PoolerProcess, TempCluster, write_config  # noqa: E402
 
@@ -53,7 +65,8 @@ DB = "testdb"
 PASSWORDS = {"md5user": "md5pass", "scramuser": "scrampass"}
 RAMP_500 = 4  # extra seconds for pgbench -c 500 to connect its clients (direct: 500 forks)
 PG_SETTINGS = {
-    # 500 direct clients + 2 poolers x 2 users x 20 servers + the harness's own connections
+    # 500 direct clients + 3 poolers x 2 users x 20 servers (pgmux ×2's pools are shared by its workers)
+    # + a fresh pooler for the idle-clients test + the harness's own connections
     "max_connections": "700",
     "shared_buffers": "256MB",
 }
@@ -103,6 +116,7 @@ class BenchPooler(PoolerProcess):
     """
 
     nofile = 0
+    workers = 1  # pgmux ``workers = N``: start() also waits for the N worker processes
 
     def command(self) -> list[str]:
         cmd = super().command()
@@ -110,6 +124,40 @@ class BenchPooler(PoolerProcess):
             i = cmd.index("--") + 1
             cmd[i:i] = ["prlimit", f"--nofile={self.nofile}:{self.nofile}", "--"]
         return cmd
+
+    def start(self, timeout: float = 15.0) -> PoolerProcess:
+        """Start; with workers, also wait until all of them are forked and listening (the supervisor's
+        socket accepts before that), so the CPU sampler and the warm-up see every worker."""
+        super().start(timeout)
+        if self.workers > 1:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                listening = self.log_text().count(f" of {self.workers})")  # "listening on ... (worker i of N)"
+                if len(children(self.pid)) >= self.workers and listening >= self.workers:
+                    break
+                time.sleep(0.05)
+            else:
+                seen = len(children(self.pid))
+                self.stop()
+                raise RuntimeError(
+                    f"pgmux workers={self.workers}: {seen} worker(s) after {timeout}s\n"
+                    f"--- log tail ---\n{self.log_text()[-2000:]}"
+                )
+        return self
+
+    def worker_pids(self) -> list[int]:
+        """The pooler's descendant processes (pgmux's workers; none for PgBouncer or workers = 1)."""
+        return process_tree(self.pid)[1:] if self.pid else []
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """Stop, then SIGKILL any worker left behind (workers run in their own process groups)."""
+        left = [(pid, start_time(pid)) for pid in self.worker_pids()] if self.is_running() else []
+        code = super().stop(timeout)
+        for pid, started in left:
+            if started and start_time(pid) == started:  # still the same process, not a reused pid
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        return code
 
 
 def pgmux_default(name: str) -> str:
@@ -232,50 +280,60 @@ class Bench:
                 path = os.path.join(self.tmp, f"{w.key}.sql")
                 Path(path).write_text(w.script)
                 self.scripts[w.key] = path
-        for kind in ("pgbouncer", "pgmux"):
-            if kind in self.targets:
-                self.poolers[kind] = self.start_pooler(kind, kind)
+        for target in POOLERS:
+            if target in self.targets:
+                self.poolers[target] = self.start_pooler(target, target)
         self.collect_info()
 
-    def pooler_settings(self) -> dict[str, object]:
+    def pooler_settings(self, target: str) -> dict[str, object]:
+        """The shared ini's settings, plus the target's own (``workers = 2`` for pgmux ×2)."""
         return {
             "default_pool_size": self.args.pool_size,
             "max_client_conn": self.args.max_client_conn,
             "log_connections": 0,
             "log_disconnections": 0,
+            **POOLER_EXTRA.get(target, {}),
         }
 
-    def start_pooler(self, kind: str, name: str) -> PoolerProcess:
+    def start_pooler(self, target: str, name: str) -> BenchPooler:
+        """Start the pooler of ``target`` (pgbouncer, pgmux, pgmux2) in its own workdir and port."""
         assert self.cluster is not None
         workdir = os.path.join(self.tmp, name)
         os.makedirs(workdir, exist_ok=True)
         os.chmod(workdir, 0o755)
-        ini, userlist = write_config(
-            self.cluster, pool_mode="transaction", extra=self.pooler_settings(), workdir=workdir
-        )
-        proc = BenchPooler(kind, ini, userlist, workdir, verbose=False)
+        settings = self.pooler_settings(target)
+        ini, userlist = write_config(self.cluster, pool_mode="transaction", extra=settings, workdir=workdir)
+        proc = BenchPooler(POOLER_KIND[target], ini, userlist, workdir, verbose=False)
         proc.nofile = min(self.nofile_need, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        proc.workers = int(str(settings.get("workers", 1)))
         proc.start()
         limit = ensure_pooler_nofile(proc.pid, self.nofile_need)
-        log(f"  {kind} ({name}) on 127.0.0.1:{proc.port}, pid {proc.pid}, open files limit {limit}")
+        # workers were forked before any prlimit: they have what the supervisor inherited from us
+        limit = min([x for x in (limit, *(nofile_limit(p) for p in proc.worker_pids())) if x] or [0])
+        workers = f", workers {proc.worker_pids()}" if proc.workers > 1 else ""
+        log(f"  {TARGET_LABEL[target]} ({name}) on 127.0.0.1:{proc.port}, pid {proc.pid}{workers}, "
+            f"open files limit {limit}")
         if limit and limit < self.nofile_need:
-            self.note(f"{kind}: open files limit {limit} < {self.nofile_need}; idle-client counts may be capped")
+            self.note(
+                f"{TARGET_LABEL[target]}: open files limit {limit} < {self.nofile_need}; "
+                "idle-client counts may be capped"
+            )
         return proc
 
-    def ensure_running(self, kind: str) -> PoolerProcess:
+    def ensure_running(self, target: str) -> PoolerProcess:
         """Restart a pooler that died (and say so in the notes), so one crash does not end the run."""
-        proc = self.poolers[kind]
+        proc = self.poolers[target]
         if proc.is_running():
             return proc
         tail_text = proc.log_text().strip().splitlines()[-3:]
         self.note(
-            f"{kind} exited (code {proc.proc.returncode if proc.proc else '?'}) and was restarted; "
+            f"{TARGET_LABEL[target]} exited (code {proc.proc.returncode if proc.proc else '?'}) and was restarted; "
             f"log tail: {' / '.join(tail_text)}"
         )
-        log(f"  !! {kind} is not running; restarting it")
+        log(f"  !! {TARGET_LABEL[target]} is not running; restarting it")
         proc.stop()
-        self.poolers[kind] = self.start_pooler(kind, kind + f"-restart{len(self.notes)}")
-        return self.poolers[kind]
+        self.poolers[target] = self.start_pooler(target, target + f"-restart{len(self.notes)}")
+        return self.poolers[target]
 
     def close(self) -> None:
         for proc in [*self.poolers.values(), *self.extra_poolers]:
@@ -295,6 +353,11 @@ class Bench:
         uvloop_used = "unknown"
         if pgmux_proc is not None:
             uvloop_used = "yes" if maps_contain(pgmux_proc.pid, "uvloop") else "no (stdlib asyncio)"
+        pgmux2 = self.poolers.get("pgmux2")
+        if pgmux2 is not None:
+            pids = process_tree(pgmux2.pid)[1:]
+            used = ", ".join("yes" if maps_contain(p, "uvloop") else "no" for p in pids)
+            self.info["pgmux2_workers"] = f"{len(pids)} worker processes at start (uvloop loaded: {used or '?'})"
         self.info.update(
             date=self.started_at.strftime("%Y-%m-%d %H:%M %Z"),
             machine=f"{os.cpu_count()} CPUs ({aff} usable), {cpu_model()}, {mem_total()} RAM",
@@ -329,12 +392,26 @@ class Bench:
             f"- PostgreSQL: throwaway cluster on 127.0.0.1 (TCP for every target), fsync=off, synchronous_commit=off, "
             f"full_page_writes=off, shared_buffers={PG_SETTINGS['shared_buffers']}, "
             f"max_connections={PG_SETTINGS['max_connections']}; pgbench -i -s {a.scale}",
-            f"- Poolers (same ini for both): pool_mode=transaction, default_pool_size={a.pool_size}, "
+            f"- Poolers (same ini for all): pool_mode=transaction, default_pool_size={a.pool_size}, "
             f"max_client_conn={a.max_client_conn}, auth_type=md5 (SCRAM for scramuser, whose stored secret is "
-            "SCRAM), log_connections=0, log_disconnections=0, listen on 127.0.0.1; started once and kept running "
-            f"(the idle-clients test uses a fresh instance of each); open files limit ≥ {self.nofile_need}; "
+            "SCRAM), log_connections=0, log_disconnections=0, listen on 127.0.0.1; each started once, on its own "
+            "port, and kept running (the idle-clients test uses a fresh instance of PgBouncer and of pgmux); "
+            f"open files limit ≥ {self.nofile_need}; "
             "pgmux uses its defaults for settings PgBouncer 1.18 lacks "
             f"(max_prepared_statements={pgmux_default('max_prepared_statements')})",
+            *(
+                [
+                    "- **pgmux ×2**: the same pgmux with `workers = 2` added to its ini: a supervisor that forks 2 "
+                    "worker processes sharing the port (SO_REUSEPORT) and the pool limits (pool 20 in total, not "
+                    f"per worker); {i.get('pgmux2_workers', 'workers not seen')}. Its CPU per transaction is the "
+                    "sum over the supervisor and all its workers (the process tree, re-read at every sample; "
+                    "\"Every run\" also shows the supervisor's own part), "
+                    "its RSS the sum of their VmRSS (pages shared after fork count once per process, so this "
+                    "overstates memory). Not in the idle-clients test"
+                ]
+                if "pgmux2" in self.targets
+                else []
+            ),
             f"- Runs: {a.reps} repetition(s) × {a.duration} s per pgbench run, `pgbench -n -j 2` "
             "(-j 1 for 1 client), PGSSLMODE=disable; targets interleaved within each workload and their order "
             "rotated every repetition; users md5user (md5) unless stated. pgbench connects its clients inside -T, "
@@ -342,15 +419,16 @@ class Bench:
             f"{RAMP_500} s (for every target; reported TPS excludes the connection time)",
             "- TPS: pgbench's `tps =` line (without initial connection time; with -C including reconnection). "
             "Mean and p99 latency: from pgbench's per-transaction log (`-l`), all transactions. "
-            "Pooler CPU µs/txn: sum of the first field of `/proc/PID/task/*/schedstat` over the pooler process, "
+            "Pooler CPU µs/txn: sum of the first field of `/proc/PID/task/*/schedstat` over the pooler process "
+            "(and its child processes, if any), "
             "sampled every 100 ms; the delta over the steady part of the run (10% after the first transaction to "
             "2% before the last) divided by the transactions completed in that window (the raw table also shows the "
-            "whole-run figure). RSS: VmRSS of the pooler from /proc/PID/status",
+            "whole-run figure). RSS: VmRSS of the pooler from /proc/PID/status (summed over its processes)",
             f"- Idle clients: {a.idle_clients:,} raw asyncio sockets doing a real md5 login (StartupMessage, "
             "PasswordMessage, wait for ReadyForQuery), 100 logins in flight, held 2 s, then closed; KiB per idle "
             "client = (VmRSS holding − VmRSS before) / clients held, on a fresh pooler process after one warm-up login",
-            "- Figures are medians over repetitions; every pgmux/PgBouncer (and pgmux/direct) ratio is the median of "
-            "per-repetition ratios (the two runs of a repetition ran back to back)",
+            "- Figures are medians over repetitions; every pgmux/PgBouncer (and pgmux/direct, pgmux ×2/PgBouncer) "
+            "ratio is the median of per-repetition ratios (the runs of a repetition ran back to back)",
         ]
         return lines
 
@@ -490,6 +568,9 @@ class Bench:
                     self.results.append(res)
                     if res.ok:
                         cpu = f"  cpu {res.cpu_us:8.1f} µs/txn" if res.cpu_us is not None else ""
+                        if "cpu_us_supervisor" in res.extra:
+                            cpu += f" ({res.extra['processes']} processes, supervisor "
+                            cpu += f"{res.extra['cpu_us_supervisor']:.2f})"
                         rss = f"  rss {res.rss_kb / 1024:.0f} MiB" if res.rss_kb else ""
                         log(
                             f"{log_label} tps {res.tps:9.1f}  mean {report.f_ms(res.mean_ms):>7} ms  "
@@ -502,7 +583,7 @@ class Bench:
     # -- output
     def render(self, interrupted: bool = False) -> str:
         self.info["load_end"] = loadavg()
-        s = report.Summary(self.workloads, self.results)
+        s = report.Summary(self.workloads, self.results, self.targets)
         out = ["# pgmux benchmarks: against PgBouncer and direct PostgreSQL", ""]
         out.append(
             "Generated by `bash scripts/bench.sh` / `python -m bench.run` (bench/README.md explains the method). "
@@ -543,11 +624,12 @@ class Bench:
         md = outdir / "benchmarks.md"
         md.write_text(text)
         log(f"wrote {md}")
-        s = report.Summary(self.workloads, self.results)
+        s = report.Summary(self.workloads, self.results, self.targets)
         pgb = (self.info.get("pgbouncer") or "PgBouncer ?").replace("not run", "PgBouncer (not run)")
         pg = self.info.get("postgresql", "").replace("postgres (PostgreSQL)", "PostgreSQL")
         title = (
-            f"pgmux {PGMUX_VERSION} vs {pgb} vs direct {pg}; {os.cpu_count()} shared CPUs; "
+            f"pgmux {PGMUX_VERSION}{' (and x2: workers = 2)' if 'pgmux2' in self.targets else ''} vs {pgb} "
+            f"vs direct {pg}; {os.cpu_count()} shared CPUs; "
             f"{self.args.reps} rep(s) x {self.args.duration} s; {self.info.get('date', '')}"
         )
         why = report.chart(s, str(outdir / "benchmarks.png"), title)
@@ -569,7 +651,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=3, help="repetitions, interleaved (3)")
     ap.add_argument("--only", default="", help="comma-separated workloads to run (default: all)")
     ap.add_argument("--skip", default="", help="comma-separated workloads to leave out")
-    ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of direct,pgbouncer,pgmux")
+    ap.add_argument(
+        "--targets",
+        default=",".join(TARGETS),
+        help="comma-separated subset of " + ",".join(TARGETS) + " (pgmux2: pgmux with workers = 2; default: all)",
+    )
     ap.add_argument("--idle-clients", type=int, default=10_000, help="idle client connections to hold (10000)")
     ap.add_argument("--scale", type=int, default=10, help="pgbench scale factor (10)")
     ap.add_argument("--pool-size", type=int, default=20, help="default_pool_size of both poolers (20)")
@@ -598,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workloads = [w for w in all_workloads() if (not args.only or w.key in args.only) and w.key not in args.skip]
     if "pgbouncer" in args.targets and not os.access(PGBOUNCER_BIN, os.X_OK):
-        print(f"{PGBOUNCER_BIN} not found: run scripts/setup.sh, or --targets direct,pgmux", file=sys.stderr)
+        print(f"{PGBOUNCER_BIN} not found: run scripts/setup.sh, or --targets direct,pgmux,pgmux2", file=sys.stderr)
         return 2
     if not shutil.which("pgbench"):
         print("pgbench not found: run scripts/setup.sh", file=sys.stderr)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-TARGETS = ("direct", "pgbouncer", "pgmux")
-TARGET_LABEL = {"direct": "direct", "pgbouncer": "PgBouncer", "pgmux": "pgmux"}
+TARGETS = ("direct", "pgbouncer", "pgmux", "pgmux2")
+TARGET_LABEL = {"direct": "direct", "pgbouncer": "PgBouncer", "pgmux": "pgmux", "pgmux2": "pgmux ×2"}
+POOLERS = ("pgbouncer", "pgmux", "pgmux2")
+PGMUX_TARGETS = ("pgmux", "pgmux2")  # pgmux2: the same ini plus ``workers = 2`` (a supervisor and 2 workers)
+POOLER_KIND = {"pgbouncer": "pgbouncer", "pgmux": "pgmux", "pgmux2": "pgmux"}
+POOLER_EXTRA: dict[str, dict[str, object]] = {"pgmux2": {"workers": 2}}  # settings on top of the shared ini
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ def pgbench_workloads() -> list[Workload]:
             "prepared",
             "-S -M prepared, 50 clients",
             (*S(50), "-M", "prepared"),
-            targets=("direct", "pgmux"),
+            targets=("direct", "pgmux", "pgmux2"),
             note="PgBouncer 1.18 has no protocol-level prepared statements in transaction mode (1.21+ has)",
         ),
         Workload("tpcb", "TPC-B-like, 50 clients", ("-c", "50", "-j", "2")),
@@ -66,6 +70,7 @@ def pgbench_workloads() -> list[Workload]:
     ]
 
 
+# a fresh pooler per repetition; single-process pgmux only (a second worker would log in its own pool)
 IDLE = Workload("idle", "idle clients", kind="idle", targets=("pgbouncer", "pgmux"))
 
 
