@@ -470,6 +470,8 @@ class Pooler:
         room = self._room_outside_pool(pool)
         if room is not None and room <= 0 and pool.live_waiters() > pool.connecting and self._evict_for(pool):
             room = self._room_outside_pool(pool)
+        if self.shared is not None:
+            room = self.shared.pool_room(pool, room)
         for _ in range(pool.connects_wanted(room)):
             self._spawn_connect(pool)
 

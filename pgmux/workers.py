@@ -450,6 +450,13 @@ class WorkerShare:
             room = r if room is None else min(room, r)
         return room
 
+    def pool_room(self, pool: Pool[Any, Any], room: int | None) -> int:
+        """`room` further bounded by the pool's capacity across workers (an estimate, read without
+        the lock; reserve_server decides): when the other workers hold the rest of the pool, a
+        queued client does not try, and fail, to reserve connects (O(waiters) each)."""
+        left = pool.capacity() - self.table.others(self.slots(pool).pool, self.index) - self.held(pool)
+        return left if room is None else min(room, left)
+
     def servers_changed(self, pool: Pool[Any, Any]) -> None:
         """A connect failed or a server went: publish this worker's counts of the pool."""
         self.table.publish(self.index, self._publish_items([pool]))
