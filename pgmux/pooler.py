@@ -269,10 +269,10 @@ class Pooler:
             raise ClientError(f"client connections exceeded ({refused})")
         self.db_clients[dbname] = n_db + 1
         self.user_clients[user] = n_user + 1
-        client.limits_counted = (dbname, user)
+        client.limits_counted = (dbname, user, bool(max_db or max_user))
 
     def _uncount_client(self, client: ClientConnection) -> None:
-        dbname, user = client.limits_counted  # type: ignore[misc]
+        dbname, user, limited = client.limits_counted  # type: ignore[misc]
         client.limits_counted = None
         n_db = self.db_clients[dbname] - 1
         n_user = self.user_clients[user] - 1
@@ -281,7 +281,7 @@ class Pooler:
                 counts[key] = n
             else:
                 del counts[key]
-        if self.shared is not None:
+        if limited and self.shared is not None:  # only limited names are counted across workers
             self.shared.logins_changed(dbname, n_db, user, n_user)
 
     # ------------------------------------------------------------ clients

@@ -102,7 +102,8 @@ class ClientConnection(PgConnection):
         self.linking = False
         self.logged_in = False
         self.admitted = False  # counted against max_client_conn
-        self.limits_counted: tuple[str, str] | None = None  # (database, user) counted by check_client_limits
+        # (database, user, limited) as counted by check_client_limits
+        self.limits_counted: tuple[str, str, bool] | None = None
         self.write_paused = False
         self.read_paused = False
         self.pool_mode = "session"
