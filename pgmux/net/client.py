@@ -593,6 +593,8 @@ class ClientConnection(PgConnection):
         except Exception:  # never let one client take the process down
             pglog.logger.exception("%s unexpected error during login", self.log_prefix)
             self.fail("internal error during login", "XX000")
+        finally:
+            self.login_task = None  # a finished Task per idle client is memory for nothing
 
     async def read_startup(self) -> m.StartupPacket:
         """Read untyped packets until a StartupMessage (answering SSL/GSS requests with N)."""
