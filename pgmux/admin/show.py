@@ -225,10 +225,12 @@ def show_pools(pooler: Pooler) -> Result:
         starts = [c.wait_started for c in waiting if c.wait_started] + [c.connect_time for c in login]
         maxwait, maxwait_us = _split_us(now - min(starts)) if starts else (0, 0)
         cl_active = sum(1 for c in pool.clients if not c.waiting and not c.closed)
+        # released servers held until a cancel for their last client is delivered (Pooler.server_ready)
+        canceling = sum(1 for sv in pool.busy if sv.state == "canceling")
         db = pooler.config.find_database(pool.database)
         rows.append([
             db_name, user, cl_active, len(waiting) + len(login), 0, 0,
-            len(pool.active), 0, 0, len(pool.idle), len(pool.busy), 0, pool.connecting,
+            len(pool.active), 0, canceling, len(pool.idle), len(pool.busy) - canceling, 0, pool.connecting,
             maxwait, maxwait_us, _pool_mode(pooler, pool), _load_balance(db),
         ])
     return _rows(POOLS_COLUMNS, rows)
@@ -414,7 +416,8 @@ def _iter_servers(pooler: Pooler, clock: _Clock, debug: bool) -> Iterator[list[V
         for sv in list(pool.idle):
             yield _server_row(pooler, sv, names[1], clock, debug)
         for sv in list(pool.busy):
-            yield _server_row(pooler, sv, names[2], clock, debug)
+            state = names[2] if sv.state != "canceling" else "sv_being_canceled" if debug else "being_canceled"
+            yield _server_row(pooler, sv, state, clock, debug)
 
 
 def _unpooled_login_clients(pooler: Pooler) -> list[ClientConnection]:

@@ -248,12 +248,23 @@ def test_cancel_cannot_hit_the_next_client_of_the_server(cluster: TempCluster, p
             b.send(message(b"Q", b"SELECT pg_sleep(1.5)\0"))  # waits for the server A holds
             time.sleep(0.1)
             send_cancel(p.host, p.port, *a.backend_key)  # A cancels its own query
+            held = []  # the console while the cancel is on its way: the server is held, not given to B
+            with psycopg.connect(p.unix_dsn("pgbouncer", dbname="pgbouncer"), autocommit=True) as console:
+                deadline = time.monotonic() + 0.8
+                while time.monotonic() < deadline:
+                    cur = console.execute("SHOW POOLS")
+                    cols = [d.name for d in cur.description or []]
+                    held += [row[cols.index("sv_being_canceled")] for row in cur.fetchall()
+                             if row[cols.index("database")] == "testdb"]
+                    time.sleep(0.02)
             a_got, b_got = outcome_of(a), outcome_of(b)
         finally:
             a.close()
             b.close()
-    print(f"\n  A (cancelled its own query): {a_got}; B (never cancelled anything): {b_got}")
+    print(f"\n  A (cancelled its own query): {a_got}; B (never cancelled anything): {b_got}; "
+          f"SHOW POOLS sv_being_canceled seen: {max(held, default=0)}")
     assert b_got == "ok", f"B's query was cancelled by A's cancel request: {b_got}"
+    assert max(held, default=0) == 1, "SHOW POOLS never showed the server held for the cancel"
 
 
 # --------------------------------------------------------------------------------------------------
