@@ -684,31 +684,21 @@ class ClientConnection(PgConnection):
         """ParameterStatus (the pool's, with the client's own tracked values), BackendKeyData,
         ReadyForQuery; then switch to the data path."""
         pooler = self.pooler
-        tracked = pooler.tracked
-        for name, value in pool_params.items():
-            if name.lower() in tracked:
-                self.params.set(name, value)
-        for name, value in self.startup_params.items():
-            self.params.set(tracked.get(name.lower(), name), value)
         assert self.pool is not None
-        # Clients of a pool mostly ask for the same values: encode each distinct set once.
+        # Clients of a pool mostly ask for the same values: work out each distinct set once (the
+        # encoded ParameterStatus messages and the client's tracked values), at most 256 of them.
         key = tuple(sorted(self.startup_params.items()))
         cache = self.pool.welcome_cache
-        status = cache.get(key) if cache.get(None) is pool_params else None
-        if status is None:
-            if cache.get(None) is not pool_params:
+        hit = cache.get(key) if cache.get(None) is pool_params else None
+        if hit is not None:
+            status, values = hit
+            self.params.values = dict(values)
+        else:
+            if cache.get(None) is not pool_params or len(cache) > 256:
                 cache.clear()
                 cache[None] = pool_params  # type: ignore[assignment]
-            parts = []
-            sent = set()
-            for name, value in pool_params.items():
-                v = self.params.get(name) if name.lower() in tracked else None
-                parts.append(m.parameter_status(name, v if v is not None else value))
-                sent.add(name.lower())
-            for name, value in self.params.items():
-                if name.lower() not in sent:
-                    parts.append(m.parameter_status(name, value))
-            status = cache[key] = b"".join(parts)
+            status = self._welcome_status(pool_params)
+            cache[key] = (status, dict(self.params.values))
         out = [status]
         self.cancel_key = pooler.register_cancel_key(self)
         out.append(m.message(b"K", self.cancel_key))
@@ -718,6 +708,27 @@ class ClientConnection(PgConnection):
         self.pool.clients.add(self)
         self.pool.stats.client_login_count += 1
         self.start_forwarding()
+
+    def _welcome_status(self, pool_params: dict[str, str]) -> bytes:
+        """Set this client's parameters from the pool's and its startup values; the ParameterStatus
+        messages it is sent at login."""
+        tracked = self.pooler.tracked
+        params = self.params
+        for name, value in pool_params.items():
+            if name.lower() in tracked:
+                params.set(name, value)
+        for name, value in self.startup_params.items():
+            params.set(tracked.get(name.lower(), name), value)
+        parts = []
+        sent = set()
+        for name, value in pool_params.items():
+            v = params.get(name) if name.lower() in tracked else None
+            parts.append(m.parameter_status(name, v if v is not None else value))
+            sent.add(name.lower())
+        for name, value in params.items():
+            if name.lower() not in sent:
+                parts.append(m.parameter_status(name, value))
+        return b"".join(parts)
 
     async def authenticate(self, user: str, forced: bool, db: DatabaseEntry | None = None) -> None:
         """Check the client per auth_type (or its auth_hba_file rule), against the auth_file secret
