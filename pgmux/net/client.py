@@ -247,7 +247,7 @@ class ClientConnection(PgConnection):
         if events:
             for typ, start, stop_ in events:
                 if typ in (_Q, _F):
-                    if typ == _Q and self._inspect_query(bytes(self.buf[start + 5 : stop_ - 1])):
+                    if typ == _Q and self._inspect_query(start + 5, stop_ - 1):
                         fwd = start
                         interrupt = True
                         break
@@ -334,19 +334,21 @@ class ClientConnection(PgConnection):
         else:
             self.keep = 0
 
-    def _inspect_query(self, text: bytes) -> bool:
-        """Pinning hints and database drains for one query text. True: stop forwarding here;
-        the pooler first closes its connections to a database this query drops or copies."""
+    def _inspect_query(self, start: int, stop: int) -> bool:
+        """Pinning hints and database drains for the query text in buf[start:stop]. True: stop
+        forwarding here; the pooler first closes its connections to a database this query drops
+        or copies. The text is copied only when there is something to look for."""
+        buf = self.buf
         if self.drain_passed:
             self.drain_passed = False
-        elif b"atabase" in text or b"ATABASE" in text:
-            targets = database_ddl_targets(text)
+        elif buf.find(b"atabase", start, stop) >= 0 or buf.find(b"ATABASE", start, stop) >= 0:
+            targets = database_ddl_targets(bytes(buf[start:stop]))
             if targets:
                 self.linking = True
                 self.pooler.start_drain(self, targets)
                 return True
         if self.pin_mode != "off":
-            word = hint(text)
+            word = hint(bytes(buf[start:stop]))
             if word is not None:
                 self.note_hint(word)
         return False
@@ -404,7 +406,7 @@ class ClientConnection(PgConnection):
                     run = stop_
                     continue
                 if typ == _Q:
-                    if self._inspect_query(bytes(buf[start + 5 : stop_ - 1])):
+                    if self._inspect_query(start + 5, stop_ - 1):
                         fwd = start
                         interrupt = True
                         break

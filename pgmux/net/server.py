@@ -252,6 +252,8 @@ class ServerConnection(PgConnection):
 
     def _command_complete(self, buf: bytearray, start: int, stop: int, client: ClientConnection) -> None:
         """DISCARD ALL or DEALLOCATE ALL: the server forgot every prepared statement."""
+        if buf[start + 5] != 68:  # both tags start with D
+            return
         tag = bytes(buf[start + 5 : min(stop, start + 20)])
         if tag.startswith((b"DISCARD ALL", b"DEALLOCATE ALL")):
             self.stmts.clear()
