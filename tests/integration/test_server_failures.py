@@ -252,3 +252,34 @@ def test_postgres_restart_under_pgbench(cluster: TempCluster, pooler: PoolerFact
     assert res.failed == 0 and res.processed, res.describe()
     assert history_count(cluster) == res.processed
     assert p.is_running()
+
+
+@pytest.mark.pgmux_only(reason="which backend serves after RECONNECT depends on login timing")
+def test_reconnect_replaces_a_server_still_logging_in(cluster: TempCluster, pooler: PoolerFactory) -> None:
+    """RECONNECT while the pool's only server is logging in: that server is closed once logged in
+    (close_needed) and the waiting client is served by a server opened after the RECONNECT."""
+    import psycopg
+
+    from pgmux.testing.faultproxy import FaultProxy
+
+    with FaultProxy(cluster.port) as proxy:
+        p = pooler(pool_mode="transaction", databases={"testdb": f"host=127.0.0.1 port={proxy.port} dbname=testdb"},
+                   extra={"default_pool_size": 1, "server_connect_timeout": 10})
+        with connect(p) as c, psycopg.connect(p.unix_dsn("pgbouncer", dbname="pgbouncer"), autocommit=True) as console:
+            pid1 = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+            proxy.delay(0.3, new_only=True)  # the next server login takes a few round trips of 0.3 s
+            terminate(cluster, pid1)
+            wait_for(lambda: not cluster.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", params=[pid1]),
+                     5, what="the first backend to go")
+            got: list[int] = []
+            t = threading.Thread(target=lambda: got.append(c.execute("SELECT pg_backend_pid()").fetchone()[0]))
+            t.start()
+            time.sleep(0.4)  # the new server is logging in
+            console.execute("RECONNECT testdb")
+            t.join(10)
+            proxy.delay(0)
+            assert got, "the query waiting for the server logging in got no answer"
+            assert c.execute("SELECT 1").fetchone() == (1,)
+        log = p.log_text()
+    assert got[0] != pid1
+    assert "closing because: close_needed" in log, "the server that was logging in during RECONNECT was kept"
