@@ -23,7 +23,11 @@ single-process pooler (cli.serve) on its own event loop:
 The supervisor forwards SIGHUP/SIGINT/SIGTERM/SIGQUIT/SIGUSR1/SIGUSR2, respawns a worker that
 dies unexpectedly and exits once all workers are gone after a shutdown. RELOAD and SHUTDOWN on one
 worker's admin console are passed to the others through the supervisor; every other console
-command acts on the worker the console connected to. With `workers = 1` none of this exists.
+command acts on the worker the console connected to. The console's statistics (SHOW STATS,
+POOLS, LISTS, ...: show.MERGED_SHOWS) cover every worker: the worker asked sends a request over
+the socketpairs, each other worker answers with its part as JSON (in datagrams of up to CHUNK
+bytes), and the asker adds them up (show.merged_show), leaving out a worker that is silent for
+GATHER_TIMEOUT. With `workers = 1` none of this exists.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import asyncio
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import math
 import mmap
@@ -63,6 +68,13 @@ LINGER = 0.03
 CANCEL_PACKET = struct.Struct("!iiii")
 CANCEL_REQUEST_CODE = 80877102
 WAKE = b"W"  # datagram: a pool slot was freed, retry the connects your waiting clients need
+# Merged SHOW commands: b"S" + ASK + show name asks a sibling for its part; it answers with
+# b"T" + PART + a piece of the JSON of its part (parts can outgrow one datagram).
+ASK = struct.Struct("!IH")  # request id, asking worker
+PART = struct.Struct("!IHHH")  # request id, answering worker, piece number, pieces
+CHUNK = 60000  # bytes of JSON per datagram (a Unix datagram may be up to about SO_SNDBUF)
+MAX_DATAGRAM = 1 + PART.size + CHUNK
+GATHER_TIMEOUT = 1.0  # seconds a merged SHOW waits for the other workers
 FORWARDED_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
 SHUTDOWN_SIGNAL = {"immediate": signal.SIGQUIT, "wait_for_servers": signal.SIGINT,
@@ -258,6 +270,16 @@ class _Slots:
 
 
 @dataclass
+class _Gather:
+    """A merged SHOW's answers from the other workers, as they come in."""
+
+    expected: int
+    done: asyncio.Future[None]
+    parts: dict[int, Any] = field(default_factory=dict)  # worker index -> its part
+    pieces: dict[int, dict[int, bytes]] = field(default_factory=dict)  # worker -> piece no. -> bytes
+
+
+@dataclass
 class WorkerShare:
     """This worker's part in the shared accounting, cancel routing and pool sharing; the Pooler
     calls it (as `pooler.shared`) where it opens or loses servers and admits or loses clients."""
@@ -273,6 +295,9 @@ class WorkerShare:
     _params_since: dict[tuple[str, str], float] = field(default_factory=dict)
     _task: asyncio.Task[None] | None = None
     _stopping: bool = False
+    _gathers: dict[int, _Gather] = field(default_factory=dict)  # merged SHOWs waiting, by request id
+    _next_request: int = 0
+    _replies: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.index = self.ctx.index
@@ -374,12 +399,21 @@ class WorkerShare:
         wake = False
         while True:
             try:
-                data = self.receiver.recv(64)
+                data = self.receiver.recv(MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 return
-            if len(data) == 16:
+            kind = data[:1]
+            if kind == b"T":
+                self._on_part(data)
+            elif kind == b"S" and len(data) > 1 + ASK.size:
+                rid, asker = ASK.unpack_from(data, 1)
+                what = data[1 + ASK.size:].decode("ascii", "replace")
+                task = self.pooler.loop.create_task(self._answer(rid, asker, what))
+                self._replies.add(task)
+                task.add_done_callback(self._replies.discard)
+            elif len(data) == 16:
                 _length, code, pid, secret = CANCEL_PACKET.unpack(data)
                 if code == CANCEL_REQUEST_CODE:
                     self.pooler.handle_cancel(pid, secret)
@@ -387,6 +421,80 @@ class WorkerShare:
                 wake = True
         if wake:
             self._retry_waiting()
+
+    # ---- merged SHOW commands (console)
+
+    async def gather(self, what: str) -> list[Any]:
+        """The other workers' `show.worker_part(what)`: asked over the channels, awaited for up to
+        GATHER_TIMEOUT. A worker that does not answer in time (being restarted, stuck) is left
+        out, with a warning in the log."""
+        self._next_request = (self._next_request + 1) & 0xFFFFFFFF
+        rid = self._next_request
+        others = [w for w in range(self.ctx.count) if w != self.index]
+        gather = _Gather(len(others), self.pooler.loop.create_future())
+        self._gathers[rid] = gather
+        request = b"S" + ASK.pack(rid, self.index) + what.encode("ascii")
+        try:
+            for worker in others:
+                self._send(worker, request)
+            await asyncio.wait({gather.done}, timeout=GATHER_TIMEOUT)
+        finally:
+            del self._gathers[rid]
+        missing = [w + 1 for w in others if w not in gather.parts]
+        if missing:
+            logger.warning("SHOW %s: no answer from worker %s within %.1fs; shown without it",
+                           what.upper(), ", ".join(map(str, missing)), GATHER_TIMEOUT)
+        return [gather.parts[w] for w in sorted(gather.parts)]
+
+    async def _answer(self, rid: int, asker: int, what: str) -> None:
+        """A sibling's merged SHOW asks for this worker's part: send it back in pieces."""
+        from pgmux.admin import show
+
+        if what not in show.MERGED_SHOWS or not 0 <= asker < self.ctx.count or asker == self.index:
+            return
+        try:
+            payload = json.dumps(show.worker_part(self.pooler, what), separators=(",", ":")).encode()
+        except Exception:  # noqa: BLE001 - the asker then goes without this worker's part
+            logger.exception("SHOW %s for worker %d failed", what.upper(), asker + 1)
+            return
+        pieces = max(1, -(-len(payload) // CHUNK))
+        sock = self.ctx.channels[asker][1]
+        deadline = time.monotonic() + GATHER_TIMEOUT
+        for n in range(pieces):
+            datagram = b"T" + PART.pack(rid, self.index, n, pieces) + payload[n * CHUNK:(n + 1) * CHUNK]
+            while True:
+                try:
+                    sock.send(datagram)
+                    break
+                except (BlockingIOError, InterruptedError):
+                    if time.monotonic() > deadline:
+                        logger.warning("SHOW %s answer to worker %d dropped: its channel is full",
+                                       what.upper(), asker + 1)
+                        return
+                    await asyncio.sleep(0.005)  # the asker reads on its own loop
+                except OSError as exc:
+                    logger.warning("SHOW %s answer to worker %d dropped: %s", what.upper(), asker + 1, exc)
+                    return
+
+    def _on_part(self, data: bytes) -> None:
+        if len(data) < 1 + PART.size:
+            return
+        rid, worker, n, pieces = PART.unpack_from(data, 1)
+        gather = self._gathers.get(rid)
+        if gather is None or worker in gather.parts or not n < pieces:
+            return  # an answer that came too late
+        got = gather.pieces.setdefault(worker, {})
+        got[n] = data[1 + PART.size:]
+        if len(got) < pieces:
+            return
+        del gather.pieces[worker]
+        try:
+            gather.parts[worker] = json.loads(b"".join(got[i] for i in range(pieces)))
+        except ValueError:
+            logger.warning("bad SHOW answer from worker %d", worker + 1)
+            return
+        if len(gather.parts) >= gather.expected and not gather.done.done():
+            gather.done.set_result(None)
 
     # ---- servers
 

@@ -25,7 +25,7 @@ from pgmux.admin import control
 from pgmux.admin.commands import AdminError, Command, parse_command
 from pgmux.admin.peer import peer_credentials
 from pgmux.admin.result import Result, data_row, row_description
-from pgmux.admin.show import SERVER_VERSION
+from pgmux.admin.show import MERGED_SHOWS, SERVER_VERSION, merged_show, worker_part
 from pgmux.admin.state import ADMIN_USER, P_SUSPEND, ConsoleSession
 from pgmux.net.base import ConnectionLost
 from pgmux.protocol import messages as m
@@ -180,8 +180,17 @@ def _alive(sess: _Session) -> bool:
     return not sess.client.closed and sess.client.close_reason is None
 
 
+def _merged(client: ClientConnection, cmd: Command) -> bool:
+    """Whether the command's answer covers every worker (workers > 1: statistics, pools, lists)."""
+    return client.pooler.shared is not None and cmd.name == "show" and cmd.arg.lower() in MERGED_SHOWS
+
+
 async def _run(sess: _Session, cmd: Command) -> Result:
     pooler = sess.client.pooler
+    if _merged(sess.client, cmd) and pooler.shared is not None:
+        name = cmd.arg.lower()
+        mine = worker_part(pooler, name)
+        return merged_show(name, [mine, *await pooler.shared.gather(name)])
     return await control.execute(pooler, sess.console, cmd, lambda: _alive(sess))
 
 
@@ -290,9 +299,11 @@ async def _on_describe(sess: _Session, body: bytes) -> None:
             portal = sess.portals.get(name)
             if portal is None:
                 raise AdminError(f'portal "{name}" does not exist', "34000")
-            if portal.result is None:
-                portal.result = control.describe(pooler, sess.console, portal.command)
             result = portal.result
+            if result is None:
+                result = control.describe(pooler, sess.console, portal.command)
+                if not _merged(sess.client, portal.command):
+                    portal.result = result  # a merged one is gathered by Execute; same columns
             out = row_description(result.columns, portal.formats) if result and result.columns else m.message(b"n")
         else:
             raise m.ProtocolError("invalid DESCRIBE message subtype")

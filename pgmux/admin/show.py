@@ -13,7 +13,7 @@ request states, prepared statements until the pool counts them).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pgmux import __version__
@@ -632,6 +632,103 @@ def show_fds(pooler: Pooler) -> Result:
 def fake_show(name: str) -> Result:
     key = name.lower()
     return _rows(columns("s", key), [[FAKE_PARAMS[key]]])
+
+
+# ------------------------------------------------------------------ across workers (`workers = N`)
+
+#: SHOW commands answered for pgmux as a whole when workers > 1: the asking worker gathers each
+#: sibling's `worker_part` (plain data, pgmux/workers.py) and `merged_show` adds them up.
+STATS_SHOWS = frozenset({"stats", "stats_totals", "stats_averages", "totals"})
+MERGED_SHOWS = STATS_SHOWS | {"pools", "lists", "databases", "users"}
+# SHOW LISTS rows that count this worker's objects (summed); the others count names (max).
+_SUMMED_LISTS = frozenset({"free_clients", "used_clients", "login_clients", "free_servers", "used_servers"})
+
+
+def worker_part(pooler: Pooler, name: str) -> Any:
+    """This worker's share of a merged SHOW, as JSON-able data. For the stats family: the raw
+    counters per database, so that averages can be recomputed from summed deltas."""
+    if name in STATS_SHOWS:
+        tracker = pooler.admin_state().tracker
+        dbs = counters.group_by_database(stat_sources(pooler), tracker)
+        return {"dur": counters.now_us() - tracker.old_stamp,
+                "dbs": [[db, list(cur), list(old)] for db, cur, old in dbs]}
+    return SHOW_FUNCTIONS[name](pooler).rows
+
+
+def merged_show(name: str, parts: list[Any]) -> Result:
+    """The answer to SHOW `name` from every worker's `worker_part` (the asking worker's first):
+    same columns and row order as one worker's answer, counts summed per row."""
+    if name in STATS_SHOWS:
+        return _merged_stats(name, parts)
+    if name == "pools":
+        # cl_* and sv_* summed; maxwait the longest wait of any worker; mode columns as the first.
+        return _rows(POOLS_COLUMNS, _merge_rows(parts, 2, range(2, 13), longest=(13, 14)))
+    if name == "databases":
+        return _rows(DATABASES_COLUMNS, _merge_rows(parts, 1, (12, 14)))
+    if name == "users":
+        return _rows(USERS_COLUMNS, _merge_rows(parts, 1, (5, 7)))
+    if name == "lists":
+        merged: dict[str, int] = {}
+        for part in parts:
+            for list_name, n in part:
+                old = merged.get(list_name)
+                merged[list_name] = n if old is None else old + n if list_name in _SUMMED_LISTS else max(old, n)
+        return _rows(LISTS_COLUMNS, [[k, v] for k, v in merged.items()])
+    raise ValueError(f"SHOW {name} is not merged across workers")
+
+
+def _merge_rows(parts: list[Any], key_len: int, summed: Iterable[int],
+                longest: tuple[int, int] | None = None) -> list[list[Value]]:
+    """Rows keyed by their first `key_len` columns, in key order: `summed` columns added up, the
+    `longest` (seconds, microseconds) pair the largest, every other column as the first worker has it."""
+    cols = list(summed)
+    out: dict[tuple[Any, ...], list[Value]] = {}
+    for part in parts:
+        for row in part:
+            key = tuple(row[:key_len])
+            have = out.get(key)
+            if have is None:
+                out[key] = list(row)
+                continue
+            for i in cols:
+                have[i] = int(have[i] or 0) + int(row[i] or 0)
+            if longest is not None:
+                a, b = longest
+                if (row[a], row[b]) > (have[a], have[b]):
+                    have[a], have[b] = row[a], row[b]
+    return [out[k] for k in sorted(out)]
+
+
+def _merged_stats(name: str, parts: list[Any]) -> Result:
+    by_db: dict[str, list[tuple[counters.Snapshot, counters.Snapshot, int]]] = {}
+    totals: list[tuple[counters.Snapshot, counters.Snapshot, int]] = []
+    for part in parts:
+        cur_total, old_total = counters.ZERO, counters.ZERO
+        for db, cur, old in part["dbs"]:
+            cur, old = tuple(cur), tuple(old)
+            by_db.setdefault(db, []).append((cur, old, part["dur"]))
+            cur_total, old_total = counters.add(cur_total, cur), counters.add(old_total, old)
+        totals.append((cur_total, old_total, part["dur"]))
+    if name == "totals":
+        cur_sum = _sum_snapshots(c for c, _, _ in totals)
+        avg = counters.merged_averages(totals)
+        rows: list[list[Value]] = [[f"total_{n}", v] for n, v in zip(TOTALS_NAMES, cur_sum, strict=True)]
+        rows += [[f"avg_{n}", v] for n, v in zip(TOTALS_NAMES, avg, strict=True)]
+        return _rows(TOTALS_COLUMNS, rows)
+    stats = [(db, _sum_snapshots(c for c, _, _ in by_db[db]), counters.merged_averages(by_db[db]))
+             for db in sorted(by_db)]
+    if name == "stats":
+        return _rows(STATS_COLUMNS, [[db, *cur, *avg] for db, cur, avg in stats])
+    if name == "stats_totals":
+        return _rows(STATS_TOTALS_COLUMNS, [[db, *cur] for db, cur, _ in stats])
+    return _rows(STATS_AVERAGES_COLUMNS, [[db, *avg] for db, _, avg in stats])
+
+
+def _sum_snapshots(snaps: Iterable[counters.Snapshot]) -> counters.Snapshot:
+    total = counters.ZERO
+    for snap in snaps:
+        total = counters.add(total, snap)
+    return total
 
 
 #: name -> function; `fds` needs admin rights (checked by the caller).

@@ -64,6 +64,25 @@ def averages(cur: Snapshot, old: Snapshot, dur_us: int) -> Snapshot:
     return tuple(out)
 
 
+def merged_averages(parts: Iterable[tuple[Snapshot, Snapshot, int]]) -> Snapshot:
+    """Averages of several workers' (current, older, microseconds since older) for one row.
+
+    Each worker shifts its snapshots on its own stats_period timer, so their windows differ by up
+    to one period: rates are each worker's rate over its own window, summed; mean times are total
+    time over total count of all windows. For one part this is exactly `averages`."""
+    rates = [0] * N_FIELDS
+    delta = [0] * N_FIELDS
+    for cur, old, dur_us in parts:
+        for i, x in enumerate(averages(cur, old, dur_us)):
+            rates[i] += x
+        for i, (c, o) in enumerate(zip(cur, old, strict=True)):
+            delta[i] += max(0, c - o)
+    rates[XACT_TIME] = delta[XACT_TIME] // delta[XACT] if delta[XACT] else 0
+    rates[QUERY_TIME] = delta[QUERY_TIME] // delta[QUERY] if delta[QUERY] else 0
+    rates[WAIT_TIME] = delta[WAIT_TIME] // delta[ASSIGN] if delta[ASSIGN] else 0
+    return tuple(rates)
+
+
 def now_us() -> int:
     return time.monotonic_ns() // 1000
 

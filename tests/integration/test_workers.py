@@ -9,6 +9,7 @@ its workers. Which worker served what is read from the log: each line carries it
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -18,11 +19,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from pgmux.testing.cluster import BackendSampler, PoolerProcess, TempCluster
+from pgmux.testing.cluster import BackendSampler, PoolerProcess, TempCluster, wait_for
 
 psycopg = pytest.importorskip("psycopg")
 from psycopg import errors  # noqa: E402
@@ -54,7 +56,7 @@ def start(pooler: PoolerFactory, workers: int = 2, pool_mode: str = "transaction
         pids = worker_pids(p)
         return len(pids) == workers and set(log_pids(p, "listening on")) >= pids
 
-    wait_until(ready, 15, "every worker to listen")
+    wait_for(ready, 15, what="every worker to listen")
     return p
 
 
@@ -75,17 +77,6 @@ def worker_pids(p: PoolerProcess) -> set[int]:
 def log_pids(p: PoolerProcess, needle: str) -> list[int]:
     """Pids of the processes that logged a line containing `needle`, in log order."""
     return [int(m.group(1)) for m in re.finditer(r"\[(\d+)\] \w+ (.*)", p.log_text()) if needle in m.group(2)]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def run_threads(targets: list[Callable[[], None]], timeout: float = 30) -> list[BaseException]:
@@ -216,7 +207,7 @@ def test_cancel_requests_find_their_worker(pooler: PoolerFactory, cluster: TempC
         threads = [threading.Thread(target=sleeper, args=(i,), daemon=True) for i in range(n)]
         for t in threads:
             t.start()
-        wait_until(lambda: cluster.count_backends("trustuser", DB, "active") == n, 10, "12 sleeping queries")
+        wait_for(lambda: cluster.count_backends("trustuser", DB, "active") == n, 10, what="12 sleeping queries")
         for c in conns:
             c.cancel()  # a new TCP connection each: the kernel picks the worker
         for t in threads:
@@ -230,7 +221,7 @@ def test_cancel_requests_find_their_worker(pooler: PoolerFactory, cluster: TempC
                 break
             t = threading.Thread(target=sleeper, args=(0,), daemon=True)
             t.start()
-            wait_until(lambda: cluster.count_backends("trustuser", DB, "active") == 1, 10, "a sleeping query")
+            wait_for(lambda: cluster.count_backends("trustuser", DB, "active") == 1, 10, what="a sleeping query")
             conns[0].cancel()
             t.join(15)
             assert outcomes[0][0] == "canceled"
@@ -278,7 +269,7 @@ def test_sighup_reloads_every_worker(pooler: PoolerFactory, workers_db: str) -> 
     pids = worker_pids(p)
     p.set_options({"default_pool_size": 7})
     p.reload()
-    wait_until(lambda: set(log_pids(p, "config reloaded")) == pids, 10, "both workers to reload")
+    wait_for(lambda: set(log_pids(p, "config reloaded")) == pids, 10, what="both workers to reload")
     assert p.pid not in log_pids(p, "config reloaded")
     with connect(p) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
@@ -289,13 +280,13 @@ def test_killed_worker_is_respawned(pooler: PoolerFactory, workers_db: str) -> N
     old = worker_pids(p)
     victim = min(old)
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: log_pids(p, f"(pid {victim}) died"), 10, "the supervisor to notice")
+    wait_for(lambda: log_pids(p, f"(pid {victim}) died"), 10, what="the supervisor to notice")
 
     def replaced() -> set[int] | None:
         pids = worker_pids(p)
         return pids if len(pids) == 2 and victim not in pids else None
 
-    new = wait_until(replaced, 10, "a new worker")
+    new = wait_for(replaced, 10, what="a new worker")
     assert "restarting it" in p.log_text()
     (born,) = new - old
     # Service continues, on the new worker too.
@@ -309,7 +300,7 @@ def test_stop_signal_stops_all_workers(pooler: PoolerFactory, workers_db: str, s
     p.signal(sig)
     assert p.wait(10) == 0
     for pid in pids:
-        wait_until(lambda pid=pid: not Path(f"/proc/{pid}").exists(), 5, f"worker {pid} to exit")
+        wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists(), 5, what=f"worker {pid} to exit")
     assert "all workers exited" in p.log_text()
 
 
@@ -320,6 +311,135 @@ def test_console_shutdown_stops_every_worker(pooler: PoolerFactory, workers_db: 
         admin.execute("SHUTDOWN", prepare=False)
     admin.close()
     assert p.wait(10) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the admin console: statistics of pgmux as a whole
+
+
+def connect_on_each_worker(p: PoolerProcess, open_one: Callable[[], Any], needle: str, per_worker: int,
+                           limit: int = 60) -> dict[int, list[Any]]:
+    """Open connections (`open_one`) until each worker has `per_worker` of them; the worker of each
+    is the pid of the newest log line containing `needle` (connections are opened one at a time).
+    Extra connections on a worker that already has enough are closed at once."""
+    by_worker: dict[int, list[Any]] = {pid: [] for pid in worker_pids(p)}
+    for _ in range(limit):
+        if all(len(conns) >= per_worker for conns in by_worker.values()):
+            return by_worker
+        before = len(log_pids(p, needle))
+        conn = open_one()
+
+        def logged(before: int = before) -> list[int] | None:
+            found = log_pids(p, needle)
+            return found if len(found) > before else None
+
+        pids = wait_for(logged, 5, what="the login line")
+        conns = by_worker[pids[-1]]
+        if len(conns) < per_worker:
+            conns.append(conn)
+        else:
+            conn.close()
+    for conns in by_worker.values():
+        for c in conns:
+            c.close()
+    raise AssertionError(f"{limit} connections did not reach every worker {per_worker} times")
+
+
+def console_rows(conn: Any, what: str) -> list[dict[str, Any]]:
+    cur = conn.execute(f"SHOW {what}")
+    names = [d.name for d in cur.description or []]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def db_row(conn: Any, what: str, key: str = "database") -> dict[str, Any]:
+    (row,) = [r for r in console_rows(conn, what) if r[key] == DB]
+    return row
+
+
+def test_console_stats_and_pools_cover_every_worker(pooler: PoolerFactory, cluster: TempCluster,
+                                                    workers_db: str) -> None:
+    p = start(pooler, default_pool_size=10)
+    clients = connect_on_each_worker(p, lambda: connect(p), f"login attempt: db={DB}", 3)
+    consoles = connect_on_each_worker(
+        p, lambda: psycopg.connect(p.dsn("postgres", dbname="pgbouncer"), autocommit=True),
+        "login attempt: db=pgbouncer", 1)
+    conns = [c for cs in clients.values() for c in cs]
+    admins = [cs[0] for cs in consoles.values()]  # one console on each worker
+    try:
+        queries = 0
+        for i, conn in enumerate(conns):
+            for _ in range(i + 1):  # a different number per connection: the sum is not a multiple
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+                queries += 1
+        assert queries == 21
+
+        def totals() -> list[tuple[int, int]]:
+            rows = [db_row(a, "STATS") for a in admins]
+            return [(r["total_query_count"], r["total_xact_count"]) for r in rows]
+
+        # Each worker served some of the 21 queries; both consoles count them all.
+        wait_for(lambda: totals() == [(queries, queries)] * 2, 10, what=f"SHOW STATS to count {queries} queries")
+        for admin in admins:
+            assert db_row(admin, "STATS_TOTALS")["query_count"] == queries
+            res = admin.pgconn.exec_(b"SHOW STATS")  # the simple query protocol too
+            fields = [(res.fname(i) or b"").decode() for i in range(res.nfields)]
+            simple = [dict(zip(fields, [res.get_value(r, i) for i in range(res.nfields)], strict=True))
+                      for r in range(res.ntuples)]
+            assert [int(r["total_query_count"]) for r in simple if r["database"] == DB.encode()] == [queries]
+            names = {r["name"]: r["value"] for r in console_rows(admin, "TOTALS")}
+            assert names["total_query_count"] >= queries  # plus the consoles' own SHOWs
+            assert [r["database"] for r in console_rows(admin, "STATS_AVERAGES")] == [
+                r["database"] for r in console_rows(admin, "STATS")]
+
+        # SHOW POOLS: the six idle clients of both workers, and every server either holds.
+        def pools() -> list[tuple[int, int]]:
+            out = []
+            for admin in admins:
+                r = db_row(admin, "POOLS")
+                out.append((r["cl_active"] + r["cl_waiting"],
+                            r["sv_active"] + r["sv_idle"] + r["sv_used"] + r["sv_login"]))
+            return out
+
+        backends = cluster.count_backends("trustuser", DB)
+        assert backends >= 2  # each worker opened its own
+        wait_for(lambda: pools() == [(len(conns), backends)] * 2, 10, what="SHOW POOLS to sum both workers")
+        pools_row = db_row(admins[0], "POOLS")
+        assert list(pools_row)[:4] == ["database", "user", "cl_active", "cl_waiting"]
+        for admin in admins:
+            assert db_row(admin, "DATABASES", "name")["current_connections"] == backends
+            assert db_row(admin, "DATABASES", "name")["current_client_connections"] == len(conns)
+            console_pool = [r for r in console_rows(admin, "POOLS") if r["database"] == "pgbouncer"]
+            assert console_pool[0]["cl_active"] == len(admins)
+            lists = {r["list"]: r["items"] for r in console_rows(admin, "LISTS")}
+            assert lists["used_clients"] == len(conns) + len(admins)
+            assert lists["used_servers"] == backends
+        # Connections stay per worker: each console lists only its own worker's clients.
+        assert sorted(len(console_rows(a, "CLIENTS")) for a in admins) == [4, 4]
+    finally:
+        for c in [*conns, *admins]:
+            c.close()
+
+
+def test_console_stats_without_an_answer_from_a_stopped_worker(pooler: PoolerFactory, workers_db: str) -> None:
+    p = start(pooler)
+    consoles = connect_on_each_worker(
+        p, lambda: psycopg.connect(p.dsn("postgres", dbname="pgbouncer"), autocommit=True),
+        "login attempt: db=pgbouncer", 1)
+    (mine, admin), (other, other_admin) = [(pid, cs[0]) for pid, cs in consoles.items()]
+    try:
+        os.kill(other, signal.SIGSTOP)  # alive but deaf: the answer comes without it, after the timeout
+        try:
+            t0 = time.monotonic()
+            rows = console_rows(admin, "STATS")
+            assert 0.9 < time.monotonic() - t0 < 5
+            assert "pgbouncer" in [r["database"] for r in rows]
+        finally:
+            os.kill(other, signal.SIGCONT)
+        assert [pid for pid in log_pids(p, "no answer from worker") if pid == mine]
+        assert console_rows(admin, "STATS")  # the late answer is ignored; the next one is whole
+    finally:
+        admin.close()
+        other_admin.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,3 +497,69 @@ def test_cancel_key_names_its_worker() -> None:
             for first in (0x00, 0x7F, 0xFF, 0xA5):
                 stamped = WorkerShare.stamp_key(share, first)  # type: ignore[arg-type]
                 assert stamped < 0x80 and stamped & share.key_mask == index
+
+
+def test_merged_show_answer_larger_than_a_datagram(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sibling's part is sent in pieces, and waits for room when the asker's channel is full."""
+    import asyncio
+
+    from pgmux.admin import show
+    from pgmux.workers import CHUNK, WorkerShare
+
+    big = [[f"db{i:05d}", "x" * 60, i] for i in range(6000)]  # about 500 KB of JSON
+    monkeypatch.setattr(show, "worker_part", lambda pooler, what: big)
+
+    async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        channels = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)]
+        for pair in channels:
+            for sock in pair:
+                sock.setblocking(False)
+        ctx = SimpleNamespace(count=2, channels=channels)
+        for i in range(2):
+            share = WorkerShare.__new__(WorkerShare)  # only the channel machinery, no pooler
+            share.ctx, share.index, share.receiver = ctx, i, channels[i][0]  # type: ignore[assignment]
+            share.pooler = SimpleNamespace(loop=loop)  # type: ignore[assignment]
+            share._gathers, share._next_request, share._replies = {}, 0, set()
+            loop.add_reader(channels[i][0].fileno(), share._on_datagram)
+            if i == 0:
+                asker = share
+        try:
+            return await asker.gather("pools")
+        finally:
+            for pair in channels:
+                loop.remove_reader(pair[0].fileno())
+                for sock in pair:
+                    sock.close()
+
+    assert len(json.dumps(big)) > 5 * CHUNK
+    assert asyncio.run(main()) == [big]
+
+
+def test_merged_show_rows() -> None:
+    from pgmux.admin import show
+    from pgmux.stats import counters
+
+    def pool_row(db: str, cl: int, sv_idle: int, wait: tuple[int, int]) -> list[Any]:
+        return [db, "u", cl, 1, 0, 0, 2, 0, 0, sv_idle, 0, 0, 0, *wait, "transaction", None]
+
+    merged = show.merged_show("pools", [[pool_row("a", 1, 2, (0, 5)), pool_row("b", 4, 0, (1, 0))],
+                                        [pool_row("a", 3, 1, (0, 9))]])
+    assert merged.columns == show.POOLS_COLUMNS
+    # cl_* and sv_* summed, maxwait the longest, rows of one worker only kept as they are.
+    assert merged.rows == [["a", "u", 4, 2, 0, 0, 4, 0, 0, 3, 0, 0, 0, 0, 9, "transaction", None],
+                           pool_row("b", 4, 0, (1, 0))]
+    # Averages: rates add up; mean times are total time over total count.
+    cur1, old1 = list(counters.ZERO), list(counters.ZERO)
+    cur1[counters.XACT], cur1[counters.XACT_TIME] = 10, 1000  # 10 xacts of 100 us in 1 s
+    cur2 = list(counters.ZERO)
+    cur2[counters.XACT], cur2[counters.XACT_TIME] = 30, 9000  # 30 xacts of 300 us in 2 s
+    parts = [{"dur": 1_000_000, "dbs": [["d", cur1, old1]]}, {"dur": 2_000_000, "dbs": [["d", cur2, old1]]}]
+    (row,) = show.merged_show("stats", parts).rows
+    assert row[1 + counters.XACT] == 40
+    assert row[1 + counters.N_FIELDS + counters.XACT] == 10 + 15
+    assert row[1 + counters.N_FIELDS + counters.XACT_TIME] == 10000 // 40
+    one = show.merged_show("stats_averages", parts[:1]).rows[0][1:]
+    assert tuple(one) == counters.averages(tuple(cur1), tuple(old1), 1_000_000)
+    totals: dict[Any, Any] = {r[0]: r[1] for r in show.merged_show("totals", parts).rows}
+    assert totals["total_xact_count"] == 40 and totals["avg_xact_count"] == 25
