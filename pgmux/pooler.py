@@ -541,6 +541,7 @@ class Pooler:
         `deliver` when given (auth_query borrows it and gives it back)."""
         db = self.config.find_database(pool.database)
         server: ServerConnection | None = None
+        started = time.monotonic()
         try:
             if db is None:
                 raise ServerLoginError({"S": "FATAL", "C": "08P01", "M": "database removed"})
@@ -578,12 +579,13 @@ class Pooler:
             else:
                 logger.exception("unexpected error connecting to server")
                 fields = {"S": "FATAL", "C": "08006", "M": str(exc)}
-            self._connect_failed(pool, server, fields)
+            self._connect_failed(pool, server, fields, started)
             if deliver is not None and not deliver.done():
                 deliver.set_exception(ServerLoginError(fields))
             return
         pool.connecting -= 1
         pool.login_failure = None
+        pool.last_login_ok = time.monotonic()
         server.state = "idle"
         if server.connect_time < pool.dirty_since:  # RECONNECT/RELOAD came while it logged in
             server.close_needed = True
@@ -653,7 +655,7 @@ class Pooler:
         return out
 
     def _connect_failed(self, pool: Pool[ServerConnection, ClientConnection],
-                        server: ServerConnection | None, fields: dict[str, str]) -> None:
+                        server: ServerConnection | None, fields: dict[str, str], started: float) -> None:
         pool.connecting -= 1
         if self.shared is not None:
             self.shared.servers_changed(pool)
@@ -662,6 +664,11 @@ class Pooler:
         if server is not None:
             server.close_reason = msg
             server.close(msg)
+        if pool.last_login_ok > started:
+            # Another login of this pool succeeded after this one began (e.g. a connect made during
+            # an outage timing out after it): the server is back, nobody gets this error.
+            self.launch_connects(pool)
+            return
         # 57P03 (the database system is starting up) is transient: keep clients waiting.
         if fields.get("C") != "57P03":
             pool.login_failure = (time.monotonic(), fields)

@@ -82,6 +82,7 @@ class Pool(Generic[S, C]):
     params: dict[str, str] | None = None
     # (monotonic time, ErrorResponse fields) of the last failed server login, for server_login_retry.
     login_failure: tuple[float, dict[str, str]] | None = None
+    last_login_ok: float = 0.0  # monotonic time of the last successful server login
     # ClientKey recovered from a client's SCRAM login, for SCRAM pass-through to PostgreSQL.
     scram_client_key: bytes | None = None
     paused: bool = False

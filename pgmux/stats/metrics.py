@@ -108,11 +108,37 @@ def _label(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-class PoolerCollector:
-    """prometheus_client Collector reading the pooler's state at scrape time."""
+async def gather_workers(pooler: Pooler) -> dict[str, Any]:
+    """workers > 1: what the collector reads, for pgmux as a whole. The same merge as the
+    console's SHOW LISTS / DATABASES / POOLS, and the stats counters summed per database."""
+    import asyncio
 
-    def __init__(self, pooler: Pooler) -> None:
+    from pgmux.admin import show
+
+    assert pooler.shared is not None
+    names = ("lists", "databases", "pools", "stats_totals")
+    others = await asyncio.gather(*(pooler.shared.gather(name) for name in names))
+    merged: dict[str, Any] = {}
+    for name, parts in zip(names[:3], others[:3], strict=True):
+        merged[name] = show.merged_show(name, [show.worker_part(pooler, name), *parts])
+    totals: dict[str, list[int]] = {}
+    for part in [show.worker_part(pooler, "stats_totals"), *others[3]]:
+        for db, cur, _old in part["dbs"]:
+            acc = totals.setdefault(db, [0] * len(cur))
+            for i, value in enumerate(cur):
+                acc[i] += value
+    merged["stats"] = [(db, cur, None) for db, cur in sorted(totals.items())]
+    return merged
+
+
+class PoolerCollector:
+    """prometheus_client Collector reading the pooler's state at scrape time; with workers > 1,
+    the merged figures `gather_workers` collected just before (latency histograms are left out
+    then: they would show one worker's share as if it were the whole)."""
+
+    def __init__(self, pooler: Pooler, merged: dict[str, Any] | None = None) -> None:
         self.pooler = pooler
+        self.merged = merged
 
     def collect(self) -> Iterator[Metric]:
         from pgmux.admin import show
@@ -123,7 +149,9 @@ class PoolerCollector:
         version.add_metric([show.VERSION_STRING], 1)
         yield version
 
-        for name, items in show.list_counts(pooler):
+        merged = self.merged
+        lists = merged["lists"].rows if merged else show.list_counts(pooler)
+        for name, items in lists:
             if name in _LISTS:
                 metric, doc = _LISTS[name]
                 yield GaugeMetricFamily(f"{NS}_{metric}", doc, value=items)
@@ -134,8 +162,9 @@ class PoolerCollector:
         yield GaugeMetricFamily(f"{NS}_config_max_user_connections", "Config maximum number of server "
                                 "connections per user", value=s.max_user_connections)
 
-        yield from self._from_result(show.show_databases(pooler), "databases", _DATABASE_LABELS, _DATABASES)
-        pools = show.show_pools(pooler)
+        databases = merged["databases"] if merged else show.show_databases(pooler)
+        yield from self._from_result(databases, "databases", _DATABASE_LABELS, _DATABASES)
+        pools = merged["pools"] if merged else show.show_pools(pooler)
         yield from self._from_result(pools, "pools", ("database", "user"), _POOLS)
         idx = {c.name: i for i, c in enumerate(pools.columns or [])}
         maxwait = GaugeMetricFamily(f"{NS}_pools_client_maxwait_seconds", "Age of oldest unserved client "
@@ -145,7 +174,7 @@ class PoolerCollector:
                                int(row[idx["maxwait"]] or 0) + int(row[idx["maxwait_us"]] or 0) / 1e6)
         yield maxwait
 
-        stats = show.database_stats(pooler)
+        stats = merged["stats"] if merged else show.database_stats(pooler)
         for index, metric, doc, scale in _STATS:
             family = CounterMetricFamily(f"{NS}_stats_{metric}", doc, labels=["database"])
             for db, cur, _avg in stats:
@@ -158,7 +187,8 @@ class PoolerCollector:
                 family.add_metric([db], cur[index])
             yield family
 
-        yield from self._histograms(show.sorted_pools(pooler))
+        if not merged:
+            yield from self._histograms(show.sorted_pools(pooler))
 
     @staticmethod
     def _from_result(result: Any, group: str, labels: tuple[str, ...], mapping: dict[str, tuple[str, str]]
@@ -190,9 +220,9 @@ class PoolerCollector:
                 yield family
 
 
-def render_metrics(pooler: Pooler) -> tuple[bytes, str]:
+def render_metrics(pooler: Pooler, merged: dict[str, Any] | None = None) -> tuple[bytes, str]:
     """One scrape: (body, content type) in the Prometheus text format."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PoolerCollector(pooler))  # type: ignore[arg-type]
+    registry.register(PoolerCollector(pooler, merged))  # type: ignore[arg-type]
     ProcessCollector(registry=registry)
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -104,7 +104,12 @@ async def _serve_http(pooler: Pooler, reader: asyncio.StreamReader, writer: asyn
         _respond(writer, 404, "text/plain", b"not found\n")
         return
     try:
-        body, content_type = render(pooler)
+        merged = None
+        if pooler.shared is not None:  # workers > 1: figures for pgmux as a whole
+            from pgmux.stats.metrics import gather_workers
+
+            merged = await gather_workers(pooler)
+        body, content_type = render(pooler, merged)
     except Exception:  # noqa: BLE001 - a failing scrape must not take the listener down
         logger.exception("metrics collection failed")
         _respond(writer, 500, "text/plain", b"collection failed\n")

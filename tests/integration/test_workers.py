@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from pgmux.testing.cluster import BackendSampler, PoolerProcess, TempCluster, wait_for
+from pgmux.testing.cluster import BackendSampler, PoolerProcess, TempCluster, free_port, wait_for
 
 psycopg = pytest.importorskip("psycopg")
 from psycopg import errors  # noqa: E402
@@ -345,6 +345,17 @@ def connect_on_each_worker(p: PoolerProcess, open_one: Callable[[], Any], needle
     raise AssertionError(f"{limit} connections did not reach every worker {per_worker} times")
 
 
+def scrape(port: int) -> dict[tuple[str, str], float]:
+    """GET /metrics: (sample name, database or name label) -> value."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, s.labels.get("database") or s.labels.get("name", "")): s.value
+            for family in text_string_to_metric_families(body) for s in family.samples}
+
+
 def console_rows(conn: Any, what: str) -> list[dict[str, Any]]:
     cur = conn.execute(f"SHOW {what}")
     names = [d.name for d in cur.description or []]
@@ -358,7 +369,8 @@ def db_row(conn: Any, what: str, key: str = "database") -> dict[str, Any]:
 
 def test_console_stats_and_pools_cover_every_worker(pooler: PoolerFactory, cluster: TempCluster,
                                                     workers_db: str) -> None:
-    p = start(pooler, default_pool_size=10)
+    metrics_port = free_port()
+    p = start(pooler, default_pool_size=10, metrics_listen=f"127.0.0.1:{metrics_port}")
     clients = connect_on_each_worker(p, lambda: connect(p), f"login attempt: db={DB}", 3)
     consoles = connect_on_each_worker(
         p, lambda: psycopg.connect(p.dsn("postgres", dbname="pgbouncer"), autocommit=True),
@@ -415,6 +427,11 @@ def test_console_stats_and_pools_cover_every_worker(pooler: PoolerFactory, clust
             assert lists["used_servers"] == backends
         # Connections stay per worker: each console lists only its own worker's clients.
         assert sorted(len(console_rows(a, "CLIENTS")) for a in admins) == [4, 4]
+        # The metrics endpoint (served by worker 1) counts both workers too.
+        metrics = scrape(metrics_port)
+        assert metrics[("pgbouncer_stats_queries_pooled_total", DB)] == queries
+        assert metrics[("pgbouncer_pools_client_active_connections", DB)] == len(conns)
+        assert metrics[("pgbouncer_databases_current_connections", DB)] == backends
     finally:
         for c in [*conns, *admins]:
             c.close()
