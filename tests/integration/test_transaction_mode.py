@@ -8,6 +8,7 @@ Every test runs unchanged against PgBouncer 1.18 (``--pooler=pgbouncer``) unless
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
@@ -242,6 +243,42 @@ def test_big_result_shared_pool(pooler: PoolerFactory) -> None:
 
     errors = run_threads([simple, extended_with_param, server_cursor, simple])
     assert not errors, errors
+
+
+def test_big_queries_held_while_others_run(pooler: PoolerFactory) -> None:
+    """Clients read into one shared buffer and own one only while bytes wait (a message cut across
+    reads, a client queued for a server): queries of 200 KB to 1 MB, simple and extended, queued
+    behind a held server and then served one by one while small queries of other clients are read
+    into the shared buffer, arrive intact."""
+    p = tx_pooler(pooler, 1)
+    holder = connect(p, autocommit=False)
+    holder.execute("SELECT 1")  # the pool's only server stays with this transaction for now
+
+    def big(n: int, extended: bool) -> Callable[[], None]:
+        def run() -> None:
+            literal = "".join(chr(97 + (i * 7 + n) % 26) for i in range(n))
+            with connect(p) as conn:
+                if extended:
+                    got = conn.execute("SELECT md5(%s), length(%s)", [literal, literal]).fetchone()
+                else:
+                    got = conn.execute(f"SELECT md5('{literal}'), length('{literal}')").fetchone()
+            assert got == (hashlib.md5(literal.encode()).hexdigest(), n), f"{n} bytes, extended={extended}"
+        return run
+
+    def small() -> None:
+        with connect(p) as conn:
+            for i in range(30):
+                assert conn.execute("SELECT %s::int", [i]).fetchone() == (i,)
+
+    results: list[list[BaseException]] = []
+    runner = threading.Thread(target=lambda: results.append(run_threads(
+        [big(200_000, False), big(1_000_000, True), big(300_001, True), small, small])))
+    runner.start()
+    time.sleep(0.5)  # everyone is queued behind `holder` by now, the big ones with their bytes held
+    holder.commit()
+    runner.join(60)
+    holder.close()
+    assert results == [[]], results
 
 
 def test_failed_transaction_keeps_its_server(pooler: PoolerFactory) -> None:
