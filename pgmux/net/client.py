@@ -277,6 +277,14 @@ class ClientConnection(PgConnection):
                         # Untracked (max_prepared_statements = 0, or it comes after unsynced
                         # messages and tracking cannot start in step): the statement goes to
                         # this server under the client's name, and the probe pins the client.
+                        if self.lazy_prepare and self.pin_mode == "off":
+                            # neither tracked nor pinned, the name would reach the server's next
+                            # clients: refuse rather than risk another client running it
+                            self._events.clear()
+                            self.fail("prepared statement cannot be tracked: named Parse after "
+                                      "unsynced extended-protocol messages (pin_session_state = off)",
+                                      "0A000")
+                            return
                         self.lazy_prepare = False
                         if self.pin_mode != "off":
                             self.note_hint(b"parse")

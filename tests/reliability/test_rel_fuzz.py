@@ -580,6 +580,24 @@ def test_error_before_a_faked_parse_complete(pooler: PoolerFactory) -> None:
     assert other == "ok", f"another client of the pool: {other}"
 
 
+def test_untrackable_named_parse_is_refused_without_pinning(pooler: PoolerFactory) -> None:
+    """pin_session_state = off: a first named Parse after unsynced messages can be neither tracked
+    (messages are in flight) nor pinned; it is refused, and the server goes to the next client clean."""
+    p = fuzz_pooler(pooler, default_pool_size=1, pin_session_state="off")
+    a = raw(p)
+    a.send(P(b"", b"SELECT 1") + B(b"") + EXEC + P(b"_pg3_0", b"SELECT 'a''s statement'") + SYNC)
+    kind, body = a.read_message()
+    while kind != b"E":
+        kind, body = a.read_message()
+    fields = parse_error_fields(body)
+    a.close()
+    assert fields.get("C") == "0A000" and "cannot be tracked" in fields.get("M", ""), fields
+    b = raw(p)
+    b.send(P(b"_pg3_0", b"SELECT 'b''s statement'") + B(b"_pg3_0") + EXEC + SYNC)
+    assert read_types(b) == "12DCZ"  # no "already exists": a's statement never reached the server
+    b.close()
+
+
 def test_messages_between_an_error_and_sync_do_not_pin_the_server(pooler: PoolerFactory) -> None:
     p = fuzz_pooler(pooler, default_pool_size=1, query_wait_timeout=3)
     a = raw(p, timeout=6)
