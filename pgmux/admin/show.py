@@ -538,7 +538,6 @@ def show_config(pooler: Pooler) -> Result:
 
 def list_counts(pooler: Pooler) -> list[tuple[str, int]]:
     """SHOW LISTS rows; also read by the metrics collector."""
-    n_servers = sum(len(p.idle) + len(p.active) + len(p.busy) + p.connecting for p in pooler.pools.values())
     return [
         ("databases", len(_database_entries(pooler)) + 1),
         ("users", len(_user_names(pooler))),
@@ -549,7 +548,7 @@ def list_counts(pooler: Pooler) -> list[tuple[str, int]]:
         ("used_clients", len(pooler.clients)),
         ("login_clients", len(_unpooled_login_clients(pooler))),
         ("free_servers", 0),
-        ("used_servers", n_servers),
+        ("used_servers", pooler.server_total()),
         ("dns_names", 0),
         ("dns_zones", 0),
         ("dns_queries", 0),
@@ -576,7 +575,8 @@ def show_mem(pooler: Pooler) -> Result:
     """PgBouncer lists its slab caches; the nearest thing here is the per-connection receive buffers."""
     n_clients = len(pooler.clients)
     n_servers = sum(len(p.idle) + len(p.active) + len(p.busy) for p in pooler.pools.values())
-    client_bytes = sum(len(c.buf) for c in pooler.clients)
+    # Idle clients share one receive buffer (net/base.py SharedReadBuffer): count each buffer once.
+    client_bytes = sum(len(buf) for buf in {id(c.buf): c.buf for c in pooler.clients}.values())
     server_bytes = sum(len(s.buf) for p in pooler.pools.values() for s in (*p.idle, *p.active, *p.busy))
     rows = [
         ["db_cache", 0, len(_database_entries(pooler)) + 1, 0, 0],

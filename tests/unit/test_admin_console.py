@@ -422,3 +422,17 @@ async def test_metrics_listener_serves_and_refuses(pooler: Pooler, monkeypatch: 
     with caplog.at_level(logging.ERROR, logger="pgmux"):
         assert await start_metrics_listener(pooler) is None
     assert "prometheus_client is not installed" in caplog.text and "metrics endpoint disabled" in caplog.text
+
+
+async def test_show_mem_counts_a_shared_receive_buffer_once(pooler: Pooler) -> None:
+    from pgmux.net.base import SharedReadBuffer
+
+    pool = pool_of(pooler)
+    idle = [FakeClient(pooler, pool) for _ in range(3)]
+    for c in idle:
+        c.buf = SharedReadBuffer.buf  # idle clients read into the one shared buffer
+    holding = FakeClient(pooler, pool)
+    holding.buf = bytearray(4096)  # a client with bytes kept owns its buffer
+    mem = {r["name"]: r for r in rows(show.show_mem(pooler))}
+    assert mem["client_cache"]["used"] == 4
+    assert mem["client_cache"]["memtotal"] == len(SharedReadBuffer.buf) + 4096
