@@ -313,9 +313,6 @@ class Pooler:
             # SUSPEND: new clients wait, unread, until RESUME (PgBouncer's behaviour)
             client.transport.pause_reading()
             admin.suspended.append(client.transport)
-        self._read_fd_limit()  # one getrlimit per connection: prlimit may lower it any time
-        if len(self.clients) + self.server_total() > self.fd_warn_at:
-            self._warn_fd_limit()
 
     def _read_fd_limit(self) -> None:
         """The open files limit (it can change under a running process: prlimit), and the number of
@@ -1053,7 +1050,9 @@ class Pooler:
     def janitor_tick(self) -> None:
         """Once a second: timeouts of waiting clients, idle servers, lifetimes, min_pool_size."""
         now = time.monotonic()
-        self._read_fd_limit()
+        self._read_fd_limit()  # prlimit may change it under a running process
+        if len(self.clients) + self.server_total() > self.fd_warn_at:
+            self._warn_fd_limit()
         s = self.settings
         for pool in list(self.pools.values()):
             db = self.config.find_database(pool.database)
