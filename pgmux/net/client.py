@@ -59,6 +59,8 @@ _Q = m.QUERY
 _SYNC = m.SYNC
 _F = m.FUNCTION_CALL
 CLIENT_BUF_SIZE = 4096  # smallest buffer a client owns while it keeps bytes between reads
+# what ClientConnection._named_parse decided
+_FORWARD, _SWITCH, _HOLD, _REFUSED = range(4)
 HOLD_LIMIT = 1 << 20  # bytes buffered for an unlinked client before we stop reading from it
 
 
@@ -264,30 +266,15 @@ class ClientConnection(PgConnection):
                     if typ == _P and self.pin_mode != "off":
                         self._hint_parse(bytes(self.buf[start + 5 : stop_]))
                     if typ == _P and self.buf[start + 5] != 0:
-                        if self.lazy_prepare and not server.pending_ext:
-                            # A named statement: from here on this link is tracked. Hold this
-                            # Parse until nothing is in flight, so the tracker starts in step.
+                        step = self._named_parse(server)
+                        if step == _REFUSED:
+                            events.clear()
+                            return
+                        if step != _FORWARD:  # this Parse waits: tracking starts before it
                             fwd = start
                             interrupt = True
-                            if server.outstanding:
-                                self.linking = self.awaiting_quiet = True
-                            else:
-                                switch = True
+                            switch = step == _SWITCH
                             break
-                        # Untracked (max_prepared_statements = 0, or it comes after unsynced
-                        # messages and tracking cannot start in step): the statement goes to
-                        # this server under the client's name, and the probe pins the client.
-                        if self.lazy_prepare and self.pin_mode == "off":
-                            # neither tracked nor pinned, the name would reach the server's next
-                            # clients: refuse rather than risk another client running it
-                            self._events.clear()
-                            self.fail("prepared statement cannot be tracked: named Parse after "
-                                      "unsynced extended-protocol messages (pin_session_state = off)",
-                                      "0A000")
-                            return
-                        self.lazy_prepare = False
-                        if self.pin_mode != "off":
-                            self.note_hint(b"parse")
                     server.pending_ext = True
             events.clear()
         if fwd:
@@ -297,6 +284,28 @@ class ClientConnection(PgConnection):
         if switch:
             self.start_tracking()
             self.forward(self.keep)
+
+    def _named_parse(self, server: ServerConnection) -> int:
+        """A named Parse on the untracked path: from here on the link is tracked, if it can be.
+        _SWITCH: nothing is in flight, tracking starts now; _HOLD: requests are in flight, the
+        Parse waits for their ReadyForQuery (awaiting_quiet). _FORWARD: untracked, the statement
+        goes to this server under the client's name (max_prepared_statements = 0, or unsynced
+        messages are in flight, so the tracker cannot start in step) and the probe pins the
+        client. _REFUSED: untracked and pin_session_state = off, so the name would reach the
+        server's next clients: the client is refused."""
+        if self.lazy_prepare and not server.pending_ext:
+            if server.outstanding:
+                self.linking = self.awaiting_quiet = True
+                return _HOLD
+            return _SWITCH
+        if self.lazy_prepare and self.pin_mode == "off":
+            self.fail("prepared statement cannot be tracked: named Parse after unsynced extended-protocol "
+                      "messages (pin_session_state = off)", "0A000")
+            return _REFUSED
+        self.lazy_prepare = False
+        if self.pin_mode != "off":
+            self.note_hint(b"parse")
+        return _FORWARD
 
     def _hint_parse(self, body: bytes) -> None:
         """Pinning hint from the query text of a Parse message body."""
