@@ -487,18 +487,22 @@ class Pooler:
 
     def _room_outside_pool(self, pool: Pool[ServerConnection, ClientConnection]) -> int | None:
         """Servers still allowed by max_db_connections / max_user_connections."""
-        if self.shared is not None:
-            return self.shared.room_outside_pool(pool)
         room: int | None = None
         lim = pool.limits
-        if lim.max_db_connections:
-            used = sum(p.server_count for p in self.pools.values() if p.database == pool.database)
-            room = lim.max_db_connections - used
-        if lim.max_user_connections:
-            used = sum(p.server_count for p in self.pools.values() if p.user == pool.user)
-            r = lim.max_user_connections - used
-            room = r if room is None else min(room, r)
+        for cap, by_database in ((lim.max_db_connections, True), (lim.max_user_connections, False)):
+            if cap:
+                r = cap - self._servers_sharing(pool, by_database)
+                room = r if room is None else min(room, r)
         return room
+
+    def _servers_sharing(self, pool: Pool[ServerConnection, ClientConnection], by_database: bool) -> int:
+        """Servers of every pool of this pool's database (or user), across workers when there are
+        several."""
+        if self.shared is not None:
+            return self.shared.servers_sharing(pool, by_database)
+        if by_database:
+            return sum(p.server_count for p in self.pools.values() if p.database == pool.database)
+        return sum(p.server_count for p in self.pools.values() if p.user == pool.user)
 
     def _spawn_connect(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
         if self.shared is not None and not self.shared.reserve_server(pool):

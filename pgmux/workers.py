@@ -543,20 +543,13 @@ class WorkerShare:
             items.append((slots.user, lim.max_user_connections, self._held_where(user=pool.user)))
         return self.table.reserve(self.index, items, fair=(slots.pool, self.wanting(pool)))
 
-    def room_outside_pool(self, pool: Pool[Any, Any]) -> int | None:
-        """Pooler._room_outside_pool across workers: what max_db_connections and
-        max_user_connections still allow."""
-        room: int | None = None
-        lim = pool.limits
+    def servers_sharing(self, pool: Pool[Any, Any], by_database: bool) -> int:
+        """Pooler._servers_sharing across workers: the other workers' servers of the pool's
+        database (or user), and the ones this worker holds."""
         slots = self.slots(pool)
-        if lim.max_db_connections:
-            used = self.table.others(slots.db, self.index) + self._held_where(database=pool.database)
-            room = lim.max_db_connections - used
-        if lim.max_user_connections:
-            used = self.table.others(slots.user, self.index) + self._held_where(user=pool.user)
-            r = lim.max_user_connections - used
-            room = r if room is None else min(room, r)
-        return room
+        if by_database:
+            return self.table.others(slots.db, self.index) + self._held_where(database=pool.database)
+        return self.table.others(slots.user, self.index) + self._held_where(user=pool.user)
 
     def pool_room(self, pool: Pool[Any, Any], room: int | None) -> int:
         """`room` further bounded by the pool's capacity across workers (an estimate, read without
