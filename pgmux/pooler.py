@@ -417,13 +417,18 @@ class Pooler:
             if room is None or room > 0 or self._evict_for(pool):
                 break
             if time.monotonic() >= deadline:
-                for fut in self._params_waiters.pop(id(pool), []):
-                    if not fut.done():
-                        fut.set_exception(ClientError("query_wait_timeout"))
+                self.fail_params_waiters(pool, ClientError("query_wait_timeout"))
                 return
             await asyncio.sleep(0.05)
         if pool.params is None and pool.connecting == 0:
             self._spawn_connect(pool)
+
+    def fail_params_waiters(self, pool: Pool[ServerConnection, ClientConnection], error: ClientError) -> None:
+        """Clients logging in to a new pool wait for its first server's ParameterStatus set; they
+        get `error` instead."""
+        for fut in self._params_waiters.pop(id(pool), []):
+            if not fut.done():
+                fut.set_exception(error)
 
     def _fail_fast_if_login_failing(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
         failure = pool.login_failure
@@ -674,9 +679,7 @@ class Pooler:
         if fields.get("C") != "57P03":
             pool.login_failure = (time.monotonic(), fields)
         sqlstate = fields.get("C", "08P01")
-        for fut in self._params_waiters.pop(id(pool), []):
-            if not fut.done():
-                fut.set_exception(ClientError(msg, sqlstate))
+        self.fail_params_waiters(pool, ClientError(msg, sqlstate))
         if pool.login_failure is not None:
             while (client := pool.next_waiter()) is not None:
                 client.waiting = False

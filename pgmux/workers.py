@@ -670,9 +670,7 @@ class WorkerShare:
             from pgmux.net.client import ClientError
 
             self._params_since.pop(key, None)
-            for fut in pooler._params_waiters.pop(id(pool), []):
-                if not fut.done():
-                    fut.set_exception(ClientError("query_wait_timeout"))
+            pooler.fail_params_waiters(pool, ClientError("query_wait_timeout"))
             return
         if not pool.paused and not pooler.shutting_down:
             pooler._spawn_connect(pool)
