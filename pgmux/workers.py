@@ -54,6 +54,7 @@ from pgmux import log as pglog
 from pgmux.net.listener import BoundSockets, bind_worker_sockets
 
 if TYPE_CHECKING:
+    from pgmux.admin.result import Result
     from pgmux.config import Config
     from pgmux.net.server import ServerConnection
     from pgmux.pool.pool import Pool
@@ -422,7 +423,14 @@ class WorkerShare:
         if wake:
             self._retry_waiting()
 
-    # ---- merged SHOW commands (console)
+    # ---- merged SHOW commands (console, metrics)
+
+    async def merged_show(self, name: str) -> Result:
+        """SHOW `name` for pgmux as a whole: this worker's part and the others', merged."""
+        from pgmux.admin import show
+
+        mine = show.worker_part(self.pooler, name)
+        return show.merged_show(name, [mine, *await self.gather(name)])
 
     async def gather(self, what: str) -> list[Any]:
         """The other workers' `show.worker_part(what)`: asked over the channels, awaited for up to

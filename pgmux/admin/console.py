@@ -25,7 +25,7 @@ from pgmux.admin import control
 from pgmux.admin.commands import AdminError, Command, parse_command
 from pgmux.admin.peer import peer_credentials
 from pgmux.admin.result import Result, data_row, row_description
-from pgmux.admin.show import MERGED_SHOWS, SERVER_VERSION, merged_show, worker_part
+from pgmux.admin.show import MERGED_SHOWS, SERVER_VERSION
 from pgmux.admin.state import ADMIN_USER, P_SUSPEND, ConsoleSession
 from pgmux.net.base import ConnectionLost
 from pgmux.protocol import messages as m
@@ -188,9 +188,7 @@ def _merged(client: ClientConnection, cmd: Command) -> bool:
 async def _run(sess: _Session, cmd: Command) -> Result:
     pooler = sess.client.pooler
     if _merged(sess.client, cmd) and pooler.shared is not None:
-        name = cmd.arg.lower()
-        mine = worker_part(pooler, name)
-        return merged_show(name, [mine, *await pooler.shared.gather(name)])
+        return await pooler.shared.merged_show(cmd.arg.lower())
     return await control.execute(pooler, sess.console, cmd, lambda: _alive(sess))
 
 

@@ -115,14 +115,14 @@ async def gather_workers(pooler: Pooler) -> dict[str, Any]:
 
     from pgmux.admin import show
 
-    assert pooler.shared is not None
-    names = ("lists", "databases", "pools", "stats_totals")
-    others = await asyncio.gather(*(pooler.shared.gather(name) for name in names))
-    merged: dict[str, Any] = {}
-    for name, parts in zip(names[:3], others[:3], strict=True):
-        merged[name] = show.merged_show(name, [show.worker_part(pooler, name), *parts])
+    shared = pooler.shared
+    assert shared is not None
+    names = ("lists", "databases", "pools")
+    *results, others = await asyncio.gather(*(shared.merged_show(name) for name in names),
+                                            shared.gather("stats_totals"))
+    merged: dict[str, Any] = dict(zip(names, results, strict=True))
     totals: dict[str, list[int]] = {}
-    for part in [show.worker_part(pooler, "stats_totals"), *others[3]]:
+    for part in [show.worker_part(pooler, "stats_totals"), *others]:
         for db, cur, _old in part["dbs"]:
             acc = totals.setdefault(db, [0] * len(cur))
             for i, value in enumerate(cur):
