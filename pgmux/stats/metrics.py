@@ -118,9 +118,10 @@ async def gather_workers(pooler: Pooler) -> dict[str, Any]:
     shared = pooler.shared
     assert shared is not None
     names = ("lists", "databases", "pools")
-    *results, others = await asyncio.gather(*(shared.merged_show(name) for name in names),
-                                            shared.gather("stats_totals"))
-    merged: dict[str, Any] = dict(zip(names, results, strict=True))
+    results: list[Any] = await asyncio.gather(*(shared.merged_show(name) for name in names),
+                                              shared.gather("stats_totals"))
+    merged: dict[str, Any] = dict(zip(names, results[:3], strict=True))
+    others: list[Any] = results[3]
     totals: dict[str, list[int]] = {}
     for part in [show.worker_part(pooler, "stats_totals"), *others]:
         for db, cur, _old in part["dbs"]:
