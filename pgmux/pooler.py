@@ -120,13 +120,11 @@ class Pooler:
 
     # ------------------------------------------------------------ configuration
 
-    @property
-    def settings(self) -> Any:
-        return self.config.settings
-
     def apply_config(self, config: Config) -> None:
         """Take a (re)loaded config: auth file, tracked parameters, pool limits."""
         self.config = config
+        # A plain attribute, not a property: the data path reads it on every release.
+        self.settings: Any = config.settings
         s = config.settings
         self.auth_users = load_auth_file(s.auth_file) if s.auth_file else {}
         self.hba, self.ident = load_hba(s)
@@ -469,6 +467,9 @@ class Pooler:
     def launch_connects(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
         if pool.paused or self.shutting_down:
             return
+        lim = pool.limits
+        if not lim.reserve_pool_size and pool.server_count >= lim.pool_size:
+            return  # the usual case under load: a full pool opens nothing
         room = self._room_outside_pool(pool)
         if room is not None and room <= 0 and pool.live_waiters() > pool.connecting and self._evict_for(pool):
             room = self._room_outside_pool(pool)

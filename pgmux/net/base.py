@@ -155,12 +155,12 @@ class PgConnection(asyncio.BufferedProtocol):
 
     def start_forwarding(self) -> None:
         """Leave the slow path: move unread inbox bytes into the buffer and run the data path."""
-        leftover = self.inbox
-        self.inbox = bytearray()
         self.forwarding = True
         self.keep = 0
         self.skip = 0
-        if leftover:
+        leftover = self.inbox
+        if leftover:  # (a server linked for each transaction mostly has none: no allocation)
+            self.inbox = bytearray()
             n = len(leftover)
             if n > len(self.buf):
                 self._resize(n)

@@ -158,7 +158,8 @@ class ServerConnection(PgConnection):
                     self._ready_for_query(buf[start + 5])
                     ready = True
                 elif typ == _C:
-                    self._command_complete(buf, start, stop_, client)
+                    if buf[start + 5] == 68:  # D: maybe DISCARD ALL / DEALLOCATE ALL
+                        self._command_complete(buf, start, stop_, client)
                 else:  # ParameterStatus
                     self._parameter_status(buf, start, stop_, client)
             events.clear()
@@ -266,21 +267,24 @@ class ServerConnection(PgConnection):
             self.outstanding -= 1
         stats = self.pool.stats
         stats.query_count += 1
-        if self.query_start:
-            us = int((now - self.query_start) * 1_000_000)
+        started = self.query_start
+        if started:
+            us = int((now - started) * 1_000_000)
             stats.query_time_us += us
             stats.query_hist[us.bit_length()] += 1
             self.query_start = 0.0
+        xact_start = self.xact_start
         if status == _IDLE:
-            if self.status != _IDLE or self.xact_start:
+            if xact_start:
                 stats.xact_count += 1
-                if self.xact_start:
-                    us = int((now - self.xact_start) * 1_000_000)
-                    stats.xact_time_us += us
-                    stats.xact_hist[us.bit_length()] += 1
-            self.xact_start = 0.0
-        elif self.status == _IDLE and not self.xact_start:
-            self.xact_start = self.query_start or now
+                us = int((now - xact_start) * 1_000_000)
+                stats.xact_time_us += us
+                stats.xact_hist[us.bit_length()] += 1
+                self.xact_start = 0.0
+            elif self.status != _IDLE:
+                stats.xact_count += 1
+        elif not xact_start and self.status == _IDLE:
+            self.xact_start = started or now
         self.status = status
         self.last_used = now
 
