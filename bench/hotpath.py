@@ -96,6 +96,8 @@ default_pool_size = {servers}
 max_client_conn = {clients + 10}
 auth_type = md5
 auth_file = {USERLIST}
+log_connections = 0
+log_disconnections = 0
 """
     pooler = Pooler(load_config_text(ini))
     db = pooler.config.find_database("testdb")

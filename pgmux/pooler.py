@@ -12,13 +12,13 @@ import asyncio
 import os
 import random
 import resource
-import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
 from pgmux import log as pglog
 from pgmux.auth import load_auth_file
 from pgmux.auth.hba import HbaError, HbaRule, HbaRules, IdentMap
+from pgmux.auth.secrets import random_bytes
 from pgmux.config import Config, ConfigError, DatabaseEntry
 from pgmux.net.base import ConnectionLost
 from pgmux.net.client import ClientConnection, ClientError
@@ -339,7 +339,7 @@ class Pooler:
 
     def register_cancel_key(self, client: ClientConnection) -> bytes:
         while True:
-            key = bytearray(secrets.token_bytes(8))
+            key = bytearray(random_bytes(8))
             key[0] &= 0x7F  # PgBouncer clears the sign bit of the first byte
             if self.shared is not None:
                 key[0] = self.shared.stamp_key(key[0])  # which worker a CancelRequest goes to

@@ -42,7 +42,19 @@ class ConnectionLost(Exception):
 class PgConnection(asyncio.BufferedProtocol):
     """Receive buffer plus a message reader for the non-forwarding phases."""
 
-    def __init__(self, buf_size: int = BUF_SIZE) -> None:
+    # Slots, not an instance __dict__: CPython 3.11 shares dict keys between instances only up to
+    # 30 attributes, so every client carried its own ~1.5 KiB dict; slots are 8 bytes each and
+    # make the data path's attribute loads cheaper. Every attribute must be listed here or in
+    # the subclass's __slots__ (admin state keeps weak references: __weakref__).
+    __slots__ = (
+        "loop", "buf", "mv", "keep", "grow", "later", "skip", "transport", "forwarding", "inbox",
+        "_waiter", "closed", "close_reason", "max_packet_size", "__weakref__",
+    )
+
+    def __init__(self, buf_size: int = BUF_SIZE, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        # The event loop, given by the owner: asyncio.get_running_loop() costs a getpid()
+        # system call per use (glibc does not cache it), several times per login.
+        self.loop = loop
         # Clients start small (thousands of idle ones must stay cheap) and grow to BUF_SIZE
         # once a read fills their buffer.
         self.buf = bytearray(buf_size)
@@ -124,7 +136,7 @@ class PgConnection(asyncio.BufferedProtocol):
     async def _wait_data(self) -> None:
         if self.closed:
             raise ConnectionLost()
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = (self.loop or asyncio.get_running_loop()).create_future()
         try:
             await self._waiter
         finally:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import secrets
 import ssl
 import time
 from typing import TYPE_CHECKING
 
 from pgmux import log as pglog
 from pgmux.auth import ScramError, ScramServer, SecretKind, md5_verify, plain_verify, secret_kind
+from pgmux.auth.secrets import random_bytes
 from pgmux.net.base import ConnectionLost, PgConnection, SharedReadBuffer
 from pgmux.net.tls import describe as tls_describe
 from pgmux.protocol import messages as m
@@ -76,12 +76,23 @@ class ClientError(Exception):
 class ClientConnection(PgConnection):
     """One client socket. `server` is the linked server connection, if any."""
 
+    # (see PgConnection.__slots__)
+    __slots__ = (
+        "pooler", "login_expired", "is_unix", "tls", "server", "pool", "db", "user", "dbname",
+        "params", "startup_params", "addr", "port", "local_addr", "local_port", "connect_time",
+        "connect_wall", "request_time", "wait_started", "waiting", "linking", "logged_in",
+        "admitted", "limits_counted", "write_paused", "read_paused", "pool_mode", "cancel_key",
+        "login_task", "id", "client_key", "_events", "tracking", "lazy_prepare", "pin_mode",
+        "state_hint", "pinned", "pinned_since", "drain_passed", "awaiting_quiet", "stmts",
+    )
+
     def __init__(self, pooler: Pooler, is_unix: bool = False) -> None:
-        super().__init__(0)
+        super().__init__(0, pooler.loop)
         self.buf = SharedReadBuffer.buf  # see SharedReadBuffer: owned only while bytes are kept
         self.mv = SharedReadBuffer.mv
         self.max_packet_size = pooler.settings.max_packet_size or 0x7FFFFFFF
         self.pooler = pooler
+        self.login_expired = False  # client_login_timeout cancelled the login
         self.is_unix = is_unix
         self.tls = False
         self.server: ServerConnection | None = None
@@ -146,7 +157,7 @@ class ClientConnection(PgConnection):
         if isinstance(sock, tuple):
             self.local_addr, self.local_port = sock[0], sock[1]
         self.pooler.client_connected(self)
-        self.login_task = asyncio.get_running_loop().create_task(self.run_login())
+        self.login_task = self.pooler.loop.create_task(self.run_login())
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -595,25 +606,36 @@ class ClientConnection(PgConnection):
 
     async def run_login(self) -> None:
         """Startup packet, checks and authentication, bounded by client_login_timeout."""
-        timeout = self.pooler.settings.client_login_timeout or None
+        timeout = self.pooler.settings.client_login_timeout
+        # A plain timer rather than asyncio.timeout(): one login per connection makes its
+        # Python-level bookkeeping visible in pgbench -C.
+        timer = self.pooler.loop.call_later(timeout, self._login_timed_out) if timeout else None
         try:
-            async with asyncio.timeout(timeout):
-                await self.login()
+            await self.login()
         except ClientError as exc:
             self.fail(str(exc), exc.sqlstate, log=exc.log)
         except m.ProtocolError as exc:
             self.fail(str(exc))
-        except TimeoutError:
-            self.fail("client_login_timeout")
         except ConnectionLost:
             pass
         except asyncio.CancelledError:
-            raise
+            task = self.login_task
+            if not self.login_expired or task is None or task.uncancel():
+                raise  # cancelled by someone else (the client left, shutdown)
+            self.fail("client_login_timeout")
         except Exception:  # never let one client take the process down
             pglog.logger.exception("%s unexpected error during login", self.log_prefix)
             self.fail("internal error during login", "XX000")
         finally:
+            if timer is not None:
+                timer.cancel()
             self.login_task = None  # a finished Task per idle client is memory for nothing
+
+    def _login_timed_out(self) -> None:
+        task = self.login_task
+        if task is not None and not task.done():
+            self.login_expired = True
+            task.cancel()
 
     async def read_startup(self) -> m.StartupPacket:
         """Read untyped packets until a StartupMessage (answering SSL/GSS requests with N)."""
@@ -641,7 +663,7 @@ class ClientConnection(PgConnection):
         assert transport is not None
         transport.pause_reading()  # no raw ClientHello may reach the startup reader
         transport.write(b"S")
-        new = await asyncio.get_running_loop().start_tls(transport, self, ctx, server_side=True)
+        new = await self.pooler.loop.start_tls(transport, self, ctx, server_side=True)
         if new is None:
             raise ConnectionLost()
         self.transport = new  # type: ignore[assignment]
@@ -835,7 +857,7 @@ class ClientConnection(PgConnection):
             raise ClientError("password authentication failed", "28P01")
 
     async def _auth_md5(self, user: str, stored: str | None) -> None:
-        salt = secrets.token_bytes(4)
+        salt = random_bytes(4)
         self.write(m.auth_md5(salt))
         body = await self._read_password()
         response = body.rstrip(b"\0").decode("utf-8", "replace")

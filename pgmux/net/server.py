@@ -46,8 +46,17 @@ class ServerLoginError(Exception):
 class ServerConnection(PgConnection):
     """One connection to PostgreSQL, owned by a pool, linked to at most one client at a time."""
 
+    # (see PgConnection.__slots__)
+    __slots__ = (
+        "pooler", "pool", "addr", "port", "client", "backend_pid", "backend_key", "params",
+        "login_params", "outstanding", "pending_ext", "status", "state", "connect_time",
+        "connect_wall", "last_used", "request_time", "query_start", "xact_start", "close_needed",
+        "cancels", "tls", "dirty", "read_paused", "local_addr", "local_port", "_events", "tracking",
+        "statement_mode", "stmts", "tracker", "sent_prefix",
+    )
+
     def __init__(self, pooler: Pooler, pool: Pool, addr: str, port: int) -> None:
-        super().__init__()
+        super().__init__(loop=pooler.loop)
         self.pooler = pooler
         self.pool = pool
         self.addr = addr
@@ -344,7 +353,7 @@ class ServerConnection(PgConnection):
             if self.inbox:  # bytes before the handshake: a man in the middle (CVE-2021-23222 class)
                 raise self._login_refused("server sent unencrypted data after SSL response")
             try:
-                new = await asyncio.get_running_loop().start_tls(
+                new = await self.pooler.loop.start_tls(
                     self.transport, self, ctx, server_hostname=host if ctx.check_hostname else None)
             except (ssl.SSLError, ssl.CertificateError) as exc:
                 raise self._login_refused(f"server TLS handshake failed: {exc}") from exc
