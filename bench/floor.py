@@ -190,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not runs:
                     print(f"| {key} | {name} | failed | | | |")
                     continue
-                tps = statistics.median(r.tps for r in runs)  # type: ignore[misc]
-                cpu = statistics.median(r.cpu_us for r in runs)  # type: ignore[misc]
+                tps = statistics.median(r.tps or 0.0 for r in runs)
+                cpu = statistics.median(r.cpu_us or 0.0 for r in runs)
                 ratios = [(r.cpu_us / b.cpu_us, r.tps / b.tps) for r, b in zip(results[(key, name)], base, strict=True)
                           if r.ok and b.ok and r.cpu_us and b.cpu_us and r.tps and b.tps]
                 cpu_r = statistics.median(x[0] for x in ratios) if ratios else float("nan")

@@ -47,10 +47,10 @@ class CountingTransport:
 
     def __init__(self, protocol: ClientConnection | None = None) -> None:
         self.writes = 0
-        self.last: object = b""
+        self.last: bytes | memoryview | bytearray = b""
         self.protocol = protocol
 
-    def write(self, data: object) -> None:
+    def write(self, data: bytes | memoryview | bytearray) -> None:
         self.writes += 1
         self.last = data
 
@@ -141,7 +141,7 @@ async def run_logins(logins: int) -> float:
         feed(c, startup)
         while t.writes < 1:
             await asyncio.sleep(0)
-        salt = bytes(t.last)[-4:]  # type: ignore[arg-type]
+        salt = bytes(t.last)[-4:]
         feed(c, m.password_message(md5_client_response("benchpass", "bench", salt).encode() + b"\0"))
         while not c.forwarding:
             await asyncio.sleep(0)
@@ -165,10 +165,10 @@ def run(clients: int, servers: int, mode: str, txns: int) -> float:
 def drive(client_list: list[ClientConnection], server_list: list[ServerConnection], txns: int) -> float:
     """Run `txns` transactions: each answered client asks again at once."""
     in_flight: collections.deque[ServerConnection] = collections.deque()
-    for c in client_list:  # every client sends its first query; some wait for a server
-        feed(c, QUERY)
-        if c.server is not None:
-            in_flight.append(c.server)
+    for first in client_list:  # every client sends its first query; some wait for a server
+        feed(first, QUERY)
+        if first.server is not None:
+            in_flight.append(first.server)
     gc.collect()
     start = time.perf_counter()
     for _ in range(txns):
