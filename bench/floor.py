@@ -36,37 +36,56 @@ _Z = type_table("Z")
 
 class Half(asyncio.BufferedProtocol):
     """One side of a forwarded connection: every read goes to the peer at once (cut-through), then
-    its headers are walked, as pgmux's data path does."""
+    its headers are walked, as pgmux's data path does. `untyped_first`: the first packet is the
+    client's startup packet (a length word, no type byte)."""
 
-    def __init__(self) -> None:
+    def __init__(self, untyped_first: bool = False) -> None:
         self.buf = bytearray(65536)
         self.mv = memoryview(self.buf)
+        self.keep = 0  # an incomplete header at the front of buf, already forwarded
+        self.skip = -1 if untyped_first else 0  # body bytes still to come; -1: startup packet next
         self.peer: Half | None = None
         self.transport: asyncio.Transport | None = None
         self.early: list[bytes] = []  # bytes that arrived before the peer connected
-        self.skip = 0
         self.events: list[tuple[int, int, int]] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.mv
+        return self.mv[self.keep :]
 
     def buffer_updated(self, nbytes: int) -> None:
-        peer = self.peer
-        if peer is None or peer.transport is None:
-            self.early.append(bytes(self.mv[:nbytes]))
-            return
-        peer.transport.write(self.mv[:nbytes])
-        if peer.transport.get_write_buffer_size():  # the transport keeps a view of our buffer
+        keep, buf = self.keep, self.buf
+        end = keep + nbytes
+        out = self.peer.transport if self.peer is not None else None
+        if out is None:
+            self.early.append(bytes(self.mv[keep:end]))
+        else:
+            out.write(self.mv[keep:end])
+        stop = self._walk(buf, end)
+        rest = end - stop
+        if out is not None and out.get_write_buffer_size():  # the transport keeps a view of buf
             self.buf = bytearray(65536)
             self.mv = memoryview(self.buf)
-        if self.skip >= nbytes:
-            self.skip -= nbytes
-            return
-        _, self.skip = scan(self.buf, self.skip, nbytes, _Z, NO_TYPES, self.events)
+            self.buf[:rest] = buf[stop:end]
+        elif rest and stop:
+            buf[:rest] = buf[stop:end]
+        self.keep = rest
+
+    def _walk(self, buf: bytearray, end: int) -> int:
+        """Walk the headers in buf[:end]; returns where an incomplete header starts (or end)."""
+        if self.skip < 0:  # the startup packet (at 0): its length word, then typed messages
+            if end < 4:
+                return 0
+            self.skip = int.from_bytes(buf[:4], "big")
+        pos, self.skip = self.skip, 0  # (0 after a kept header: it is at the front)
+        if pos >= end:
+            self.skip = pos - end
+            return end
+        stop, self.skip = scan(buf, pos, end, _Z, NO_TYPES, self.events)
         self.events.clear()
+        return stop
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.peer is not None and self.peer.transport is not None:
@@ -75,7 +94,7 @@ class Half(asyncio.BufferedProtocol):
 
 class ClientSide(Half):
     def __init__(self, server_port: int) -> None:
-        super().__init__()
+        super().__init__(untyped_first=True)
         self.server_port = server_port
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -86,6 +105,9 @@ class ClientSide(Half):
         server = Half()
         server.peer, self.peer = self, server
         transport, _ = await asyncio.get_running_loop().create_connection(lambda: server, "127.0.0.1", self.server_port)
+        if self.transport is None or self.transport.is_closing():  # the client left meanwhile
+            transport.close()
+            return
         for data in self.early:
             transport.write(data)
         self.early.clear()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pgmux import log as pglog
 from pgmux.auth import load_auth_file
 from pgmux.auth.hba import HbaError, HbaRule, HbaRules, IdentMap
-from pgmux.auth.secrets import random_bytes
+from pgmux.auth.secrets import forget_secret_classifications, random_bytes
 from pgmux.config import Config, ConfigError, DatabaseEntry
 from pgmux.net.base import ConnectionLost
 from pgmux.net.client import ClientConnection, ClientError
@@ -126,6 +126,7 @@ class Pooler:
         # A plain attribute, not a property: the data path reads it on every release.
         self.settings: Any = config.settings
         s = config.settings
+        forget_secret_classifications()
         self.auth_users = load_auth_file(s.auth_file) if s.auth_file else {}
         self.hba, self.ident = load_hba(s)
         old_tls = self.__dict__.get("tls")

@@ -39,6 +39,8 @@ def random_bytes(n: int) -> bytes:
     keys are needed at every login, and one getrandom() system call per 4 KiB instead of two per
     login is visible under pgbench -C. Bytes are used once and then dropped."""
     global _random
+    if n <= 0:
+        return b""
     if len(_random) < n:
         _random = bytearray(os.urandom(max(_RANDOM_CHUNK, n)))
     out = bytes(_random[-n:])
@@ -60,6 +62,7 @@ __all__ = [
     "ScramSecret",
     "SecretKind",
     "clear_salted_password_cache",
+    "forget_secret_classifications",
     "md5_client_response",
     "md5_secret",
     "md5_verify",
@@ -259,6 +262,13 @@ def salted_password_cache_stats() -> CacheStats:
 
 def clear_salted_password_cache() -> None:
     _SALTED_PASSWORDS.clear()
+
+
+def forget_secret_classifications() -> None:
+    """Empty the caches of secret_kind and the md5 inner hash (on RELOAD: a removed user's
+    password should not stay in them)."""
+    secret_kind.cache_clear()
+    _md5_inner.cache_clear()
 
 
 def _b64decode_strict(text: str) -> bytes | None:

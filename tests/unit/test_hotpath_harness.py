@@ -42,7 +42,15 @@ def test_every_transaction_is_forwarded_answered_and_counted(clients: int, serve
 
 
 def test_login_workload_logs_in_queries_and_leaves_nothing_behind() -> None:
-    async def go() -> float:
-        return await hotpath.run_logins(50)
+    async def go() -> None:
+        pooler, _, server_list = hotpath.build(0, 3, "transaction")
+        pool = next(iter(pooler.pools.values()))
+        assert await hotpath.run_logins(50, pooler) > 0
+        assert pool.stats.client_login_count == 50
+        assert pool.stats.xact_count == 50
+        # every client is gone and forgotten, every server is back in the pool
+        assert not pooler.clients and not pool.clients and not pooler.cancel_keys
+        assert pooler.admitted_clients == 0
+        assert sorted(map(id, pool.idle)) == sorted(map(id, server_list))
 
-    assert asyncio.run(go()) > 0
+    asyncio.run(go())
