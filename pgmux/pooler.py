@@ -391,6 +391,7 @@ class Pooler:
             pool = Pool(database=db.name, user=user, limits=self.limits_for(db, user),
                         round_robin=bool(self.settings.server_round_robin))
             pool.paused = self.admin_pool_paused(db.name)
+            pool.stats.histograms = bool(self.settings.metrics_listen)  # not reloadable
             self.pools[key] = pool
             if db.is_autodb:
                 logger.info("registered new auto-database: db=%s", db.name)
@@ -726,7 +727,8 @@ class Pooler:
         if client.wait_started:
             us = int((time.monotonic() - client.wait_started) * 1_000_000)
             stats.wait_time_us += us
-            stats.wait_hist[us.bit_length()] += 1
+            if stats.histograms:
+                stats.wait_hist[us.bit_length()] += 1
             client.wait_started = 0.0
         diff = None if client.params.same_as(server.params) else client.params.diff(server.params, self.tracked)
         if diff:

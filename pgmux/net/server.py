@@ -280,7 +280,8 @@ class ServerConnection(PgConnection):
         if started:
             us = int((now - started) * 1_000_000)
             stats.query_time_us += us
-            stats.query_hist[us.bit_length()] += 1
+            if stats.histograms:
+                stats.query_hist[us.bit_length()] += 1
             self.query_start = 0.0
         xact_start = self.xact_start
         if status == _IDLE:
@@ -288,7 +289,8 @@ class ServerConnection(PgConnection):
                 stats.xact_count += 1
                 us = int((now - xact_start) * 1_000_000)
                 stats.xact_time_us += us
-                stats.xact_hist[us.bit_length()] += 1
+                if stats.histograms:
+                    stats.xact_hist[us.bit_length()] += 1
                 self.xact_start = 0.0
             elif self.status != _IDLE:
                 stats.xact_count += 1

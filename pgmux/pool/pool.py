@@ -58,6 +58,8 @@ class PoolStats:
     bind_count: int = 0
     # Latency histograms: bucket i counts durations of i significant bits in microseconds
     # (one list index per observation on the hot path; Prometheus reads them at scrape time).
+    # Only /metrics reads them: without metrics_listen they are not kept (Pooler.get_pool).
+    histograms: bool = True
     wait_hist: list[int] = field(default_factory=new_histogram)
     query_hist: list[int] = field(default_factory=new_histogram)
     xact_hist: list[int] = field(default_factory=new_histogram)
