@@ -51,9 +51,9 @@ def setup_logging(*, verbose: int = 0, quiet: bool = False, logfile: str | None 
     _handlers.clear()
     fmt = PgBouncerFormatter()
     if not quiet:
-        h: logging.Handler = logging.StreamHandler(sys.stderr)
-        h.setFormatter(fmt)
-        _handlers.append(h)
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(fmt)
+        _handlers.append(sh)
     if logfile:
         fh = logging.FileHandler(logfile)
         fh.setFormatter(fmt)

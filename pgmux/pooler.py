@@ -145,7 +145,7 @@ class Pooler:
                         server.close("TLS settings changed")
                     for server in pool.active | pool.busy:
                         server.close_needed = True
-        self.tracked = tracked_names(list(s.track_extra_parameters))
+        self.tracked: dict[str, str] = tracked_names(list(s.track_extra_parameters))
         self.ignored_params = {p.lower() for p in s.ignore_startup_parameters}
         for pool in self.pools.values():
             db = config.find_database(pool.database)
@@ -565,6 +565,7 @@ class Pooler:
                 if path is not None:
                     _, server = await self.loop.create_unix_connection(factory, path)
                 else:
+                    assert host is not None  # _server_target: a host when there is no path
                     _, server = await self.loop.create_connection(factory, host, port)
                 if self.settings.log_connections:
                     logger.info("%s new connection to server (from %s:%s)", server.log_prefix,

@@ -243,6 +243,7 @@ class ClientConnection(PgConnection):
         server = self.server
         assert server is not None
         st = server.transport
+        assert st is not None  # linked: the peer is connected
         mv = self.mv
         pos = self._forward_body_rest(end, server)
         if pos < 0:
@@ -388,6 +389,7 @@ class ClientConnection(PgConnection):
         if not skip:
             return 0
         st = server.transport
+        assert st is not None  # linked: the peer is connected
         if skip >= end:
             self.skip = skip - end
             st.write(self.mv[:end])
@@ -406,6 +408,7 @@ class ClientConnection(PgConnection):
         server = self.server
         assert server is not None
         st = server.transport
+        assert st is not None  # linked: the peer is connected
         mv = self.mv
         buf = self.buf
         pos = self._forward_body_rest(end, server)
@@ -547,9 +550,10 @@ class ClientConnection(PgConnection):
         if not name:
             tracker.request(typ)
             return None
-        stmt = self.stmts.get(name)
-        if stmt is None:
+        known = self.stmts.get(name)
+        if known is None:
             raise PreparedError("prepared statement did not exist")
+        stmt = known
         before = b""
         if not server.stmts.has(stmt):
             before = self._prepare_on(server, stmt, None)

@@ -150,6 +150,7 @@ class ServerConnection(PgConnection):
         keep = self.keep
         end = keep + nbytes
         ct = client.transport
+        assert ct is not None  # linked: the peer is connected
         ct.write(self.mv[keep:end])  # cut-through: forward before parsing
         self.pool.stats.bytes_sent += nbytes
         pos = self._body_rest(nbytes) if self.skip else 0
@@ -181,6 +182,7 @@ class ServerConnection(PgConnection):
         keep = self.keep
         end = keep + nbytes
         ct = client.transport
+        assert ct is not None  # linked: the peer is connected
         mv = self.mv
         tracker = self.tracker
         exact = tracker.specials > 0 or self.statement_mode
@@ -355,6 +357,7 @@ class ServerConnection(PgConnection):
             if self.inbox:  # bytes before the handshake: a man in the middle (CVE-2021-23222 class)
                 raise self._login_refused("server sent unencrypted data after SSL response")
             try:
+                assert self.transport is not None
                 new = await self.pooler.loop.start_tls(
                     self.transport, self, ctx, server_hostname=host if ctx.check_hostname else None)
             except (ssl.SSLError, ssl.CertificateError) as exc:

@@ -75,7 +75,7 @@ def scan(
 
 scan_py = scan
 try:  # the compiled twin, when it was built (setup.py); same signature and results
-    from pgmux.protocol._scan import scan as _compiled_scan
+    from pgmux.protocol._scan import scan as _compiled_scan  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - depends on the build
     COMPILED = False
 else:
