@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# THE test command: setup, lint, then the whole pytest suite. Extra arguments go to pytest,
+# THE test command: setup, lint, type check, then the whole pytest suite. Extra arguments go to pytest,
 # e.g. scripts/test.sh tests/integration --pooler=pgbouncer
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,5 +11,7 @@ if command -v ruff >/dev/null 2>&1; then
 else
     python3 -m ruff check .
 fi
+
+python3 -m mypy pgmux  # type hints are checked, not only written ([tool.mypy] in pyproject.toml)
 
 exec python3 -m pytest -q "$@"
