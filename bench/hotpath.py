@@ -37,6 +37,12 @@ ANSWER = (
     + m.command_complete("SELECT 1")
     + m.ready_for_query(b"I")
 )
+# pgbench -M extended: Parse, Bind, Describe portal, Execute, Sync with the unnamed statement
+_PB = m.extended_query("SELECT abalance FROM pgbench_accounts WHERE aid = $1", ["52736"])
+_ES = m.message(b"E", b"\0\0\0\0\0") + m.message(b"S")
+EXT_QUERY = _PB.removesuffix(_ES) + m.message(b"D", b"P\0") + _ES
+EXT_ANSWER = b"1\0\0\0\x042\0\0\0\x04" + ANSWER
+WORKLOADS = {"simple": (QUERY, ANSWER), "extended": (EXT_QUERY, EXT_ANSWER)}
 
 
 _userlist: list[str] = []
@@ -180,16 +186,17 @@ async def run_logins(logins: int, pooler: Pooler | None = None) -> float:
     return elapsed / logins
 
 
-def run(clients: int, servers: int, mode: str, txns: int) -> float:
+def run(clients: int, servers: int, mode: str, txns: int, protocol: str = "simple") -> float:
     """Seconds per transaction for `txns` closed-loop transactions."""
-    return drive(*build(clients, servers, mode)[1:], txns)
+    return drive(*build(clients, servers, mode)[1:], txns, *WORKLOADS[protocol])
 
 
-def drive(client_list: list[ClientConnection], server_list: list[ServerConnection], txns: int) -> float:
+def drive(client_list: list[ClientConnection], server_list: list[ServerConnection], txns: int,
+          query: bytes = QUERY, answer: bytes = ANSWER) -> float:
     """Run `txns` transactions: each answered client asks again at once."""
     in_flight: collections.deque[ServerConnection] = collections.deque()
     for first in client_list:  # every client sends its first query; some wait for a server
-        feed(first, QUERY)
+        feed(first, query)
         if first.server is not None:
             in_flight.append(first.server)
     gc.collect()
@@ -198,8 +205,8 @@ def drive(client_list: list[ClientConnection], server_list: list[ServerConnectio
         s = in_flight.popleft()
         c = s.client
         assert c is not None
-        feed(s, ANSWER)  # the answer ends the transaction: s goes to the next waiting client
-        feed(c, QUERY)  # the answered client asks again
+        feed(s, answer)  # the answer ends the transaction: s goes to the next waiting client
+        feed(c, query)  # the answered client asks again
         if s.client is not None:
             in_flight.append(s)
         if c.server is not None and c.server is not s:
@@ -213,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, nargs="+", default=[20, 50, 500])
     ap.add_argument("--servers", type=int, default=20)
     ap.add_argument("--mode", default="transaction", choices=["transaction", "session"])
+    ap.add_argument("--protocol", default="simple", choices=list(WORKLOADS),
+                    help="simple: pgbench -S's Query; extended: pgbench -M extended's Parse/Bind/Describe/Execute/Sync")
     ap.add_argument("--txns", type=int, default=200_000)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--logins", type=int, default=20_000, help="connections for the -C shaped workload (0: skip)")
@@ -225,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"-C shaped   : {best * 1e6:6.2f} µs per connection (pgmux's Python, with the harness's md5 "
                   "answer and loop turns)")
         print(f"# bench.hotpath: {args.mode} mode, pool of {args.servers}, {args.txns} transactions, "
-              f"best of {args.reps}; pgbench -S shaped query and answer, no sockets")
+              f"best of {args.reps}; pgbench -S shaped query and answer ({args.protocol} protocol), no sockets")
         for n in args.clients:
             servers = n if args.mode == "session" else args.servers
-            best = min(run(n, servers, args.mode, args.txns) for _ in range(args.reps))
+            best = min(run(n, servers, args.mode, args.txns, args.protocol) for _ in range(args.reps))
             print(f"clients {n:5d}: {best * 1e6:6.2f} µs per transaction (pgmux's Python only)")
 
     try:

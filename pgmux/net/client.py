@@ -50,6 +50,7 @@ CLIENT_NOTIFY = type_table(b"QSFPBDEC" + _UNKNOWN)
 TRACKED_NEED_BODY = type_table("XPBDCQ")
 TRACKED_NOTIFY = type_table(b"SFE" + _UNKNOWN)
 _UNKNOWN_SET = frozenset(_UNKNOWN)
+_BDEC = frozenset(b"BDEC")
 _P, _B, _D, _C, _E = (ord(x) for x in "PBDCE")
 _DEALLOCATE = re.compile(rb'\s*deallocate\s+(?:prepare\s+)?("?)([^\s";]+)\1\s*;?\s*$', re.I)
 _D_FIRST = b" \t\n\rdD"  # a query that may be a DEALLOCATE starts with one of these
@@ -260,7 +261,9 @@ class ClientConnection(PgConnection):
         interrupt = switch = False
         if events:
             for typ, start, stop_ in events:
-                if typ in (_Q, _F):
+                if typ in _BDEC:  # Bind, Describe, Execute, Close: the server is busy until Sync
+                    server.pending_ext = True
+                elif typ in (_Q, _F):
                     if typ == _Q and self._inspect_query(start + 5, stop_ - 1):
                         fwd = start
                         interrupt = True
