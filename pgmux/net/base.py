@@ -55,10 +55,14 @@ class PgConnection(asyncio.BufferedProtocol):
         # The event loop, given by the owner: asyncio.get_running_loop() costs a getpid()
         # system call per use (glibc does not cache it), several times per login.
         self.loop = loop
-        # Clients start small (thousands of idle ones must stay cheap) and grow to BUF_SIZE
-        # once a read fills their buffer.
-        self.buf = bytearray(buf_size)
-        self.mv = memoryview(self.buf)
+        # buf_size 0: no buffer of its own, reads go to SharedReadBuffer (clients: thousands of
+        # idle ones must stay cheap; see ClientConnection.get_buffer).
+        if buf_size:
+            self.buf = bytearray(buf_size)
+            self.mv = memoryview(self.buf)
+        else:
+            self.buf = SharedReadBuffer.buf
+            self.mv = SharedReadBuffer.mv
         self.keep = 0  # bytes retained at the front of buf, waiting for the rest of a message
         self.grow = False
         self.later: list[bytes] = []
@@ -81,15 +85,6 @@ class PgConnection(asyncio.BufferedProtocol):
             self.grow = False
             self._resize(len(self.buf) * 2)
         return self.mv[self.keep :]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if len(self.buf) < BUF_SIZE and self.keep + nbytes >= len(self.buf):
-            self.grow = True
-        if self.forwarding:
-            self.data_path(nbytes)
-        else:
-            self.inbox += self.mv[self.keep : self.keep + nbytes]
-            self._wake()
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost follows

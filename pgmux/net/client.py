@@ -88,9 +88,7 @@ class ClientConnection(PgConnection):
     )
 
     def __init__(self, pooler: Pooler, is_unix: bool = False) -> None:
-        super().__init__(0, pooler.loop)
-        self.buf = SharedReadBuffer.buf  # see SharedReadBuffer: owned only while bytes are kept
-        self.mv = SharedReadBuffer.mv
+        super().__init__(0, pooler.loop)  # reads go to SharedReadBuffer; owned only while bytes are kept
         self.max_packet_size = pooler.settings.max_packet_size or 0x7FFFFFFF
         self.pooler = pooler
         self.login_expired = False  # client_login_timeout cancelled the login

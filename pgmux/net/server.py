@@ -168,8 +168,7 @@ class ServerConnection(PgConnection):
                     self._ready_for_query(buf[start + 5])
                     ready = True
                 elif typ == _C:
-                    if buf[start + 5] == 68:  # D: maybe DISCARD ALL / DEALLOCATE ALL
-                        self._command_complete(buf, start, stop_, client)
+                    self._command_complete(buf, start, stop_, client)
                 else:  # ParameterStatus
                     self._parameter_status(buf, start, stop_, client)
             events.clear()

@@ -48,8 +48,8 @@ class ParamSet:
 
     def same_as(self, other: ParamSet) -> bool:
         """Fast path of the link-time check: every tracked value equal (a cheap tuple compare)."""
-        mine = self._tracked_key or self.tracked_key()
-        return mine is not None and mine == (other._tracked_key or other.tracked_key())
+        mine = self.tracked_key()
+        return mine is not None and mine == other.tracked_key()
 
     def get(self, name: str) -> str | None:
         item = self.values.get(name.lower())
