@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.daemon and not (s.pidfile and s.logfile):
         print("pgmux: -d needs pidfile and logfile in the config", file=sys.stderr)
         return 1
-    pglog.setup_logging(verbose=args.verbose + int(s.verbose), quiet=args.quiet or args.daemon,
-                        logfile=s.logfile or None)
+    _setup_logging(args, s)
     if args.daemon:
         _daemonize()
     if s.pidfile:
@@ -102,9 +101,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         from pgmux.workers import Supervisor
 
         def relog(new: Config) -> None:
-            s = new.settings
-            pglog.setup_logging(verbose=args.verbose + int(s.verbose), quiet=args.quiet or args.daemon,
-                                logfile=s.logfile or None)
+            _setup_logging(args, new.settings)
 
         def drop_privileges() -> None:
             if args.user:
@@ -145,7 +142,7 @@ async def serve(args: argparse.Namespace, config: Config, worker: WorkerContext 
     except OSError as exc:
         logger.critical("%s", exc)
         return 1
-    if args.user:
+    if args.user and worker is None:  # a worker's supervisor switched before forking it
         _switch_user(args.user)
     done: asyncio.Future[None] = loop.create_future()
     pooler.shutdown_done = done  # type: ignore[attr-defined]
@@ -153,9 +150,7 @@ async def serve(args: argparse.Namespace, config: Config, worker: WorkerContext 
     state = {"signals": 0}
 
     def relog() -> None:
-        s = pooler.settings
-        pglog.setup_logging(verbose=args.verbose + int(s.verbose), quiet=args.quiet or args.daemon,
-                            logfile=s.logfile or None)
+        _setup_logging(args, pooler.settings)
 
     pooler.on_reload = relog  # type: ignore[attr-defined]
     # Signals act on this process only; a worker's console commands also reach the others
@@ -203,6 +198,13 @@ async def _janitor(pooler: Any) -> None:
             pooler.janitor_tick()
         except Exception:  # noqa: BLE001 - maintenance must not stop
             logger.exception("janitor failed")
+
+
+def _setup_logging(args: argparse.Namespace, settings: Any) -> None:
+    """Logging as the command line and the (re)loaded settings ask: -v adds to `verbose`, -q and
+    -d silence stderr, `logfile` is (re)opened."""
+    pglog.setup_logging(verbose=args.verbose + int(settings.verbose), quiet=args.quiet or args.daemon,
+                        logfile=settings.logfile or None)
 
 
 def _switch_user(name: str) -> None:

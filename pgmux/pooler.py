@@ -112,9 +112,7 @@ class Pooler:
         self._rr_counter = 0
         self.statements = StatementRegistry()
         self.looked_up_secrets: dict[str, str] = {}
-        # workers > 1 (pgmux/workers.py): this process's place, and the limits it shares.
-        self.workers = 1
-        self.worker_index = 0
+        # workers > 1 (pgmux/workers.py): the limits and statistics this process shares.
         self.shared: WorkerShare | None = None
         self.apply_config(config)
 

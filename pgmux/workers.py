@@ -253,8 +253,6 @@ class WorkerContext:
                 send.close()
             else:
                 receive.close()
-        pooler.workers = self.count
-        pooler.worker_index = self.index
         if self.index and pooler.settings.metrics_listen:
             # One metrics endpoint, worker 0's: the others would fail to bind the same address.
             pooler.settings.set("metrics_listen", "", source="worker")

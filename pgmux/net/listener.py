@@ -73,19 +73,10 @@ async def start_listeners(pooler: Pooler, bound: BoundSockets | None = None,
         except OSError as exc:
             raise OSError(exc.errno, f"could not bind {addr}:{s.listen_port}: {exc.strerror}") from exc
         servers.append(srv)
-    socket_dir = s.unix_socket_dir
-    if socket_dir and not socket_dir.startswith("@"):
-        path = unix_socket_path(socket_dir, s.listen_port)
-        if os.path.exists(path):
-            os.unlink(path)  # a stale socket from a previous run
-        srv = await loop.create_unix_server(
-            lambda: ClientConnection(pooler, is_unix=True), path, backlog=s.listen_backlog
-        )
-        os.chmod(path, s.unix_socket_mode)
-        servers.append(srv)
-    elif socket_dir:
-        path = "\0" + unix_socket_path(socket_dir[1:], s.listen_port)
-        servers.append(await loop.create_unix_server(lambda: ClientConnection(pooler, is_unix=True), path))
+    if s.unix_socket_dir:
+        sock, _ = _bind_unix(s.unix_socket_dir, s)
+        servers.append(await loop.create_unix_server(lambda: ClientConnection(pooler, is_unix=True),
+                                                     sock=sock, backlog=s.listen_backlog))
     if not servers:
         raise OSError("nothing to listen on: set listen_addr or unix_socket_dir")
     return servers
@@ -95,7 +86,7 @@ async def _serve_bound(pooler: Pooler, bound: BoundSockets, index: int) -> list[
     loop = asyncio.get_running_loop()
     backlog = pooler.settings.listen_backlog
     servers: list[asyncio.AbstractServer] = []
-    for sock in bound.tcp[index] if index < len(bound.tcp) else []:
+    for sock in bound.tcp[index]:
         servers.append(await loop.create_server(lambda: ClientConnection(pooler), sock=sock, backlog=backlog))
     if bound.unix is not None:
         servers.append(await loop.create_unix_server(lambda: ClientConnection(pooler, is_unix=True),

@@ -109,26 +109,16 @@ def _label(value: Any) -> str:
 
 
 async def gather_workers(pooler: Pooler) -> dict[str, Any]:
-    """workers > 1: what the collector reads, for pgmux as a whole. The same merge as the
-    console's SHOW LISTS / DATABASES / POOLS, and the stats counters summed per database."""
+    """workers > 1: what the collector reads, for pgmux as a whole: the console's merged SHOW
+    LISTS / DATABASES / POOLS / STATS_TOTALS (the stats counters summed per database)."""
     import asyncio
-
-    from pgmux.admin import show
 
     shared = pooler.shared
     assert shared is not None
-    names = ("lists", "databases", "pools")
-    results: list[Any] = await asyncio.gather(*(shared.merged_show(name) for name in names),
-                                              shared.gather("stats_totals"))
-    merged: dict[str, Any] = dict(zip(names, results[:3], strict=True))
-    others: list[Any] = results[3]
-    totals: dict[str, list[int]] = {}
-    for part in [show.worker_part(pooler, "stats_totals"), *others]:
-        for db, cur, _old in part["dbs"]:
-            acc = totals.setdefault(db, [0] * len(cur))
-            for i, value in enumerate(cur):
-                acc[i] += value
-    merged["stats"] = [(db, cur, None) for db, cur in sorted(totals.items())]
+    names = ("lists", "databases", "pools", "stats_totals")
+    results = await asyncio.gather(*(shared.merged_show(name) for name in names))
+    merged: dict[str, Any] = dict(zip(names, results, strict=True))
+    merged["stats"] = [(row[0], row[1:], None) for row in merged.pop("stats_totals").rows]
     return merged
 
 
