@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ if __package__ in (None, ""):  # python bench/floor.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "bench"  # noqa: A001
 
+from bench import report  # noqa: E402
 from bench.measure import RunResult, run_pgbench  # noqa: E402
 from pgmux.protocol.scanner import NO_TYPES, scan, type_table  # noqa: E402
 from pgmux.testing.cluster import PoolerProcess, TempCluster, free_port, port_accepts, wait_for, write_config  # noqa: E402
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster = TempCluster(settings={"fsync": "off", "synchronous_commit": "off", "max_connections": "200"})
     poolers: dict[str, PoolerProcess] = {}
     fwd: Forwarder | None = None
-    results: dict[tuple[str, str], list[RunResult]] = {}
+    results: list[RunResult] = []
     env = dict(os.environ, PGPASSWORD="md5pass", PGSSLMODE="disable")
     try:
         cluster.start()
@@ -188,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             "pgmux": ("127.0.0.1", poolers["pgmux"].port, poolers["pgmux"].pid),
             "uvloop forwarder": ("127.0.0.1", fwd.port, fwd.pid),
         }
-        print(f"# bench.floor: {args.reps} repetitions x {args.duration} s, interleaved; PostgreSQL {cluster.version}, "
-              "pgbench scale 1, transaction mode, pool 20, md5; the forwarder has no pool (a server per client)")
+        print(f"# bench.floor: {args.reps} repetitions x {args.duration} s, interleaved; "
+              f"PostgreSQL {cluster.version()}, pgbench scale 1, transaction mode, pool 20, md5; "
+              "the forwarder has no pool (a server per client)")
         for rep in range(args.reps):
             for key in args.only:
                 pgargs = [a if a != "@select1" else select1 for a in WORKLOADS[key]]
@@ -198,27 +199,21 @@ def main(argv: list[str] | None = None) -> int:
                                       dsn=f"host={host} port={port} user=md5user dbname=testdb",
                                       duration=args.duration, log_prefix=os.path.join(tmp, f"log-{key}-{rep}"),
                                       pooler_pid=pid, env=env, cwd=tmp, timeout=args.duration + 60)
-                    results.setdefault((key, name), []).append(res)
+                    results.append(res)
                     print(f"  rep {rep + 1} {key:12s} {name:17s} tps {res.tps or 0:8.0f}  "
                           f"CPU µs/txn {res.cpu_us or 0:6.1f}{'  ' + res.error if res.error else ''}", flush=True)
-        print()
-        print("| workload | target | TPS (median) | CPU µs per transaction (median) | CPU / PgBouncer's "
-              "| TPS / PgBouncer's |")
-        print("|---|---|---|---|---|---|")
+        summary = report.Summary([], results)
+        rows = []
         for key in args.only:
-            base = results.get((key, "PgBouncer"), [])
             for name in targets:
-                runs = [r for r in results.get((key, name), []) if r.ok and r.tps and r.cpu_us]
-                if not runs:
-                    print(f"| {key} | {name} | failed | | | |")
-                    continue
-                tps = statistics.median(r.tps or 0.0 for r in runs)
-                cpu = statistics.median(r.cpu_us or 0.0 for r in runs)
-                ratios = [(r.cpu_us / b.cpu_us, r.tps / b.tps) for r, b in zip(results[(key, name)], base, strict=True)
-                          if r.ok and b.ok and r.cpu_us and b.cpu_us and r.tps and b.tps]
-                cpu_r = statistics.median(x[0] for x in ratios) if ratios else float("nan")
-                tps_r = statistics.median(x[1] for x in ratios) if ratios else float("nan")
-                print(f"| {key} | {name} | {tps:.0f} | {cpu:.1f} | {cpu_r:.2f}x | {tps_r:.2f}x |")
+                cell = summary.cell(key, name)
+                rows.append([key, name, report.fails(cell) or report.f_num(cell.median("tps") if cell else None),
+                             report.f_num(cell.median("cpu_us") if cell else None, 1),
+                             report.f_ratio(summary.ratio(key, "cpu_us", num=name, den="PgBouncer")),
+                             report.f_ratio(summary.ratio(key, "tps", num=name, den="PgBouncer"))])
+        print()
+        print(report.md_table(["workload", "target", "TPS (median)", "CPU µs per transaction (median)",
+                               "CPU / PgBouncer's", "TPS / PgBouncer's"], rows))
     finally:
         if fwd is not None:
             fwd.stop()

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import atexit
 import collections
+import functools
 import gc
 import os
 import shutil
@@ -45,19 +46,15 @@ EXT_ANSWER = b"1\0\0\0\x042\0\0\0\x04" + ANSWER
 WORKLOADS = {"simple": (QUERY, ANSWER), "extended": (EXT_QUERY, EXT_ANSWER)}
 
 
-_userlist: list[str] = []
-
-
+@functools.cache
 def userlist() -> str:
     """A userlist.txt with the bench user, written once per process and deleted at exit."""
-    if not _userlist:
-        tmp = tempfile.mkdtemp(prefix="pgmux-hotpath-")
-        atexit.register(shutil.rmtree, tmp, True)
-        path = os.path.join(tmp, "userlist.txt")
-        with open(path, "w") as f:
-            f.write('"bench" "benchpass"\n')
-        _userlist.append(path)
-    return _userlist[0]
+    tmp = tempfile.mkdtemp(prefix="pgmux-hotpath-")
+    atexit.register(shutil.rmtree, tmp, True)
+    path = os.path.join(tmp, "userlist.txt")
+    with open(path, "w") as f:
+        f.write('"bench" "benchpass"\n')
+    return path
 
 
 class CountingTransport:

@@ -101,11 +101,6 @@ def rss_kb(pid: int) -> int:
     return proc_status(pid).get("VmRSS", 0)
 
 
-def tree_cpu_ns(pid: int) -> int:
-    """CPU time (ns) of ``pid`` and all its descendants (a pooler's supervisor and its workers)."""
-    return sum(cpu_ns(p) for p in process_tree(pid))
-
-
 def tree_rss_kb(pid: int) -> int:
     """VmRSS summed over ``pid`` and its descendants (pages shared after fork count once per process)."""
     return sum(rss_kb(p) for p in process_tree(pid))

@@ -309,8 +309,9 @@ class Bench:
         proc.start()
         limit = ensure_pooler_nofile(proc.pid, self.nofile_need)
         # workers were forked before any prlimit: they have what the supervisor inherited from us
-        limit = min([x for x in (limit, *(nofile_limit(p) for p in proc.worker_pids())) if x] or [0])
-        workers = f", workers {proc.worker_pids()}" if proc.workers > 1 else ""
+        worker_pids = proc.worker_pids()
+        limit = min([x for x in (limit, *(nofile_limit(p) for p in worker_pids)) if x] or [0])
+        workers = f", workers {worker_pids}" if proc.workers > 1 else ""
         log(f"  {TARGET_LABEL[target]} ({name}) on 127.0.0.1:{proc.port}, pid {proc.pid}{workers}, "
             f"open files limit {limit}")
         if limit and limit < self.nofile_need:
@@ -355,7 +356,7 @@ class Bench:
             uvloop_used = "yes" if maps_contain(pgmux_proc.pid, "uvloop") else "no (stdlib asyncio)"
         pgmux2 = self.poolers.get("pgmux2")
         if pgmux2 is not None:
-            pids = process_tree(pgmux2.pid)[1:]
+            pids = pgmux2.worker_pids()
             used = ", ".join("yes" if maps_contain(p, "uvloop") else "no" for p in pids)
             self.info["pgmux2_workers"] = f"{len(pids)} worker processes at start (uvloop loaded: {used or '?'})"
         self.info.update(

@@ -34,14 +34,6 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return "State:\tZ" not in f.read()
-    except FileNotFoundError:
-        return False
-
-
 _RECORD_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", re.M)
 _TRACE = re.compile(r"Traceback \(most recent call last\)|Task exception was never retrieved|Exception in callback|"
                     r"Fatal error on transport|Fatal error: protocol")
@@ -55,25 +47,6 @@ def tracebacks(log: str) -> list[str]:
         starts.insert(0, 0)
     records = [log[a:b] for a, b in zip(starts, starts[1:], strict=False)]
     return [r for r in records if _TRACE.search(r)]
-
-
-# Tracebacks of known pgmux bugs that have their own reproducer: the broad tests (fuzzer, faults) count them
-# and go on; any other traceback fails them. Empty: the nine found so far are fixed (docs/reliability.md, 6).
-KNOWN_BUG_SIGNATURES: dict[str, str] = {}
-
-
-def split_known(records: list[str]) -> tuple[dict[str, int], list[str]]:
-    """(known bug name -> count, unknown records) for tracebacks() output."""
-    known: dict[str, int] = {}
-    unknown = []
-    for rec in records:
-        for name, sig in KNOWN_BUG_SIGNATURES.items():
-            if sig in rec:
-                known[name] = known.get(name, 0) + 1
-                break
-        else:
-            unknown.append(rec)
-    return known, unknown
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ FaultProxy between pgmux and PostgreSQL.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import resource
 import shutil
 import socket
@@ -31,8 +30,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from relutil import LEDGER_DDL, Bench, Ledger, fd_count, run_bench, split_known, tracebacks
+from relutil import LEDGER_DDL, Bench, Ledger, fd_count, run_bench, tracebacks
 
+from bench.measure import cpu_ns
+from pgmux.auth.secrets import md5_client_response
+from pgmux.protocol import messages as m
 from pgmux.testing.cluster import PoolerProcess, TempCluster, wait_for, write_config
 from pgmux.testing.faultproxy import FaultProxy
 
@@ -181,11 +183,9 @@ def check_after(rig: Rig, ledger: Ledger | None, bench: Bench | None, label: str
     except AssertionError:
         servers = rig.cluster.count_backends(usename="md5user", datname=DB)
         raise AssertionError(f"pool did not refill to {POOL_SIZE} servers: {servers}") from None
-    known, unknown = split_known(tracebacks(p.log_text()[rig.log_mark:]))
+    unknown = tracebacks(p.log_text()[rig.log_mark:])
     assert not unknown, "traceback in pgmux's log:\n" + unknown[0][-3000:]
     rig.log_mark = len(p.log_text())
-    if known:
-        lines.append(f"known pgmux bugs hit: {known}")
     if ledger is not None and ledger.errors:
         lines.append("client errors: " + "; ".join(f"{n}x {e}" for e, n in Counter(ledger.errors).most_common(4)))
     lines.append(f"serving again after {back:.1f}s; pgbench afterwards: {after.processed} xacts, 0 failed; "
@@ -348,17 +348,11 @@ PASSWORD = ("md5user", "md5pass")
 
 def md5_response(salt: bytes) -> bytes:
     user, password = PASSWORD
-    inner = hashlib.md5((password + user).encode()).hexdigest()
-    return b"md5" + hashlib.md5(inner.encode() + salt).hexdigest().encode() + b"\0"
-
-
-def msg(typ: bytes, body: bytes) -> bytes:
-    return typ + struct.pack("!i", len(body) + 4) + body
+    return md5_client_response(password, user, salt).encode() + b"\0"
 
 
 def startup_packet(db: str = DB) -> bytes:
-    body = struct.pack("!i", 196608) + b"user\0md5user\0database\0" + db.encode() + b"\0\0"
-    return struct.pack("!i", len(body) + 4) + body
+    return m.startup_message({"user": "md5user", "database": db})
 
 
 async def read_msg(r: asyncio.StreamReader) -> tuple[bytes, bytes]:
@@ -374,7 +368,7 @@ async def raw_login(host: str, port: int, db: str = DB) -> tuple[asyncio.StreamR
     while True:
         kind, body = await read_msg(r)
         if kind == b"R" and struct.unpack("!i", body[:4])[0] == 5:
-            w.write(msg(b"p", md5_response(body[4:8])))
+            w.write(m.message(b"p", md5_response(body[4:8])))
         elif kind == b"K":
             key = body
         elif kind == b"E":
@@ -412,19 +406,19 @@ async def storm_client(host: str, port: int, style: str, ident: int) -> str:
         if style == "idle-abort":
             pass
         elif style == "query-abort":
-            w.write(msg(b"Q", b"SELECT pg_sleep(5)\0"))
+            w.write(m.message(b"Q", b"SELECT pg_sleep(5)\0"))
             await asyncio.sleep(0.1)
         elif style == "tx-abort":
-            w.write(msg(b"Q", f"BEGIN; INSERT INTO ledger VALUES ({-10_000_000 - ident}, 'r', 'storm')\0".encode()))
+            w.write(m.query(f"BEGIN; INSERT INTO ledger VALUES ({-10_000_000 - ident}, 'r', 'storm')"))
             await until_ready(r)
         elif style == "copy-abort":
-            w.write(msg(b"Q", b"COPY ledger (id, kind) FROM STDIN\0"))
+            w.write(m.message(b"Q", b"COPY ledger (id, kind) FROM STDIN\0"))
             kind, _ = await read_msg(r)
             assert kind == b"G", kind
-            w.write(msg(b"d", f"{-20_000_000 - ident}\tr\n".encode()) + b"d\0\0\0\x40" + b"123")
+            w.write(m.message(b"d", f"{-20_000_000 - ident}\tr\n".encode()) + b"d\0\0\0\x40" + b"123")
             await asyncio.sleep(0.05)
         elif style == "cancel-abort":
-            w.write(msg(b"Q", b"SELECT pg_sleep(5)\0"))
+            w.write(m.message(b"Q", b"SELECT pg_sleep(5)\0"))
             await asyncio.sleep(0.05)
             cr, cw = await asyncio.open_connection(host, port)
             cw.write(struct.pack("!ii", 16, 80877102) + key)
@@ -566,12 +560,12 @@ def test_many_waiting_clients(rig: Rig) -> None:
         try:
             r, w, _ = await raw_login(rig.pooler.host, rig.pooler.port)
             start = time.monotonic()
-            w.write(msg(b"Q", f"SELECT pg_sleep(0.02), {i}\0".encode()))
+            w.write(m.message(b"Q", f"SELECT pg_sleep(0.02), {i}\0".encode()))
             kinds = await until_ready(r)
             waits.append(time.monotonic() - start)
             if b"E" in kinds:
                 errors.append(f"client {i} got an error")
-            w.write(msg(b"X", b""))
+            w.write(m.message(b"X", b""))
             w.close()
         except (RuntimeError, OSError, asyncio.IncompleteReadError) as exc:
             errors.append(repr(exc))
@@ -613,7 +607,7 @@ def test_file_descriptor_exhaustion(rig: Rig) -> None:
     soft, hard = resource.prlimit(rig.pid, resource.RLIMIT_NOFILE)
     base = fd_count(rig.pid)
     resource.prlimit(rig.pid, resource.RLIMIT_NOFILE, (base + 40, hard))
-    cpu0 = _cpu_seconds(rig.pid)
+    cpu0 = cpu_ns(rig.pid) / 1e9
     socks: list[socket.socket] = []
     outcomes: Counter[str] = Counter()
     try:
@@ -634,7 +628,7 @@ def test_file_descriptor_exhaustion(rig: Rig) -> None:
                 outcomes["no answer yet"] += 1
             except OSError as exc:
                 outcomes[type(exc).__name__] += 1
-        cpu = _cpu_seconds(rig.pid) - cpu0
+        cpu = cpu_ns(rig.pid) / 1e9 - cpu0
         assert rig.pooler.is_running(), "pgmux died when it ran out of file descriptors"
     finally:
         for s in socks:
@@ -647,12 +641,6 @@ def test_file_descriptor_exhaustion(rig: Rig) -> None:
     assert emfile >= 1, "pgmux said nothing in its log about running out of file descriptors"
     wait_for(lambda: fd_count(rig.pid) <= base + 2, 10, what="fds back to the baseline")
     check_after(rig, None, None, f"file descriptors exhausted (limit {base + 40}, 120 connection attempts)")
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime in clock ticks (USER_HZ = 100)
 
 
 
