@@ -145,26 +145,25 @@ async def serve(args: argparse.Namespace, config: Config, worker: WorkerContext 
     if args.user and worker is None:  # a worker's supervisor switched before forking it
         _switch_user(args.user)
     done: asyncio.Future[None] = loop.create_future()
-    pooler.shutdown_done = done  # type: ignore[attr-defined]
+    pooler.shutdown_done = done
     await pooler.admin_start()
     state = {"signals": 0}
 
     def relog() -> None:
         _setup_logging(args, pooler.settings)
 
-    pooler.on_reload = relog  # type: ignore[attr-defined]
-    # Signals act on this process only; a worker's console commands also reach the others
-    # (WorkerShare.start wraps admin_reload/admin_shutdown), the signal path must not.
-    admin_shutdown = pooler.admin_shutdown
+    pooler.on_reload = relog
+    # Signals act on this process only (the console's RELOAD/SHUTDOWN go through
+    # Pooler.console_reload/console_shutdown, which also reach the other workers).
 
     def shutdown(signame: str, mode: str) -> None:
         state["signals"] += 1
         if state["signals"] > 1 or mode == "immediate":
             logger.info("got %s, exiting immediately", signame)
-            admin_shutdown("immediate")
+            pooler.admin_shutdown("immediate")
             return
         logger.info("got %s, shutting down (%s)", signame, mode)
-        admin_shutdown(mode)
+        pooler.admin_shutdown(mode)
 
     loop.add_signal_handler(signal.SIGHUP, pooler.admin_reload)
     loop.add_signal_handler(signal.SIGUSR1, pooler.admin_signal_pause)

@@ -13,6 +13,7 @@ import os
 import random
 import resource
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pgmux import log as pglog
@@ -114,6 +115,8 @@ class Pooler:
         self.looked_up_secrets: dict[str, str] = {}
         # workers > 1 (pgmux/workers.py): the limits and statistics this process shares.
         self.shared: WorkerShare | None = None
+        self.on_reload: Callable[[], None] | None = None  # cli.py: reopen the log file with the new settings
+        self.shutdown_done: asyncio.Future[None] | None = None  # cli.py: resolved when the process may exit
         self.apply_config(config)
 
     # ------------------------------------------------------------ configuration
@@ -421,6 +424,10 @@ class Pooler:
         if pool.params is None and pool.connecting == 0:
             self._spawn_connect(pool)
 
+    def params_waiter_count(self, pool: Pool[ServerConnection, ClientConnection]) -> int:
+        """Clients logging in to a new pool that still wait for its first server."""
+        return sum(1 for fut in self._params_waiters.get(id(pool), ()) if not fut.done())
+
     def fail_params_waiters(self, pool: Pool[ServerConnection, ClientConnection], error: ClientError) -> None:
         """Clients logging in to a new pool wait for its first server's ParameterStatus set; they
         get `error` instead."""
@@ -697,7 +704,7 @@ class Pooler:
             server.state = "canceling"
             pool.server_busy(server)
             return
-        if server.close_needed or pool.paused or self._lifetime_over(server):
+        if server.close_needed or pool.paused or (pool.limits.server_lifetime and self._lifetime_over(server)):
             pool.server_gone(server)
             server.close("close_needed" if server.close_needed else "pause mode" if pool.paused
                          else "server lifetime over")
@@ -1162,7 +1169,7 @@ class Pooler:
 
     def _check_shutdown(self) -> None:
         if self.shutting_down and not any(c.logged_in for c in self.clients):
-            fut = getattr(self, "shutdown_done", None)
+            fut = self.shutdown_done
             if fut is not None and not fut.done():
                 fut.set_result(None)
 
@@ -1387,10 +1394,23 @@ class Pooler:
             if old.find_database(pool.database) != new.find_database(pool.database):
                 self._admin_tag_dirty(pool)
         self.admin_sync_paused()
-        on_reload = self.__dict__.get("on_reload")
-        if on_reload is not None:
-            on_reload()  # cli.py: reopen the log file with the new settings
+        if self.on_reload is not None:
+            self.on_reload()
         return True
+
+    def console_reload(self) -> bool:
+        """RELOAD typed on the console: this process, then, with workers, all the others (a
+        signal only ever acts on the process that gets it)."""
+        ok = self.admin_reload()
+        if ok and self.shared is not None:
+            self.shared.relay_reload()
+        return ok
+
+    def console_shutdown(self, mode: str) -> None:
+        """SHUTDOWN typed on the console: this process, then, with workers, all of them."""
+        self.admin_shutdown(mode)
+        if self.shared is not None:
+            self.shared.relay_shutdown(mode)
 
     def admin_settings_changed(self) -> None:
         """After SET: recompute pool limits and the like from the changed settings."""
@@ -1419,7 +1439,7 @@ class Pooler:
         self._admin_exit()
 
     def _admin_exit(self) -> None:
-        fut = self.__dict__.get("shutdown_done")
+        fut = self.shutdown_done
         if fut is not None:
             if not fut.done():
                 fut.set_result(None)

@@ -309,30 +309,21 @@ class WorkerShare:
     # ---- lifecycle
 
     def start(self) -> None:
-        """After the signal handlers are set: listen for forwarded cancels, start the tick, and
-        let RELOAD/SHUTDOWN typed on this worker's console reach the other workers."""
+        """After the signal handlers are set: listen for forwarded cancels and start the tick."""
         pooler = self.pooler
         # Signals stayed blocked since fork: a SIGHUP before the handlers existed would have
         # killed the worker. Pending ones are delivered now.
         signal.pthread_sigmask(signal.SIG_SETMASK, self.ctx.signal_mask)
         pooler.loop.add_reader(self.receiver.fileno(), self._on_datagram)
         self._task = pooler.loop.create_task(self._run_ticks())
-        console_reload = pooler.admin_reload
-        console_shutdown = pooler.admin_shutdown
-        parent = self.ctx.parent_pid
 
-        def admin_reload() -> bool:
-            ok = console_reload()
-            if ok:
-                _signal(parent, signal.SIGHUP)
-            return ok
+    def relay_reload(self) -> None:
+        """A RELOAD typed on this worker's console: the supervisor passes it to every worker."""
+        _signal(self.ctx.parent_pid, signal.SIGHUP)
 
-        def admin_shutdown(mode: str) -> None:
-            console_shutdown(mode)
-            _signal(parent, SHUTDOWN_SIGNAL.get(mode, signal.SIGTERM))
-
-        pooler.admin_reload = admin_reload  # type: ignore[method-assign]
-        pooler.admin_shutdown = admin_shutdown  # type: ignore[method-assign]
+    def relay_shutdown(self, mode: str) -> None:
+        """A SHUTDOWN typed on this worker's console: the supervisor shuts every worker down."""
+        _signal(self.ctx.parent_pid, SHUTDOWN_SIGNAL.get(mode, signal.SIGTERM))
 
     def stop(self) -> None:
         self._stopping = True
@@ -525,7 +516,7 @@ class WorkerShare:
         """Clients waiting for a server of the pool, or (new pool) for its first login."""
         n = pool.live_waiters()
         if pool.params is None:
-            n += sum(1 for f in self.pooler._params_waiters.get(id(pool), ()) if not f.done())
+            n += self.pooler.params_waiter_count(pool)
         return n
 
     def wanting(self, pool: Pool[Any, Any]) -> int:

@@ -90,16 +90,16 @@ async def execute(pooler: Pooler, session: ConsoleSession, cmd: Command,
         _need_admin(session)
         if mode:
             logger.info("SHUTDOWN %s command issued", mode.upper())
-            pooler.admin_shutdown(mode)
+            pooler.console_shutdown(mode)
             return Result("SHUTDOWN")
         logger.info("SHUTDOWN command issued")
-        pooler.admin_shutdown("immediate")
+        pooler.console_shutdown("immediate")
         return Result(None)
     _need_admin(session)
     state = pooler.admin_state()
     if name == "reload":
         logger.info("RELOAD command issued")
-        if not pooler.admin_reload():
+        if not pooler.console_reload():
             raise AdminError("RELOAD failed, see logs for additional details", "F0000")
         return Result("RELOAD")
     if name == "resume":

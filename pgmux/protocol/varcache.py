@@ -47,9 +47,10 @@ class ParamSet:
         return k
 
     def same_as(self, other: ParamSet) -> bool:
-        """Fast path of the link-time check: every tracked value equal (a cheap tuple compare)."""
-        mine = self.tracked_key()
-        return mine is not None and mine == other.tracked_key()
+        """Fast path of the link-time check: every tracked value equal (a cheap tuple compare;
+        the cached keys are read directly, as this runs for every link)."""
+        mine = self._tracked_key or self.tracked_key()
+        return mine is not None and mine == (other._tracked_key or other.tracked_key())
 
     def get(self, name: str) -> str | None:
         item = self.values.get(name.lower())
