@@ -447,40 +447,26 @@ def chart(s: Summary, path: str, title: str) -> str | None:
     x = list(range(len(wls)))
     labels = [w.label.replace(", ", "\n") for w in wls]
 
+    def no_bar(ax, xpos: float, text: str, target: str) -> None:
+        """Write ``text`` upright at the foot of the slot of a bar that is not drawn."""
+        ax.text(xpos, 0.02, text, rotation=90, ha="center", va="bottom", fontsize=8, color=colors[target],
+                transform=ax.get_xaxis_transform())
+
     def bars(ax, targets, metric, width):
         shown = [v for w in wls for t in targets if (c := s.cell(w.key, t)) and (v := c.median(metric))]
         for i, t in enumerate(targets):
             off = (i - (len(targets) - 1) / 2) * width
             for j, w in enumerate(wls):
                 c = s.cell(w.key, t)
-                if t not in w.targets or c is None:
-                    if t not in w.targets:
-                        ax.text(
-                            off + j,
-                            0.02,
-                            "n/a",
-                            rotation=90,
-                            ha="center",
-                            va="bottom",
-                            fontsize=8,
-                            color=colors[t],
-                            transform=ax.get_xaxis_transform(),
-                        )
+                xpos = j + off
+                if t not in w.targets:
+                    no_bar(ax, xpos, "n/a", t)
+                    continue
+                if c is None:
                     continue
                 v = c.median(metric)
-                xpos = j + off
                 if v is None:
-                    ax.text(
-                        xpos,
-                        0.02,
-                        "fails" if fails(c) else "–",
-                        rotation=90,
-                        ha="center",
-                        va="bottom",
-                        fontsize=8,
-                        color=colors[t],
-                        transform=ax.get_xaxis_transform(),
-                    )
+                    no_bar(ax, xpos, "fails" if fails(c) else "–", t)
                     continue
                 sp = c.span(metric)
                 yerr = [[v - sp[0]], [sp[1] - v]] if sp and sp[1] > sp[0] else None

@@ -39,14 +39,11 @@ from bench import report  # noqa: E402
 from bench.idle import hold_idle_clients  # noqa: E402
 from bench.measure import (  # noqa: E402
     RunResult,
-    children,
     cpu_ns,
     maps_contain,
     nofile_limit,
-    process_tree,
     rss_kb,
     run_pgbench,
-    start_time,
 )
 from bench.workloads import (  # noqa: E402
     POOLER_EXTRA,
@@ -116,7 +113,6 @@ class BenchPooler(PoolerProcess):
     """
 
     nofile = 0
-    workers = 1  # pgmux ``workers = N``: start() also waits for the N worker processes
 
     def command(self) -> list[str]:
         cmd = super().command()
@@ -124,40 +120,6 @@ class BenchPooler(PoolerProcess):
             i = cmd.index("--") + 1
             cmd[i:i] = ["prlimit", f"--nofile={self.nofile}:{self.nofile}", "--"]
         return cmd
-
-    def start(self, timeout: float = 15.0) -> PoolerProcess:
-        """Start; with workers, also wait until all of them are forked and listening (the supervisor's
-        socket accepts before that), so the CPU sampler and the warm-up see every worker."""
-        super().start(timeout)
-        if self.workers > 1:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                listening = self.log_text().count(f" of {self.workers})")  # "listening on ... (worker i of N)"
-                if len(children(self.pid)) >= self.workers and listening >= self.workers:
-                    break
-                time.sleep(0.05)
-            else:
-                seen = len(children(self.pid))
-                self.stop()
-                raise RuntimeError(
-                    f"pgmux workers={self.workers}: {seen} worker(s) after {timeout}s\n"
-                    f"--- log tail ---\n{self.log_text()[-2000:]}"
-                )
-        return self
-
-    def worker_pids(self) -> list[int]:
-        """The pooler's descendant processes (pgmux's workers; none for PgBouncer or workers = 1)."""
-        return process_tree(self.pid)[1:] if self.pid else []
-
-    def stop(self, timeout: float = 5.0) -> int | None:
-        """Stop, then SIGKILL any worker left behind (workers run in their own process groups)."""
-        left = [(pid, start_time(pid)) for pid in self.worker_pids()] if self.is_running() else []
-        code = super().stop(timeout)
-        for pid, started in left:
-            if started and start_time(pid) == started:  # still the same process, not a reused pid
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-        return code
 
 
 def pgmux_default(name: str) -> str:
@@ -305,7 +267,6 @@ class Bench:
         ini, userlist = write_config(self.cluster, pool_mode="transaction", extra=settings, workdir=workdir)
         proc = BenchPooler(POOLER_KIND[target], ini, userlist, workdir, verbose=False)
         proc.nofile = min(self.nofile_need, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
-        proc.workers = int(str(settings.get("workers", 1)))
         proc.start()
         limit = ensure_pooler_nofile(proc.pid, self.nofile_need)
         # workers were forked before any prlimit: they have what the supervisor inherited from us

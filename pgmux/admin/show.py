@@ -255,28 +255,48 @@ def database_stats(pooler: Pooler) -> list[tuple[str, counters.Snapshot, counter
             for db, cur, old in counters.group_by_database(stat_sources(pooler), tracker)]
 
 
+def _stats_result(name: str, stats: list[tuple[str, counters.Snapshot, counters.Snapshot]]) -> Result:
+    """SHOW STATS, STATS_TOTALS or STATS_AVERAGES (``name``) from (database, totals, averages) rows."""
+    if name == "stats":
+        return _rows(STATS_COLUMNS, [[db, *cur, *avg] for db, cur, avg in stats])
+    if name == "stats_totals":
+        return _rows(STATS_TOTALS_COLUMNS, [[db, *cur] for db, cur, _ in stats])
+    return _rows(STATS_AVERAGES_COLUMNS, [[db, *avg] for db, _, avg in stats])
+
+
+def _sum_snapshots(snaps: Iterable[counters.Snapshot]) -> counters.Snapshot:
+    """Counter-wise sum of ``snaps`` (ZERO for none)."""
+    total = counters.ZERO
+    for snap in snaps:
+        total = counters.add(total, snap)
+    return total
+
+
+def _totals_result(cur: counters.Snapshot, avg: counters.Snapshot) -> Result:
+    """SHOW TOTALS: a total_<counter> row for each counter, then an avg_<counter> row for each."""
+    rows: list[list[Value]] = [[f"total_{n}", v] for n, v in zip(TOTALS_NAMES, cur, strict=True)]
+    rows += [[f"avg_{n}", v] for n, v in zip(TOTALS_NAMES, avg, strict=True)]
+    return _rows(TOTALS_COLUMNS, rows)
+
+
 def show_stats(pooler: Pooler) -> Result:
-    return _rows(STATS_COLUMNS, [[db, *cur, *avg] for db, cur, avg in database_stats(pooler)])
+    return _stats_result("stats", database_stats(pooler))
 
 
 def show_stats_totals(pooler: Pooler) -> Result:
-    return _rows(STATS_TOTALS_COLUMNS, [[db, *cur] for db, cur, _ in database_stats(pooler)])
+    return _stats_result("stats_totals", database_stats(pooler))
 
 
 def show_stats_averages(pooler: Pooler) -> Result:
-    return _rows(STATS_AVERAGES_COLUMNS, [[db, *avg] for db, _, avg in database_stats(pooler)])
+    return _stats_result("stats_averages", database_stats(pooler))
 
 
 def show_totals(pooler: Pooler) -> Result:
     tracker = pooler.admin_state().tracker
-    cur_total, old_total = counters.ZERO, counters.ZERO
-    for db, user, stats in stat_sources(pooler):
-        cur_total = counters.add(cur_total, counters.snapshot(stats))
-        old_total = counters.add(old_total, tracker.old((db, user)))
-    avg = tracker.averages(cur_total, old_total)
-    rows: list[list[Value]] = [[f"total_{n}", v] for n, v in zip(TOTALS_NAMES, cur_total, strict=True)]
-    rows += [[f"avg_{n}", v] for n, v in zip(TOTALS_NAMES, avg, strict=True)]
-    return _rows(TOTALS_COLUMNS, rows)
+    sources = stat_sources(pooler)
+    cur_total = _sum_snapshots(counters.snapshot(stats) for _, _, stats in sources)
+    old_total = _sum_snapshots(tracker.old((db, user)) for db, user, _ in sources)
+    return _totals_result(cur_total, tracker.averages(cur_total, old_total))
 
 
 # ------------------------------------------------------------------ SHOW CLIENTS / SERVERS / SOCKETS
@@ -710,25 +730,10 @@ def _merged_stats(name: str, parts: list[Any]) -> Result:
             cur_total, old_total = counters.add(cur_total, cur), counters.add(old_total, old)
         totals.append((cur_total, old_total, part["dur"]))
     if name == "totals":
-        cur_sum = _sum_snapshots(c for c, _, _ in totals)
-        avg = counters.merged_averages(totals)
-        rows: list[list[Value]] = [[f"total_{n}", v] for n, v in zip(TOTALS_NAMES, cur_sum, strict=True)]
-        rows += [[f"avg_{n}", v] for n, v in zip(TOTALS_NAMES, avg, strict=True)]
-        return _rows(TOTALS_COLUMNS, rows)
-    stats = [(db, _sum_snapshots(c for c, _, _ in by_db[db]), counters.merged_averages(by_db[db]))
-             for db in sorted(by_db)]
-    if name == "stats":
-        return _rows(STATS_COLUMNS, [[db, *cur, *avg] for db, cur, avg in stats])
-    if name == "stats_totals":
-        return _rows(STATS_TOTALS_COLUMNS, [[db, *cur] for db, cur, _ in stats])
-    return _rows(STATS_AVERAGES_COLUMNS, [[db, *avg] for db, _, avg in stats])
-
-
-def _sum_snapshots(snaps: Iterable[counters.Snapshot]) -> counters.Snapshot:
-    total = counters.ZERO
-    for snap in snaps:
-        total = counters.add(total, snap)
-    return total
+        return _totals_result(_sum_snapshots(c for c, _, _ in totals), counters.merged_averages(totals))
+    stats = [(db, _sum_snapshots(c for c, _, _ in rows), counters.merged_averages(rows))
+             for db, rows in sorted(by_db.items())]
+    return _stats_result(name, stats)
 
 
 #: name -> function; `fds` needs admin rights (checked by the caller).

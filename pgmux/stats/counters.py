@@ -50,6 +50,17 @@ def add(a: Snapshot, b: Snapshot) -> Snapshot:
     return tuple(x + y for x, y in zip(a, b, strict=True))
 
 
+#: (time counter, the count it is averaged over): mean microseconds per transaction / query / assignment
+_MEAN_TIMES = ((XACT_TIME, XACT), (QUERY_TIME, QUERY), (WAIT_TIME, ASSIGN))
+
+
+def _with_mean_times(rates: list[int], delta: list[int]) -> Snapshot:
+    """``rates`` with its time columns replaced by the mean time per count in ``delta`` (0 without any)."""
+    for t, n in _MEAN_TIMES:
+        rates[t] = delta[t] // delta[n] if delta[n] else 0
+    return tuple(rates)
+
+
 def averages(cur: Snapshot, old: Snapshot, dur_us: int) -> Snapshot:
     """PgBouncer's calc_average(): rates per second for counts and bytes, mean microseconds per
     transaction / query / server assignment for the times. Counters that went backwards (a pool
@@ -57,11 +68,7 @@ def averages(cur: Snapshot, old: Snapshot, dur_us: int) -> Snapshot:
     if dur_us <= 0:
         return ZERO
     d = [max(0, c - o) for c, o in zip(cur, old, strict=True)]
-    out = [USEC * x // dur_us for x in d]
-    out[XACT_TIME] = d[XACT_TIME] // d[XACT] if d[XACT] else 0
-    out[QUERY_TIME] = d[QUERY_TIME] // d[QUERY] if d[QUERY] else 0
-    out[WAIT_TIME] = d[WAIT_TIME] // d[ASSIGN] if d[ASSIGN] else 0
-    return tuple(out)
+    return _with_mean_times([USEC * x // dur_us for x in d], d)
 
 
 def merged_averages(parts: Iterable[tuple[Snapshot, Snapshot, int]]) -> Snapshot:
@@ -77,10 +84,7 @@ def merged_averages(parts: Iterable[tuple[Snapshot, Snapshot, int]]) -> Snapshot
             rates[i] += x
         for i, (c, o) in enumerate(zip(cur, old, strict=True)):
             delta[i] += max(0, c - o)
-    rates[XACT_TIME] = delta[XACT_TIME] // delta[XACT] if delta[XACT] else 0
-    rates[QUERY_TIME] = delta[QUERY_TIME] // delta[QUERY] if delta[QUERY] else 0
-    rates[WAIT_TIME] = delta[WAIT_TIME] // delta[ASSIGN] if delta[ASSIGN] else 0
-    return tuple(rates)
+    return _with_mean_times(rates, delta)
 
 
 def now_us() -> int:

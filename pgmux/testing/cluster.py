@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pgmux.testing.procs import children, process_tree, start_time
+
 __all__ = [
     "BackendSampler",
     "PoolerProcess",
@@ -646,7 +648,8 @@ class PoolerProcess:
 
     Why a subprocess: signals, reload, exit codes and error output are part of the drop-in contract and
     can only be tested on a real process. ``start()`` waits until both the TCP port and the Unix socket
-    accept (15 s); if the port was taken meanwhile it moves to another one and retries.
+    accept (15 s); if the port was taken meanwhile it moves to another one and retries. With pgmux's
+    ``workers = N`` it also waits for the N workers, and ``stop()`` kills any worker left behind.
 
     For PgBouncer, ``runuser`` forks, so ``.pid`` is the PgBouncer process itself (its child) and signals
     go straight to it.
@@ -690,6 +693,11 @@ class PoolerProcess:
     def host(self) -> str:
         addr = ini_get(self.ini_text, "listen_addr") or "127.0.0.1"
         return "127.0.0.1" if addr in ("*", "0.0.0.0", "") else addr.split(",")[0].strip()
+
+    @property
+    def workers(self) -> int:
+        """pgmux's ``workers`` setting: how many worker processes the supervisor forks (1: none; PgBouncer: 1)."""
+        return int(ini_get(self.ini_text, "workers") or 1) if self.kind == "pgmux" else 1
 
     @property
     def unix_dir(self) -> str | None:
@@ -748,10 +756,7 @@ class PoolerProcess:
             return self.proc.pid
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-            except FileNotFoundError:
-                kids = []
+            kids = children(self.proc.pid)
             if kids:
                 return int(kids[0])
             if self.proc.poll() is not None:
@@ -780,6 +785,7 @@ class PoolerProcess:
             self.returncode = None
             self._killed = False
             if self._wait_ready(timeout):
+                self._wait_workers(timeout)
                 return self
             self._killed = self.proc.poll() is None
             self.stop()
@@ -813,6 +819,31 @@ class PoolerProcess:
             time.sleep(0.05)
         return False
 
+    def _wait_workers(self, timeout: float) -> None:
+        """With ``workers = N``, wait until N workers are forked and each has logged that it listens (the
+        supervisor's socket accepts before that); stop and raise with the log tail otherwise."""
+        n = self.workers
+        if n <= 1:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self.worker_pids()
+            # each worker logs "pgmux <version> listening on <addr> port <port> (worker i of N)"
+            if len(pids) >= n and set(self.log_pids(f" of {n})")) >= set(pids):
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(
+            f"pgmux workers={n}: {len(pids)} worker(s) after {timeout}s, not all listening\n"
+            f"--- log tail ---\n{tail(self.log_text())}"
+        )
+
+    def worker_pids(self) -> list[int]:
+        """The pooler's descendant processes: pgmux's workers (none for PgBouncer or ``workers = 1``)."""
+        return process_tree(self.pid)[1:] if self.pid else []
+
     def is_running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -832,11 +863,13 @@ class PoolerProcess:
         return self.returncode
 
     def stop(self, timeout: float = 5.0) -> int | None:
-        """SIGTERM, then SIGKILL after ``timeout`` s. Safe to call repeatedly."""
+        """SIGTERM, then SIGKILL after ``timeout`` s; then SIGKILL any worker left behind (pgmux's workers
+        run in process groups of their own). Safe to call repeatedly."""
         _LIVE.discard(self)
         if self.proc is None:
             return self.returncode
         if self.proc.poll() is None:
+            left = [(pid, start_time(pid)) for pid in self.worker_pids()]
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGTERM)
             try:
@@ -846,6 +879,10 @@ class PoolerProcess:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                 self.proc.wait(10)
+            for pid, started in left:
+                if started and start_time(pid) == started:  # still the same process, not a reused pid
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
         self.returncode = self.proc.returncode
         return self.returncode
 
@@ -857,6 +894,10 @@ class PoolerProcess:
 
     def log_text(self) -> str:
         return _read(self.logfile)
+
+    def log_pids(self, needle: str) -> list[int]:
+        """Pids of the processes that logged a line containing ``needle``, in log order."""
+        return [int(m.group(1)) for m in re.finditer(r"\[(\d+)\] \w+ (.*)", self.log_text()) if needle in m.group(2)]
 
     def dsn(self, user: str, password: str | None = None, dbname: str = "testdb", **kw: object) -> str:
         """TCP conninfo through the pooler."""

@@ -170,6 +170,16 @@ def backend_pids(cluster: TempCluster, usename: str, datname: str = "testdb") ->
     return {r[0] for r in rows}
 
 
+def active_query_pid(cluster: TempCluster, needle: str, usename: str = "md5user") -> int | None:
+    """Server pid running a query containing ``needle`` (to act exactly while it runs)."""
+    rows = cluster.execute(
+        "SELECT pid FROM pg_stat_activity WHERE state = 'active' AND usename = %s AND position(%s in query) > 0 "
+        "AND pid <> pg_backend_pid()",
+        params=[usename, needle],
+    )
+    return rows[0][0] if rows else None
+
+
 def idle_in_tx_count(cluster: TempCluster, usename: str) -> int:
     rows = cluster.execute(
         "SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND state LIKE 'idle in transaction%%'",

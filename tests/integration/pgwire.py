@@ -11,16 +11,18 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-PROTOCOL_3 = 196608
-CANCEL_REQUEST_CODE = 80877102
-SSL_REQUEST_CODE = 80877103
-
-AUTH_OK = 0
-AUTH_CLEARTEXT = 3
-AUTH_MD5 = 5
-AUTH_SASL = 10
-AUTH_SASL_CONTINUE = 11
-AUTH_SASL_FINAL = 12
+from pgmux.protocol.messages import (
+    AUTH_CLEARTEXT,
+    AUTH_MD5,
+    AUTH_OK,
+    AUTH_SASL,
+    AUTH_SASL_CONTINUE,
+    AUTH_SASL_FINAL,
+    message,
+    parse_data_row,
+    parse_error_fields,
+)
+from pgmux.protocol.messages import PROTOCOL_V3 as PROTOCOL_3
 
 
 @dataclass
@@ -45,24 +47,12 @@ class PgError(Exception):
         return f"{self.severity} {self.sqlstate}: {self.message}"
 
 
-def parse_error_fields(body: bytes) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for part in body.split(b"\0"):
-        if part:
-            out[chr(part[0])] = part[1:].decode("utf-8", "replace")
-    return out
-
-
 def startup_packet(params: dict[str, str], protocol: int = PROTOCOL_3) -> bytes:
     body = struct.pack("!i", protocol)
     for k, v in params.items():
         body += k.encode() + b"\0" + v.encode() + b"\0"
     body += b"\0"
     return struct.pack("!i", len(body) + 4) + body
-
-
-def message(kind: bytes, body: bytes) -> bytes:
-    return kind + struct.pack("!i", len(body) + 4) + body
 
 
 class RawConn:
@@ -156,17 +146,7 @@ class RawConn:
         while True:
             kind, body = self.read_message()
             if kind == b"D":
-                n = struct.unpack("!h", body[:2])[0]
-                pos, vals = 2, []
-                for _ in range(n):
-                    ln = struct.unpack("!i", body[pos : pos + 4])[0]
-                    pos += 4
-                    if ln < 0:
-                        vals.append(None)
-                    else:
-                        vals.append(body[pos : pos + ln].decode())
-                        pos += ln
-                rows.append(tuple(vals))
+                rows.append(tuple(parse_data_row(body)))
             elif kind == b"E":
                 error = PgError(parse_error_fields(body))
             elif kind == b"Z":

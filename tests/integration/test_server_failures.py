@@ -17,6 +17,7 @@ import pytest
 from helpers_tx import (
     BENCH_DB,
     BenchResult,
+    active_query_pid,
     connect,
     dbline,
     default_dbs,
@@ -42,15 +43,6 @@ PoolerFactory = Callable[..., PoolerProcess]
 CRASH_TEXTS = ("server conn crashed?", "terminating connection due to administrator command")
 
 
-def active_pid(cluster: TempCluster, needle: str) -> int | None:
-    rows = cluster.execute(
-        "SELECT pid FROM pg_stat_activity WHERE usename = 'md5user' AND state = 'active' "
-        "AND position(%s in query) > 0 AND pid <> pg_backend_pid()",
-        params=[needle],
-    )
-    return rows[0][0] if rows else None
-
-
 def test_linked_server_killed_mid_query(cluster: TempCluster, pooler: PoolerFactory) -> None:
     p = pooler(pool_mode="transaction", extra={"default_pool_size": 1})
     conn = raw_login(p)
@@ -58,7 +50,7 @@ def test_linked_server_killed_mid_query(cluster: TempCluster, pooler: PoolerFact
 
     def killer() -> None:
         try:
-            pid = wait_for(lambda: active_pid(cluster, "pg_sleep(20)"), 10, what="pg_sleep to run")
+            pid = wait_for(lambda: active_query_pid(cluster, "pg_sleep(20)"), 10, what="pg_sleep to run")
             terminate(cluster, pid)
         except BaseException as e:
             killer_errors.append(e)

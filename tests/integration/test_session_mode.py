@@ -16,9 +16,18 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from helpers_tx import BIG_SQL, EXPECTED_BIG, PASSWORDS, big_digest, idle_in_tx_count, sigkill_mid_transaction
+from helpers_tx import (
+    BIG_SQL,
+    EXPECTED_BIG,
+    PASSWORDS,
+    active_query_pid,
+    big_digest,
+    idle_in_tx_count,
+    sigkill_mid_transaction,
+)
 
 from pgmux.testing.cluster import BackendSampler, PoolerProcess, TempCluster, make_dsn, wait_for
 
@@ -28,16 +37,6 @@ pytestmark = pytest.mark.integration
 COPY_ROWS: list[tuple[int, str | None]] = [
     (i, None if i % 17 == 0 else f"row {i}\t\\ \"q\", 'x'\nline2 é€ {'z' * (i % 50)}") for i in range(1, 1001)
 ]
-
-
-def active_query_pid(cluster: TempCluster, needle: str, usename: str) -> int | None:
-    """Server pid running a query containing ``needle`` (to act exactly while it runs)."""
-    rows = cluster.execute(
-        "SELECT pid FROM pg_stat_activity WHERE state = 'active' AND usename = %s AND position(%s in query) > 0 "
-        "AND pid <> pg_backend_pid()",
-        params=[usename, needle],
-    )
-    return rows[0][0] if rows else None
 
 
 @pytest.fixture(params=["md5user", "scramuser"])
@@ -60,6 +59,23 @@ def committed_marker_count(cluster: TempCluster, table: str) -> int:
     return cluster.execute(f"SELECT count(*) FROM {table} WHERE a < 0", dbname="testdb")[0][0]
 
 
+def rollback_then_commit(cluster: TempCluster, conn: Any, execute: Callable[[str], object], table: str) -> None:
+    """Through a sync driver's ``conn`` (SQL run by ``execute``): create ``table`` afresh, check that a
+    rolled-back INSERT left nothing and a committed one is there, then empty the table."""
+    execute(f"DROP TABLE IF EXISTS {table}")
+    execute(f"CREATE TABLE {table} (a int PRIMARY KEY, b text)")
+    conn.commit()
+
+    execute(f"INSERT INTO {table} VALUES (-1, 'rolled back')")
+    conn.rollback()
+    assert committed_marker_count(cluster, table) == 0
+    execute(f"INSERT INTO {table} VALUES (-2, 'committed')")
+    conn.commit()
+    assert check_table(cluster, table) == [(-2, "committed")]
+    execute(f"DELETE FROM {table}")
+    conn.commit()
+
+
 # ---------------------------------------------------------------------------------------------------
 # 1. clients
 
@@ -71,18 +87,7 @@ def test_psycopg_sync(cluster: TempCluster, session_pooler: PoolerProcess, cred:
     table = f"t_psycopg_{user}"
     with psycopg.connect(session_pooler.dsn(user, password)) as conn:
         assert conn.execute("SELECT current_user, %s::int + 1", [41]).fetchone() == (user, 42)
-        conn.execute(f"DROP TABLE IF EXISTS {table}")
-        conn.execute(f"CREATE TABLE {table} (a int PRIMARY KEY, b text)")
-        conn.commit()
-
-        conn.execute(f"INSERT INTO {table} VALUES (-1, 'rolled back')")
-        conn.rollback()
-        assert committed_marker_count(cluster, table) == 0
-        conn.execute(f"INSERT INTO {table} VALUES (-2, 'committed')")
-        conn.commit()
-        assert check_table(cluster, table) == [(-2, "committed")]
-        conn.execute(f"DELETE FROM {table}")
-        conn.commit()
+        rollback_then_commit(cluster, conn, conn.execute, table)
 
         with conn.cursor() as cur:
             with cur.copy(f"COPY {table} (a, b) FROM STDIN") as cp:
@@ -186,18 +191,7 @@ def test_psycopg2(cluster: TempCluster, session_pooler: PoolerProcess, cred: tup
         cur = conn.cursor()
         cur.execute("SELECT current_user, %s + 1", (41,))
         assert cur.fetchone() == (user, 42)
-        cur.execute(f"DROP TABLE IF EXISTS {table}")
-        cur.execute(f"CREATE TABLE {table} (a int PRIMARY KEY, b text)")
-        conn.commit()
-
-        cur.execute(f"INSERT INTO {table} VALUES (-1, 'rolled back')")
-        conn.rollback()
-        assert committed_marker_count(cluster, table) == 0
-        cur.execute(f"INSERT INTO {table} VALUES (-2, 'committed')")
-        conn.commit()
-        assert check_table(cluster, table) == [(-2, "committed")]
-        cur.execute(f"DELETE FROM {table}")
-        conn.commit()
+        rollback_then_commit(cluster, conn, cur.execute, table)
 
         buf = io.StringIO()
         csv.writer(buf).writerows(COPY_ROWS)  # None -> unquoted empty field -> NULL

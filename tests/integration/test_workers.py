@@ -11,10 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +21,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from helpers_tx import run_threads
 
+from pgmux.protocol.messages import cancel_request
 from pgmux.testing.cluster import BackendSampler, PoolerProcess, TempCluster, free_port, wait_for
 
 psycopg = pytest.importorskip("psycopg")
@@ -43,58 +43,18 @@ def workers_db(cluster: TempCluster) -> str:
 
 
 def start(pooler: PoolerFactory, workers: int = 2, pool_mode: str = "transaction", **extra: object) -> PoolerProcess:
-    """A pgmux with `workers` processes, returned once every worker listens (the supervisor binds
-    the port before forking, so the port accepts before the workers are ready)."""
-    p = pooler(
+    """A pgmux with `workers` processes, returned once every worker listens (PoolerProcess.start waits)."""
+    return pooler(
         pool_mode=pool_mode,
         auth_type="trust",
         databases={DB: "host={host} port={port} dbname=" + DB},
         extra={"workers": workers, **extra},
     )
 
-    def ready() -> bool:
-        pids = worker_pids(p)
-        return len(pids) == workers and set(log_pids(p, "listening on")) >= pids
-
-    wait_for(ready, 15, what="every worker to listen")
-    return p
-
 
 def connect(p: PoolerProcess, **kw: Any) -> Any:
     kw.setdefault("autocommit", True)
     return psycopg.connect(p.dsn("trustuser", dbname=DB, connect_timeout=10), **kw)
-
-
-def worker_pids(p: PoolerProcess) -> set[int]:
-    """The supervisor's children (the workers)."""
-    path = Path(f"/proc/{p.pid}/task/{p.pid}/children")
-    try:
-        return {int(pid) for pid in path.read_text().split()}
-    except FileNotFoundError:
-        return set()
-
-
-def log_pids(p: PoolerProcess, needle: str) -> list[int]:
-    """Pids of the processes that logged a line containing `needle`, in log order."""
-    return [int(m.group(1)) for m in re.finditer(r"\[(\d+)\] \w+ (.*)", p.log_text()) if needle in m.group(2)]
-
-
-def run_threads(targets: list[Callable[[], None]], timeout: float = 30) -> list[BaseException]:
-    errors_seen: list[BaseException] = []
-
-    def wrap(target: Callable[[], None]) -> None:
-        try:
-            target()
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            errors_seen.append(exc)
-
-    threads = [threading.Thread(target=wrap, args=(t,), daemon=True) for t in targets]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    assert not any(t.is_alive() for t in threads), "client threads hung"
-    return errors_seen
 
 
 def both_workers_logged_in(p: PoolerProcess) -> set[int]:
@@ -103,10 +63,10 @@ def both_workers_logged_in(p: PoolerProcess) -> set[int]:
     try:
         for _ in range(40):
             conns.append(connect(p))
-            seen = set(log_pids(p, "login attempt")) & worker_pids(p)
+            seen = set(p.log_pids("login attempt")) & set(p.worker_pids())
             if len(seen) == 2:
                 return seen
-        return set(log_pids(p, "login attempt")) & worker_pids(p)
+        return set(p.log_pids("login attempt")) & set(p.worker_pids())
     finally:
         for c in conns:
             c.close()
@@ -132,7 +92,7 @@ def test_pool_size_holds_across_workers(pooler: PoolerFactory, cluster: TempClus
     assert not failures, failures[:3]
     assert done[0] == 120
     assert sampler.max == 3, f"backends seen: max {sampler.max}, samples {sampler.samples}"
-    served = set(log_pids(p, "login attempt")) & worker_pids(p)
+    served = set(p.log_pids("login attempt")) & set(p.worker_pids())
     assert len(served) == 2, "30 clients all landed on one worker"
 
 
@@ -174,7 +134,7 @@ def test_client_limits_hold_across_workers(pooler: PoolerFactory, workers_db: st
         assert len(conns) == 10
         assert len(refused) == 5
         assert all(message in msg for msg in refused), refused
-        assert len(set(log_pids(p, "login attempt")) & worker_pids(p)) == 2
+        assert len(set(p.log_pids("login attempt")) & set(p.worker_pids())) == 2
         # A client that leaves gives its slot back to whichever worker the next one reaches.
         conns.pop().close()
         time.sleep(0.1)
@@ -214,10 +174,10 @@ def test_cancel_requests_find_their_worker(pooler: PoolerFactory, cluster: TempC
             t.join(15)
         assert {i: o[0] for i, o in outcomes.items()} == {i: "canceled" for i in range(n)}
         assert max(o[1] for o in outcomes.values()) < 5, outcomes
-        assert len(set(log_pids(p, "login attempt")) & worker_pids(p)) == 2
+        assert len(set(p.log_pids("login attempt")) & set(p.worker_pids())) == 2
         # Make sure at least one cancel crossed workers (each lands on a random one).
         for _ in range(40):
-            if log_pids(p, "cancel request forwarded"):
+            if p.log_pids("cancel request forwarded"):
                 break
             t = threading.Thread(target=sleeper, args=(0,), daemon=True)
             t.start()
@@ -225,7 +185,7 @@ def test_cancel_requests_find_their_worker(pooler: PoolerFactory, cluster: TempC
             conns[0].cancel()
             t.join(15)
             assert outcomes[0][0] == "canceled"
-        assert log_pids(p, "cancel request forwarded")
+        assert p.log_pids("cancel request forwarded")
     finally:
         for c in conns:
             c.close()
@@ -241,12 +201,12 @@ def test_wrong_cancel_key_cancels_nothing(pooler: PoolerFactory, workers_db: str
         time.sleep(0.2)
         for secret in range(8):  # several connections: both workers see a wrong key
             with socket.create_connection((p.host, p.port)) as s:
-                s.sendall(struct.pack("!iiii", 16, 80877102, pid, secret))
+                s.sendall(cancel_request(pid, secret))
                 s.settimeout(5)
                 assert s.recv(1) == b""
         t.join(5)
         assert result == [("",)]
-    assert log_pids(p, "failed cancel request")
+    assert p.log_pids("failed cancel request")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,9 +215,9 @@ def test_wrong_cancel_key_cancels_nothing(pooler: PoolerFactory, workers_db: str
 
 def test_both_workers_serve_tcp_and_unix(pooler: PoolerFactory, workers_db: str) -> None:
     p = start(pooler)
-    pids = worker_pids(p)
+    pids = set(p.worker_pids())
     assert len(pids) == 2 and p.pid not in pids
-    assert set(log_pids(p, "listening on")) == pids
+    assert set(p.log_pids("listening on")) == pids
     assert both_workers_logged_in(p) == pids
     for _ in range(4):
         with psycopg.connect(p.unix_dsn("trustuser", dbname=DB), autocommit=True) as conn:
@@ -266,24 +226,24 @@ def test_both_workers_serve_tcp_and_unix(pooler: PoolerFactory, workers_db: str)
 
 def test_sighup_reloads_every_worker(pooler: PoolerFactory, workers_db: str) -> None:
     p = start(pooler)
-    pids = worker_pids(p)
+    pids = set(p.worker_pids())
     p.set_options({"default_pool_size": 7})
     p.reload()
-    wait_for(lambda: set(log_pids(p, "config reloaded")) == pids, 10, what="both workers to reload")
-    assert p.pid not in log_pids(p, "config reloaded")
+    wait_for(lambda: set(p.log_pids("config reloaded")) == pids, 10, what="both workers to reload")
+    assert p.pid not in p.log_pids("config reloaded")
     with connect(p) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 def test_killed_worker_is_respawned(pooler: PoolerFactory, workers_db: str) -> None:
     p = start(pooler)
-    old = worker_pids(p)
+    old = set(p.worker_pids())
     victim = min(old)
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: log_pids(p, f"(pid {victim}) died"), 10, what="the supervisor to notice")
+    wait_for(lambda: p.log_pids(f"(pid {victim}) died"), 10, what="the supervisor to notice")
 
     def replaced() -> set[int] | None:
-        pids = worker_pids(p)
+        pids = set(p.worker_pids())
         return pids if len(pids) == 2 and victim not in pids else None
 
     new = wait_for(replaced, 10, what="a new worker")
@@ -296,7 +256,7 @@ def test_killed_worker_is_respawned(pooler: PoolerFactory, workers_db: str) -> N
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_stop_signal_stops_all_workers(pooler: PoolerFactory, workers_db: str, sig: int) -> None:
     p = start(pooler)
-    pids = worker_pids(p)
+    pids = set(p.worker_pids())
     p.signal(sig)
     assert p.wait(10) == 0
     for pid in pids:
@@ -322,15 +282,15 @@ def connect_on_each_worker(p: PoolerProcess, open_one: Callable[[], Any], needle
     """Open connections (`open_one`) until each worker has `per_worker` of them; the worker of each
     is the pid of the newest log line containing `needle` (connections are opened one at a time).
     Extra connections on a worker that already has enough are closed at once."""
-    by_worker: dict[int, list[Any]] = {pid: [] for pid in worker_pids(p)}
+    by_worker: dict[int, list[Any]] = {pid: [] for pid in p.worker_pids()}
     for _ in range(limit):
         if all(len(conns) >= per_worker for conns in by_worker.values()):
             return by_worker
-        before = len(log_pids(p, needle))
+        before = len(p.log_pids(needle))
         conn = open_one()
 
         def logged(before: int = before) -> list[int] | None:
-            found = log_pids(p, needle)
+            found = p.log_pids(needle)
             return found if len(found) > before else None
 
         pids = wait_for(logged, 5, what="the login line")
@@ -452,7 +412,7 @@ def test_console_stats_without_an_answer_from_a_stopped_worker(pooler: PoolerFac
             assert "pgbouncer" in [r["database"] for r in rows]
         finally:
             os.kill(other, signal.SIGCONT)
-        assert [pid for pid in log_pids(p, "no answer from worker") if pid == mine]
+        assert [pid for pid in p.log_pids("no answer from worker") if pid == mine]
         assert console_rows(admin, "STATS")  # the late answer is ignored; the next one is whole
     finally:
         admin.close()

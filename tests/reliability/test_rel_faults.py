@@ -373,8 +373,7 @@ async def raw_login(host: str, port: int, db: str = DB) -> tuple[asyncio.StreamR
             key = body
         elif kind == b"E":
             w.close()
-            fields = dict((f[:1].decode(), f[1:].decode()) for f in body.split(b"\0") if f)
-            raise RuntimeError(fields.get("M", "?"))
+            raise RuntimeError(m.parse_error_fields(body).get("M", "?"))
         elif kind == b"Z":
             return r, w, key
 

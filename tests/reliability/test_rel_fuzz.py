@@ -31,7 +31,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from pgwire import RawConn, message, parse_error_fields
+from helpers_tx import raw_login
+from pgwire import RawConn, message, parse_error_fields, startup_packet
 from relutil import GoodClients, fd_count, rss_kb, tracebacks
 
 from pgmux.auth.secrets import md5_client_response
@@ -93,11 +94,7 @@ GOOD_PARAMS = {"user": "md5user", "database": "testdb"}
 
 
 def startup(params: dict[str, str] | None = None, code: int = m.PROTOCOL_V3) -> bytes:
-    body = struct.pack("!i", code)
-    for k, v in (params or GOOD_PARAMS).items():
-        body += k.encode() + b"\0" + v.encode() + b"\0"
-    body += b"\0"
-    return struct.pack("!i", len(body) + 4) + body
+    return startup_packet(params or GOOD_PARAMS, code)
 
 
 def mutate(rng: random.Random, data: bytes, rounds: int = 3) -> bytes:
@@ -433,12 +430,6 @@ SYNC = message(b"S", b"")
 FLUSH = message(b"H", b"")
 
 
-def raw(p: PoolerProcess, timeout: float = 4.0) -> RawConn:
-    c = RawConn(p.host, p.port, timeout=timeout)
-    c.login("md5user", "testdb", "md5pass")
-    return c
-
-
 def read_types(c: RawConn, until: bytes = b"Z") -> str:
     out = []
     while True:
@@ -451,7 +442,7 @@ def read_types(c: RawConn, until: bytes = b"Z") -> str:
 def can_query(p: PoolerProcess, timeout: float = 4.0) -> str:
     """'ok', or what went wrong for a fresh client running SELECT 42."""
     try:
-        c = raw(p, timeout)
+        c = raw_login(p, timeout=timeout)
     except Exception as exc:  # noqa: BLE001
         return f"login: {exc!r}"
     try:
@@ -467,7 +458,7 @@ def can_query(p: PoolerProcess, timeout: float = 4.0) -> str:
 def test_client_leaving_leaves_no_poison_for_the_next_client(pooler: PoolerFactory, last_words: str) -> None:
     p = fuzz_pooler(pooler, default_pool_size=1, query_timeout=2)
     if last_words == "CopyData cut short":
-        a = raw(p)
+        a = raw_login(p, timeout=4)
         assert a.simple_query("SELECT 1") == [("1",)]
         a.send(b"d" + struct.pack("!i", 100) + b"x" * 20)  # CopyData announcing 96 bytes, 20 sent
         time.sleep(0.2)
@@ -475,7 +466,7 @@ def test_client_leaving_leaves_no_poison_for_the_next_client(pooler: PoolerFacto
         time.sleep(0.2)
         outcome = can_query(p)
     else:
-        holder, a, b = raw(p), raw(p), raw(p)
+        holder, a, b = raw_login(p, timeout=4), raw_login(p, timeout=4), raw_login(p, timeout=4)
         holder.simple_query("BEGIN")  # the pool's only server is busy: a, then b, queue up for it
         a.send(message(b"?", b"") + message(b"X", b""))  # PostgreSQL: FATAL invalid frontend message type 63
         time.sleep(0.1)
@@ -522,7 +513,7 @@ def test_max_packet_size_bounds_memory(pooler: PoolerFactory) -> None:
     login.send(startup())
     assert login.read_message()[0] == b"R"
     stream("password message", login, b"p" + struct.pack("!i", 0x7FFFFFF0))
-    stream("query", raw(p), b"Q" + struct.pack("!i", 0x7FFFFFF0))
+    stream("query", raw_login(p, timeout=4), b"Q" + struct.pack("!i", 0x7FFFFFF0))
     growth = rss_kb(p.pid) - rss0
     print(f"\nRSS growth {growth} KiB; {results}")
     assert all(r.startswith("refused") for r in results.values()), results
@@ -531,7 +522,7 @@ def test_max_packet_size_bounds_memory(pooler: PoolerFactory) -> None:
 
 def test_malformed_parse_gets_an_error_and_frees_the_server(cluster: Any, pooler: PoolerFactory) -> None:
     p = fuzz_pooler(pooler, default_pool_size=1)
-    a = raw(p, timeout=2)
+    a = raw_login(p, timeout=2)
     a.send(P(b"n1", b"SELECT 1") + B(b"n1") + EXEC + SYNC)  # a named statement: tracking on
     assert read_types(a) == "12DCZ"
     # the pool's only server goes away, so the next link happens when a new server has logged in
@@ -558,10 +549,10 @@ def test_malformed_parse_gets_an_error_and_frees_the_server(cluster: Any, pooler
 
 def test_error_before_a_faked_parse_complete(pooler: PoolerFactory) -> None:
     p = fuzz_pooler(pooler, default_pool_size=1)
-    a = raw(p)
+    a = raw_login(p, timeout=4)
     a.send(P(b"s1", b"SELECT 1") + B(b"s1") + EXEC + SYNC)  # 'SELECT 1' is now prepared on the server
     assert read_types(a) == "12DCZ"
-    b = raw(p, timeout=2)
+    b = raw_login(p, timeout=2)
     # unnamed Parse/Bind/Execute failing at Execute (random(): no constant folding at Bind), then a Parse of
     # the already prepared text (b has no named statement yet, so pgmux forwards it and pins b while it
     # exists), then Sync
@@ -581,7 +572,7 @@ def test_untrackable_named_parse_is_refused_without_pinning(pooler: PoolerFactor
     """pin_session_state = off: a first named Parse after unsynced messages can be neither tracked
     (messages are in flight) nor pinned; it is refused, and the server goes to the next client clean."""
     p = fuzz_pooler(pooler, default_pool_size=1, pin_session_state="off")
-    a = raw(p)
+    a = raw_login(p, timeout=4)
     a.send(P(b"", b"SELECT 1") + B(b"") + EXEC + P(b"_pg3_0", b"SELECT 'a''s statement'") + SYNC)
     kind, body = a.read_message()
     while kind != b"E":
@@ -589,7 +580,7 @@ def test_untrackable_named_parse_is_refused_without_pinning(pooler: PoolerFactor
     fields = parse_error_fields(body)
     a.close()
     assert fields.get("C") == "0A000" and "cannot be tracked" in fields.get("M", ""), fields
-    b = raw(p)
+    b = raw_login(p, timeout=4)
     b.send(P(b"_pg3_0", b"SELECT 'b''s statement'") + B(b"_pg3_0") + EXEC + SYNC)
     assert read_types(b) == "12DCZ"  # no "already exists": a's statement never reached the server
     b.close()
@@ -597,7 +588,7 @@ def test_untrackable_named_parse_is_refused_without_pinning(pooler: PoolerFactor
 
 def test_messages_between_an_error_and_sync_do_not_pin_the_server(pooler: PoolerFactory) -> None:
     p = fuzz_pooler(pooler, default_pool_size=1, query_wait_timeout=3)
-    a = raw(p, timeout=6)
+    a = raw_login(p, timeout=6)
     a.send(P(b"n1", b"SELECT 2") + B(b"n1") + EXEC + SYNC)  # a named statement: tracking on
     assert read_types(a) == "12DCZ"
     a.send(P(b"", b"SELEC 1") + FLUSH)  # libpq pipeline mode: PQsendFlushRequest

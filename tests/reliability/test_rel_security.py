@@ -28,8 +28,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from pgwire import RawConn, message
+from helpers_tx import raw_login
+from pgwire import RawConn, message, parse_error_fields
 
+from pgmux.protocol.messages import cancel_request
 from pgmux.testing.cluster import PoolerProcess, TempCluster
 from pgmux.testing.faultproxy import FaultProxy
 
@@ -150,18 +152,12 @@ def test_secret_comparisons_are_constant_time() -> None:
 
 def send_cancel(host: str, port: int, pid: int, key: int) -> None:
     with socket.create_connection((host, port), timeout=5) as s:
-        s.sendall(struct.pack("!iiii", 16, 80877102, pid, key))
+        s.sendall(cancel_request(pid, key))
         s.settimeout(5)
         try:
             s.recv(16)  # pgmux closes without answering
         except OSError:
             pass
-
-
-def login(p: PoolerProcess, timeout: float = 10) -> RawConn:
-    c = RawConn(p.host, p.port, timeout=timeout)
-    c.login("md5user", "testdb", "md5pass")
-    return c
 
 
 def outcome_of(c: RawConn) -> str:
@@ -174,14 +170,14 @@ def outcome_of(c: RawConn) -> str:
         if kind == b"Z":
             break
     if err is not None:
-        fields = dict((f[:1].decode(), f[1:].decode()) for f in err.split(b"\0") if f)
+        fields = parse_error_fields(err)
         return f"error {fields.get('C')}: {fields.get('M')}"
     return "ok"
 
 
 def test_cancel_keys_are_random_unique_and_not_postgres(cluster: TempCluster, pooler: PoolerFactory) -> None:
     p = pooler(pool_mode="transaction", extra={"default_pool_size": 2, "max_client_conn": 300})
-    conns = [login(p) for _ in range(200)]
+    conns = [raw_login(p) for _ in range(200)]
     try:
         keys = [struct.pack("!ii", *c.backend_key) for c in conns]
         conns[0].simple_query("SELECT 1")
@@ -203,7 +199,7 @@ def test_cancel_keys_are_random_unique_and_not_postgres(cluster: TempCluster, po
 
 def test_cancel_with_a_wrong_key_does_nothing(pooler: PoolerFactory) -> None:
     p = pooler(pool_mode="transaction", extra={"default_pool_size": 2})
-    victim, other = login(p), login(p)
+    victim, other = raw_login(p), raw_login(p)
     try:
         pid, key = victim.backend_key
         victim.send(message(b"Q", b"SELECT pg_sleep(1.5)\0"))
@@ -239,7 +235,7 @@ def test_cancel_cannot_hit_the_next_client_of_the_server(cluster: TempCluster, p
     with FaultProxy(cluster.port) as proxy:
         p = pooler(pool_mode="transaction", databases={"testdb": f"host=127.0.0.1 port={proxy.port} dbname=testdb"},
                    extra={"default_pool_size": 1, "cancel_wait_timeout": 5})
-        a, b = login(p), login(p)
+        a, b = raw_login(p), raw_login(p)
         try:
             assert a.simple_query("SELECT 1") == [("1",)]  # the pool's one server is open
             proxy.delay(0.6, new_only=True)  # only new connections: the cancel request's
