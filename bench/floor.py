@@ -7,7 +7,9 @@ PostgreSQL. The forwarder is the floor of a Python pooler built on uvloop transp
 connection). Whatever pgmux spends above it is pgmux's own Python; what the forwarder spends above
 PgBouncer is the cost of the interpreter and the event loop, which no Python pooler can remove.
 Prints TPS and the middleman's CPU per transaction (from /proc schedstat), with ratios to PgBouncer
-from the same repetition. Not a test; see bench/README.md.
+from the same repetition, and the whole machine's busy CPU per transaction and idle share (from
+/proc/stat): a slower middleman also costs the processes around it, and leaves cores idle while
+everyone waits for it. Not a test; see bench/README.md.
 
 ``python -m bench.floor --serve LISTEN_PORT SERVER_PORT`` runs only the forwarder.
 """
@@ -201,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                                       pooler_pid=pid, env=env, cwd=tmp, timeout=args.duration + 60)
                     results.append(res)
                     print(f"  rep {rep + 1} {key:12s} {name:17s} tps {res.tps or 0:8.0f}  "
-                          f"CPU µs/txn {res.cpu_us or 0:6.1f}{'  ' + res.error if res.error else ''}", flush=True)
+                          f"CPU µs/txn {res.cpu_us or 0:6.1f}  host CPU µs/txn {res.extra.get('host_cpu_us', 0):6.1f}  "
+                          f"host idle {res.extra.get('host_idle_pct', 0):4.1f}%"
+                          f"{'  ' + res.error if res.error else ''}", flush=True)
         summary = report.Summary([], results)
         rows = []
         for key in args.only:
@@ -210,10 +214,15 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append([key, name, report.fails(cell) or report.f_num(cell.median("tps") if cell else None),
                              report.f_num(cell.median("cpu_us") if cell else None, 1),
                              report.f_ratio(summary.ratio(key, "cpu_us", num=name, den="PgBouncer")),
-                             report.f_ratio(summary.ratio(key, "tps", num=name, den="PgBouncer"))])
+                             report.f_ratio(summary.ratio(key, "tps", num=name, den="PgBouncer")),
+                             report.f_num(cell.extra_median("host_cpu_us") if cell else None, 1),
+                             report.f_num(cell.extra_median("host_idle_pct") if cell else None, 1)])
         print()
         print(report.md_table(["workload", "target", "TPS (median)", "CPU µs per transaction (median)",
-                               "CPU / PgBouncer's", "TPS / PgBouncer's"], rows))
+                               "CPU / PgBouncer's", "TPS / PgBouncer's", "whole machine's CPU µs per transaction",
+                               "machine idle %"], rows))
+        print("\nwhole machine: busy CPU of every process (pgbench, PostgreSQL, the pooler) from /proc/stat over "
+              "the same steady window, per transaction; idle: the share of both cores' time nobody used")
     finally:
         if fwd is not None:
             fwd.stop()

@@ -19,56 +19,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pgmux.testing.procs import process_tree
+
 # --------------------------------------------------------------------------------------------------
 # /proc readers
-
-
-_CHILDREN_FILE = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")  # CONFIG_PROC_CHILDREN
-
-
-def children(pid: int) -> list[int]:
-    """Direct child processes of ``pid``: /proc/PID/task/*/children, else a walk of /proc for the ppid."""
-    kids: list[int] = []
-    if _CHILDREN_FILE:
-        for path in glob.glob(f"/proc/{pid}/task/*/children"):
-            try:
-                with open(path) as f:
-                    kids += [int(x) for x in f.read().split()]
-            except (FileNotFoundError, ProcessLookupError, ValueError):
-                pass
-        return kids
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            with open(stat) as f:
-                fields = f.read().rpartition(")")[2].split()  # after "(comm)": state, ppid, ...
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if len(fields) > 1 and fields[1] == str(pid):
-            kids.append(int(stat.split("/")[2]))
-    return kids
-
-
-def start_time(pid: int) -> int:
-    """Start time of ``pid`` in clock ticks since boot (/proc/PID/stat field 22), 0 if gone: with the pid it
-    names one process even after the pid is reused."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rpartition(")")[2].split()[19])
-    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-        return 0
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (pgmux with ``workers = N``: the supervisor and its N workers)."""
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        if p in out:
-            continue
-        out.append(p)
-        todo += children(p)
-    return out
 
 
 def cpu_ns(pid: int) -> int:
@@ -81,6 +35,19 @@ def cpu_ns(pid: int) -> int:
         except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
             pass  # a thread that ended between glob and open
     return total
+
+
+_TICK_US = 1_000_000 / os.sysconf("SC_CLK_TCK")
+
+
+def host_cpu_ticks() -> tuple[int, int]:
+    """(busy, busy + idle) clock ticks of all CPUs since boot, from the first line of /proc/stat: busy is
+    user + nice + system + irq + softirq, idle is idle + iowait (steal, time the hypervisor gave to other
+    guests, is in neither)."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq = (int(x) for x in f.readline().split()[1:8])
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -134,6 +101,7 @@ class CpuSampler:
         self.pid = pid
         self.interval = interval
         self.samples: list[tuple[float, int]] = []
+        self.host: list[tuple[int, int]] = []  # host_cpu_ticks() at each sample (the whole machine)
         self.root_ns: list[int] = []  # the process ``pid`` alone (pgmux ×2: the supervisor), per sample
         self.most_procs = 0  # the largest process tree seen (3 for pgmux with workers = 2)
         self._stop = threading.Event()
@@ -145,6 +113,7 @@ class CpuSampler:
             per = [cpu_ns(p) for p in tree]
             self.samples.append((now, sum(per)))
             self.root_ns.append(per[0])
+            self.host.append(host_cpu_ticks())
             self.most_procs = max(self.most_procs, len(tree))
 
     def _loop(self) -> None:
@@ -164,17 +133,28 @@ class CpuSampler:
             self._thread.join(5)
         self._take()
 
-    def at(self, t: float) -> float:
-        """CPU ns at wall time ``t``, linearly interpolated between samples."""
+    def at(self, t: float, series: list[int] | None = None) -> float:
+        """CPU ns at wall time ``t`` (or the value of ``series``, one entry per sample), linearly
+        interpolated between samples."""
         s = self.samples
+        values = series if series is not None else [x[1] for x in s]
         times = [x[0] for x in s]
         i = bisect.bisect_left(times, t)
         if i <= 0:
-            return float(s[0][1])
+            return float(values[0])
         if i >= len(s):
-            return float(s[-1][1])
-        (t0, c0), (t1, c1) = s[i - 1], s[i]
+            return float(values[-1])
+        t0, t1 = times[i - 1], times[i]
+        c0, c1 = values[i - 1], values[i]
         return c0 + (c1 - c0) * ((t - t0) / (t1 - t0) if t1 > t0 else 0.0)
+
+    def host_window(self, t0: float, t1: float) -> tuple[float, float]:
+        """(busy µs of the whole machine, idle share 0..1) between wall times t0 and t1."""
+        busy = [b for b, _ in self.host]
+        total = [t for _, t in self.host]
+        d_busy = self.at(t1, busy) - self.at(t0, busy)
+        d_total = self.at(t1, total) - self.at(t0, total)
+        return d_busy * _TICK_US, (1.0 - d_busy / d_total) if d_total > 0 else 0.0
 
     @property
     def total_ns(self) -> int:
@@ -320,4 +300,8 @@ def run_pgbench(
             n_in = bisect.bisect_right(ends, t1) - bisect.bisect_left(ends, t0)
             if t1 > t0 and n_in >= 10:
                 res.cpu_us = (sampler.at(t1) - sampler.at(t0)) / n_in / 1000.0
+                busy_us, idle = sampler.host_window(t0, t1)
+                # everything on the machine (pgbench, PostgreSQL, the pooler) and how much of it idled
+                res.extra["host_cpu_us"] = busy_us / n_in
+                res.extra["host_idle_pct"] = 100.0 * idle
     return res
