@@ -108,13 +108,12 @@ class CpuSampler:
         self._thread: threading.Thread | None = None
 
     def _take(self) -> None:
-        if self.pid:
-            now, tree = time.time(), process_tree(self.pid)
-            per = [cpu_ns(p) for p in tree]
-            self.samples.append((now, sum(per)))
-            self.root_ns.append(per[0])
-            self.host.append(host_cpu_ticks())
-            self.most_procs = max(self.most_procs, len(tree))
+        now, tree = time.time(), process_tree(self.pid) if self.pid else []
+        per = [cpu_ns(p) for p in tree] or [0]  # no pooler (direct runs): the machine's figures only
+        self.samples.append((now, sum(per)))
+        self.root_ns.append(per[0])
+        self.host.append(host_cpu_ticks())
+        self.most_procs = max(self.most_procs, len(tree))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -122,9 +121,8 @@ class CpuSampler:
 
     def __enter__(self) -> CpuSampler:
         self._take()
-        if self.pid:
-            self._thread = threading.Thread(target=self._loop, name="cpu-sampler", daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._loop, name="cpu-sampler", daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -291,17 +289,18 @@ def run_pgbench(
             res.extra["processes"] = sampler.most_procs
             res.extra["cpu_us_supervisor"] = (sampler.root_ns[-1] - sampler.root_ns[0]) / res.txns / 1000.0
         res.cpu_us = res.cpu_us_whole
-        if len(ends) >= 20 and len(sampler.samples) >= 3:
-            ends.sort()
-            first, last = ends[0], ends[-1]
-            span = last - first
-            t0 = first + 0.10 * span
-            t1 = min(last - 0.02 * span, sampler.samples[-1][0])
-            n_in = bisect.bisect_right(ends, t1) - bisect.bisect_left(ends, t0)
-            if t1 > t0 and n_in >= 10:
+    if res.txns and len(ends) >= 20 and len(sampler.samples) >= 3:
+        ends.sort()
+        first, last = ends[0], ends[-1]
+        span = last - first
+        t0 = first + 0.10 * span
+        t1 = min(last - 0.02 * span, sampler.samples[-1][0])
+        n_in = bisect.bisect_right(ends, t1) - bisect.bisect_left(ends, t0)
+        if t1 > t0 and n_in >= 10:
+            if pooler_pid:
                 res.cpu_us = (sampler.at(t1) - sampler.at(t0)) / n_in / 1000.0
-                busy_us, idle = sampler.host_window(t0, t1)
-                # everything on the machine (pgbench, PostgreSQL, the pooler) and how much of it idled
-                res.extra["host_cpu_us"] = busy_us / n_in
-                res.extra["host_idle_pct"] = 100.0 * idle
+            busy_us, idle = sampler.host_window(t0, t1)
+            # everything on the machine (pgbench, PostgreSQL, the pooler) and how much of it idled
+            res.extra["host_cpu_us"] = busy_us / n_in
+            res.extra["host_idle_pct"] = 100.0 * idle
     return res

@@ -389,6 +389,7 @@ def raw_table(s: Summary) -> str:
         "mean ms",
         "p99 ms",
         "CPU µs/txn (window / whole)",
+        "machine CPU µs/txn, idle",
         "pooler RSS MiB",
         "error",
     ]
@@ -405,6 +406,8 @@ def raw_table(s: Summary) -> str:
             if isinstance(sup, float) and r.cpu_us is not None:
                 cpu += f" ({r.extra.get('processes')} processes; supervisor alone {sup:.2f})"
             tps, txns = f_num(r.tps), f_num(r.txns) if r.txns else "–"
+        host, idle = r.extra.get("host_cpu_us"), r.extra.get("host_idle_pct")
+        machine = f"{f_num(host, 1)}, {f_num(idle, 0)}%" if isinstance(host, float) and isinstance(idle, float) else "–"
         rows.append(
             [
                 str(r.rep + 1),
@@ -415,11 +418,12 @@ def raw_table(s: Summary) -> str:
                 f_ms(r.mean_ms),
                 f_ms(r.p99_ms),
                 cpu,
+                machine,
                 f_num(r.rss_kb / 1024, 1) if r.rss_kb else "–",
                 (r.error or "").replace("|", "\\|"),
             ]
         )
-    return md_table(headers, rows, align="lllrrrrrrl")
+    return md_table(headers, rows, align="lllrrrrrrrl")
 
 
 # --------------------------------------------------------------------------------------------------
