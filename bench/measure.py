@@ -302,5 +302,5 @@ def run_pgbench(
             busy_us, idle = sampler.host_window(t0, t1)
             # everything on the machine (pgbench, PostgreSQL, the pooler) and how much of it idled
             res.extra["host_cpu_us"] = busy_us / n_in
-            res.extra["host_idle_pct"] = 100.0 * idle
+            res.extra["host_idle_pct"] = max(0.0, 100.0 * idle)  # interpolated ticks can dip below 0
     return res

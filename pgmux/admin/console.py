@@ -339,15 +339,15 @@ async def _on_execute(sess: _Session, body: bytes) -> None:
     out = list(result.notices) if portal.sent == 0 else []
     if result.columns is not None:
         rows = result.rows[portal.sent:]
-        if max_rows > 0 and len(rows) > max_rows:
+        suspended = 0 < max_rows < len(rows)
+        if suspended:
             rows = rows[:max_rows]
-            portal.sent += len(rows)
-            out.extend(data_row(result.columns, row, portal.formats) for row in rows)
-            out.append(m.message(b"s"))  # PortalSuspended
-            client.write(b"".join(out))
-            return
         out.extend(data_row(result.columns, row, portal.formats) for row in rows)
         portal.sent += len(rows)
+        if suspended:
+            out.append(m.message(b"s"))  # PortalSuspended: the next Execute sends the rest
+            client.write(b"".join(out))
+            return
     out.append(m.command_complete(result.tag))
     client.write(b"".join(out))
 

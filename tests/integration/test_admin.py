@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -20,7 +21,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from pgwire import RawConn
 
+from pgmux.protocol.messages import message, parse_data_row
 from pgmux.testing.cluster import PoolerProcess, TempCluster, free_port, tail, wait_for, write_config
 
 pytestmark = pytest.mark.integration
@@ -468,6 +471,27 @@ async def test_extended_protocol_asyncpg(admin_pooler: PoolerProcess) -> None:
         assert (await conn.fetch("SHOW STATE"))[0]["value"] == "yes"
     finally:
         await conn.close()
+
+
+@pytest.mark.pgmux_only
+def test_extended_protocol_row_limit(admin_pooler: PoolerProcess) -> None:
+    """Execute with a row limit suspends the portal (PortalSuspended); the next Execute sends the rest
+    and CommandComplete. No driver here asks for a limit on the console, so the messages are raw."""
+    with RawConn(admin_pooler.host, admin_pooler.port) as raw:
+        raw.login("postgres", "pgbouncer", ADMIN_PW)
+        raw.send(message(b"P", b"\0SHOW LISTS\0" + struct.pack("!h", 0))
+                 + message(b"B", b"\0\0" + struct.pack("!hhh", 0, 0, 0))
+                 + message(b"E", b"\0" + struct.pack("!i", 2))
+                 + message(b"E", b"\0" + struct.pack("!i", 0))
+                 + message(b"S"))
+        answer = []
+        while (msg := raw.read_message())[0] != b"Z":
+            answer.append(msg)
+    kinds = [k for k, _ in answer]
+    assert kinds[:5] == [b"1", b"2", b"D", b"D", b"s"], kinds
+    assert kinds[5:] == [b"D"] * (len(LISTS_ROWS) - 2) + [b"C"], kinds
+    assert [parse_data_row(body)[0] for k, body in answer if k == b"D"] == LISTS_ROWS
+    assert answer[-1][1] == b"SHOW\0"
 
 
 # ---------------------------------------------------------------------------------------------------
