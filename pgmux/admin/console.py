@@ -67,9 +67,12 @@ async def run_console(client: ClientConnection) -> None:
         if s.log_connections:
             logger.info("%s pgbouncer access from unix socket", client.log_prefix)
         client.write(m.auth_ok())
+        client.authed = True
         is_admin = True
     else:
-        await client.authenticate(user, forced=False)
+        # PgBouncer's console database has a (fake) forced user, so auth_type=any lets anyone in here
+        await client.authenticate(user, forced=True)
+        client.authed = True
         if user in s.admin_users:
             is_admin = True
         elif user in s.stats_users or s.auth_type == "any":

@@ -5,9 +5,9 @@ with libpq, and the difference matters for compatibility:
 
 * only the space character separates pairs (a tab is part of a value);
 * ``key = value`` is allowed (spaces around ``=``);
-* a value may be single-quoted; inside quotes ``''`` stands for one quote. We also accept
-  ``\\'`` (libpq style); every other backslash is kept literally, as PgBouncer does, so that
-  passwords containing backslashes mean the same thing to both programs;
+* a value may be single-quoted; inside quotes ``''`` stands for one quote and every backslash
+  is kept literally, as PgBouncer does, so that passwords containing backslashes (even a
+  trailing one, ``password='secret\\'``) mean the same thing to both programs;
 * an empty value (``host=`` or ``host=''``) is an error.
 
 PgBouncer silently swallows the character after a closing quote (``host='x'port=1`` is read as
@@ -69,10 +69,6 @@ def _quoted_value(text: str, p: int, key: str) -> tuple[str, int]:
                 p += 2
                 continue
             return "".join(out), p + 1
-        if ch == "\\" and p + 1 < n and text[p + 1] == "'":
-            out.append("'")
-            p += 2
-            continue
         out.append(ch)
         p += 1
     raise ConfigError(f"syntax error in connection string: unterminated quoted value for {key}")

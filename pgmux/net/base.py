@@ -137,13 +137,15 @@ class PgConnection(asyncio.BufferedProtocol):
         finally:
             self._waiter = None
 
-    async def read_message(self) -> tuple[int, bytes]:
-        """Next typed message (type byte as int, body) from the inbox."""
+    async def read_message(self, max_length: int = 0) -> tuple[int, bytes]:
+        """Next typed message (type byte as int, body) from the inbox; longer than `max_length`
+        (default: max_packet_size) is a protocol error, before the body is read."""
+        limit = max_length or self.max_packet_size
         while True:
             inbox = self.inbox
             if len(inbox) >= 5:
                 length = _unpack_u32(inbox, 1)[0]
-                if length < 4 or length > self.max_packet_size:
+                if length < 4 or length > limit:
                     raise ProtocolError(f"bad packet header: '{bytes(inbox[:5]).hex()}'")
                 if len(inbox) >= length + 1:
                     typ = inbox[0]

@@ -65,6 +65,12 @@ _FORWARD, _SWITCH, _HOLD, _REFUSED = range(4)
 HOLD_LIMIT = 1 << 20  # bytes buffered for an unlinked client before we stop reading from it
 
 
+MAX_AUTH_MESSAGE = 65535 + 4  # a password/SASL message's length word included
+# Bytes an unauthenticated client may have sent and pgmux not yet read (startup packet and auth
+# messages are far smaller): beyond this the client is refused rather than buffered.
+LOGIN_INBOX_LIMIT = 1 << 18
+
+
 class ClientError(Exception):
     """A refusal the client is told about with an ErrorResponse, then closed."""
 
@@ -84,7 +90,7 @@ class ClientConnection(PgConnection):
         "connect_wall", "request_time", "wait_started", "waiting", "linking", "logged_in",
         "admitted", "limits_counted", "write_paused", "read_paused", "pool_mode", "cancel_key",
         "login_task", "id", "client_key", "_events", "tracking", "lazy_prepare", "pin_mode",
-        "state_hint", "pinned", "pinned_since", "drain_passed", "awaiting_quiet", "stmts",
+        "state_hint", "pinned", "pinned_since", "drain_passed", "awaiting_quiet", "stmts", "authed",
     )
 
     def __init__(self, pooler: Pooler, is_unix: bool = False) -> None:
@@ -135,6 +141,7 @@ class ClientConnection(PgConnection):
         self.drain_passed = False  # the held DROP/CREATE/ALTER DATABASE already had its drain
         self.awaiting_quiet = False  # a named Parse waits for in-flight requests before tracking starts
         self.stmts: dict[bytes, Statement] = {}  # this client's named statements
+        self.authed = False  # authenticated: until then the login inbox is capped (LOGIN_INBOX_LIMIT)
 
     def __repr__(self) -> str:
         return f"C-{id(self):#x}"
@@ -189,6 +196,9 @@ class ClientConnection(PgConnection):
             self.data_path(nbytes)
         else:
             self.inbox += self.mv[self.keep : self.keep + nbytes]
+            if not self.authed and len(self.inbox) > LOGIN_INBOX_LIMIT:
+                self.fail("client sent too much data during login")
+                return
             self._wake()
         if self.keep:
             self._own_buffer()
@@ -712,6 +722,7 @@ class ClientConnection(PgConnection):
             raise ClientError(f'database "{db.name}" is disabled')
         pool_user = db.user if (db is not None and db.user) else user
         await self.authenticate(user, forced=bool(db and db.user), db=db)
+        self.authed = True
         if db is None:
             raise ClientError(f"no such database: {self.dbname}", "08P01")
         self.db = db
@@ -788,6 +799,9 @@ class ClientConnection(PgConnection):
                 raise ClientError("login rejected", "28000")
             method, ident_map = rule.auth_type, rule.map
         if method == "any":
+            if not forced:  # any user name, no password: only safe when the pool logs in as its own user
+                pglog.logger.error("%s auth_type=any requires forced user", self.log_prefix)
+                raise ClientError("bouncer config error", "08P01", log=False)
             self.write_later(m.auth_ok())
             return
         if method in ("cert", "peer"):
@@ -849,7 +863,9 @@ class ClientConnection(PgConnection):
             raise ClientError(failure, "28000")
 
     async def _read_password(self) -> bytes:
-        typ, body = await self.read_message()
+        # Before authentication nobody gets to make pgmux hold a max_packet_size message:
+        # PostgreSQL's own limit for a password or SASL message (PG_MAX_AUTH_TOKEN_LENGTH).
+        typ, body = await self.read_message(MAX_AUTH_MESSAGE)
         if typ != m.PASSWORD:
             raise m.ProtocolError("unknown pkt")
         return body

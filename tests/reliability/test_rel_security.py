@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import contextlib
 import hashlib
 import inspect
 import random
@@ -29,7 +30,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from helpers_tx import raw_login
-from pgwire import RawConn, message, parse_error_fields
+from pgwire import RawConn, message, parse_error_fields, startup_packet
 
 from pgmux.protocol.messages import cancel_request
 from pgmux.testing.cluster import PoolerProcess, TempCluster
@@ -343,8 +344,9 @@ def test_non_admins_cannot_control_the_console(pooler: PoolerFactory, auth_type:
         assert c.execute("SHOW VERSION").fetchone()  # reading is allowed, the session goes on
     # nothing happened: not paused, not disabled, not killed, not shut down, setting unchanged
     assert p.is_running()
-    with psycopg.connect(p.dsn("md5user", "md5pass"), autocommit=True, connect_timeout=5) as app:
-        assert app.execute("SELECT 1").fetchone() == (1,)
+    if auth_type == "md5":  # (auth_type=any lets clients in only to databases with a forced user)
+        with psycopg.connect(p.dsn("md5user", "md5pass"), autocommit=True, connect_timeout=5) as app:
+            assert app.execute("SELECT 1").fetchone() == (1,)
     with console(p) as admin:
         cfg = {r[0]: r[1] for r in admin.execute("SHOW CONFIG").fetchall()}
         assert cfg["default_pool_size"] == "20"
@@ -353,3 +355,37 @@ def test_non_admins_cannot_control_the_console(pooler: PoolerFactory, auth_type:
         row = dict(zip(cols, dbs["testdb"], strict=True))
         assert not row["paused"] and not row["disabled"], row
     print(f"\n  {auth_type}: {len(refused)} control commands refused to {user}, none took effect")
+
+
+def test_auth_type_any_needs_a_forced_user(cluster: TempCluster, pooler: PoolerFactory) -> None:
+    """auth_type=any takes any user name without a password, so PgBouncer allows it only for databases
+    with a forced user: elsewhere a client (even one calling itself postgres) gets 'bouncer config error'."""
+    p = pooler(pool_mode="transaction", auth_type="any", databases={
+        "testdb": "host={host} port={port} dbname=testdb",
+        "forced": "host={host} port={port} dbname=testdb user=md5user password=md5pass",
+    })
+    for user in ("postgres", "md5user", "nosuchuser"):
+        with pytest.raises(psycopg.OperationalError, match="bouncer config error"):
+            psycopg.connect(p.dsn(user, None, "testdb"), connect_timeout=5)
+    with psycopg.connect(p.dsn("postgres", None, "forced"), autocommit=True, connect_timeout=5) as c:
+        assert c.execute("SELECT current_user").fetchone() == ("md5user",)
+    assert "auth_type=any requires forced user" in p.log_text()
+
+
+def test_unauthenticated_client_cannot_make_pgmux_buffer_a_huge_message(pooler: PoolerFactory) -> None:
+    """A password message that claims 1 GB is refused from its header (PostgreSQL's limit for an
+    auth message is 64 KiB), not buffered while the client streams it; other clients carry on."""
+    p = pooler(pool_mode="transaction")
+    with RawConn(p.host, p.port) as raw:
+        raw.send(startup_packet({"user": "md5user", "database": "testdb"}))
+        kind, _ = raw.read_message()
+        assert kind == b"R"  # the md5 challenge
+        raw.send(b"p" + struct.pack("!i", 1_000_000_000))
+        with contextlib.suppress(OSError):  # pgmux may close while we still send
+            for _ in range(8):
+                raw.send(b"x" * (1 << 20))
+        answer = raw.read_until_close()
+    errors = [parse_error_fields(body) for kind, body in answer if kind == b"E"]
+    assert errors and errors[0]["C"] == "08P01" and "bad packet header" in errors[0]["M"], answer
+    with psycopg.connect(p.dsn("md5user", "md5pass"), autocommit=True, connect_timeout=5) as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)

@@ -344,8 +344,9 @@ def test_libpq_style_quoting() -> None:
         ("port", "5"),
         ("connect_query", "set a=1; set b=2"),
     ]
-    assert parse_connstr("password='it''s' user='o\\'brien'") == [("password", "it's"), ("user", "o'brien")]
-    # Other backslashes stay as they are, as in PgBouncer (so passwords mean the same).
+    assert parse_connstr("password='it''s' user='o''brien'") == [("password", "it's"), ("user", "o'brien")]
+    # Backslashes stay as they are, as in PgBouncer (so passwords mean the same), a trailing one too.
+    assert parse_connstr("password='secret\\' user=u") == [("password", "secret\\"), ("user", "u")]
     assert parse_connstr(r"password='a\b\\c'") == [("password", r"a\b\\c")]
     assert parse_connstr("password=ab\\'c") == [("password", "ab\\'c")]  # unquoted: literal
     assert parse_connstr("   ") == []
