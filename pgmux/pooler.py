@@ -21,9 +21,11 @@ from pgmux.auth import load_auth_file
 from pgmux.auth.hba import HbaError, HbaRule, HbaRules, IdentMap
 from pgmux.auth.secrets import forget_secret_classifications, random_bytes
 from pgmux.config import Config, ConfigError, DatabaseEntry
+from pgmux.config.settings import unsupported_warnings
 from pgmux.net.base import ConnectionLost
 from pgmux.net.client import ClientConnection, ClientError
 from pgmux.net.server import ServerConnection, ServerLoginError
+from pgmux.net.sockopts import apply_tcp_options
 from pgmux.net.tls import TlsConfigError, build_contexts
 from pgmux.pool.pool import Pool, PoolLimits
 from pgmux.protocol import messages as m
@@ -572,6 +574,8 @@ class Pooler:
                 else:
                     assert host is not None  # _server_target: a host when there is no path
                     _, server = await self.loop.create_connection(factory, host, port)
+                    if server.transport is not None:
+                        apply_tcp_options(server.transport.get_extra_info("socket"), self.settings)
                 if self.settings.log_connections:
                     logger.info("%s new connection to server (from %s:%s)", server.log_prefix,
                                 server.local_addr, server.local_port)
@@ -1388,6 +1392,9 @@ class Pooler:
             return False
         for name in new.settings.adopt_nonreloadable(self.settings):
             logger.warning("setting %s cannot be changed by reload; restart needed", name)
+        if self.shared is None or self.shared.index == 0:  # with workers, one of them says it
+            for warning in unsupported_warnings(new.settings):
+                logger.warning("%s", warning)
         old = self.config
         self.reload(new)
         for pool in list(self.pools.values()):

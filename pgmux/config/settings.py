@@ -18,6 +18,7 @@ true/false, and print 1/0.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,18 @@ def format_seconds(value: float) -> str:
     return f"{value:g}"
 
 
+def check_host_port(raw: str) -> None:
+    """An address setting's value: empty (off), or ``host:port``, ``[v6]:port``, ``*:port`` or
+    ``:port`` with a port in 1..65535; ConfigError otherwise."""
+    if not raw.strip():
+        return
+    _host, sep, port = raw.strip().rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"invalid address {raw!r} (expected host:port)")
+    if not 1 <= int(port) <= 65535:
+        raise ConfigError(f"port {port} out of range (1..65535) in {raw!r}")
+
+
 def split_list(raw: str) -> list[str]:
     """Split a comma-separated setting; blanks around items are dropped, as are empty items."""
     return [item.strip() for item in raw.split(",") if item.strip()]
@@ -96,6 +109,7 @@ class SettingDef:
     minimum: int | None = None
     maximum: int | None = None
     extension: bool = False
+    check: Callable[[str], None] | None = None
 
     def __hash__(self) -> int:
         # Explicit because ``default`` may be a list; the name identifies a setting.
@@ -105,6 +119,8 @@ class SettingDef:
         """Turn a raw string into the typed value; raise ConfigError (unlocated) if invalid."""
         kind = self.kind
         if kind == "str":
+            if self.check is not None:
+                self.check(raw)
             return raw
         if kind == "list":
             return split_list(raw)
@@ -164,11 +180,14 @@ def _def(
     minimum: int | None = None,
     maximum: int | None = None,
     extension: bool = False,
+    check: Callable[[str], None] | None = None,
 ) -> SettingDef:
     """Build a SettingDef whose typed default is parsed from PgBouncer's default text."""
-    proto = SettingDef(name, kind, None, reloadable, choices, aliases, default_text, minimum, maximum, extension)
+    proto = SettingDef(name, kind, None, reloadable, choices, aliases, default_text, minimum, maximum, extension,
+                       check)
     default = null_default if default_text is None else proto.parse(default_text)
-    return SettingDef(name, kind, default, reloadable, choices, aliases, default_text, minimum, maximum, extension)
+    return SettingDef(name, kind, default, reloadable, choices, aliases, default_text, minimum, maximum, extension,
+                      check)
 
 
 _AUTH_QUERY = (
@@ -213,7 +232,8 @@ _TABLE: tuple[SettingDef, ...] = (
     _def("job_name", "str", "pgbouncer", reloadable=_NO, aliases=("service_name",)),
     _def("listen_addr", "list", "", reloadable=_NO),
     _def("listen_backlog", "int", "128", reloadable=_NO),
-    _def("listen_port", "int", "6432", reloadable=_NO),
+    # PgBouncer takes any int (and then binds port % 65536); a TCP port is 1..65535.
+    _def("listen_port", "int", "6432", reloadable=_NO, minimum=1, maximum=65535),
     _def("log_connections", "bool", "1"),
     _def("log_disconnections", "bool", "1"),
     _def("log_pooler_errors", "bool", "1"),
@@ -283,7 +303,7 @@ _TABLE: tuple[SettingDef, ...] = (
     # --- PgBouncer keys is unchanged (pgbouncer_exporter and scripts match by name anyway).
     # at most 128: the worker index lives in 7 bits of the cancel key (pgmux/workers.py)
     _def("workers", "int", "1", reloadable=_NO, minimum=1, maximum=128, extension=True),
-    _def("metrics_listen", "str", "", reloadable=_NO, extension=True),
+    _def("metrics_listen", "str", "", reloadable=_NO, extension=True, check=check_host_port),
     _def("pin_session_state", "enum", "auto", choices=PIN_SESSION_STATE, extension=True),
     _def("pin_timeout", "float", "0", extension=True),
 )
@@ -295,6 +315,27 @@ _BY_NAME: dict[str, SettingDef] = dict(SETTINGS)
 for _d in _TABLE:
     for _alias in _d.aliases:
         _BY_NAME[_alias] = _d
+
+
+#: PgBouncer settings pgmux accepts (so that PgBouncer's files load) but does not act on; a
+#: non-default value gets a warning at start (unsupported_warnings()). README lists them.
+UNSUPPORTED_SETTINGS: tuple[str, ...] = (
+    "disable_pqexec",
+    "login_notify_message",
+    "pool_idle_timeout",
+    "query_wait_notify",
+    "scram_iterations",
+    "server_fast_close",
+    "syslog",
+    "syslog_facility",
+    "syslog_ident",
+)
+
+
+def unsupported_warnings(settings: Settings) -> list[str]:
+    """One warning per UNSUPPORTED_SETTINGS entry whose value is not its default."""
+    return [f"setting {name} is not supported by pgmux and is ignored"
+            for name in UNSUPPORTED_SETTINGS if not settings.is_default(name)]
 
 
 def lookup_setting(name: str) -> SettingDef | None:

@@ -6,24 +6,54 @@ socket per worker and address, all with SO_REUSEPORT so the kernel spreads conne
 workers, and one Unix socket shared by all of them (SO_REUSEPORT does not balance Unix sockets).
 Binding in the parent reports a taken port at start, as one process does, and lets a respawned
 worker take over its predecessor's socket with the connections queued on it.
+
+The Unix socket follows PgBouncer: a socket file someone still accepts on stops the start (`unix
+socket is in use, cannot continue`) instead of being replaced, a stale one is removed; a socket
+that cannot be set up (missing unix_socket_dir, unknown unix_socket_group, ...) is a warning and
+TCP is served without it. The file gets unix_socket_mode and unix_socket_group. Accepted TCP
+connections get the tcp_* options (pgmux/net/sockopts.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import grp
 import os
 import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pgmux.config.settings import unsupported_warnings
+from pgmux.log import logger
 from pgmux.net.client import ClientConnection
+from pgmux.net.sockopts import apply_tcp_options
 
 if TYPE_CHECKING:
     from pgmux.pooler import Pooler
 
 
+UNIX_SOCKET_IN_USE = "unix socket is in use, cannot continue"  # PgBouncer's words
+
+
 def unix_socket_path(socket_dir: str, port: int) -> str:
     return os.path.join(socket_dir, f".s.PGSQL.{port}")
+
+
+class TcpClientConnection(ClientConnection):
+    """A client accepted on a TCP listener: its socket gets the tcp_* settings first."""
+
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        apply_tcp_options(transport.get_extra_info("socket"), self.pooler.settings)
+        super().connection_made(transport)
+
+
+def log_unsupported_settings(settings: Any) -> None:
+    """One warning per accepted-but-unimplemented setting with a non-default value."""
+    for warning in unsupported_warnings(settings):
+        logger.warning("%s", warning)
 
 
 @dataclass
@@ -60,6 +90,7 @@ async def start_listeners(pooler: Pooler, bound: BoundSockets | None = None,
     if bound is not None:
         return await _serve_bound(pooler, bound, index)
     s = pooler.settings
+    log_unsupported_settings(s)  # with workers, the supervisor does it (bind_worker_sockets)
     loop = asyncio.get_running_loop()
     servers: list[asyncio.AbstractServer] = []
     addrs = [a.strip() for a in s.listen_addr if a.strip()]
@@ -67,7 +98,7 @@ async def start_listeners(pooler: Pooler, bound: BoundSockets | None = None,
         host = None if addr == "*" else addr
         try:
             srv = await loop.create_server(
-                lambda: ClientConnection(pooler), host, s.listen_port,
+                lambda: TcpClientConnection(pooler), host, s.listen_port,
                 reuse_address=True, reuse_port=bool(s.so_reuseport) or None, backlog=s.listen_backlog,
             )
         except OSError as exc:
@@ -75,8 +106,9 @@ async def start_listeners(pooler: Pooler, bound: BoundSockets | None = None,
         servers.append(srv)
     if s.unix_socket_dir:
         sock, _ = _bind_unix(s.unix_socket_dir, s)
-        servers.append(await loop.create_unix_server(lambda: ClientConnection(pooler, is_unix=True),
-                                                     sock=sock, backlog=s.listen_backlog))
+        if sock is not None:
+            servers.append(await loop.create_unix_server(lambda: ClientConnection(pooler, is_unix=True),
+                                                         sock=sock, backlog=s.listen_backlog))
     if not servers:
         raise OSError("nothing to listen on: set listen_addr or unix_socket_dir")
     return servers
@@ -87,7 +119,7 @@ async def _serve_bound(pooler: Pooler, bound: BoundSockets, index: int) -> list[
     backlog = pooler.settings.listen_backlog
     servers: list[asyncio.AbstractServer] = []
     for sock in bound.tcp[index]:
-        servers.append(await loop.create_server(lambda: ClientConnection(pooler), sock=sock, backlog=backlog))
+        servers.append(await loop.create_server(lambda: TcpClientConnection(pooler), sock=sock, backlog=backlog))
     if bound.unix is not None:
         servers.append(await loop.create_unix_server(lambda: ClientConnection(pooler, is_unix=True),
                                                      sock=bound.unix, backlog=backlog))
@@ -97,6 +129,7 @@ async def _serve_bound(pooler: Pooler, bound: BoundSockets, index: int) -> list[
 def bind_worker_sockets(settings: Any, workers: int) -> BoundSockets:
     """Bind the listening sockets of `workers` processes (see the module docstring); raises
     OSError naming the address, after closing what was bound."""
+    log_unsupported_settings(settings)
     bound = BoundSockets()
     try:
         addrs = [a.strip() for a in settings.listen_addr if a.strip()]
@@ -155,21 +188,86 @@ def _bind_options(sock: socket.socket, family: int, reuse_port: bool) -> None:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
 
 
-def _bind_unix(socket_dir: str, settings: Any) -> tuple[socket.socket, str | None]:
+def _bind_unix(socket_dir: str, settings: Any) -> tuple[socket.socket | None, str | None]:
+    """The listening Unix socket and its filesystem path (None when abstract). A socket another
+    process accepts on raises UnixSocketInUse (an OSError); any other failure is logged as a
+    warning and gives (None, None): the pooler goes on with TCP only, as PgBouncer does."""
+    abstract = socket_dir.startswith("@")
+    path = unix_socket_path(socket_dir[1:] if abstract else socket_dir, settings.listen_port)
+    where = f"unix:{'@' if abstract else ''}{path}"
+    if not abstract and _unix_socket_alive(path):
+        raise UnixSocketInUse(f"{UNIX_SOCKET_IN_USE} ({where} accepts connections)")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound_path: str | None = None
+    key, value = "unix_socket_dir", socket_dir  # the setting a failure is blamed on
     try:
-        if socket_dir.startswith("@"):
-            sock.bind("\0" + unix_socket_path(socket_dir[1:], settings.listen_port))
-            path = None
+        if abstract:
+            try:
+                sock.bind("\0" + path)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise UnixSocketInUse(f"{UNIX_SOCKET_IN_USE} ({where})") from None
+                raise
         else:
-            path = unix_socket_path(socket_dir, settings.listen_port)
-            if os.path.exists(path):
-                os.unlink(path)  # a stale socket from a previous run
+            if os.path.lexists(path):
+                os.unlink(path)  # a stale socket from a previous run: nobody accepts on it
             sock.bind(path)
+            bound_path = path
+            key, value = "unix_socket_mode", oct(settings.unix_socket_mode)
             os.chmod(path, settings.unix_socket_mode)
+            if settings.unix_socket_group:
+                key, value = "unix_socket_group", settings.unix_socket_group
+                os.chown(path, -1, _group_id(settings.unix_socket_group))
+            key, value = "unix_socket_dir", socket_dir
         sock.listen(settings.listen_backlog)
         sock.setblocking(False)
-    except OSError:
+    except UnixSocketInUse:
         sock.close()
         raise
-    return sock, path
+    except OSError as exc:
+        sock.close()
+        if bound_path is not None:
+            try:
+                os.unlink(bound_path)
+            except OSError:
+                pass
+        reason = exc.strerror or str(exc)
+        if exc.filename is not None and exc.filename != path:
+            reason += f": {exc.filename}"
+        logger.warning("cannot listen on %s (%s = %s): %s; not listening on a Unix socket",
+                       where, key, value, reason)
+        return None, None
+    return sock, bound_path
+
+
+class UnixSocketInUse(OSError):
+    """Another process accepts on our Unix socket: the start must stop (the callers log the
+    message as FATAL and exit 1)."""
+
+
+def _group_id(group: str) -> int:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        if group.isdigit():
+            return int(group)
+        raise OSError(errno.EINVAL, f"group {group!r} not found") from None
+
+
+def _unix_socket_alive(path: str) -> bool:
+    """True if a process accepts on the socket at `path` (PgBouncer's check before removing it).
+    A file nobody listens on (refused, not a socket, missing) is not alive; a full backlog is."""
+    if not os.path.lexists(path):
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except (TimeoutError, BlockingIOError):
+        return True
+    except OSError as exc:
+        return exc.errno in (errno.EAGAIN, errno.EINPROGRESS, errno.EISCONN)
+    else:
+        return True
+    finally:
+        probe.close()
