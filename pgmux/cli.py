@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -69,20 +70,102 @@ def main(argv: list[str] | None = None) -> int:
     if args.daemon and not (s.pidfile and s.logfile):
         print("pgmux: -d needs pidfile and logfile in the config", file=sys.stderr)
         return 1
-    _setup_logging(args, s)
+    try:
+        _setup_logging(args, s)
+    except pglog.LogfileError as exc:
+        # PgBouncer writes this one to stderr whatever -q says, then exits 1.
+        print(pglog.format_line(logging.CRITICAL, str(exc)), file=sys.stderr)
+        return 1
+    # -u wins over the `user` setting; an unknown user stops the start before anything is bound.
+    args.user = args.user or s.user or None
+    if args.user and not _known_user(args.user):
+        return 1
+    if not _check_pidfile(s.pidfile):
+        return 1
     if args.daemon:
         _daemonize()
-    if s.pidfile:
-        with open(s.pidfile, "w") as f:
-            f.write(f"{os.getpid()}\n")
     try:
         return _run(args, config)
     finally:
-        if s.pidfile:
+        _remove_pidfile()
+
+
+_pidfile_written: tuple[str, int] | None = None  # (path, pid): the pidfile this process wrote
+
+
+def _check_pidfile(path: str) -> bool:
+    """PgBouncer's check_pidfile(): refuse to start when the pidfile names a live process; a stale
+    one (no such process) is removed. Logs and returns False to stop the start."""
+    if not path:
+        return True
+    try:
+        with open(path, "rb") as f:
+            text = f.read(128)
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        logger.critical("could not open pidfile '%s': %s", path, exc.strerror)
+        return False
+    if not text:
+        logger.critical("could not read pidfile '%s': %s", path, "empty file")
+        return False
+    digits = text.strip()[:20]
+    n = len(digits) - len(digits.lstrip(b"0123456789"))
+    pid = int(digits[:n]) if n else 0
+    if pid > 0:
+        try:
+            if pid == os.getpid():  # e.g. a container restarted with the same pid: not another instance
+                raise ProcessLookupError
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            logger.info("stale pidfile, removing")
             try:
-                os.unlink(s.pidfile)
-            except OSError:
-                pass
+                os.unlink(path)
+            except OSError as exc:
+                logger.critical("could not remove stale pidfile: %s", exc.strerror)
+                return False
+            return True
+        except OSError:  # EPERM: alive, someone else's
+            pass
+    logger.critical("pidfile exists, another instance running?")
+    return False
+
+
+def _write_pidfile(path: str) -> bool:
+    """Once listening: write our pid (O_EXCL, as PgBouncer), remembered for removal at exit."""
+    global _pidfile_written
+    if not path:
+        return True
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        logger.critical("could not open pidfile '%s': %s", path, exc.strerror)
+        return False
+    pid = os.getpid()
+    _pidfile_written = (path, pid)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{pid}\n")
+    except OSError as exc:
+        logger.critical("could not write pidfile '%s': %s", path, exc.strerror)
+        return False
+    return True
+
+
+def _remove_pidfile() -> None:
+    """Remove the pidfile only if this very process wrote it and it still names us."""
+    global _pidfile_written
+    if _pidfile_written is None or _pidfile_written[1] != os.getpid():
+        return
+    path, pid = _pidfile_written
+    _pidfile_written = None
+    try:
+        with open(path) as f:
+            if f.read(64).strip() not in ("", str(pid)):
+                return
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _daemonize() -> None:
@@ -101,14 +184,16 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         from pgmux.workers import Supervisor
 
         def relog(new: Config) -> None:
-            _setup_logging(args, new.settings)
+            _relog(args, new.settings)
 
-        def drop_privileges() -> None:
-            if args.user:
-                _switch_user(args.user)
+        def after_bind() -> bool:
+            """The supervisor is bound: write the pidfile, then give up root."""
+            if not _write_pidfile(config.settings.pidfile):
+                return False
+            return not args.user or _switch_user(args.user)
 
         return Supervisor(config, lambda cfg, worker: _run_loop(args, cfg, worker),
-                          after_bind=drop_privileges, on_reload=relog).run()
+                          after_bind=after_bind, on_reload=relog).run()
     return _run_loop(args, config, None)
 
 
@@ -142,28 +227,35 @@ async def serve(args: argparse.Namespace, config: Config, worker: WorkerContext 
     except OSError as exc:
         logger.critical("%s", exc)
         return 1
-    if args.user and worker is None:  # a worker's supervisor switched before forking it
-        _switch_user(args.user)
+    # A worker's supervisor wrote the pidfile and switched user before forking it.
+    if worker is None and not (_write_pidfile(config.settings.pidfile)
+                               and (not args.user or _switch_user(args.user))):
+        for srv in pooler.listeners:
+            srv.close()
+        return 1
     done: asyncio.Future[None] = loop.create_future()
     pooler.shutdown_done = done
     await pooler.admin_start()
-    state = {"signals": 0}
 
     def relog() -> None:
-        _setup_logging(args, pooler.settings)
+        _relog(args, pooler.settings)
 
     pooler.on_reload = relog
     # Signals act on this process only (the console's RELOAD/SHUTDOWN go through
     # Pooler.console_reload/console_shutdown, which also reach the other workers).
 
     def shutdown(signame: str, mode: str) -> None:
-        state["signals"] += 1
-        if state["signals"] > 1 or mode == "immediate":
-            logger.info("got %s, exiting immediately", signame)
-            pooler.admin_shutdown("immediate")
+        # PgBouncer: SIGINT or SIGTERM while a shutdown (signal or console SHUTDOWN) is already
+        # under way means exit now; SIGQUIT always does.
+        if mode == "immediate":
+            logger.info("got %s, fast exit", signame)
+        elif pooler.shutting_down or pooler.admin_state().shutdown_mode is not None:
+            logger.info("got %s while shutting down, fast exit", signame)
+        else:
+            logger.info("got %s, shutting down, %s", signame, _SHUTDOWN_WORDS[mode])
+            pooler.admin_shutdown(mode)
             return
-        logger.info("got %s, shutting down (%s)", signame, mode)
-        pooler.admin_shutdown(mode)
+        pooler.admin_shutdown("immediate")
 
     loop.add_signal_handler(signal.SIGHUP, pooler.admin_reload)
     loop.add_signal_handler(signal.SIGUSR1, pooler.admin_signal_pause)
@@ -199,6 +291,10 @@ async def _janitor(pooler: Any) -> None:
             logger.exception("janitor failed")
 
 
+_SHUTDOWN_WORDS = {"wait_for_clients": "waiting for all clients disconnect",
+                   "wait_for_servers": "waiting for all servers connections to be released"}
+
+
 def _setup_logging(args: argparse.Namespace, settings: Any) -> None:
     """Logging as the command line and the (re)loaded settings ask: -v adds to `verbose`, -q and
     -d silence stderr, `logfile` is (re)opened."""
@@ -206,12 +302,49 @@ def _setup_logging(args: argparse.Namespace, settings: Any) -> None:
                         logfile=settings.logfile or None)
 
 
-def _switch_user(name: str) -> None:
+def _relog(args: argparse.Namespace, settings: Any) -> None:
+    """Logging again after RELOAD/SIGHUP or a console SET: a logfile that cannot be opened keeps
+    the old handlers (so logging goes on where it went) and is reported."""
+    try:
+        _setup_logging(args, settings)
+    except pglog.LogfileError as exc:
+        logger.error("%s", exc)
+
+
+def _known_user(name: str) -> bool:
     import pwd
 
-    pw = pwd.getpwnam(name)
-    os.setgid(pw.pw_gid)
-    os.setuid(pw.pw_uid)
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        logger.critical("could not find user '%s' to switch to", name)
+        return False
+    return True
+
+
+def _switch_user(name: str) -> bool:
+    """-u / `user`: become this Unix user, with its own supplementary groups instead of root's
+    (PgBouncer's change_user(); texts as there). Logs and returns False on failure."""
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        logger.critical("could not find user '%s' to switch to", name)
+        return False
+    if os.getuid() == 0:
+        try:
+            os.initgroups(pw.pw_name, pw.pw_gid)
+        except OSError as exc:
+            logger.critical("failed to reset groups: %s", exc.strerror)
+            return False
+    try:
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+    except OSError as exc:
+        logger.critical("failed to assume identity of user '%s': %s", name, exc.strerror)
+        return False
+    return True
 
 
 if __name__ == "__main__":

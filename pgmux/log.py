@@ -42,22 +42,44 @@ class PgBouncerFormatter(logging.Formatter):
 _handlers: list[logging.Handler] = []
 
 
+class LogfileError(Exception):
+    """The logfile cannot be opened: PgBouncer's `Cannot open logfile: '<path>': <reason>`."""
+
+    def __init__(self, path: str, exc: OSError) -> None:
+        self.path = path
+        self.reason = exc.strerror or str(exc)
+        super().__init__(f"Cannot open logfile: '{path}': {self.reason}")
+
+
+def format_line(level: int, message: str) -> str:
+    """One log line as the handlers would write it, for messages printed before logging works."""
+    record = logging.LogRecord(logger.name, level, __file__, 0, message, None, None)
+    return PgBouncerFormatter().format(record)
+
+
 def setup_logging(*, verbose: int = 0, quiet: bool = False, logfile: str | None = None) -> None:
-    """(Re)configure handlers: stderr unless quiet, plus the logfile if set (reopened on reload)."""
+    """(Re)configure handlers: stderr unless quiet, plus the logfile if set (reopened on reload).
+
+    The new handlers are made before the old ones go: if the logfile cannot be opened this raises
+    LogfileError and changes nothing, so the old handlers (and the old logfile) keep logging."""
     global DEBUG
-    for h in _handlers:
-        logger.removeHandler(h)
-        h.close()
-    _handlers.clear()
     fmt = PgBouncerFormatter()
+    new: list[logging.Handler] = []
     if not quiet:
         sh = logging.StreamHandler(sys.stderr)
         sh.setFormatter(fmt)
-        _handlers.append(sh)
+        new.append(sh)
     if logfile:
-        fh = logging.FileHandler(logfile)
+        try:
+            fh = logging.FileHandler(logfile)
+        except OSError as exc:
+            raise LogfileError(logfile, exc) from None
         fh.setFormatter(fmt)
-        _handlers.append(fh)
+        new.append(fh)
+    for h in _handlers:
+        logger.removeHandler(h)
+        h.close()
+    _handlers[:] = new
     for h in _handlers:
         logger.addHandler(h)
     logger.setLevel(logging.DEBUG if verbose > 0 else logging.INFO)

@@ -749,7 +749,7 @@ class Supervisor:
     """The parent process: binds, forks the workers, forwards signals, respawns, waits."""
 
     def __init__(self, config: Config, run_worker: Callable[[Config, WorkerContext], int],
-                 after_bind: Callable[[], None] | None = None,
+                 after_bind: Callable[[], bool] | None = None,
                  on_reload: Callable[[Config], None] | None = None) -> None:
         self.config = config
         self.count = int(config.settings.workers)
@@ -771,8 +771,15 @@ class Supervisor:
             logger.critical("%s", exc)
             return 1
         unix_ino = _inode(self.bound.unix_path)
-        if self.after_bind is not None:
-            self.after_bind()
+        # after_bind (cli: pidfile, then -u/`user`) logs why it failed; nothing was forked yet.
+        try:
+            ok = self.after_bind is None or self.after_bind()
+        except BaseException:
+            self._close_bound(unix_ino)
+            raise
+        if not ok:
+            self._close_bound(unix_ino)
+            return 1
         self.table = SharedTable(self.count)
         self.channels = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(self.count)]
         for pair in self.channels:
@@ -788,14 +795,18 @@ class Supervisor:
             self._loop(waited)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, self.old_mask)
-            self.bound.close_all()
-            if self.bound.unix_path and unix_ino is not None and _inode(self.bound.unix_path) == unix_ino:
-                try:
-                    os.unlink(self.bound.unix_path)
-                except OSError:
-                    pass
+            self._close_bound(unix_ino)
         logger.info("all workers exited")
         return self.exit_code
+
+    def _close_bound(self, unix_ino: int | None) -> None:
+        """Close the listening sockets; unlink the Unix socket if it is still the one we bound."""
+        self.bound.close_all()
+        if self.bound.unix_path and unix_ino is not None and _inode(self.bound.unix_path) == unix_ino:
+            try:
+                os.unlink(self.bound.unix_path)
+            except OSError:
+                pass
 
     def _loop(self, waited: set[signal.Signals]) -> None:
         while True:
@@ -848,7 +859,11 @@ class Supervisor:
         new.settings.adopt_nonreloadable(self.config.settings)
         self.config = new
         if self.on_reload is not None:
-            self.on_reload(new)
+            # Reopening the log must never take the supervisor (and so every worker) down.
+            try:
+                self.on_reload(new)
+            except Exception:  # noqa: BLE001 - keep supervising; the old handlers still log
+                logger.exception("reload: redoing the logging setup failed")
 
     def _reap(self) -> None:
         while True:

@@ -178,6 +178,15 @@ def _set(pooler: Pooler, session: ConsoleSession, cmd: Command) -> Result:
     if key.lower() in FAKE_PARAMS:
         return Result("SET", notices=[m.notice_response("SET ignored")])
     _need_admin(session)
+    relog = key.lower() in _LOGGING_SETTINGS
+    if relog and key.lower() == "logfile" and value:
+        # Refuse a logfile that cannot be opened, rather than report success and keep the old one.
+        try:
+            with open(value, "a"):
+                pass
+        except OSError as exc:
+            logger.error("SET failed: %s", pglog.LogfileError(value, exc))
+            raise AdminError("SET failed") from None
     try:
         pooler.settings.set(key, value, source="SET")
     except ConfigError as exc:
@@ -185,4 +194,9 @@ def _set(pooler: Pooler, session: ConsoleSession, cmd: Command) -> Result:
         raise AdminError("SET failed") from None
     logger.info("SET %s = %s", key, value)
     pooler.admin_settings_changed()
+    if relog and pooler.on_reload is not None:
+        pooler.on_reload()  # cli.py: logging again with the changed verbose/logfile
     return Result(f"SET {key}={value}")
+
+
+_LOGGING_SETTINGS = ("verbose", "logfile")

@@ -1,0 +1,106 @@
+"""pgmux.log's (re)configuration and the console SETs that redo it (verbose, logfile)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from pgmux import cli
+from pgmux import log as pglog
+from pgmux.admin import control
+from pgmux.admin.commands import AdminError, Command
+from pgmux.admin.state import ConsoleSession
+from pgmux.config.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    logger = pglog.logger
+    saved = (list(pglog._handlers), list(logger.handlers), logger.level, logger.propagate, pglog.DEBUG)
+    try:
+        yield
+    finally:
+        for h in pglog._handlers:
+            if h not in saved[0]:
+                h.close()
+        pglog._handlers[:] = saved[0]
+        logger.handlers[:] = saved[1]
+        logger.setLevel(saved[2])
+        logger.propagate = saved[3]
+        pglog.DEBUG = saved[4]
+
+
+def test_unopenable_logfile_keeps_the_old_handlers(tmp_path: Path) -> None:
+    first = tmp_path / "first.log"
+    pglog.setup_logging(quiet=True, logfile=str(first))
+    handlers = list(pglog.logger.handlers)
+    bad = str(tmp_path / "no-such-dir" / "second.log")
+    with pytest.raises(pglog.LogfileError) as info:
+        pglog.setup_logging(verbose=2, quiet=True, logfile=bad)
+    assert str(info.value).startswith(f"Cannot open logfile: '{bad}': ")
+    assert pglog.logger.handlers == handlers and not pglog.DEBUG
+    pglog.logger.info("still logging")
+    assert "LOG still logging" in first.read_text()
+
+
+def test_relog_reports_an_unopenable_logfile(tmp_path: Path) -> None:
+    first = tmp_path / "first.log"
+    args = argparse.Namespace(verbose=0, quiet=True, daemon=False)
+    cli._relog(args, SimpleNamespace(verbose=0, logfile=str(first)))
+    cli._relog(args, SimpleNamespace(verbose=0, logfile=str(tmp_path / "nodir" / "x.log")))
+    text = first.read_text()
+    assert f"ERROR Cannot open logfile: '{tmp_path}/nodir/x.log'" in text
+
+
+def test_fatal_line_format() -> None:
+    line = pglog.format_line(logging.CRITICAL, "Cannot open logfile: '/x': No such file or directory")
+    assert line.endswith(" FATAL Cannot open logfile: '/x': No such file or directory")
+
+
+def _fake_pooler(settings: Settings, on_reload: Any) -> Any:
+    return SimpleNamespace(settings=settings, on_reload=on_reload, admin_settings_changed=lambda: None)
+
+
+def _set(pooler: Any, key: str, value: str) -> Any:
+    session = ConsoleSession(client=None, user="postgres", is_admin=True)  # type: ignore[arg-type]
+    return control._set(pooler, session, Command("set", key, value, f"SET {key} = {value}"))
+
+
+def test_console_set_verbose_redoes_logging() -> None:
+    settings = Settings()
+    args = argparse.Namespace(verbose=0, quiet=True, daemon=False)
+    pooler = _fake_pooler(settings, lambda: cli._setup_logging(args, settings))  # as cli.serve sets it
+    cli._setup_logging(args, settings)
+    assert pglog.logger.level == logging.INFO and not pglog.DEBUG
+    _set(pooler, "verbose", "2")
+    assert pglog.logger.level == logging.DEBUG and pglog.DEBUG
+    _set(pooler, "verbose", "0")
+    assert pglog.logger.level == logging.INFO and not pglog.DEBUG
+
+
+def test_console_set_logfile_redoes_logging(tmp_path: Path) -> None:
+    settings = Settings()
+    args = argparse.Namespace(verbose=0, quiet=True, daemon=False)
+    calls: list[str] = []
+
+    def relog() -> None:
+        calls.append(settings.logfile)
+        cli._setup_logging(args, settings)
+
+    pooler = _fake_pooler(settings, relog)
+    target = tmp_path / "set.log"
+    _set(pooler, "logfile", str(target))
+    assert calls == [str(target)]
+    pglog.logger.info("after SET")
+    assert "after SET" in target.read_text()
+    with pytest.raises(AdminError, match="SET failed"):
+        _set(pooler, "logfile", str(tmp_path / "nodir" / "x.log"))
+    assert settings.logfile == str(target) and calls == [str(target)]
+    _set(pooler, "default_pool_size", "7")  # other settings leave logging alone
+    assert calls == [str(target)]
