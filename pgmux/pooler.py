@@ -32,9 +32,11 @@ from pgmux.protocol import messages as m
 from pgmux.protocol.prepared import StatementRegistry
 from pgmux.protocol.sessionstate import (
     CURSOR_PROBE_SQL,
+    OWN_STATEMENTS_SQL,
     cursor_only,
     describe,
     describe_cursors,
+    own_statements_match,
     probe_sql,
 )
 from pgmux.protocol.varcache import set_statement, tracked_names
@@ -895,7 +897,11 @@ class Pooler:
             # no statements under the client's own names are left: track them again
             client.lazy_prepare = client.pool_mode != "session" and self.settings.max_prepared_statements > 0
             self.unlink(client, server)
-            self.release(server, reset=False)
+            if cursors or own_statements_match(rows[0][7:9], server.stmts.names()):
+                self.release(server, reset=False)
+            else:  # the client's SQL dropped or replaced one of pgmux's PGMUX_<n> statements
+                server.pool.server_gone(server)
+                server.close("prepared statements out of step with pgmux")
             if client.keep:
                 self.request_server(client)
             return
@@ -984,7 +990,16 @@ class Pooler:
             server.pool.server_gone(server)
             server.close("reset query failed")
             return
-        server.stmts.clear()  # DISCARD ALL deallocated them
+        if server.dirty and (server.stmts.lru or self.settings.max_prepared_statements):
+            # A pinned client left: unless the reset query deallocated everything, its SQL may have
+            # replaced or dropped one of pgmux's PGMUX_<n> statements. Check before reuse.
+            rows, err = await self._own_query(server, OWN_STATEMENTS_SQL)
+            if err is not None or not rows or not own_statements_match(rows[0], server.stmts.names()):
+                server.pool.server_gone(server)
+                server.close("prepared statements out of step with pgmux after reset")
+                return
+        # server.stmts was cleared by query_rows if (and only if) the reset query ran DISCARD ALL or
+        # DEALLOCATE ALL; any other reset query leaves the backend's statements in place.
         server.dirty = False
         self.server_ready(server)
 

@@ -320,7 +320,6 @@ for _d in _TABLE:
 #: PgBouncer settings pgmux accepts (so that PgBouncer's files load) but does not act on; a
 #: non-default value gets a warning at start (unsupported_warnings()). README lists them.
 UNSUPPORTED_SETTINGS: tuple[str, ...] = (
-    "disable_pqexec",
     "login_notify_message",
     "pool_idle_timeout",
     "query_wait_notify",

@@ -20,6 +20,7 @@ from pgmux.protocol.prepared import (
     PASS,
     SKIP,
     PreparedError,
+    Restore,
     Statement,
     close_message,
     rewrite_named,
@@ -39,19 +40,28 @@ if TYPE_CHECKING:
 # Terminate must be seen whole (it is never forwarded). Requests that will be answered by a
 # ReadyForQuery (Query, Sync, FunctionCall) are counted, and extended-protocol messages mark the
 # server busy until the next Sync: together they decide when a transaction-mode server is free.
-CLIENT_NEED_BODY = type_table("XQP")  # P: a named Parse turns on prepared-statement tracking
+CLIENT_NEED_BODY = type_table("XQPC")  # P: a named Parse turns on prepared-statement tracking
+# (C: a Close must not name one of pgmux's own statements, see RESERVED_PREFIX)
 # Message types a client may send after login; any other one is refused before it reaches a
 # server (PostgreSQL would answer it with FATAL, which would then hit the server's next client).
 CLIENT_TYPES = b"BCdcfDEHFPQSX"
 _UNKNOWN = bytes(sorted(set(range(256)) - set(CLIENT_TYPES)))
-CLIENT_NOTIFY = type_table(b"QSFPBDEC" + _UNKNOWN)
+# CopyDone / CopyFail end COPY IN, during which PostgreSQL ignores Syncs (not CopyData: rows stream).
+CLIENT_NOTIFY = type_table(b"QSFPBDEcf" + _UNKNOWN)
 # With prepared-statement tracking, statement messages are read whole (names are rewritten) and so
 # are simple queries (a DEALLOCATE of a protocol-level statement is answered here).
 TRACKED_NEED_BODY = type_table("XPBDCQ")
-TRACKED_NOTIFY = type_table(b"SFE" + _UNKNOWN)
+TRACKED_NOTIFY = type_table(b"SFEcf" + _UNKNOWN)
 _UNKNOWN_SET = frozenset(_UNKNOWN)
-_BDEC = frozenset(b"BDEC")
+_BDE = frozenset(b"BDE")
 _P, _B, _D, _C, _E = (ord(x) for x in "PBDCE")
+_COPY_END = (m.COPY_DONE, m.COPY_FAIL)
+_STMT = ord("S")
+# pgmux's own server-side statements are PGMUX_<n> (prepared.StatementRegistry): no client may
+# create, replace or drop a statement so named on a pooled server.
+RESERVED_PREFIX = b"PGMUX_"
+RESERVED_MESSAGE = 'prepared statement names starting with "PGMUX_" are reserved for pgmux'
+RESERVED_SQLSTATE = "42939"  # reserved_name
 _DEALLOCATE = re.compile(rb'\s*deallocate\s+(?:prepare\s+)?("?)([^\s";]+)\1\s*;?\s*$', re.I)
 _D_FIRST = b" \t\n\rdD"  # a query that may be a DEALLOCATE starts with one of these
 _D_FIRST_B = tuple(bytes([c]) for c in _D_FIRST)
@@ -91,6 +101,7 @@ class ClientConnection(PgConnection):
         "admitted", "limits_counted", "write_paused", "read_paused", "pool_mode", "cancel_key",
         "login_task", "id", "client_key", "_events", "tracking", "lazy_prepare", "pin_mode",
         "state_hint", "pinned", "pinned_since", "drain_passed", "awaiting_quiet", "stmts", "authed",
+        "no_pqexec",
     )
 
     def __init__(self, pooler: Pooler, is_unix: bool = False) -> None:
@@ -141,6 +152,7 @@ class ClientConnection(PgConnection):
         self.drain_passed = False  # the held DROP/CREATE/ALTER DATABASE already had its drain
         self.awaiting_quiet = False  # a named Parse waits for in-flight requests before tracking starts
         self.stmts: dict[bytes, Statement] = {}  # this client's named statements
+        self.no_pqexec = bool(pooler.settings.disable_pqexec)  # simple Query refused (not reloadable)
         self.authed = False  # authenticated: until then the login inbox is capped (LOGIN_INBOX_LIMIT)
 
     def __repr__(self) -> str:
@@ -269,7 +281,7 @@ class ClientConnection(PgConnection):
         interrupt = switch = False
         if events:
             for typ, start, stop_ in events:
-                if typ in _BDEC:  # Bind, Describe, Execute, Close: the server is busy until Sync
+                if typ in _BDE:  # Bind, Describe, Execute: the server is busy until Sync
                     server.pending_ext = True
                 elif typ in (_Q, _F):
                     if typ == _Q and self._inspect_query(start + 5, stop_ - 1):
@@ -277,19 +289,30 @@ class ClientConnection(PgConnection):
                         interrupt = True
                         break
                     server.outstanding += 1
+                    server.last_start = typ
                     server.note_request()
                 elif typ == _SYNC:
                     server.outstanding += 1
+                    server.last_start = _SYNC
                     server.pending_ext = False
                     server.note_request()
                 elif typ == _X or typ in _UNKNOWN_SET:
                     fwd = last = start
                     break
+                elif typ != _P:  # Close, CopyDone, CopyFail
+                    if typ != _C:
+                        server.copy_end()
+                        continue
+                    if self.buf[start + 5] == _STMT and self.buf.startswith(RESERVED_PREFIX, start + 6):
+                        events.clear()
+                        self.fail(RESERVED_MESSAGE, RESERVED_SQLSTATE)
+                        return
+                    server.pending_ext = True
                 else:
-                    if typ == _P and self.pin_mode != "off":
+                    if self.pin_mode != "off":
                         self._hint_parse(bytes(self.buf[start + 5 : stop_]))
-                    if typ == _P and self.buf[start + 5] != 0:
-                        step = self._named_parse(server)
+                    if self.buf[start + 5] != 0:
+                        step = self._named_parse(server, start)
                         if step == _REFUSED:
                             events.clear()
                             return
@@ -308,14 +331,15 @@ class ClientConnection(PgConnection):
             self.start_tracking()
             self.forward(self.keep)
 
-    def _named_parse(self, server: ServerConnection) -> int:
+    def _named_parse(self, server: ServerConnection, start: int) -> int:
         """A named Parse on the untracked path: from here on the link is tracked, if it can be.
         _SWITCH: nothing is in flight, tracking starts now; _HOLD: requests are in flight, the
         Parse waits for their ReadyForQuery (awaiting_quiet). _FORWARD: untracked, the statement
         goes to this server under the client's name (max_prepared_statements = 0, or unsynced
         messages are in flight, so the tracker cannot start in step) and the probe pins the
         client. _REFUSED: untracked and pin_session_state = off, so the name would reach the
-        server's next clients: the client is refused."""
+        server's next clients, or the name is one of pgmux's own (RESERVED_PREFIX): the client is
+        refused."""
         if self.lazy_prepare and not server.pending_ext:
             if server.outstanding:
                 self.linking = self.awaiting_quiet = True
@@ -324,6 +348,9 @@ class ClientConnection(PgConnection):
         if self.lazy_prepare and self.pin_mode == "off":
             self.fail("prepared statement cannot be tracked: named Parse after unsynced extended-protocol "
                       "messages (pin_session_state = off)", "0A000")
+            return _REFUSED
+        if self.buf.startswith(RESERVED_PREFIX, start + 5):
+            self.fail(RESERVED_MESSAGE, RESERVED_SQLSTATE)
             return _REFUSED
         self.lazy_prepare = False
         if self.pin_mode != "off":
@@ -377,7 +404,11 @@ class ClientConnection(PgConnection):
     def _inspect_query(self, start: int, stop: int) -> bool:
         """Pinning hints and database drains for the query text in buf[start:stop]. True: stop
         forwarding here; the pooler first closes its connections to a database this query drops
-        or copies. The text is copied only when there is something to look for."""
+        or copies. The text is copied only when there is something to look for. With
+        disable_pqexec the client is refused instead, as PgBouncer does (True as well)."""
+        if self.no_pqexec:
+            self.fail("PQexec disallowed")
+            return True
         buf = self.buf
         if self.drain_passed:
             self.drain_passed = False
@@ -452,13 +483,16 @@ class ClientConnection(PgConnection):
                         fwd = start
                         interrupt = True
                         break
+                    undo = None
                     if buf[start + 5] in _D_FIRST:
-                        replacement = self._rewrite_deallocate(_Q, bytes(buf[start + 5 : stop_]), server)
+                        replacement, undo = self._rewrite_deallocate(_Q, bytes(buf[start + 5 : stop_]), server)
                     server.outstanding += 1
+                    server.last_start = _Q
                     server.note_request()
-                    tracker.request(_Q)
+                    tracker.request(_Q, PASS, undo)
                 elif typ == _SYNC:
                     server.outstanding += 1
+                    server.last_start = _SYNC
                     server.pending_ext = False
                     server.note_request()
                     tracker.request(_SYNC)
@@ -469,12 +503,14 @@ class ClientConnection(PgConnection):
                 elif typ == _X or typ in _UNKNOWN_SET:
                     fwd = last = start
                     break
+                elif typ == _E:
+                    server.pending_ext = True
+                    tracker.request(_E)
+                elif typ in _COPY_END:
+                    server.copy_end()
                 else:
                     server.pending_ext = True
-                    if typ == _E:
-                        tracker.request(_E)
-                    else:
-                        replacement = self._statement_message(typ, bytes(buf[start + 5 : stop_]), server)
+                    replacement = self._statement_message(typ, bytes(buf[start + 5 : stop_]), server)
                 if replacement is not None:
                     out.append(mv[run:start])
                     if replacement:
@@ -527,8 +563,10 @@ class ClientConnection(PgConnection):
             if self.pin_mode != "off":
                 self._hint_parse(body)
             if not name:
-                replacement = self._rewrite_deallocate(_P, body, server) if tail[:1] in _D_FIRST_B else None
-                tracker.request(_P)
+                replacement = undo = None
+                if tail[:1] in _D_FIRST_B:
+                    replacement, undo = self._rewrite_deallocate(_P, body, server)
+                tracker.request(_P, PASS, undo)
                 return replacement
             if name in self.stmts:
                 raise PreparedError("prepared statement name is already in use")
@@ -581,29 +619,35 @@ class ClientConnection(PgConnection):
         parts = []
         for old in server.stmts.add(stmt):
             parts.append(close_message(old.server_name))
-            tracker.request(_C, SKIP)
+            tracker.request(_C, SKIP, Restore(old, server.stmts))  # restored if the server skips it
         parts.append(stmt.parse_message())
         tracker.request(_P, PASS if parse_of is not None else SKIP, (stmt, server.stmts, self.stmts, None)
                         if parse_of is None else parse_of)
         self.pooler.stats_parse(server, client_side=False)
         return b"".join(parts)
 
-    def _rewrite_deallocate(self, typ: int, body: bytes, server: ServerConnection) -> bytes | None:
+    def _rewrite_deallocate(self, typ: int, body: bytes, server: ServerConnection) -> tuple[bytes | None,
+                                                                                           Restore | None]:
         """SQL `DEALLOCATE name` (a simple Query, or an unnamed Parse as older psycopg sends it) of a
         protocol-level statement: the server knows it as PGMUX_<n>, so deallocate that one
-        (preparing it first if this server lacks it). None: forward the message as it is."""
+        (preparing it first if this server lacks it). None: forward the message as it is. Also
+        returns the request's tracker payload: if the DEALLOCATE fails (e.g. in an aborted
+        transaction) the statement is still on the server and is recorded again."""
         text_pos = 0 if typ == _Q else body.find(b"\0") + 1
         if len(body) - text_pos > 200 or (typ == _P and text_pos != 1):
-            return None
+            return None, None
         text_end = body.find(b"\0", text_pos)
         match = _DEALLOCATE.match(body[text_pos:text_end])
         if match is None or match.group(2) not in self.stmts:
-            return None
+            return None, None
         stmt = self.stmts.pop(match.group(2))
-        before = b"" if server.stmts.has(stmt) else self._prepare_on(server, stmt, None)
+        had = server.stmts.has(stmt)
+        before = b"" if had else self._prepare_on(server, stmt, None)
         server.stmts.discard(stmt)
-        return before + rewrite_named(bytes([typ]), body, text_pos, text_end - text_pos,
-                                      b'DEALLOCATE "' + stmt.server_name + b'"')
+        server.tracker.own_deallocs += 1
+        return (before + rewrite_named(bytes([typ]), body, text_pos, text_end - text_pos,
+                                       b'DEALLOCATE "' + stmt.server_name + b'"'),
+                Restore(stmt if had else None, server.stmts, dealloc=True))
 
     def _answer_now(self, answer: bytes | None) -> None:
         if answer is not None:

@@ -12,7 +12,7 @@ from pgmux.auth import ScramClient, ScramError, ScramSecret, SecretKind, md5_cli
 from pgmux.net.base import ConnectionLost, PgConnection
 from pgmux.protocol import messages as m
 from pgmux.protocol.prepared import ResponseTracker, ServerStatements
-from pgmux.protocol.scanner import NO_TYPES, scan, type_table
+from pgmux.protocol.scanner import scan, type_table
 from pgmux.protocol.varcache import ParamSet
 
 if TYPE_CHECKING:
@@ -23,11 +23,16 @@ if TYPE_CHECKING:
 # Messages whose body the data path reads: ReadyForQuery (transaction status) and
 # ParameterStatus (tracked parameters). Everything else is forwarded unread.
 SERVER_NEED_BODY = type_table("ZSC")  # C: DISCARD ALL / DEALLOCATE ALL forget prepared statements
+# CopyInResponse: Syncs the client sends while the server is in COPY IN get no ReadyForQuery.
+SERVER_NOTIFY = type_table("G")
 # With prepared-statement tracking every answer that ends a request is read whole, so invented
 # answers can be put right after it; DataRows and COPY data still stream through.
 TRACKED_NEED_BODY = type_table("ZSCTnE123Is")
 TRACKED_NOTIFY = type_table("tGHWV")
 _C = m.COMMAND_COMPLETE
+_G = m.COPY_IN_RESPONSE
+_E = m.ERROR_RESPONSE
+_Q = m.QUERY
 _NOTIFICATION = ord("A")
 _Z = m.READY_FOR_QUERY
 _S = m.PARAMETER_STATUS
@@ -52,7 +57,7 @@ class ServerConnection(PgConnection):
         "login_params", "outstanding", "pending_ext", "status", "state", "connect_time",
         "connect_wall", "last_used", "request_time", "query_start", "xact_start", "close_needed",
         "cancels", "tls", "dirty", "read_paused", "local_addr", "local_port", "_events", "tracking",
-        "statement_mode", "stmts", "tracker", "sent_prefix",
+        "statement_mode", "stmts", "tracker", "sent_prefix", "last_start", "copy_in", "copy_base",
     )
 
     def __init__(self, pooler: Pooler, pool: Pool, addr: str, port: int) -> None:
@@ -70,6 +75,12 @@ class ServerConnection(PgConnection):
         # whether extended-protocol messages were sent since the last Sync.
         self.outstanding = 0
         self.pending_ext = False
+        # COPY IN (see _copy_in): the client side records whether its latest request was a Query
+        # or a Sync. copy_in: 1 during COPY IN (PostgreSQL ignores the Syncs the client sends), -1
+        # when the client ended a COPY before its CopyInResponse arrived, else 0.
+        self.last_start = 0
+        self.copy_in = 0
+        self.copy_base = 0
         self.status = _IDLE
         self.state = "login"
         now = time.monotonic()
@@ -159,7 +170,7 @@ class ServerConnection(PgConnection):
             return
         events = self._events
         buf = self.buf
-        stop, self.skip = scan(buf, pos, end, SERVER_NEED_BODY, NO_TYPES, events)
+        stop, self.skip = scan(buf, pos, end, SERVER_NEED_BODY, SERVER_NOTIFY, events)
         self._keep_rest(stop, end, ct)
         if events:
             ready = False
@@ -169,10 +180,13 @@ class ServerConnection(PgConnection):
                     ready = True
                 elif typ == _C:
                     self._command_complete(buf, start, stop_, client)
-                else:  # ParameterStatus
+                elif typ == _S:
                     self._parameter_status(buf, start, stop_, client)
+                else:  # CopyInResponse
+                    self._copy_in()
             events.clear()
             if ready and self.outstanding == 0 and not self.pending_ext:
+                self.copy_in = 0  # a COPY that failed ends without the client's CopyDone
                 self.pooler.transaction_boundary(self)
 
     def _data_path_tracked(self, nbytes: int, client: ClientConnection) -> None:
@@ -215,6 +229,10 @@ class ServerConnection(PgConnection):
                 ready = True
             elif typ == _C:
                 self._command_complete(buf, start, stop_, client)
+            elif typ == _G:
+                self._copy_in()
+            elif typ == _E:
+                self._statement_error(buf, start, stop_)
             forward = tracker.answer(typ, extra)
             if exact:
                 if not forward:
@@ -234,6 +252,7 @@ class ServerConnection(PgConnection):
         self._keep_rest(stop, end, ct)
         self.sent_prefix = 0 if exact else self.keep
         if ready and self.outstanding == 0 and not self.pending_ext and not tracker.queue:
+            self.copy_in = 0  # a COPY that failed ends without the client's CopyDone
             self.pooler.transaction_boundary(self)
 
     def _body_rest(self, nbytes: int) -> int:
@@ -262,13 +281,60 @@ class ServerConnection(PgConnection):
         client.params.set(name, value)
 
     def _command_complete(self, buf: bytearray, start: int, stop: int, client: ClientConnection) -> None:
-        """DISCARD ALL or DEALLOCATE ALL: the server forgot every prepared statement."""
-        if buf[start + 5] != 68:  # both tags start with D
+        """DISCARD ALL or DEALLOCATE ALL: the server forgot every prepared statement, except the
+        ones Parsed after it in the same pipeline (still in the tracker's queue). A DEALLOCATE
+        pgmux did not send itself may have dropped one of pgmux's PGMUX_<n> (SQL can name them):
+        a server with pgmux's statements is then closed once released."""
+        if buf[start + 5] != 68:  # these tags start with D
             return
         tag = bytes(buf[start + 5 : min(stop, start + 20)])
         if tag.startswith((b"DISCARD ALL", b"DEALLOCATE ALL")):
             self.stmts.clear()
             client.stmts.clear()
+            if self.tracker.queue:
+                self.tracker.parsed_later()
+        elif tag.startswith(b"DEALLOCATE\0") and not self.tracker.own_deallocate() and self.stmts.lru:
+            if not self.close_needed:
+                pglog.logger.info("%s client ran DEALLOCATE: pgmux's prepared statements here are no longer "
+                                  "known, closing it when released", self.log_prefix)
+            self.close_needed = True
+
+    def _statement_error(self, buf: bytearray, start: int, stop: int) -> None:
+        """Tracked link: an error about one of pgmux's own statements (PGMUX_<n> missing, or there
+        already) means server.stmts no longer matches the backend: close it once released, so no
+        other client inherits the mismatch."""
+        if buf.find(b"PGMUX_", start, stop) >= 0:  # (quotes vary with lc_messages)
+            fields = m.parse_error_fields(bytes(buf[start + 5 : stop]))
+            if fields.get("C") in ("26000", "42P05"):
+                pglog.logger.warning("%s prepared statements out of step with the server (%s): closing it "
+                                     "when released", self.log_prefix, fields.get("M"))
+                self.close_needed = True
+
+    def _copy_in(self) -> None:
+        """CopyInResponse: PostgreSQL ignores the Syncs it reads during COPY IN, so the ones the
+        client sent after the request that started the COPY (libpq sends one right after the
+        Execute) will get no ReadyForQuery. Those already counted are uncounted here; the ones sent
+        until CopyDone/CopyFail are uncounted then (copy_end). If the client already ended the COPY
+        (it did not wait for this answer), which of its Syncs came first is unknown: nothing is
+        uncounted, so the server stays with this client rather than being released too early."""
+        if self.copy_in < 0:
+            self.copy_in = 0
+            return
+        ignored = self.outstanding - (1 if self.last_start == _Q else 0)  # a Query gets its own
+        if ignored > 0:
+            self.outstanding -= ignored
+        self.copy_in = 1
+        self.copy_base = self.outstanding
+        if self.tracker.queue:
+            self.tracker.drop_syncs()
+
+    def copy_end(self) -> None:
+        """The client sent CopyDone or CopyFail: the Syncs it sent during COPY IN are not answered."""
+        if self.copy_in > 0:
+            self.outstanding = self.copy_base
+            if self.tracker.queue:
+                self.tracker.drop_syncs()
+        self.copy_in = -1 if self.copy_in == 0 else 0
 
     def _ready_for_query(self, status: int) -> None:
         """Bookkeeping for one ReadyForQuery: outstanding requests, stats, transaction status."""
@@ -474,6 +540,8 @@ class ServerConnection(PgConnection):
                 return rows, error
             if typ == m.DATA_ROW:
                 rows.append(m.parse_data_row(body))
+            elif typ == _C and body.startswith((b"DISCARD ALL", b"DEALLOCATE ALL")):
+                self.stmts.clear()  # e.g. server_reset_query: the backend forgot its statements
             elif typ == m.ERROR_RESPONSE:
                 error = m.parse_error_fields(body)
             elif typ == m.PARAMETER_STATUS:

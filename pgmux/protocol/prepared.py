@@ -100,8 +100,19 @@ class ServerStatements:
     def discard(self, stmt: Statement) -> None:
         self.lru.pop(stmt.id, None)
 
+    def restore(self, stmt: Statement) -> None:
+        """A Close or DEALLOCATE of `stmt` sent to the server did not happen (PostgreSQL skipped or
+        refused it): it is still prepared there. Put back as least recently used; the capacity may
+        be exceeded by one until the next add() evicts it."""
+        if stmt.id not in self.lru:
+            self.lru[stmt.id] = stmt
+            self.lru.move_to_end(stmt.id, last=False)
+
     def clear(self) -> None:
         self.lru.clear()
+
+    def names(self) -> list[bytes]:
+        return [stmt.server_name for stmt in self.lru.values()]
 
 
 def split_cstring(body: bytes | memoryview, pos: int = 0) -> tuple[bytes, int]:
@@ -133,23 +144,29 @@ def close_message(server_name: bytes) -> bytes:
 class ResponseTracker:
     """Requests in flight on one server, in order, with what to do with their answers."""
 
-    __slots__ = ("queue", "specials", "skipping")
+    __slots__ = ("queue", "specials", "skipping", "own_deallocs")
 
     def __init__(self) -> None:
         # entries: [request kind, action, payload]; payload is the fake bytes for FAKE (plus, for a
         # faked ParseComplete, a 4th item: how to undo the client's statement), or (Statement,
-        # ServerStatements, client statement dict, client name) for a Parse.
+        # ServerStatements, client statement dict, client name) for a Parse, or a `Restore` for a
+        # Close (eviction) or DEALLOCATE of a statement already forgotten in ServerStatements.
         self.queue: deque[list] = deque()
         self.specials = 0  # SKIP and FAKE entries queued: the server path must then go message by message
         # An extended-protocol error was answered and no Sync was sent after it yet: PostgreSQL
         # ignores every message up to the next Sync, so none of them is queued or answered.
         self.skipping = False
+        # SQL DEALLOCATEs pgmux rewrote (to PGMUX_<n>) whose CommandComplete is still to come:
+        # any other "DEALLOCATE" tag is the client's own, which may have dropped a PGMUX_<n>.
+        self.own_deallocs = 0
 
     def request(self, kind: int, action: int = PASS, payload: object = None) -> None:
         if self.skipping:
             if kind != S:
                 if kind == P and isinstance(payload, tuple):
                     _forget_failed_parse(payload)
+                elif isinstance(payload, Restore):
+                    self.undo(payload)
                 return
             self.skipping = False
         self.queue.append([kind, action, payload])
@@ -176,6 +193,46 @@ class ResponseTracker:
         self.specials = 0
         self.skipping = False
 
+    def undo(self, payload: Restore) -> None:
+        if payload.dealloc and self.own_deallocs:
+            self.own_deallocs -= 1
+        payload.undo()
+
+    def own_deallocate(self) -> bool:
+        """A "DEALLOCATE" CommandComplete: True if it answers a DEALLOCATE pgmux rewrote."""
+        if not self.own_deallocs:
+            return False
+        self.own_deallocs -= 1
+        q = self.queue
+        if q and isinstance(q[0][2], Restore):  # a Query: it succeeded, nothing to undo
+            q[0][2] = None
+        return True
+
+    def drop_syncs(self) -> None:
+        """COPY IN started or ended: PostgreSQL ignores the Syncs queued since (no ReadyForQuery)."""
+        q = self.queue
+        if any(e[0] == S for e in q):
+            kept = [e for e in q if e[0] != S]
+            q.clear()
+            q.extend(kept)
+
+    def parsed_later(self) -> None:
+        """DISCARD ALL / DEALLOCATE ALL just completed: the statements whose Parse is still queued
+        were sent after it, so they survive it (client and server side)."""
+        for entry in self.queue:
+            if entry[0] != P:
+                continue
+            if entry[1] == FAKE:
+                if len(entry) > 3:  # the client's name stays; the server lost the statement
+                    client_stmts, name, stmt = entry[3]
+                    if client_stmts is not None:
+                        client_stmts[name] = stmt
+            elif isinstance(entry[2], tuple):
+                stmt, server_stmts, client_stmts, name = entry[2]
+                server_stmts.restore(stmt)
+                if client_stmts is not None and name is not None:
+                    client_stmts[name] = stmt
+
     def _pop(self) -> list:
         entry = self.queue.popleft()
         if entry[1] != PASS:
@@ -201,12 +258,17 @@ class ResponseTracker:
                 self._pop()
         elif typ == _ERROR:
             if kind in (Q, F):
+                if isinstance(head[2], Restore):  # the DEALLOCATE failed: the statement stays
+                    self.undo(head[2])
+                    head[2] = None
                 return True  # ReadyForQuery follows
             # Extended protocol: the server skips everything up to the next Sync, and whatever
             # the client sends before that Sync too.
             while q and q[0][0] != S:
                 entry = self._pop()
-                if entry[0] == P:
+                if isinstance(entry[2], Restore):  # a Close or DEALLOCATE the server skipped
+                    self.undo(entry[2])
+                elif entry[0] == P:
                     if entry[1] != FAKE and entry[2] is not None:
                         _forget_failed_parse(entry[2])
                     elif len(entry) > 3:
@@ -222,6 +284,23 @@ class ResponseTracker:
         if self.specials:
             self._drain_fakes(out)
         return forward
+
+
+class Restore:
+    """Payload of a request that drops `stmt` on the server, already forgotten in `server_stmts`:
+    if the server skips or refuses it, the statement is still there and is recorded again (stmt
+    None: nothing to record again). `dealloc`: a rewritten SQL DEALLOCATE (see own_deallocs)."""
+
+    __slots__ = ("stmt", "server_stmts", "dealloc")
+
+    def __init__(self, stmt: Statement | None, server_stmts: ServerStatements, dealloc: bool = False) -> None:
+        self.stmt = stmt
+        self.server_stmts = server_stmts
+        self.dealloc = dealloc
+
+    def undo(self) -> None:
+        if self.stmt is not None:
+            self.server_stmts.restore(self.stmt)
 
 
 def _forget_failed_parse(payload: tuple) -> None:

@@ -79,7 +79,8 @@ def probe_sql(login_user: str, tracked: list[str]) -> str:
     user = login_user.replace("'", "''")
     return (
         "SELECT (SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable),"
-        # protocol-level statements pgmux did not prepare count too (PGMUX_<n> are its own)
+        # protocol-level statements pgmux did not prepare count too (PGMUX_<n> are its own: clients
+        # cannot Parse or Close that prefix, see net/client.py RESERVED_PREFIX)
         " (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql OR name NOT LIKE 'PGMUX\\_%'),"
         " (SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory'"
         " AND pid = pg_catalog.pg_backend_pid()),"
@@ -87,8 +88,26 @@ def probe_sql(login_user: str, tracked: list[str]) -> str:
         " (SELECT count(*) FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema()),"
         " (SELECT pg_catalog.string_agg(name, ',') FROM pg_catalog.pg_settings WHERE source = 'session'"
         f" AND pg_catalog.lower(name) <> ALL (ARRAY[{names}]::text[])),"
-        f" (current_user <> session_user OR session_user <> '{user}')"
+        f" (current_user <> session_user OR session_user <> '{user}'),"
+        + _OWN_STATEMENTS  # columns 7 and 8: see own_statements_match
     )
+
+
+# How many SQL-level statements use pgmux's reserved PGMUX_ prefix (a client made them, e.g. with
+# PREPARE "PGMUX_1"), and the names of the protocol-level ones, in byte order.
+_OWN_STATEMENTS = (
+    " (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql AND name LIKE 'PGMUX\\_%'),"
+    " (SELECT pg_catalog.string_agg(name, ',' ORDER BY name COLLATE \"C\") FROM pg_catalog.pg_prepared_statements"
+    " WHERE NOT from_sql AND name LIKE 'PGMUX\\_%')"
+)
+OWN_STATEMENTS_SQL = "SELECT" + _OWN_STATEMENTS
+
+
+def own_statements_match(row: list[str | None], names: list[bytes]) -> bool:
+    """Whether OWN_STATEMENTS_SQL's row (or the probe's columns 7 and 8) shows exactly pgmux's
+    statements `names` on the server, none of them replaced by SQL."""
+    expected = ",".join(sorted(n.decode() for n in names)) or None
+    return row[0] == "0" and row[1] == expected
 
 
 _LABELS = ("WITH HOLD cursor", "prepared statement", "advisory lock", "LISTEN", "temporary table")
