@@ -97,16 +97,23 @@ PoolerFactory = Callable[..., PoolerProcess]
 def pooler(request: pytest.FixtureRequest, cluster: TempCluster, pooler_kind: str) -> Iterator[PoolerFactory]:
     """Factory: ``pooler(**write_config_kwargs) -> PoolerProcess`` (started, stopped at teardown).
 
-    Extra keywords: ``kind`` (override the kind under test), ``start=False`` (return it unstarted).
-    The pooler's log is printed when the test failed.
+    Extra keywords: ``kind`` (override the kind under test), ``start=False`` (return it unstarted),
+    ``process_class`` (a PoolerProcess subclass to build). The pooler's log is printed when the test
+    failed.
     """
     made: list[PoolerProcess] = []
 
-    def factory(*, kind: str | None = None, start: bool = True, **config_kwargs: Any) -> PoolerProcess:
+    def factory(
+        *,
+        kind: str | None = None,
+        start: bool = True,
+        process_class: type[PoolerProcess] = PoolerProcess,
+        **config_kwargs: Any,
+    ) -> PoolerProcess:
         workdir = tempfile.mkdtemp(prefix="pgmux-pooler-")
         os.chmod(workdir, 0o755)
         ini_text, userlist_text = write_config(cluster, workdir=workdir, **config_kwargs)
-        proc = PoolerProcess(kind or pooler_kind, ini_text, userlist_text, workdir)
+        proc = process_class(kind or pooler_kind, ini_text, userlist_text, workdir)
         made.append(proc)
         if start:
             proc.start()

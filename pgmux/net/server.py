@@ -58,6 +58,7 @@ class ServerConnection(PgConnection):
         "connect_wall", "last_used", "request_time", "query_start", "xact_start", "close_needed",
         "cancels", "tls", "dirty", "read_paused", "local_addr", "local_port", "_events", "tracking",
         "statement_mode", "stmts", "tracker", "sent_prefix", "last_start", "copy_in", "copy_base",
+        "boundary_due",
     )
 
     def __init__(self, pooler: Pooler, pool: Pool, addr: str, port: int) -> None:
@@ -81,6 +82,7 @@ class ServerConnection(PgConnection):
         self.last_start = 0
         self.copy_in = 0
         self.copy_base = 0
+        self.boundary_due = False  # the transaction ended but a read cut an async message after it
         self.status = _IDLE
         self.state = "login"
         now = time.monotonic()
@@ -167,6 +169,8 @@ class ServerConnection(PgConnection):
         pos = self._body_rest(nbytes) if self.skip else 0
         if pos < 0:
             self._keep_rest(end, end, ct)
+            if self.boundary_due:
+                self._end_of_transaction()
             return
         events = self._events
         buf = self.buf
@@ -185,9 +189,26 @@ class ServerConnection(PgConnection):
                 else:  # CopyInResponse
                     self._copy_in()
             events.clear()
-            if ready and self.outstanding == 0 and not self.pending_ext:
-                self.copy_in = 0  # a COPY that failed ends without the client's CopyDone
-                self.pooler.transaction_boundary(self)
+            if ready:
+                self._end_of_transaction()
+                return
+        if self.boundary_due:
+            self._end_of_transaction()
+
+    def _end_of_transaction(self) -> None:
+        """After a ReadyForQuery: with nothing outstanding the link ends (transaction_boundary), but
+        only on a message boundary. A notice or ParameterStatus that came after the ReadyForQuery
+        and was cut by the read belongs to this client, whose stream already has its start: the
+        release waits for its last byte (`boundary_due`)."""
+        if self.outstanding or self.pending_ext or (self.tracking and self.tracker.queue):
+            self.boundary_due = False  # the client asked again: its next ReadyForQuery decides
+            return
+        self.copy_in = 0  # a COPY that failed ends without the client's CopyDone
+        if self.keep or self.skip:
+            self.boundary_due = True
+            return
+        self.boundary_due = False
+        self.pooler.transaction_boundary(self)
 
     def _data_path_tracked(self, nbytes: int, client: ClientConnection) -> None:
         """The data path while prepared statements are tracked: cut-through as above unless pgmux
@@ -208,6 +229,8 @@ class ServerConnection(PgConnection):
                 ct.write(mv[:end])
             self.sent_prefix = 0
             self._keep_rest(end, end, ct)
+            if self.boundary_due:
+                self._end_of_transaction()
             return
         events = self._events
         buf = self.buf
@@ -251,9 +274,8 @@ class ServerConnection(PgConnection):
             ct.write(b"".join(out))
         self._keep_rest(stop, end, ct)
         self.sent_prefix = 0 if exact else self.keep
-        if ready and self.outstanding == 0 and not self.pending_ext and not tracker.queue:
-            self.copy_in = 0  # a COPY that failed ends without the client's CopyDone
-            self.pooler.transaction_boundary(self)
+        if ready or self.boundary_due:
+            self._end_of_transaction()
 
     def _body_rest(self, nbytes: int) -> int:
         """Where this read's first message header starts, after the rest of a body begun in an

@@ -18,6 +18,7 @@ from pgmux.protocol.messages import (
     AUTH_SASL,
     AUTH_SASL_CONTINUE,
     AUTH_SASL_FINAL,
+    cstr,
     message,
     parse_data_row,
     parse_error_fields,
@@ -183,3 +184,46 @@ def login_error(host: str, port: int, user: str, database: str, password: str | 
         return e, conn
     conn.terminate()
     raise AssertionError(f"login of {user}@{database} unexpectedly succeeded")
+
+
+# -------------------------------------------------------------- extended-protocol frontend messages
+# (cstr and query are pgmux.protocol.messages')
+
+SYNC = message(b"S", b"")
+
+
+def parse(name: str, sql: str) -> bytes:
+    return message(b"P", cstr(name) + cstr(sql) + struct.pack("!h", 0))
+
+
+def bind(stmt: str, portal: str = "") -> bytes:
+    return message(b"B", cstr(portal) + cstr(stmt) + struct.pack("!hhh", 0, 0, 0))
+
+
+def execute(portal: str = "") -> bytes:
+    return message(b"E", cstr(portal) + struct.pack("!i", 0))
+
+
+def describe_portal(portal: str = "") -> bytes:
+    return message(b"D", b"P" + cstr(portal))
+
+
+def close_statement(name: str) -> bytes:
+    return message(b"C", b"S" + cstr(name))
+
+
+def read_until_z(conn: RawConn, n: int = 1, timeout: float = 5.0) -> list[tuple[bytes, bytes]]:
+    """Messages up to and including the n-th ReadyForQuery."""
+    conn.sock.settimeout(timeout)
+    out = []
+    while n:
+        kind, body = conn.read_message()
+        out.append((kind, body))
+        if kind == b"Z":
+            n -= 1
+    return out
+
+
+def kinds(msgs: list[tuple[bytes, bytes]]) -> str:
+    """The messages' type letters, e.g. "12DCZ"."""
+    return "".join(k.decode() for k, _ in msgs)

@@ -8,55 +8,16 @@ to the wrong request.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Iterator
 
 import pytest
 from helpers_tx import raw_login
-from pgwire import RawConn, message
+from pgwire import SYNC, RawConn, bind, describe_portal, execute, kinds, message, parse, read_until_z
 
+from pgmux.protocol.messages import cstr, query
 from pgmux.testing.cluster import PoolerProcess, TempCluster
 
 pytestmark = [pytest.mark.integration]
-
-SYNC = message(b"S", b"")
-
-
-def cstr(s: str) -> bytes:
-    return s.encode() + b"\0"
-
-
-def parse(name: str, sql: str) -> bytes:
-    return message(b"P", cstr(name) + cstr(sql) + struct.pack("!h", 0))
-
-
-def bind(stmt: str, portal: str = "") -> bytes:
-    return message(b"B", cstr(portal) + cstr(stmt) + struct.pack("!hhh", 0, 0, 0))
-
-
-def execute(portal: str = "") -> bytes:
-    return message(b"E", cstr(portal) + struct.pack("!i", 0))
-
-
-def describe_portal(portal: str = "") -> bytes:
-    return message(b"D", b"P" + cstr(portal))
-
-
-def query(sql: str) -> bytes:
-    return message(b"Q", cstr(sql))
-
-
-def read_until_z(conn: RawConn, n: int = 1, timeout: float = 5.0) -> list[tuple[bytes, bytes]]:
-    """Messages up to and including the n-th ReadyForQuery."""
-    conn.sock.settimeout(timeout)
-    out = []
-    while n:
-        kind, body = conn.read_message()
-        out.append((kind, body))
-        if kind == b"Z":
-            n -= 1
-    return out
-
 
 def drain(conn: RawConn, timeout: float = 1.0) -> list[tuple[bytes, bytes]]:
     """Whatever arrives within `timeout`."""
@@ -70,10 +31,6 @@ def drain(conn: RawConn, timeout: float = 1.0) -> list[tuple[bytes, bytes]]:
     except ConnectionError:
         out.append((b"<eof>", b""))
         return out
-
-
-def kinds(msgs: list[tuple[bytes, bytes]]) -> str:
-    return "".join(k.decode() for k, _ in msgs)
 
 
 def copy_extended(conn: RawConn, end: bytes | None = None) -> str:

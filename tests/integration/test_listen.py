@@ -216,20 +216,16 @@ def test_client_socket_tcp_options(pooler: Callable[..., PoolerProcess]) -> None
         client.close()
 
 
-def test_client_socket_keepalive_default_and_off(pooler: Callable[..., PoolerProcess]) -> None:
+@pytest.mark.parametrize(("extra", "keepalive"), [({}, 1), ({"tcp_keepalive": 0}, 0)], ids=["default", "off"])
+def test_client_socket_keepalive_default_and_off(
+    pooler: Callable[..., PoolerProcess], extra: dict[str, int], keepalive: int
+) -> None:
     """tcp_keepalive is on by default (PgBouncer's default too); tcp_keepalive = 0 turns it off."""
-    p = pooler(auth_type="trust")
+    p = pooler(auth_type="trust", extra=extra)
     client = _login_socket(p)
     try:
         with _peer_socket_of(p.pid, client) as sock:
-            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-    finally:
-        client.close()
-    off = pooler(auth_type="trust", extra={"tcp_keepalive": 0})
-    client = _login_socket(off)
-    try:
-        with _peer_socket_of(off.pid, client) as sock:
-            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == keepalive
     finally:
         client.close()
 

@@ -6,60 +6,29 @@ statement runs under pgmux's name (a wrong result).
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 
 import pytest
 from helpers_tx import raw_login
-from pgwire import RawConn, message, parse_error_fields
+from pgwire import (
+    SYNC,
+    RawConn,
+    bind,
+    close_statement,
+    execute,
+    kinds,
+    parse,
+    parse_error_fields,
+    read_until_z,
+)
 
+from pgmux.protocol.messages import query
 from pgmux.testing.cluster import PoolerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.pgmux_only]
 
-SYNC = message(b"S", b"")
-
-
-def cstr(s: str) -> bytes:
-    return s.encode() + b"\0"
-
-
-def parse(name: str, sql: str) -> bytes:
-    return message(b"P", cstr(name) + cstr(sql) + struct.pack("!h", 0))
-
-
-def bind(stmt: str, portal: str = "") -> bytes:
-    return message(b"B", cstr(portal) + cstr(stmt) + struct.pack("!hhh", 0, 0, 0))
-
-
-def execute(portal: str = "") -> bytes:
-    return message(b"E", cstr(portal) + struct.pack("!i", 0))
-
-
-def close_statement(name: str) -> bytes:
-    return message(b"C", b"S" + cstr(name))
-
-
-def query(sql: str) -> bytes:
-    return message(b"Q", cstr(sql))
-
-
-def read_until_z(conn: RawConn, timeout: float = 5.0) -> list[tuple[bytes, bytes]]:
-    conn.sock.settimeout(timeout)
-    out = []
-    while True:
-        kind, body = conn.read_message()
-        out.append((kind, body))
-        if kind == b"Z":
-            return out
-
-
 def read_until_close(conn: RawConn) -> list[tuple[bytes, bytes]]:
     return conn.read_until_close(5.0)
-
-
-def kinds(msgs: list[tuple[bytes, bytes]]) -> str:
-    return "".join(k.decode() for k, _ in msgs)
 
 
 def errors(msgs: list[tuple[bytes, bytes]]) -> list[dict[str, str]]:
@@ -94,24 +63,26 @@ def test_deallocate_that_fails_keeps_statement(pooler: PoolerFactory) -> None:
         assert kinds(read_until_z(a)) == "CZ"
 
 
-def test_reset_query_not_discard_keeps_tracking(pooler: PoolerFactory) -> None:
-    """A server_reset_query that does not deallocate leaves the backend's statements in place."""
-    p = pooler(pool_mode="transaction", extra={"default_pool_size": 1, "server_reset_query": "RESET ALL",
+def _three_statements_with_reset_query(pooler: PoolerFactory, reset_query: str) -> RawConn:
+    """A client that prepares and runs s0, s1, s2 (each a transaction, so the reset query runs
+    between them) on the one server; each must succeed."""
+    p = pooler(pool_mode="transaction", extra={"default_pool_size": 1, "server_reset_query": reset_query,
                                                "server_reset_query_always": 1})
     a = raw_login(p)
     for i in range(3):
         got = run_named(a, f"s{i}", "SELECT 7")
         assert kinds(got) == "12DCZ", (i, kinds(got), errors(got))
+    return a
+
+
+def test_reset_query_not_discard_keeps_tracking(pooler: PoolerFactory) -> None:
+    """A server_reset_query that does not deallocate leaves the backend's statements in place."""
+    _three_statements_with_reset_query(pooler, "RESET ALL")
 
 
 def test_reset_query_discard_all_forgets(pooler: PoolerFactory) -> None:
     """DISCARD ALL as the reset query: every statement is prepared again afterwards."""
-    p = pooler(pool_mode="transaction", extra={"default_pool_size": 1, "server_reset_query": "DISCARD ALL",
-                                               "server_reset_query_always": 1})
-    a = raw_login(p)
-    for i in range(3):
-        got = run_named(a, f"s{i}", "SELECT 7")
-        assert kinds(got) == "12DCZ", (i, kinds(got), errors(got))
+    a = _three_statements_with_reset_query(pooler, "DISCARD ALL")
     a.send(bind("s0") + execute("") + SYNC)
     got = read_until_z(a)
     assert kinds(got) == "2DCZ", (kinds(got), errors(got))

@@ -12,18 +12,16 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pgmux.testing.cluster import PoolerProcess, TempCluster, port_accepts, tail, wait_for, write_config
+from pgmux.testing.cluster import PoolerProcess, port_accepts, wait_for
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -44,28 +42,17 @@ class ArgsPooler(PoolerProcess):
 
 
 @pytest.fixture
-def make(request: pytest.FixtureRequest, cluster: TempCluster, pooler_kind: str) -> Iterator[Callable[..., ArgsPooler]]:
-    """Like the ``pooler`` fixture, but unstarted and with ``args`` for the command line."""
-    made: list[ArgsPooler] = []
+def make(pooler: PoolerFactory) -> Callable[..., ArgsPooler]:
+    """Like the ``pooler`` fixture (whose teardown stops it), but unstarted and with ``args`` for the
+    command line."""
 
     def factory(*, args: tuple[str, ...] = (), **config_kwargs: Any) -> ArgsPooler:
-        workdir = tempfile.mkdtemp(prefix="pgmux-process-")
-        os.chmod(workdir, 0o755)
-        ini_text, userlist_text = write_config(cluster, workdir=workdir, **config_kwargs)
-        proc = ArgsPooler(pooler_kind, ini_text, userlist_text, workdir)
+        proc = pooler(start=False, process_class=ArgsPooler, **config_kwargs)
+        assert isinstance(proc, ArgsPooler)
         proc.extra_args = list(args)
-        made.append(proc)
         return proc
 
-    try:
-        yield factory
-    finally:
-        failed = any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False) for w in ("setup", "call"))
-        for proc in made:
-            proc.stop()
-            if failed:
-                print(f"\n--- {proc.kind} log ({proc.workdir}) ---\n{tail(proc.log_text(), 60)}")
-            shutil.rmtree(proc.workdir, ignore_errors=True)
+    return factory
 
 
 def run_once(proc: PoolerProcess, timeout: float = 15.0) -> tuple[int | None, str]:

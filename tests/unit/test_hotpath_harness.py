@@ -54,3 +54,39 @@ def test_login_workload_logs_in_queries_and_leaves_nothing_behind() -> None:
         assert sorted(map(id, pool.idle)) == sorted(map(id, server_list))
 
     asyncio.run(go())
+
+
+class RecordingTransport(hotpath.CountingTransport):
+    """Keeps every byte written, to check what a client received."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = bytearray()
+
+    def write(self, data: bytes | memoryview | bytearray) -> None:
+        super().write(data)
+        self.data += data
+
+
+@pytest.mark.parametrize("cut", [3, 20])  # inside the notice's header / inside its body
+def test_an_async_message_cut_after_ready_for_query_stays_with_its_client(cut: int) -> None:
+    """A notice (or ParameterStatus) can follow a ReadyForQuery; when a read cuts it, its start has
+    already gone to the client: the server must not pass to the next client before its last byte."""
+    from pgmux.protocol import messages as m
+
+    async def go() -> None:
+        _, (a, b), (s,) = hotpath.build(2, 1, "transaction")
+        a.transport = ta = RecordingTransport()  # type: ignore[assignment]
+        b.transport = tb = RecordingTransport()  # type: ignore[assignment]
+        hotpath.feed(a, hotpath.QUERY)
+        hotpath.feed(b, hotpath.QUERY)  # b waits for the only server
+        assert a.server is s and b.server is None
+        notice = m.message(b"N", b"SNOTICE\0C00000\0M" + b"x" * 100 + b"\0\0")
+        hotpath.feed(s, hotpath.ANSWER + notice[:cut])
+        assert s.client is a and b.server is None  # the transaction is over, the notice is not
+        hotpath.feed(s, notice[cut:])
+        assert a.server is None and s.client is b  # now s serves b
+        assert bytes(ta.data) == hotpath.ANSWER + notice
+        assert notice[cut:] not in bytes(tb.data)
+
+    asyncio.run(go())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from helpers_tracker import B, C, D, E, P, Q, S, feed
+
 from pgmux.protocol.prepared import (
     CLOSE_COMPLETE,
     FAKE,
@@ -14,19 +16,6 @@ from pgmux.protocol.prepared import (
     rewrite_named,
     split_parse,
 )
-
-P, B, D, E, C, S, Q = (ord(x) for x in "PBDECSQ")
-
-
-def feed(tracker: ResponseTracker, answers: str) -> tuple[str, list[bytes]]:
-    """Answers the client sees (as type letters) and the invented ones, in order."""
-    seen = []
-    for a in answers:
-        extra: list[bytes] = []
-        if tracker.answer(ord(a), extra):
-            seen.append(a)
-        seen.extend(chr(x[0]) + "*" for x in extra)
-    return "".join(seen), []
 
 
 def test_fake_answer_is_immediate_when_nothing_is_in_flight() -> None:
@@ -41,7 +30,7 @@ def test_fake_answer_waits_for_earlier_answers() -> None:
     t.request(E)
     assert t.fake(P, PARSE_COMPLETE) is None  # a Parse we did not send, after Bind+Execute
     t.request(S)
-    seen, _ = feed(t, "2DDCZ")
+    seen = feed(t, "2DDCZ")
     assert seen == "2DDC1*Z"
     assert not t.queue and t.specials == 0
 
@@ -53,7 +42,7 @@ def test_injected_parse_answer_is_swallowed() -> None:
     t.request(D)
     t.request(E)
     t.request(S)
-    seen, _ = feed(t, "12TDCZ")
+    seen = feed(t, "12TDCZ")
     assert seen == "2TDCZ"
 
 
@@ -68,7 +57,7 @@ def test_error_skips_to_sync_and_drops_pending_fakes() -> None:
     t.request(B)
     t.request(C, FAKE, CLOSE_COMPLETE)
     t.request(S)
-    seen, _ = feed(t, "EZ")
+    seen = feed(t, "EZ")
     assert seen == "EZ"
     assert not server.has(stmt) and b"s1" not in client_stmts  # a failed Parse prepared nothing
     assert t.specials == 0 and not t.queue
@@ -78,7 +67,7 @@ def test_simple_query_error_keeps_the_query_entry_until_ready() -> None:
     t = ResponseTracker()
     t.request(Q)
     t.request(P, FAKE, PARSE_COMPLETE)
-    seen, _ = feed(t, "TDCEZ")
+    seen = feed(t, "TDCEZ")
     assert seen == "TDCEZ1*"
 
 

@@ -4,6 +4,8 @@ Syncs PostgreSQL ignores during COPY IN."""
 
 from __future__ import annotations
 
+from helpers_tracker import B, C, E, P, Q, S, feed
+
 from pgmux.protocol.prepared import (
     FAKE,
     PARSE_COMPLETE,
@@ -13,18 +15,6 @@ from pgmux.protocol.prepared import (
     ServerStatements,
     StatementRegistry,
 )
-
-P, B, D, E, C, S, Q = (ord(x) for x in "PBDECSQ")
-
-
-def feed(tracker: ResponseTracker, answers: str) -> str:
-    seen = []
-    for a in answers:
-        extra: list[bytes] = []
-        if tracker.answer(ord(a), extra):
-            seen.append(a)
-        seen.extend(chr(x[0]) + "*" for x in extra)
-    return "".join(seen)
 
 
 def test_eviction_close_skipped_after_error_is_restored() -> None:
