@@ -85,6 +85,12 @@ def check_host_port(raw: str) -> None:
         raise ConfigError(f"port {port} out of range (1..65535) in {raw!r}")
 
 
+def check_auth_type(value: str) -> None:
+    """PgBouncer's auth types that pgmux lacks are refused at load, not at every login."""
+    if value in ("pam", "ldap"):
+        raise ConfigError(f"{value} is not supported by pgmux (use hba, md5 or scram-sha-256)")
+
+
 def split_list(raw: str) -> list[str]:
     """Split a comma-separated setting; blanks around items are dropped, as are empty items."""
     return [item.strip() for item in raw.split(",") if item.strip()]
@@ -151,6 +157,8 @@ class SettingDef:
             low = raw.lower()
             for choice in self.choices:
                 if choice == low:
+                    if self.check is not None:
+                        self.check(choice)
                     return choice
             raise ConfigError(f"invalid value {raw!r} (expected one of: {', '.join(self.choices)})")
         raise AssertionError(f"unknown setting kind {kind!r}")
@@ -206,7 +214,7 @@ _TABLE: tuple[SettingDef, ...] = (
     _def("auth_ident_file", "str", None),
     _def("auth_ldap_options", "str", None),
     _def("auth_query", "str", _AUTH_QUERY),
-    _def("auth_type", "enum", "md5", choices=AUTH_TYPES),
+    _def("auth_type", "enum", "md5", choices=AUTH_TYPES, check=check_auth_type),
     _def("auth_user", "str", None),
     _def("autodb_idle_timeout", "float", "3600"),
     _def("cancel_wait_timeout", "float", "10"),

@@ -486,6 +486,13 @@ def test_setting_table_shape() -> None:
     }
 
 
+def test_auth_types_pgmux_lacks_are_refused_at_load(tmp_path: Path) -> None:
+    for value in ("pam", "LDAP"):
+        expected = rf"pgbouncer.ini:2: auth_type: {value.lower()} is not supported by pgmux"
+        with pytest.raises(ConfigError, match=expected):
+            load(tmp_path, f"[pgbouncer]\nauth_type = {value}\n")
+
+
 def test_typed_values_from_file(tmp_path: Path) -> None:
     cfg = load(
         tmp_path,
