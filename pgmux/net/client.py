@@ -19,6 +19,7 @@ from pgmux.protocol.prepared import (
     PARSE_COMPLETE,
     PASS,
     SKIP,
+    KeepClientName,
     PreparedError,
     Restore,
     Statement,
@@ -585,8 +586,9 @@ class ClientConnection(PgConnection):
             if not name:
                 tracker.request(_C)
                 return None
-            self.stmts.pop(name, None)
-            self._answer_now(tracker.fake(_C, CLOSE_COMPLETE))
+            closed = self.stmts.pop(name, None)
+            keep = KeepClientName(self.stmts, name, closed) if closed is not None else None
+            self._answer_now(tracker.fake(_C, CLOSE_COMPLETE, keep))
             return b""
         if typ == _B:
             _, name_pos = split_cstring(body)

@@ -173,12 +173,15 @@ class ResponseTracker:
         if action != PASS:
             self.specials += 1
 
-    def fake(self, kind: int, answer: bytes, undo: tuple | None = None) -> bytes | None:
+    def fake(self, kind: int, answer: bytes, undo: tuple | KeepClientName | None = None) -> bytes | None:
         """An answer to invent. Returned at once when nothing is in flight before it, else
-        queued to come out after the answers that precede it. `undo` (client statement dict,
-        name, Statement) forgets the client's statement if PostgreSQL would have skipped it."""
+        queued to come out after the answers that precede it. `undo`: for a Parse, (client
+        statement dict, name, Statement) forgets the client's statement if PostgreSQL would have
+        skipped it; for a Close, a KeepClientName gives it back."""
         if self.skipping:
-            if undo is not None:
+            if isinstance(undo, KeepClientName):
+                undo.undo()
+            elif undo is not None:
                 _forget_client_name(*undo)
             return None
         if not self.queue:
@@ -273,6 +276,8 @@ class ResponseTracker:
                         _forget_failed_parse(entry[2])
                     elif len(entry) > 3:
                         _forget_client_name(*entry[3])
+                elif len(entry) > 3 and isinstance(entry[3], KeepClientName):  # a skipped Close
+                    entry[3].undo()
             if not q:
                 self.skipping = True
         elif typ in _SIMPLE_OK:
@@ -284,6 +289,22 @@ class ResponseTracker:
         if self.specials:
             self._drain_fakes(out)
         return forward
+
+
+class KeepClientName:
+    """Payload of a faked CloseComplete: the client's statement was forgotten when its Close was
+    answered; if PostgreSQL skips that Close (an earlier error in the pipeline), the statement is
+    still the client's and is given back."""
+
+    __slots__ = ("client_stmts", "name", "stmt")
+
+    def __init__(self, client_stmts: dict, name: bytes, stmt: Statement) -> None:
+        self.client_stmts = client_stmts
+        self.name = name
+        self.stmt = stmt
+
+    def undo(self) -> None:
+        self.client_stmts[self.name] = self.stmt
 
 
 class Restore:

@@ -192,3 +192,23 @@ def test_sql_deallocate_of_pgmux_statement(pooler: PoolerFactory) -> None:
     a.send(query('DEALLOCATE "PGMUX_1"'))
     read_until_z(a)
     _b_still_gets_one(b)
+
+
+def test_close_skipped_after_a_pipeline_error_keeps_the_statement(pooler: PoolerFactory) -> None:
+    """PostgreSQL skips everything after an error up to Sync, a Close included: the client's
+    statement still exists afterwards (pgmux answers Close itself, and must not forget it)."""
+    p = pooler(pool_mode="transaction")
+    c = raw_login(p)
+    got = run_named(c, "s", "SELECT 1")
+    assert rows(got)[0].endswith(b"\x011"), kinds(got)
+    c.send(parse("", "SELECT 1/(random() * 0)::int") + bind("") + execute("") + close_statement("s") + SYNC)
+    got = read_until_z(c)
+    assert kinds(got) == "12EZ", kinds(got)  # no CloseComplete: the Close was skipped
+    c.send(bind("s") + execute("") + SYNC)  # as against PostgreSQL itself, s is still there
+    got = read_until_z(c)
+    assert not errors(got) and rows(got)[0].endswith(b"\x011"), (kinds(got), errors(got))
+    c.send(close_statement("s") + SYNC)  # a Close that is not skipped does close it
+    assert kinds(read_until_z(c)) == "3Z"
+    c.send(bind("s") + execute("") + SYNC)
+    kind, body = c.read_message()
+    assert kind == b"E" and parse_error_fields(body)["M"] == 'prepared statement "s" does not exist'
