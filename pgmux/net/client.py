@@ -939,7 +939,7 @@ class ClientConnection(PgConnection):
         try:
             mech, data = m.parse_sasl_initial_response(await self._read_password())
             if mech != "SCRAM-SHA-256":
-                raise ClientError("SASL authentication failed", "28P01")
+                raise ClientError("client selected an invalid SASL authentication mechanism", "08P01")
             self.write(m.auth_request(m.AUTH_SASL_CONTINUE, server.handle_client_first(data)))
             final = server.handle_client_final(await self._read_password())
         except ScramError as exc:

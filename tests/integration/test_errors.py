@@ -188,6 +188,22 @@ def test_raw_login_and_query(session_pooler: PoolerProcess) -> None:
         conn.terminate()
 
 
+def test_invalid_sasl_mechanism(session_pooler: PoolerProcess) -> None:
+    """A SASLInitialResponse naming a mechanism that was not offered: PgBouncer's (and PostgreSQL's)
+    own wording, before any password is checked."""
+    with RawConn(session_pooler.host, session_pooler.port) as conn:
+        conn.send(startup_packet({"user": "scramuser", "database": "testdb"}))
+        kind, body = conn.read_message()
+        assert kind == b"R" and struct.unpack("!i", body[:4])[0] == 10  # AuthenticationSASL
+        first = b"n,,n=,r=abcdefghijkl"
+        conn.send(b"p" + struct.pack("!i", 4 + 12 + 4 + len(first)) + b"SCRAM-SHA-1\0"
+                  + struct.pack("!i", len(first)) + first)
+        answer = conn.read_until_close()
+    errors = [parse_error_fields(b) for k, b in answer if k == b"E"]
+    assert errors and errors[0]["M"] == "client selected an invalid SASL authentication mechanism", answer
+    assert errors[0]["C"] == "08P01", errors
+
+
 # ---------------------------------------------------------------------------------------------------
 # 6. configuration errors
 
