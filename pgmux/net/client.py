@@ -289,27 +289,22 @@ class ClientConnection(PgConnection):
                         fwd = start
                         interrupt = True
                         break
-                    server.outstanding += 1
-                    server.last_start = typ
-                    server.note_request()
+                    server.note_request(typ)
                 elif typ == _SYNC:
-                    server.outstanding += 1
-                    server.last_start = _SYNC
+                    server.note_request(_SYNC)
                     server.pending_ext = False
-                    server.note_request()
                 elif typ == _X or typ in _UNKNOWN_SET:
                     fwd = last = start
                     break
-                elif typ != _P:  # Close, CopyDone, CopyFail
-                    if typ != _C:
-                        server.copy_end()
-                        continue
+                elif typ == _C:  # a Close of one of pgmux's own statements is refused
                     if self.buf[start + 5] == _STMT and self.buf.startswith(RESERVED_PREFIX, start + 6):
                         events.clear()
                         self.fail(RESERVED_MESSAGE, RESERVED_SQLSTATE)
                         return
                     server.pending_ext = True
-                else:
+                elif typ in _COPY_END:
+                    server.copy_end()
+                else:  # Parse
                     if self.pin_mode != "off":
                         self._hint_parse(bytes(self.buf[start + 5 : stop_]))
                     if self.buf[start + 5] != 0:
@@ -487,19 +482,14 @@ class ClientConnection(PgConnection):
                     undo = None
                     if buf[start + 5] in _D_FIRST:
                         replacement, undo = self._rewrite_deallocate(_Q, bytes(buf[start + 5 : stop_]), server)
-                    server.outstanding += 1
-                    server.last_start = _Q
-                    server.note_request()
+                    server.note_request(_Q)
                     tracker.request(_Q, PASS, undo)
                 elif typ == _SYNC:
-                    server.outstanding += 1
-                    server.last_start = _SYNC
+                    server.note_request(_SYNC)
                     server.pending_ext = False
-                    server.note_request()
                     tracker.request(_SYNC)
                 elif typ == _F:
-                    server.outstanding += 1
-                    server.note_request()
+                    server.note_request(_F)
                     tracker.request(_F)
                 elif typ == _X or typ in _UNKNOWN_SET:
                     fwd = last = start
@@ -604,7 +594,7 @@ class ClientConnection(PgConnection):
         known = self.stmts.get(name)
         if known is None:
             raise PreparedError("prepared statement did not exist")
-        stmt = known
+        stmt = known  # (typed Statement: the Parse branch above binds stmt too)
         before = b""
         if not server.stmts.has(stmt):
             before = self._prepare_on(server, stmt, None)

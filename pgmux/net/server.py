@@ -30,6 +30,7 @@ SERVER_NOTIFY = type_table("G")
 TRACKED_NEED_BODY = type_table("ZSCTnE123Is")
 TRACKED_NOTIFY = type_table("tGHWV")
 _C = m.COMMAND_COMPLETE
+_FORGET_ALL_TAGS = (b"DISCARD ALL", b"DEALLOCATE ALL")  # the backend forgot every prepared statement
 _G = m.COPY_IN_RESPONSE
 _E = m.ERROR_RESPONSE
 _Q = m.QUERY
@@ -310,7 +311,7 @@ class ServerConnection(PgConnection):
         if buf[start + 5] != 68:  # these tags start with D
             return
         tag = bytes(buf[start + 5 : min(stop, start + 20)])
-        if tag.startswith((b"DISCARD ALL", b"DEALLOCATE ALL")):
+        if tag.startswith(_FORGET_ALL_TAGS):
             self.stmts.clear()
             client.stmts.clear()
             if self.tracker.queue:
@@ -388,8 +389,11 @@ class ServerConnection(PgConnection):
         self.status = status
         self.last_used = now
 
-    def note_request(self) -> None:
-        """Called by the client side when it forwards a Query/Sync: starts the query timer."""
+    def note_request(self, kind: int) -> None:
+        """Called by the client side when it forwards a Query, FunctionCall or Sync (`kind`): one
+        more ReadyForQuery to wait for, the latest request's kind (see _copy_in), the query timer."""
+        self.outstanding += 1
+        self.last_start = kind
         if not self.query_start:
             now = time.monotonic()
             self.query_start = now
@@ -562,7 +566,7 @@ class ServerConnection(PgConnection):
                 return rows, error
             if typ == m.DATA_ROW:
                 rows.append(m.parse_data_row(body))
-            elif typ == _C and body.startswith((b"DISCARD ALL", b"DEALLOCATE ALL")):
+            elif typ == _C and body.startswith(_FORGET_ALL_TAGS):
                 self.stmts.clear()  # e.g. server_reset_query: the backend forgot its statements
             elif typ == m.ERROR_RESPONSE:
                 error = m.parse_error_fields(body)
