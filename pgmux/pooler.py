@@ -21,9 +21,9 @@ from pgmux.auth import load_auth_file
 from pgmux.auth.hba import HbaError, HbaRule, HbaRules, IdentMap
 from pgmux.auth.secrets import forget_secret_classifications, random_bytes
 from pgmux.config import Config, ConfigError, DatabaseEntry
-from pgmux.config.settings import unsupported_warnings
 from pgmux.net.base import ConnectionLost
 from pgmux.net.client import ClientConnection, ClientError
+from pgmux.net.listener import log_unsupported_settings
 from pgmux.net.server import ServerConnection, ServerLoginError
 from pgmux.net.sockopts import apply_tcp_options
 from pgmux.net.tls import TlsConfigError, build_contexts
@@ -1408,8 +1408,7 @@ class Pooler:
         for name in new.settings.adopt_nonreloadable(self.settings):
             logger.warning("setting %s cannot be changed by reload; restart needed", name)
         if self.shared is None or self.shared.index == 0:  # with workers, one of them says it
-            for warning in unsupported_warnings(new.settings):
-                logger.warning("%s", warning)
+            log_unsupported_settings(new.settings)
         old = self.config
         self.reload(new)
         for pool in list(self.pools.values()):
