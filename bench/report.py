@@ -260,10 +260,13 @@ def idle_table(s: Summary) -> str:
     return md_table(headers, rows)
 
 
+PREPARED_GOAL = 1.4  # issue "The engine": -M prepared TPS ≥ 1.4x -M extended TPS through pgmux
+
+
 def prepared_table(s: Summary) -> str | None:
     """`-M prepared` against `-M extended` through each target (issue 5): what protocol-level
     prepared statements in transaction mode buy."""
-    if s.cell("prepared", "pgmux") is None or s.cell("extended", "pgmux") is None:
+    if not any(s.cell("prepared", t) and s.cell("extended", t) for t in s.pgmuxes):
         return None
     rows = []
     for target in [t for t in ("direct", *PGMUX_TARGETS) if t in s.targets]:
@@ -277,6 +280,24 @@ def prepared_table(s: Summary) -> str | None:
     headers = ["target", "-M extended TPS", "-M prepared TPS", "**prepared/extended TPS**",
                "prepared/extended pooler CPU per txn"]
     return md_table(headers, rows)
+
+
+def prepared_goal(s: Summary) -> str | None:
+    """One line: `-M prepared` TPS / `-M extended` TPS through pgmux (and pgmux ×2), each pair from the same
+    repetition, against the goal of issue "The engine", with direct PostgreSQL's ratio beside it."""
+    parts = []
+    for t in s.pgmuxes:
+        r = s.ratio("prepared", "tps", num=t, den=t, den_workload="extended")
+        if r is not None:
+            parts.append(f"{TARGET_LABEL[t]} **{f_ratio(r)}** ({'met' if r >= PREPARED_GOAL else '**not met**'})")
+    if not parts:
+        return None
+    direct = s.ratio("prepared", "tps", num="direct", den="direct", den_workload="extended")
+    beside = f"; direct PostgreSQL {f_ratio(direct)} (no pooler)" if direct is not None else ""
+    return (
+        f"Goal (issue \"The engine\"): `-M prepared` TPS ≥ {PREPARED_GOAL}x `-M extended` TPS through pgmux. "
+        f"This run, prepared/extended TPS: {', '.join(parts)}{beside}."
+    )
 
 
 def goals_table(s: Summary) -> str:

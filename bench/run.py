@@ -25,6 +25,9 @@ import resource
 import shlex
 import shutil
 import signal
+import socket
+import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -55,7 +58,14 @@ from bench.workloads import (  # noqa: E402
     all_workloads,
 )
 from pgmux import __version__ as PGMUX_VERSION  # noqa: E402
-from pgmux.testing.cluster import PGBOUNCER_BIN, PoolerProcess, TempCluster, write_config  # noqa: E402
+from pgmux.testing.cluster import (  # noqa: E402
+    PGBOUNCER_BIN,
+    PoolerProcess,
+    TempCluster,
+    chown_service_user,
+    write_config,
+)
+from pgmux.testing.tls import make_ca  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DB = "testdb"
@@ -63,8 +73,8 @@ PASSWORDS = {"md5user": "md5pass", "scramuser": "scrampass"}
 RAMP_500 = 4  # extra seconds for pgbench -c 500 to connect its clients (direct: 500 forks)
 PG_SETTINGS = {
     # 500 direct clients + 3 poolers x 2 users x 20 servers (pgmux ×2's pools are shared by its workers)
-    # + a fresh pooler for the idle-clients test + the harness's own connections
-    "max_connections": "700",
+    # + 3 TLS poolers x 20 servers (select-tls) + a fresh pooler for the idle-clients test + the harness's own
+    "max_connections": "800",
     "shared_buffers": "256MB",
 }
 
@@ -199,6 +209,10 @@ class Bench:
         self.tmp = ""
         self.cluster: TempCluster | None = None
         self.poolers: dict[str, PoolerProcess] = {}
+        # select-tls: separate instances (own ini with client_tls_sslmode = require, own port), since `require`
+        # refuses the plain clients of every other workload
+        self.tls_poolers: dict[str, PoolerProcess] = {}
+        self.tls_files: dict[str, str] = {}  # cert, key: throwaway, made in setup()
         self.extra_poolers: list[PoolerProcess] = []
         self.results: list[RunResult] = []
         self.notes: list[str] = []
@@ -206,11 +220,27 @@ class Bench:
         self.started_at = dt.datetime.now().astimezone()
         self.env = dict(os.environ, PGSSLMODE="disable", PGGSSENCMODE="disable")
         self.env.pop("PGSERVICE", None)
+        self.tls_env = dict(self.env, PGSSLMODE="require")
         self.nofile_need = args.max_client_conn + 500
 
     def note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
+
+    def tls_targets(self) -> list[str]:
+        """The targets of this run that a TLS workload runs against."""
+        return [t for t in self.targets if any(w.tls and t in w.targets for w in self.workloads)]
+
+    def make_tls_files(self) -> None:
+        """A throwaway CA and a server certificate for localhost/127.0.0.1 (pgmux.testing.tls), in a directory
+        given to postgres when root: PostgreSQL and PgBouncer run as postgres, and PostgreSQL wants its key
+        0600 and its own."""
+        d = os.path.join(self.tmp, "tls")
+        os.makedirs(d)
+        os.chmod(d, 0o755)
+        cert, key = make_ca(d, name="pgmux bench CA").issue_server(d)
+        chown_service_user(d)
+        self.tls_files = {"cert": str(cert), "key": str(key)}
 
     # -- setup / teardown
     def setup(self) -> None:
@@ -218,8 +248,15 @@ class Bench:
         os.chmod(self.tmp, 0o755)
         soft, _hard = raise_nofile(self.nofile_need + 200)
         self.info["bench_nofile"] = str(soft)
-        log("starting a throwaway PostgreSQL cluster ...")
-        self.cluster = TempCluster(settings=PG_SETTINGS)
+        settings = dict(PG_SETTINGS)
+        if self.tls_targets():
+            self.make_tls_files()
+            if "direct" in self.tls_targets():
+                settings.update(
+                    ssl="on", ssl_cert_file=f"'{self.tls_files['cert']}'", ssl_key_file=f"'{self.tls_files['key']}'"
+                )
+        log("starting a throwaway PostgreSQL cluster" + (" (ssl = on)" if "ssl" in settings else "") + " ...")
+        self.cluster = TempCluster(settings=settings)
         self.cluster.start()
         self.cluster.create_test_roles()
         log(f"  PostgreSQL on 127.0.0.1:{self.cluster.port}; pgbench -i -s {self.args.scale} ...")
@@ -245,25 +282,45 @@ class Bench:
         for target in POOLERS:
             if target in self.targets:
                 self.poolers[target] = self.start_pooler(target, target)
+        for target in POOLERS:
+            if target in self.tls_targets():
+                self.tls_poolers[target] = self.start_pooler(target, target + "-tls", tls=True)
         self.collect_info()
 
-    def pooler_settings(self, target: str) -> dict[str, object]:
-        """The shared ini's settings, plus the target's own (``workers = 2`` for pgmux ×2)."""
-        return {
+    @property
+    def server_tls_off(self) -> bool:
+        """PostgreSQL has ssl = on (for direct's TLS run): the poolers are told to talk to it in the clear,
+        as they do when it has no TLS (their default server_tls_sslmode is prefer)."""
+        return "direct" in self.tls_targets()
+
+    def pooler_settings(self, target: str, tls: bool = False) -> dict[str, object]:
+        """The shared ini's settings, plus the target's own (``workers = 2`` for pgmux ×2), plus client TLS
+        for the TLS instances."""
+        settings: dict[str, object] = {
             "default_pool_size": self.args.pool_size,
             "max_client_conn": self.args.max_client_conn,
             "log_connections": 0,
             "log_disconnections": 0,
             **POOLER_EXTRA.get(target, {}),
         }
+        if self.server_tls_off:
+            settings["server_tls_sslmode"] = "disable"
+        if tls:
+            settings.update(
+                client_tls_sslmode="require",
+                client_tls_cert_file=self.tls_files["cert"],
+                client_tls_key_file=self.tls_files["key"],
+            )
+        return settings
 
-    def start_pooler(self, target: str, name: str) -> BenchPooler:
-        """Start the pooler of ``target`` (pgbouncer, pgmux, pgmux2) in its own workdir and port."""
+    def start_pooler(self, target: str, name: str, tls: bool = False) -> BenchPooler:
+        """Start the pooler of ``target`` (pgbouncer, pgmux, pgmux2) in its own workdir and port (``tls``: the
+        instance with client_tls_sslmode = require)."""
         assert self.cluster is not None
         workdir = os.path.join(self.tmp, name)
         os.makedirs(workdir, exist_ok=True)
         os.chmod(workdir, 0o755)
-        settings = self.pooler_settings(target)
+        settings = self.pooler_settings(target, tls)
         ini, userlist = write_config(self.cluster, pool_mode="transaction", extra=settings, workdir=workdir)
         proc = BenchPooler(POOLER_KIND[target], ini, userlist, workdir, verbose=False)
         proc.nofile = min(self.nofile_need, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
@@ -282,23 +339,26 @@ class Bench:
             )
         return proc
 
-    def ensure_running(self, target: str) -> PoolerProcess:
+    def ensure_running(self, target: str, tls: bool = False) -> PoolerProcess:
         """Restart a pooler that died (and say so in the notes), so one crash does not end the run."""
-        proc = self.poolers[target]
+        poolers = self.tls_poolers if tls else self.poolers
+        proc = poolers[target]
         if proc.is_running():
             return proc
         tail_text = proc.log_text().strip().splitlines()[-3:]
+        label = TARGET_LABEL[target] + (" (TLS instance)" if tls else "")
         self.note(
-            f"{TARGET_LABEL[target]} exited (code {proc.proc.returncode if proc.proc else '?'}) and was restarted; "
+            f"{label} exited (code {proc.proc.returncode if proc.proc else '?'}) and was restarted; "
             f"log tail: {' / '.join(tail_text)}"
         )
-        log(f"  !! {TARGET_LABEL[target]} is not running; restarting it")
+        log(f"  !! {label} is not running; restarting it")
         proc.stop()
-        self.poolers[target] = self.start_pooler(target, target + f"-restart{len(self.notes)}")
-        return self.poolers[target]
+        name = target + ("-tls" if tls else "") + f"-restart{len(self.notes)}"
+        poolers[target] = self.start_pooler(target, name, tls=tls)
+        return poolers[target]
 
     def close(self) -> None:
-        for proc in [*self.poolers.values(), *self.extra_poolers]:
+        for proc in [*self.poolers.values(), *self.tls_poolers.values(), *self.extra_poolers]:
             with contextlib.suppress(Exception):
                 proc.stop()
         if self.cluster is not None:
@@ -333,6 +393,32 @@ class Bench:
             uvloop=f"{dist_version('uvloop')}; loaded by the pgmux process: {uvloop_used}",
             matplotlib=dist_version("matplotlib"),
         )
+        if self.tls_targets():
+            self.info["tls"] = self.tls_handshakes()
+
+    def tls_handshakes(self) -> str:
+        """What each TLS target negotiates (SSLRequest, then a handshake by Python's ssl, no login), e.g.
+        'PgBouncer TLSv1.3 TLS_AES_256_GCM_SHA384'."""
+        out = []
+        for target in self.tls_targets():
+            if target == "direct":
+                assert self.cluster is not None
+                host, port = self.cluster.host, self.cluster.port
+            else:
+                host, port = self.tls_poolers[target].host, self.tls_poolers[target].port
+            try:
+                ctx = ssl.create_default_context()
+                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+                with socket.create_connection((host, port), timeout=5) as sock:
+                    sock.sendall(struct.pack("!ii", 8, 80877103))  # SSLRequest
+                    if sock.recv(1) != b"S":
+                        raise RuntimeError("SSLRequest refused")
+                    with ctx.wrap_socket(sock) as tls:
+                        cipher = tls.cipher()
+                        out.append(f"{TARGET_LABEL[target]} {tls.version()} {cipher[0] if cipher else '?'}")
+            except Exception as e:  # noqa: BLE001 - informational only
+                out.append(f"{TARGET_LABEL[target]} ? ({type(e).__name__}: {str(e).strip()[:80]})")
+        return "; ".join(out)
 
     def how_it_was_run(self) -> list[str]:
         a, i = self.args, self.info
@@ -375,9 +461,9 @@ class Bench:
                 else []
             ),
             f"- Runs: {a.reps} repetition(s) × {a.duration} s per pgbench run, `pgbench -n -j 2` "
-            "(-j 1 for 1 client), PGSSLMODE=disable; targets interleaved within each workload and their order "
-            "rotated every repetition; users md5user (md5) unless stated. pgbench connects its clients inside -T, "
-            "so the 500-client runs get -T duration + "
+            "(-j 1 for 1 client), PGSSLMODE=disable (require for `-S TLS`); targets interleaved within each "
+            "workload and their order rotated every repetition; users md5user (md5) unless stated. pgbench "
+            "connects its clients inside -T, so the 500-client runs get -T duration + "
             f"{RAMP_500} s (for every target; reported TPS excludes the connection time)",
             "- TPS: pgbench's `tps =` line (without initial connection time; with -C including reconnection). "
             "Mean and p99 latency: from pgbench's per-transaction log (`-l`), all transactions. "
@@ -386,6 +472,24 @@ class Bench:
             "sampled every 100 ms; the delta over the steady part of the run (10% after the first transaction to "
             "2% before the last) divided by the transactions completed in that window (the raw table also shows the "
             "whole-run figure). RSS: VmRSS of the pooler from /proc/PID/status (summed over its processes)",
+            *(
+                [
+                    "- TLS (`-S TLS` row): pgbench with PGSSLMODE=require; the poolers run as separate instances "
+                    "(own ini and port, the shared settings plus `client_tls_sslmode = require`, "
+                    "`client_tls_cert_file`/`client_tls_key_file`: a throwaway ECDSA P-256 certificate from "
+                    "pgmux.testing.tls, started once like the others)"
+                    + (
+                        "; PostgreSQL runs with `ssl = on` and the same certificate for direct's TLS run, so the "
+                        "poolers get `server_tls_sslmode = disable`: their server side stays in the clear, as in "
+                        "every other workload"
+                        if self.server_tls_off
+                        else "; the poolers' server side is in the clear"
+                    )
+                    + f". Negotiated with Python's ssl as the client: {i.get('tls', '?')}"
+                ]
+                if self.tls_targets()
+                else []
+            ),
             f"- Idle clients: {a.idle_clients:,} raw asyncio sockets doing a real md5 login (StartupMessage, "
             "PasswordMessage, wait for ReadyForQuery), 100 logins in flight, held 2 s, then closed; KiB per idle "
             "client = (VmRSS holding − VmRSS before) / clients held, on a fresh pooler process after one warm-up login",
@@ -395,12 +499,12 @@ class Bench:
         return lines
 
     # -- runs
-    def dsn(self, target: str, user: str) -> str:
+    def dsn(self, target: str, user: str, tls: bool = False) -> str:
         password = PASSWORDS[user]
         if target == "direct":
             assert self.cluster is not None
             return self.cluster.dsn(user, password, DB)
-        return self.poolers[target].dsn(user, password, DB)
+        return (self.tls_poolers if tls else self.poolers)[target].dsn(user, password, DB)
 
     def warmup(self) -> None:
         """Fill each pooler's pools (md5 and SCRAM) and PostgreSQL's caches before measuring."""
@@ -417,11 +521,22 @@ class Bench:
                     env=self.env,
                     check=False,
                 )
+        for target in self.tls_targets():  # the TLS instances: md5user's pool (select-tls runs as md5user)
+            if target != "direct":
+                self.ensure_running(target, tls=True)
+            subprocess.run(
+                ["pgbench", "-n", "-S", "-T", "1", "-c", "20", "-j", "2", self.dsn(target, "md5user", tls=True)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=self.tls_env,
+                check=False,
+            )
 
     def run_one(self, w: Workload, target: str, rep: int) -> RunResult:
         pid = None
         if target != "direct":
-            pid = self.ensure_running(target).pid
+            pid = self.ensure_running(target, tls=w.tls).pid
         args = list(w.args)
         if w.key in self.scripts:
             args += ["-f", self.scripts[w.key]]
@@ -431,16 +546,17 @@ class Bench:
             target=target,
             rep=rep,
             pgbench_args=args,
-            dsn=self.dsn(target, w.user),
+            dsn=self.dsn(target, w.user, tls=w.tls),
             duration=self.args.duration + (RAMP_500 if w.clients >= 500 else 0),
             log_prefix=prefix,
             pooler_pid=pid,
-            env=self.env,
+            env=self.tls_env if w.tls else self.env,
             cwd=self.tmp,
             timeout=self.args.duration + 90 + w.clients * 0.2 + (RAMP_500 if w.clients >= 500 else 0),
         )
-        if target != "direct" and not self.poolers[target].is_running():
-            tail_text = " / ".join(self.poolers[target].log_text().strip().splitlines()[-2:])
+        proc = (self.tls_poolers if w.tls else self.poolers).get(target)
+        if proc is not None and not proc.is_running():
+            tail_text = " / ".join(proc.log_text().strip().splitlines()[-2:])
             res.error = (res.error + "; " if res.error else "") + f"{target} exited: {tail_text}"
         return res
 
@@ -561,12 +677,23 @@ class Bench:
                 "arrived in 1.21), so that row compares pgmux with direct only."
             )
             out.append("")
+        if any(w.tls for w in self.workloads):
+            direct = ", and against PostgreSQL with `ssl = on`" if self.server_tls_off else ""
+            out.append(
+                "`-S TLS`: pgbench with PGSSLMODE=require against each pooler's TLS instance (its own ini and port, "
+                f"`client_tls_sslmode = require`){direct}; the poolers' server connections are in the clear. "
+                "Pooler CPU per transaction includes the TLS work."
+            )
+            out.append("")
         prepared = report.prepared_table(s)
         if prepared:
             out += ["## Prepared statements in transaction mode: `-M prepared` against `-M extended`", "",
                     "pgbench -S, 50 clients, pool 20: the same queries with the statement parsed each time "
                     "(extended) or prepared once per client connection (prepared); pgmux prepares each "
                     "statement on whichever server a client lands on.", "", prepared, ""]
+            goal = report.prepared_goal(s)
+            if goal:
+                out += [goal, ""]
         out += ["## Latency", "", report.latency_table(s), ""]
         if any(w.kind == "idle" for w in self.workloads):
             out += [f"## {self.args.idle_clients:,} idle clients", "", report.idle_table(s), ""]

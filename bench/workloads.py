@@ -22,6 +22,7 @@ class Workload:
     targets: tuple[str, ...] = TARGETS
     script: str | None = None  # custom pgbench script text (file written into the temp dir)
     kind: str = "pgbench"  # or "idle"
+    tls: bool = False  # PGSSLMODE=require, against the TLS instances of the poolers (client_tls_sslmode=require)
     note: str = ""
     gate: dict[str, float] = field(default_factory=dict, hash=False, compare=False)  # issue 8 goals
 
@@ -34,6 +35,13 @@ def pgbench_workloads() -> list[Workload]:
         Workload("select-c1", "-S, 1 client", S(1), clients=1),
         Workload("select-c50", "-S, 50 clients", S(50), gate={"tps": 1.0, "cpu": 1.0}),
         Workload("select-c500", "-S, 500 clients", S(500), clients=500, gate={"tps": 1.0, "cpu": 1.0}),
+        Workload(
+            "select-tls",
+            "-S TLS, 50 clients",
+            S(50),
+            tls=True,
+            note="PGSSLMODE=require; poolers: their own instances with client_tls_sslmode=require",
+        ),
         Workload("extended", "-S -M extended, 50 clients", (*S(50), "-M", "extended")),
         Workload(
             "prepared",

@@ -8,9 +8,10 @@ Run ``python3 -m pgmux.demo`` (or ``scripts/demo.sh``). It starts its own Postgr
 * how many PostgreSQL backends each variant used (max concurrent, sampled from pg_stat_activity every
   50 ms, and backends started, from pg_stat_database.sessions),
 
-and prints the table with ratios. Everything it starts is stopped and deleted at the end, also on error
-or Ctrl-C. ``--pooler pgbouncer`` runs the same harness against PgBouncer; ``--compare-pgbouncer`` adds
-PgBouncer as a third column.
+and prints the table with ratios. When PgBouncer is installed (``/usr/sbin/pgbouncer``) it is measured too,
+with the same ini and the same pgbench runs, as a third column (``--no-pgbouncer`` leaves it out; the output
+says when it is not installed). Everything it starts is stopped and deleted at the end, also on error or
+Ctrl-C. ``--pooler pgbouncer`` runs the harness against PgBouncer alone.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pgmux.testing.cluster import PGBOUNCER_BIN, BackendSampler, PoolerProcess, 
 
 USER, PASSWORD, DB = "md5user", "md5pass", "testdb"
 POOL_SIZE = 10
+LABEL = {"direct": "direct", "pgmux": "pgmux", "pgbouncer": "PgBouncer"}
 
 
 @dataclass
@@ -114,14 +116,20 @@ ROWS = [
 
 
 def print_table(columns: list[Column]) -> None:
+    """One row per measurement, one column per target, then each pooler against direct (and pgmux against
+    PgBouncer when both ran)."""
     direct = columns[0]
-    headers = ["", *[c.name for c in columns], *[f"{c.name}/direct" for c in columns[1:]]]
+    by_name = {c.name: c for c in columns}
+    pairs = [(c, direct) for c in columns[1:]]
+    if "pgmux" in by_name and "PgBouncer" in by_name:
+        pairs.append((by_name["pgmux"], by_name["PgBouncer"]))
+    headers = ["", *[c.name for c in columns], *[f"{a.name}/{b.name}" for a, b in pairs]]
     table = [headers]
     for key, label, unit in ROWS:
         row = [label, *[fmt(c.results[key], unit) for c in columns]]
-        for c in columns[1:]:
-            base = direct.results[key]
-            row.append(f"{c.results[key] / base:.2f}x" if base else "-")
+        for a, b in pairs:
+            base = b.results[key]
+            row.append(f"{a.results[key] / base:.2f}x" if base else "-")
         table.append(row)
     widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
     for n, row in enumerate(table):
@@ -133,18 +141,34 @@ def print_table(columns: list[Column]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pgmux.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--pooler", choices=["pgmux", "pgbouncer"], default="pgmux", help="pooler to demo")
-    ap.add_argument("--compare-pgbouncer", action="store_true", help="add PgBouncer as a third column")
+    ap.add_argument(
+        "--no-pgbouncer", action="store_true", help="leave PgBouncer out (by default it is shown when installed)"
+    )
+    ap.add_argument(
+        "--compare-pgbouncer", action="store_true", help="require PgBouncer as a third column (fail if not installed)"
+    )
     ap.add_argument("--connects", type=int, default=200, help="connect+close repetitions (200)")
     ap.add_argument("--duration", type=int, default=5, help="seconds per pgbench run (5)")
     args = ap.parse_args(argv)
 
+    have_pgbouncer = os.access(PGBOUNCER_BIN, os.X_OK)
+    if (args.compare_pgbouncer or args.pooler == "pgbouncer") and not have_pgbouncer:
+        print(f"{PGBOUNCER_BIN} not found; install pgbouncer or drop the option", file=sys.stderr)
+        return 2
     kinds = [args.pooler]
-    if args.compare_pgbouncer and args.pooler != "pgbouncer":
-        kinds.append("pgbouncer")
-    for kind in kinds:
-        if kind == "pgbouncer" and not os.access(PGBOUNCER_BIN, os.X_OK):
-            print(f"{PGBOUNCER_BIN} not found; install pgbouncer or drop the option", file=sys.stderr)
-            return 2
+    pgbouncer_note = ""
+    if args.pooler != "pgbouncer":
+        if args.no_pgbouncer:
+            pgbouncer_note = "PgBouncer: left out (--no-pgbouncer)"
+        elif have_pgbouncer:
+            kinds.insert(0, "pgbouncer")  # columns: direct, PgBouncer, pgmux
+        else:
+            pgbouncer_note = (
+                f"PgBouncer: not installed ({PGBOUNCER_BIN} not found), so not shown; "
+                "scripts/setup.sh installs it (apt-get install pgbouncer)"
+            )
+    if pgbouncer_note:
+        print(pgbouncer_note, flush=True)
 
     cluster = TempCluster()
     poolers: list[PoolerProcess] = []
@@ -179,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             proc = PoolerProcess(kind, ini, userlist, workdir, verbose=False)
             poolers.append(proc)
-            print(f"starting {kind} on 127.0.0.1:{proc.port} ...", flush=True)
+            print(f"starting {LABEL[kind]} on 127.0.0.1:{proc.port} ...", flush=True)
             proc.start()
-            col = Column(kind, proc.dsn(USER, PASSWORD, DB))
+            col = Column(LABEL[kind], proc.dsn(USER, PASSWORD, DB))
             measure_all(cluster, col, args)
             columns.append(col)
             proc.stop()
@@ -192,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {cluster.version()}; {tool_version(['pgbench', '--version'])}")
         if "pgbouncer" in kinds:
             print(f"  {tool_version([PGBOUNCER_BIN, '-V'])}")
+        if pgbouncer_note:
+            print(f"  {pgbouncer_note}")
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         print(f"  {platform.system()} {platform.release()}, {os.cpu_count()} CPUs, load average {load}")
         print(f"  PostgreSQL on 127.0.0.1:{cluster.port}: fsync=off, max_connections=300")
@@ -204,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             f"8 clients, 2 threads, {args.duration} s per run; connect test: {args.connects} x psycopg "
             "connect+close over TCP"
         )
-        print("  targets measured one after the other (a pooler is stopped before the next starts)")
+        print(
+            "  targets measured one after the other (a pooler is stopped before the next starts), "
+            "every pooler with the same settings"
+        )
         print(
             "  backends: max concurrent sampled from pg_stat_activity every 50 ms; new = the larger of "
             "the pg_stat_database.sessions delta and new pids seen"
