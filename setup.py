@@ -1,33 +1,42 @@
-"""Optional compiled header walker: built when Cython and a C compiler are available.
+"""Compiled parts of pgmux, built by `pip install .` (Cython and a C compiler are build requirements).
 
-Everything else is configured in pyproject.toml. A failed build is not an error: pgmux then
-uses the pure-Python walker (pgmux/protocol/scanner.py), which is the reference anyway.
+- pgmux.engine._engine: the data path (an epoll set of its own, C buffers, framing, link state). Required.
+- pgmux.protocol._scan: the compiled twin of the header walker the slow path uses. Optional: without it
+  pgmux uses the pure-Python walker (pgmux/protocol/scanner.py), which is the reference anyway.
+
+Everything else is configured in pyproject.toml. PGMUX_SANITIZE=address builds with AddressSanitizer
+(for the fuzzer: tests/fuzz, docs/reliability.md).
 """
 
-from setuptools import setup
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 
-class OptionalBuildExt(build_ext):
-    def run(self) -> None:
-        try:
-            super().run()
-        except Exception as exc:  # noqa: BLE001 - no compiler, no headers: fall back to pure Python
-            print(f"pgmux: optional extension not built ({exc}); using the pure-Python scanner")
-
+class BuildExt(build_ext):
     def build_extension(self, ext) -> None:  # type: ignore[no-untyped-def]
         try:
             super().build_extension(ext)
         except Exception as exc:  # noqa: BLE001
+            if ext.name == "pgmux.engine._engine":
+                raise
             print(f"pgmux: optional extension {ext.name} not built ({exc})")
 
 
 def extensions() -> list:
-    try:
-        from Cython.Build import cythonize
-    except ImportError:
-        return []
-    return cythonize(["pgmux/protocol/_scan.pyx"], quiet=True)
+    args: list[str] = ["-O2"]
+    link: list[str] = []
+    if os.environ.get("PGMUX_SANITIZE") == "address":
+        args = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
+        link = ["-fsanitize=address"]
+    exts = [
+        Extension("pgmux.engine._engine", ["pgmux/engine/_engine.pyx"], extra_compile_args=args,
+                  extra_link_args=link),
+        Extension("pgmux.protocol._scan", ["pgmux/protocol/_scan.pyx"]),
+    ]
+    return cythonize(exts, quiet=True, compiler_directives={"language_level": "3"})
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

@@ -21,6 +21,7 @@ from pgmux.auth import load_auth_file
 from pgmux.auth.hba import HbaError, HbaRule, HbaRules, IdentMap
 from pgmux.auth.secrets import forget_secret_classifications, random_bytes
 from pgmux.config import Config, ConfigError, DatabaseEntry
+from pgmux.engine import LAZY_PREPARE, PIN_HINTS, SESSION, Engine
 from pgmux.net.base import ConnectionLost
 from pgmux.net.client import ClientConnection, ClientError
 from pgmux.net.listener import log_unsupported_settings
@@ -121,6 +122,9 @@ class Pooler:
         self.shared: WorkerShare | None = None
         self.on_reload: Callable[[], None] | None = None  # cli.py: reopen the log file with the new settings
         self.shutdown_done: asyncio.Future[None] | None = None  # cli.py: resolved when the process may exit
+        # The data path (pgmux/engine): one epoll set per process, registered once in this loop.
+        self.engine: Engine | None = Engine(self.loop)
+        self.engine.start()
         self.apply_config(config)
 
     # ------------------------------------------------------------ configuration
@@ -607,6 +611,7 @@ class Pooler:
         pool.connecting -= 1
         pool.login_failure = None
         pool.last_login_ok = time.monotonic()
+        self.adopt(server)
         server.state = "idle"
         if server.connect_time < pool.dirty_since:  # RECONNECT/RELOAD came while it logged in
             server.close_needed = True
@@ -761,7 +766,43 @@ class Pooler:
         server.start_forwarding()
         if client.write_paused and server.transport is not None:
             server.transport.pause_reading()
-        client.resume_held()
+        if not self.link_fast(client, server):
+            client.resume_held()
+
+    # ------------------------------------------------------------ the engine (pgmux/engine)
+
+    def adopt(self, conn: ClientConnection | ServerConnection) -> None:
+        """Hand a logged-in connection's socket to the engine. TLS links stay on their asyncio
+        transport (the engine does no TLS yet), and so does everything with `engine = off`."""
+        engine = self.engine
+        t = conn.transport
+        if engine is None or conn.tls or t is None or t.is_closing() or t.get_write_buffer_size():
+            return
+        new = engine.adopt(conn, t)
+        if new is not None:
+            conn.transport = new
+
+    def link_fast(self, client: ClientConnection, server: ServerConnection) -> bool:
+        """Let the engine forward this link natively, if it can decide every message the link
+        will see (not while prepared statements are tracked or answers withheld). True: the
+        engine took over, including the bytes the client sent meanwhile."""
+        if client.fast:
+            return True
+        if (self.engine is None or not client.adopted or not server.adopted or client.tracking or server.tracking
+                or client.no_pqexec or client.linking or client.awaiting_quiet or client.closed or server.closed
+                or not server.forwarding or client.server is not server):
+            return False
+        flags = 0
+        if client.pin_mode != "off":
+            flags |= PIN_HINTS
+        if client.lazy_prepare:
+            flags |= LAZY_PREPARE
+        if client.pool_mode == "session":
+            flags |= SESSION
+        if client.read_paused and client.transport is not None:
+            client.read_paused = False
+            client.transport.resume_reading()
+        return bool(self.engine.link_fast(client, server, flags))
 
     async def _sync_params(self, client: ClientConnection, server: ServerConnection,
                            diff: list[tuple[str, str]]) -> None:
@@ -816,6 +857,8 @@ class Pooler:
         self.link(client, server)
 
     def unlink(self, client: ClientConnection, server: ServerConnection) -> None:
+        if client.fast:
+            client.to_slow()  # the engine hands what it carries back to both sides
         client.server = None
         server.client = None
         if server.transport is not None and client.write_paused:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import struct
 
+from pgmux.engine import Link
 from pgmux.protocol.messages import ProtocolError
 
 BUF_SIZE = 65536
@@ -39,8 +40,14 @@ class ConnectionLost(Exception):
     """The peer closed the socket while we waited for a message."""
 
 
-class PgConnection(asyncio.BufferedProtocol):
-    """Receive buffer plus a message reader for the non-forwarding phases."""
+class PgConnection(Link, asyncio.BufferedProtocol):
+    """Receive buffer plus a message reader for the non-forwarding phases.
+
+    The link state the data path keeps (outstanding requests, transaction status, timers) is in
+    `Link`, pgmux.engine's C struct, so that the compiled data path and this Python code read and
+    write the same fields. Once the engine owns the socket (`Engine.adopt`), `transport` is its
+    EngineTransport; a linked pair may then forward in C (`Engine.link_fast`) and this class's
+    buffer is used only while the link is on the slow path."""
 
     # Slots, not an instance __dict__: CPython 3.11 shares dict keys between instances only up to
     # 30 attributes, so every client carried its own ~1.5 KiB dict; slots are 8 bytes each and
@@ -48,7 +55,7 @@ class PgConnection(asyncio.BufferedProtocol):
     # the subclass's __slots__ (admin state keeps weak references: __weakref__).
     __slots__ = (
         "loop", "buf", "mv", "keep", "grow", "later", "skip", "transport", "forwarding", "inbox",
-        "_waiter", "closed", "close_reason", "max_packet_size", "__weakref__",
+        "_waiter", "closed", "close_reason", "__weakref__",
     )
 
     def __init__(self, buf_size: int = BUF_SIZE, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -178,6 +185,8 @@ class PgConnection(asyncio.BufferedProtocol):
 
     def stop_forwarding(self) -> None:
         """Back to the slow path (reset queries, parameter sync)."""
+        if self.fast:
+            self.to_slow()  # what the engine carries comes back to buf/keep/skip
         if self.keep:
             self.inbox += self.buf[: self.keep]
         self.keep = 0

@@ -98,7 +98,7 @@ class ClientConnection(PgConnection):
     __slots__ = (
         "pooler", "login_expired", "is_unix", "tls", "server", "pool", "db", "user", "dbname",
         "params", "startup_params", "addr", "port", "local_addr", "local_port", "connect_time",
-        "connect_wall", "request_time", "wait_started", "waiting", "linking", "logged_in",
+        "connect_wall", "wait_started", "waiting", "linking", "logged_in",
         "admitted", "limits_counted", "write_paused", "read_paused", "pool_mode", "cancel_key",
         "login_task", "id", "client_key", "_events", "tracking", "lazy_prepare", "pin_mode",
         "state_hint", "pinned", "pinned_since", "drain_passed", "awaiting_quiet", "stmts", "authed",
@@ -257,11 +257,27 @@ class ClientConnection(PgConnection):
             return
         self.forward(end)
 
+    def engine_escape(self, data: bytes) -> None:
+        """The engine met a message its fast path does not decide (see pgmux/engine/_engine.pxd):
+        the link is on the slow path now, and `data` is everything from that message on."""
+        n = len(data)
+        buf = bytearray(max(CLIENT_BUF_SIZE, 2 * n))
+        buf[:n] = data
+        self.buf = buf
+        self.mv = memoryview(buf)
+        self.keep = 0
+        self.data_path(n)
+
     def forward(self, end: int) -> None:
         """Forward buf[0:end] (the first `keep` bytes held from earlier) to the linked server."""
         if self.tracking:
             self._forward_tracked(end)
             return
+        self._forward_untracked(end)
+        if self.adopted and not self.closed and self.server is not None and not self.linking:
+            self.pooler.link_fast(self, self.server)  # back to the engine after an escape
+
+    def _forward_untracked(self, end: int) -> None:
         server = self.server
         assert server is not None
         st = server.transport
@@ -289,9 +305,9 @@ class ClientConnection(PgConnection):
                         fwd = start
                         interrupt = True
                         break
-                    server.note_request(typ)
+                    server.request_sent(typ)
                 elif typ == _SYNC:
-                    server.note_request(_SYNC)
+                    server.request_sent(_SYNC)
                     server.pending_ext = False
                 elif typ == _X or typ in _UNKNOWN_SET:
                     fwd = last = start
@@ -482,14 +498,14 @@ class ClientConnection(PgConnection):
                     undo = None
                     if buf[start + 5] in _D_FIRST:
                         replacement, undo = self._rewrite_deallocate(_Q, bytes(buf[start + 5 : stop_]), server)
-                    server.note_request(_Q)
+                    server.request_sent(_Q)
                     tracker.request(_Q, PASS, undo)
                 elif typ == _SYNC:
-                    server.note_request(_SYNC)
+                    server.request_sent(_SYNC)
                     server.pending_ext = False
                     tracker.request(_SYNC)
                 elif typ == _F:
-                    server.note_request(_F)
+                    server.request_sent(_F)
                     tracker.request(_F)
                 elif typ == _X or typ in _UNKNOWN_SET:
                     fwd = last = start
@@ -796,6 +812,7 @@ class ClientConnection(PgConnection):
         self.cancel_key = pooler.register_cancel_key(self)
         out.append(m.message(b"K", self.cancel_key))
         out.append(m.ready_for_query(b"I"))
+        pooler.adopt(self)  # from here on the engine owns the socket (not TLS: see Pooler.adopt)
         self.write(b"".join(out))
         self.logged_in = True
         self.pool.clients.add(self)

@@ -53,19 +53,20 @@ class ServerConnection(PgConnection):
     """One connection to PostgreSQL, owned by a pool, linked to at most one client at a time."""
 
     # (see PgConnection.__slots__)
+    # The link state (outstanding, pending_ext, status, last_start, copy_in, copy_base,
+    # boundary_due, query_start, xact_start, last_used, request_time) is in pgmux.engine.Link.
     __slots__ = (
         "pooler", "pool", "addr", "port", "client", "backend_pid", "backend_key", "params",
-        "login_params", "outstanding", "pending_ext", "status", "state", "connect_time",
-        "connect_wall", "last_used", "request_time", "query_start", "xact_start", "close_needed",
+        "login_params", "state", "connect_time", "connect_wall", "close_needed",
         "cancels", "tls", "dirty", "read_paused", "local_addr", "local_port", "_events", "tracking",
-        "statement_mode", "stmts", "tracker", "sent_prefix", "last_start", "copy_in", "copy_base",
-        "boundary_due",
+        "statement_mode", "stmts", "tracker", "sent_prefix",
     )
 
     def __init__(self, pooler: Pooler, pool: Pool, addr: str, port: int) -> None:
         super().__init__(loop=pooler.loop)
         self.pooler = pooler
         self.pool = pool
+        self.link_stats = pool.stats  # what the engine counts this server's traffic in
         self.addr = addr
         self.port = port
         self.client: ClientConnection | None = None
@@ -181,7 +182,7 @@ class ServerConnection(PgConnection):
             ready = False
             for typ, start, stop_ in events:
                 if typ == _Z:
-                    self._ready_for_query(buf[start + 5])
+                    self.ready(buf[start + 5])
                     ready = True
                 elif typ == _C:
                     self._command_complete(buf, start, stop_, client)
@@ -249,7 +250,7 @@ class ServerConnection(PgConnection):
                     events.clear()
                     self.pooler.refuse_transaction_block(self)
                     return
-                self._ready_for_query(buf[start + 5])
+                self.ready(buf[start + 5])
                 ready = True
             elif typ == _C:
                 self._command_complete(buf, start, stop_, client)
@@ -299,11 +300,9 @@ class ServerConnection(PgConnection):
             self.keep = 0
 
     def _parameter_status(self, buf: bytearray, start: int, stop: int, client: ClientConnection) -> None:
-        name, value = m.parse_parameter_status(bytes(buf[start + 5 : stop]))
-        self.params.set(name, value)
-        client.params.set(name, value)
+        self.engine_parameter_status(bytes(buf[start + 5 : stop]))
 
-    def _command_complete(self, buf: bytearray, start: int, stop: int, client: ClientConnection) -> None:
+    def _command_complete(self, buf: bytes | bytearray, start: int, stop: int, client: ClientConnection) -> None:
         """DISCARD ALL or DEALLOCATE ALL: the server forgot every prepared statement, except the
         ones Parsed after it in the same pipeline (still in the tracker's queue). A DEALLOCATE
         pgmux did not send itself may have dropped one of pgmux's PGMUX_<n> (SQL can name them):
@@ -339,67 +338,19 @@ class ServerConnection(PgConnection):
         Execute) will get no ReadyForQuery. Those already counted are uncounted here; the ones sent
         until CopyDone/CopyFail are uncounted then (copy_end). If the client already ended the COPY
         (it did not wait for this answer), which of its Syncs came first is unknown: nothing is
-        uncounted, so the server stays with this client rather than being released too early."""
-        if self.copy_in < 0:
-            self.copy_in = 0
-            return
-        ignored = self.outstanding - (1 if self.last_start == _Q else 0)  # a Query gets its own
-        if ignored > 0:
-            self.outstanding -= ignored
-        self.copy_in = 1
-        self.copy_base = self.outstanding
-        if self.tracker.queue:
+        uncounted, so the server stays with this client rather than being released too early.
+        (pgmux.engine.Link.copy_started: the rule the compiled data path applies too.)"""
+        before = self.copy_in
+        self.copy_started_py()
+        if before >= 0 and self.tracker.queue:
             self.tracker.drop_syncs()
 
     def copy_end(self) -> None:
         """The client sent CopyDone or CopyFail: the Syncs it sent during COPY IN are not answered."""
-        if self.copy_in > 0:
-            self.outstanding = self.copy_base
-            if self.tracker.queue:
-                self.tracker.drop_syncs()
-        self.copy_in = -1 if self.copy_in == 0 else 0
-
-    def _ready_for_query(self, status: int) -> None:
-        """Bookkeeping for one ReadyForQuery: outstanding requests, stats, transaction status."""
-        now = time.monotonic()
-        if self.outstanding:
-            self.outstanding -= 1
-        stats = self.pool.stats
-        stats.query_count += 1
-        started = self.query_start
-        if started:
-            us = int((now - started) * 1_000_000)
-            stats.query_time_us += us
-            if stats.histograms:
-                stats.query_hist[us.bit_length()] += 1
-            self.query_start = 0.0
-        xact_start = self.xact_start
-        if status == _IDLE:
-            if xact_start:
-                stats.xact_count += 1
-                us = int((now - xact_start) * 1_000_000)
-                stats.xact_time_us += us
-                if stats.histograms:
-                    stats.xact_hist[us.bit_length()] += 1
-                self.xact_start = 0.0
-            elif self.status != _IDLE:
-                stats.xact_count += 1
-        elif not xact_start and self.status == _IDLE:
-            self.xact_start = started or now
-        self.status = status
-        self.last_used = now
-
-    def note_request(self, kind: int) -> None:
-        """Called by the client side when it forwards a Query, FunctionCall or Sync (`kind`): one
-        more ReadyForQuery to wait for, the latest request's kind (see _copy_in), the query timer."""
-        self.outstanding += 1
-        self.last_start = kind
-        if not self.query_start:
-            now = time.monotonic()
-            self.query_start = now
-            self.request_time = now
-            if self.status == _IDLE and not self.xact_start:
-                self.xact_start = now
+        before = self.copy_in
+        self.copy_end_py()
+        if before > 0 and self.tracker.queue:
+            self.tracker.drop_syncs()
 
     @property
     def is_clean(self) -> bool:
@@ -410,8 +361,27 @@ class ServerConnection(PgConnection):
             and not self.pending_ext
             and self.skip == 0
             and self.keep == 0
+            and self.carried == (0, 0)
             and not self.closed
         )
+
+    # ------------------------------------------------------------ engine hooks (fast links)
+
+    def engine_parameter_status(self, body: bytes) -> None:
+        """ParameterStatus on a fast link: the tracked values of both sides follow it."""
+        name, value = m.parse_parameter_status(body)
+        self.params.set(name, value)
+        if self.client is not None:
+            self.client.params.set(name, value)
+
+    def engine_command_complete(self, tag: bytes) -> None:
+        """CommandComplete DISCARD ALL / DEALLOCATE ... on a fast link (see _command_complete)."""
+        if self.client is not None:
+            self._command_complete(b"C\0\0\0\0" + tag, 0, 5 + len(tag), self.client)
+
+    def engine_transaction_end(self) -> None:
+        """A ReadyForQuery with nothing outstanding, on a message boundary (the engine checked)."""
+        self.pooler.transaction_boundary(self)
 
     # ------------------------------------------------------------ idle server
 

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from pgmux.stats.histogram import new_histogram
+from pgmux.engine import PoolStats  # plain counters the engine adds to in C (SHOW STATS reads them)
 
 
 class Waiter(Protocol):
@@ -38,31 +38,6 @@ class PoolLimits:
     max_user_connections: int = 0
     pool_mode: str = "session"
     server_lifetime: float = 3600.0
-
-
-@dataclass
-class PoolStats:
-    """Plain integer counters, read by SHOW STATS and the metrics collector, never pushed."""
-
-    xact_count: int = 0
-    query_count: int = 0
-    server_assignment_count: int = 0
-    bytes_received: int = 0
-    bytes_sent: int = 0
-    xact_time_us: int = 0
-    query_time_us: int = 0
-    wait_time_us: int = 0
-    client_login_count: int = 0
-    client_parse_count: int = 0
-    server_parse_count: int = 0
-    bind_count: int = 0
-    # Latency histograms: bucket i counts durations of i significant bits in microseconds
-    # (one list index per observation on the hot path; Prometheus reads them at scrape time).
-    # Only /metrics reads them: without metrics_listen they are not kept (Pooler.get_pool).
-    histograms: bool = True
-    wait_hist: list[int] = field(default_factory=new_histogram)
-    query_hist: list[int] = field(default_factory=new_histogram)
-    xact_hist: list[int] = field(default_factory=new_histogram)
 
 
 @dataclass

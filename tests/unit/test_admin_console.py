@@ -92,6 +92,8 @@ class FakeClient:
         self.startup_params: dict[str, str] = {"application_name": "app"}
         self.transport = FakeTransport()
         self.keep = self.skip = 0
+        self.fast = False  # (pgmux.engine.Link: never on the engine's fast path here)
+        self.carried = (0, 0)
         self.inbox = bytearray()
         self.buf = bytearray(16)
         self.failed: str | None = None
@@ -123,6 +125,8 @@ class FakeServer:
         self.params = ParamSet()
         self.transport = FakeTransport()
         self.keep = self.skip = 0
+        self.fast = False
+        self.carried = (0, 0)
         self.inbox = bytearray()
         self.buf = bytearray(16)
         self.state = "idle"

@@ -1,0 +1,18 @@
+"""pgmux's data path in compiled code (Cython): see _engine.pxd for the seam with Python.
+
+`Engine` owns an epoll set registered once in the asyncio loop; `Link` is the base class of every
+connection whose socket it may own (ClientConnection, ServerConnection); `PoolStats` holds the
+counters the engine adds to in C. docs/architecture.md shows where this sits.
+"""
+
+from pgmux.engine._engine import (
+    LAZY_PREPARE,
+    PIN_HINTS,
+    SESSION,
+    Engine,
+    EngineTransport,
+    Link,
+    PoolStats,
+)
+
+__all__ = ["Engine", "EngineTransport", "LAZY_PREPARE", "Link", "PIN_HINTS", "PoolStats", "SESSION"]

@@ -1,0 +1,120 @@
+# The seam between pgmux's compiled data path and its Python control plane.
+#
+# Engine owns an epoll set whose fd is registered once in the asyncio loop (add_reader): the loop
+# enters Python once per batch of ready sockets, and `run()` reads, walks message headers, counts
+# requests and writes in C. A Link is one socket the engine owns (a logged-in client, or a server
+# connection after its login); pgmux's ClientConnection and ServerConnection subclass it, so the
+# link state below is one set of fields that C and Python both read.
+#
+# Each Link is in one of two modes, chosen per link (as uvloop picks its typed or generic path):
+#   slow   the engine is the link's transport: every read goes to the Python protocol
+#          (get_buffer / buffer_updated, as asyncio's BufferedProtocol), every write from Python
+#          goes through the engine's output queue. Login leftovers, pgmux's own queries (reset,
+#          parameter sync, pinning probe), unlinked clients and tracked links run here.
+#   fast   a linked client/server pair: framing both directions, request counting against
+#          ReadyForQuery, COPY states, statistics and back-pressure in C, no Python per message.
+#          Python is entered only for what needs it (see the `on_*` hooks of the subclasses):
+#            client -> Python  `engine_escape(data)`: a message the fast path does not decide
+#                               (Terminate, an unknown type, a named Parse that starts tracking, a
+#                               query whose first keyword may create session state or that names a
+#                               database, a Close of a pgmux statement): the link turns slow at
+#                               that message boundary and Python gets the bytes from it onward.
+#            server -> Python  `engine_parameter_status(body)`, `engine_command_complete(tag)` (a
+#                               tag that forgets prepared statements), `engine_transaction_end()`
+#                               (a ReadyForQuery with nothing outstanding, on a message boundary,
+#                               in transaction and statement mode).
+#          Python -> engine    `link_fast(client, server)`, `unlink(link)` (back to slow, carried
+#                               bytes handed over), `adopt(link, transport)`.
+
+from cpython.ref cimport PyObject
+
+
+cdef enum LinkMode:
+    MODE_SLOW = 0
+    MODE_FAST = 1
+
+cdef enum LinkKind:
+    KIND_CLIENT = 1
+    KIND_SERVER = 2
+
+# client flags, set by Python when a link turns fast
+cdef enum ClientFlag:
+    CF_PIN_HINTS = 1       # pin_session_state != off: queries whose first keyword may create state escape
+    CF_LAZY_PREPARE = 2    # a named Parse may start prepared-statement tracking: it escapes
+    CF_SESSION = 4         # session pooling: no transaction-end callback
+
+
+cdef class PoolStats:
+    cdef public long long xact_count, query_count, server_assignment_count
+    cdef public long long bytes_received, bytes_sent
+    cdef public long long xact_time_us, query_time_us, wait_time_us
+    cdef public long long client_login_count, client_parse_count, server_parse_count, bind_count
+    cdef public bint histograms
+    cdef public object wait_hist, query_hist, xact_hist
+
+
+cdef class Engine
+
+
+cdef class Link:
+    # ---- I/O, owned by the engine once adopted
+    cdef Engine eng
+    cdef int fd
+    cdef unsigned int gen
+    cdef unsigned int registered      # epoll mask in force
+    cdef unsigned char kind
+    cdef unsigned char mode
+    cdef unsigned char flags          # ClientFlag
+    cdef bint reading_paused          # Python asked (transport.pause_reading)
+    cdef bint closing                 # close once the output queue drained
+    cdef bint write_paused_sent       # protocol.pause_writing() was called
+    cdef bint lost                    # socket closed; connection_lost scheduled
+    cdef unsigned char *rbuf          # bytes kept between reads (fast mode), malloc'd on demand
+    cdef Py_ssize_t rcap, rkeep
+    cdef long long rskip              # body bytes of the current message still to come
+    cdef unsigned char *obuf          # output queue: what send() could not take
+    cdef Py_ssize_t ocap, ohead, otail
+    cdef Link peer                    # fast mode: the other side of the link
+    cdef object transport_obj
+    # ---- link state (server side), read and written by Python too
+    cdef public int outstanding       # Query/Sync/FunctionCall not yet answered by ReadyForQuery
+    cdef public bint pending_ext      # extended-protocol messages since the last Sync
+    cdef public int status            # transaction status of the last ReadyForQuery
+    cdef public int last_start        # kind of the latest request (COPY IN accounting)
+    cdef public int copy_in, copy_base
+    cdef public bint boundary_due     # the transaction ended but a read cut a message after it
+    cdef public double query_start, xact_start, last_used, request_time
+    cdef public PoolStats link_stats  # the pool's counters (servers)
+    cdef public long long max_packet_size  # longest message accepted from this peer
+
+    cdef int _queue(self, const unsigned char *p, Py_ssize_t n) except -1
+    cdef int send_bytes(self, const unsigned char *p, Py_ssize_t n) except -1
+    cdef int _keep_bytes(self, const unsigned char *p, Py_ssize_t n) except -1
+    cdef void note_request(self, int kind, double now)
+    cdef void ready_for_query(self, int status, double now)
+    cdef void copy_started(self)
+    cdef void copy_end(self)
+
+
+cdef class Engine:
+    cdef public int epfd
+    cdef object loop
+    cdef PyObject **table             # fd -> Link (strong references)
+    cdef int table_size
+    cdef unsigned int next_gen
+    cdef double now
+    cdef public unsigned long long batches, reads, fast_reads, escapes
+    cdef unsigned char *shared        # read buffer of every link that keeps nothing between reads
+
+    cdef int _register(self, Link link) except -1
+    cdef void _update_events(self, Link link)
+    cdef int _flush(self, Link link) except -1
+    cdef int _close_link(self, Link link, object exc) except -1
+    cdef int _on_readable(self, Link link) except -1
+    cdef int _read_slow(self, Link link) except -1
+    cdef int _read_fast(self, Link link) except -1
+    cdef int _client_walk(self, Link c, Link s, unsigned char *b, Py_ssize_t end) except -1
+    cdef int _server_walk(self, Link s, Link c, unsigned char *b, Py_ssize_t keep, Py_ssize_t end) except -1
+    cdef int _end_of_transaction(self, Link s) except -1
+    cdef int _to_slow(self, Link link) except -1
+    cdef int _to_fast(self, Link link) except -1

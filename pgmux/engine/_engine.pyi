@@ -1,0 +1,71 @@
+# Type stub of the compiled engine (_engine.pyx); the seam itself is documented in _engine.pxd.
+import asyncio
+from typing import Any
+
+PIN_HINTS: int
+LAZY_PREPARE: int
+SESSION: int
+
+class PoolStats:
+    xact_count: int
+    query_count: int
+    server_assignment_count: int
+    bytes_received: int
+    bytes_sent: int
+    xact_time_us: int
+    query_time_us: int
+    wait_time_us: int
+    client_login_count: int
+    client_parse_count: int
+    server_parse_count: int
+    bind_count: int
+    histograms: bool
+    wait_hist: list[int]
+    query_hist: list[int]
+    xact_hist: list[int]
+    def __init__(self) -> None: ...
+
+class Link:
+    outstanding: int
+    pending_ext: bool
+    status: int
+    last_start: int
+    copy_in: int
+    copy_base: int
+    boundary_due: bool
+    query_start: float
+    xact_start: float
+    last_used: float
+    request_time: float
+    link_stats: PoolStats | None
+    max_packet_size: int
+    @property
+    def adopted(self) -> bool: ...
+    @property
+    def fast(self) -> bool: ...
+    @property
+    def carried(self) -> tuple[int, int]: ...
+    def request_sent(self, kind: int) -> None: ...
+    def ready(self, status: int) -> None: ...
+    def copy_started_py(self) -> None: ...
+    def copy_end_py(self) -> None: ...
+    def to_slow(self) -> None: ...
+
+class EngineTransport(asyncio.Transport):
+    def __init__(self, link: Link, extra: dict[str, Any]) -> None: ...
+
+class Engine:
+    epfd: int
+    batches: int
+    reads: int
+    fast_reads: int
+    escapes: int
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None: ...
+    def start(self) -> None: ...
+    def close(self) -> None: ...
+    def adopt(self, link: Link, transport: Any) -> EngineTransport | None: ...
+    def adopt_fd(self, link: Link, fd: int, extra: dict[str, Any] | None = None) -> EngineTransport: ...
+    def link_fast(self, client: Link, server: Link, flags: int) -> bool: ...
+    def unlink(self, link: Link) -> None: ...
+    def run(self) -> None: ...
+    def stats(self) -> dict[str, int]: ...

@@ -1,0 +1,1024 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""pgmux's compiled data path: an epoll set of its own, C buffers, framing and link state in C.
+
+Read `_engine.pxd` first: it is the written interface (modes, hooks, fields). This file follows
+PgBouncer's split: the I/O of one socket (`Link.send_bytes`, `Engine._flush`, `_read_*`, like
+sbuf.c), one walker per side that says forward / escape (`_client_walk`, `_server_walk`, like
+client.c and server.c), and the link state changed in one place per event (`note_request`,
+`ready_for_query`, `copy_*`, `_end_of_transaction`).
+
+Every length read from the wire is checked before use: a header is read only with 5 bytes in
+hand, a body only once `1 + length` bytes are in hand, a length below 4 or above max_packet_size
+is handed to Python (which refuses it with PgBouncer's error) without being used.
+"""
+
+import os
+import socket
+
+from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.ref cimport Py_INCREF, Py_XDECREF
+from libc.errno cimport EAGAIN, EINTR, errno  # (EWOULDBLOCK == EAGAIN on Linux)
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memmove
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.unistd cimport close
+
+
+cdef extern from "sys/epoll.h" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        unsigned int u32
+        unsigned long long u64
+    struct epoll_event:
+        unsigned int events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+    enum:
+        EPOLLIN
+        EPOLLOUT
+        EPOLLERR
+        EPOLLHUP
+        EPOLL_CTL_ADD
+        EPOLL_CTL_MOD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
+
+cdef extern from "sys/socket.h" nogil:
+    ssize_t recv(int sockfd, void *buf, size_t len, int flags)
+    ssize_t send(int sockfd, const void *buf, size_t len, int flags)
+    enum:
+        MSG_NOSIGNAL
+        MSG_DONTWAIT
+
+cdef extern from "string.h" nogil:
+    void *memmem(const void *haystack, size_t haystacklen, const void *needle, size_t needlelen)
+
+
+cdef enum:
+    SHARED_SIZE = 65536       # one read at most
+    MIN_KEEP = 4096           # smallest buffer a link owns while it keeps bytes between reads
+    MAX_EVENTS = 256
+    HIGH_WATER = 65536        # asyncio's defaults: pause_writing above, resume_writing at or below
+    LOW_WATER = 16384
+
+
+cdef inline unsigned int be32(const unsigned char *p) noexcept nogil:
+    return (<unsigned int>p[0] << 24) | (<unsigned int>p[1] << 16) | (<unsigned int>p[2] << 8) | p[3]
+
+
+cdef inline double monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)   # the clock of Python's time.monotonic()
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline unsigned char lower(unsigned char ch) noexcept nogil:
+    if 65 <= ch <= 90:
+        return ch + 32
+    return ch
+
+
+cdef inline bint is_space(unsigned char ch) noexcept nogil:
+    # bytes.strip()'s whitespace
+    return ch == 32 or ch == 9 or ch == 10 or ch == 13 or ch == 11 or ch == 12
+
+
+cdef bint contains_nocase(const unsigned char *p, Py_ssize_t n, const char *word) noexcept nogil:
+    """`word` (lower case ASCII) in p[0:n], ignoring ASCII case."""
+    cdef Py_ssize_t wn = 0, i, j
+    while word[wn]:
+        wn += 1
+    i = 0
+    while i + wn <= n:
+        j = 0
+        while j < wn and lower(p[i + j]) == <unsigned char>word[j]:
+            j += 1
+        if j == wn:
+            return True
+        i += 1
+    return False
+
+
+# Statements that never create session state (pgmux.protocol.sessionstate._PLAIN_STARTS).
+cdef const char *PLAIN_STARTS[25]
+PLAIN_STARTS[:] = [b"select", b"insert", b"update", b"delete", b"with", b"begin", b"commit", b"rollback",
+                   b"end", b"values", b"fetch", b"move", b"copy", b"savepoint", b"release", b"explain",
+                   b"table", b"show", b"start", b"abort", b"notify", b"call", b"merge", b"lock", b"truncate"]
+
+
+cdef bint maybe_session_state(const unsigned char *q, Py_ssize_t n) noexcept nogil:
+    """The keyword test of sessionstate.hint() in C: False when the query surely needs no probe
+    (one plain statement naming neither advisory locks nor set_config). True sends it to Python,
+    which runs the full test."""
+    cdef Py_ssize_t head = n if n < 12 else 12
+    cdef Py_ssize_t i = 0, k, wn, end
+    cdef const char *w
+    cdef bint plain = False
+    while i < head and is_space(q[i]):
+        i += 1
+    for k in range(25):
+        w = PLAIN_STARTS[k]
+        wn = 0
+        while w[wn]:
+            wn += 1
+        if head - i >= wn:
+            plain = True
+            for end in range(wn):
+                if lower(q[i + end]) != <unsigned char>w[end]:
+                    plain = False
+                    break
+            if plain:
+                break
+    if not plain:
+        return True
+    end = n
+    while end > 0 and (q[end - 1] == 32 or q[end - 1] == 9 or q[end - 1] == 13 or q[end - 1] == 10
+                       or q[end - 1] == 59):
+        end -= 1
+    for i in range(end):
+        if q[i] == 59:  # ';': several statements
+            return True
+    return contains_nocase(q, n, b"advisory") or contains_nocase(q, n, b"set_config")
+
+
+cdef inline bint names_database(const unsigned char *q, Py_ssize_t n) noexcept nogil:
+    """The query may be DROP/CREATE/ALTER DATABASE: Python decides whether a drain comes first."""
+    return (memmem(q, n, b"atabase", 7) != NULL) or (memmem(q, n, b"ATABASE", 7) != NULL)
+
+
+cdef inline Py_ssize_t cstr_len(const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    """Length of the NUL-terminated string at p within n bytes, or -1 when unterminated."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if p[i] == 0:
+            return i
+    return -1
+
+
+cdef inline bint reserved_name(const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    return n >= 6 and memcmp(p, b"PGMUX_", 6) == 0
+
+
+class _Detached:
+    """Protocol of a transport whose socket the engine took over (its close is not ours)."""
+
+    def connection_made(self, transport):
+        pass
+
+    def connection_lost(self, exc):
+        pass
+
+    def pause_writing(self):
+        pass
+
+    def resume_writing(self):
+        pass
+
+
+cdef class PoolStats:
+    """The counters of one pool: plain integers the engine adds to in C and SHOW STATS, the
+    stats: line and /metrics read. Histograms (lists of 64 ints, pgmux.stats.histogram) are kept
+    only when `histograms` is set."""
+
+    def __init__(self):
+        self.histograms = True
+        self.wait_hist = [0] * 64
+        self.query_hist = [0] * 64
+        self.xact_hist = [0] * 64
+
+    def __repr__(self):
+        return (f"PoolStats(xact_count={self.xact_count}, query_count={self.query_count}, "
+                f"bytes_received={self.bytes_received}, bytes_sent={self.bytes_sent})")
+
+
+cdef inline int bit_length(long long v) noexcept nogil:
+    cdef int n = 0
+    while v > 0:
+        n += 1
+        v >>= 1
+    return n
+
+
+cdef inline void observe(object hist, long long us):
+    cdef int i = bit_length(us)
+    hist[i] = hist[i] + 1
+
+
+class _SocketInfo:
+    """What get_extra_info('socket') answers for an adopted link: enough for getsockopt
+    (SO_PEERCRED, SHOW CLIENTS) without a socket object that would close the engine's fd."""
+
+    def __init__(self, int fd, int family):
+        self._fd = fd
+        self.family = family
+
+    def fileno(self):
+        return self._fd
+
+    def getsockopt(self, *args):
+        with socket.fromfd(self._fd, self.family, socket.SOCK_STREAM) as s:
+            return s.getsockopt(*args)
+
+    def setsockopt(self, *args):
+        with socket.fromfd(self._fd, self.family, socket.SOCK_STREAM) as s:
+            s.setsockopt(*args)
+
+
+cdef class Link:
+    """One socket of pgmux's: base class of ClientConnection and ServerConnection."""
+
+    def __cinit__(self, *args, **kwargs):
+        self.fd = -1
+        self.status = 73  # 'I'
+        self.max_packet_size = 0x7FFFFFFF
+
+    def __dealloc__(self):
+        if self.rbuf != NULL:
+            free(self.rbuf)
+        if self.obuf != NULL:
+            free(self.obuf)
+
+    # ------------------------------------------------------------ read-only views for Python
+
+    @property
+    def adopted(self):
+        """The engine owns this link's socket."""
+        return self.eng is not None
+
+    @property
+    def fast(self):
+        return self.mode == MODE_FAST
+
+    @property
+    def carried(self):
+        """(bytes kept in C between reads, body bytes still to come): SHOW SOCKETS and is_clean."""
+        return self.rkeep, self.rskip
+
+    # ------------------------------------------------------------ output
+
+    cdef int _queue(self, const unsigned char *p, Py_ssize_t n) except -1:
+        cdef Py_ssize_t used = self.otail - self.ohead
+        cdef Py_ssize_t cap
+        cdef unsigned char *nb
+        if self.ohead and self.otail + n > self.ocap:
+            memmove(self.obuf, self.obuf + self.ohead, used)
+            self.ohead = 0
+            self.otail = used
+        if self.otail + n > self.ocap:
+            cap = self.ocap * 2 if self.ocap else MIN_KEEP
+            while cap < used + n:
+                cap *= 2
+            nb = <unsigned char *>realloc(self.obuf, cap)
+            if nb == NULL:
+                raise MemoryError()
+            self.obuf = nb
+            self.ocap = cap
+        memcpy(self.obuf + self.otail, p, n)
+        self.otail += n
+        return 0
+
+    cdef int send_bytes(self, const unsigned char *p, Py_ssize_t n) except -1:
+        """Send now what the socket takes, queue the rest (EPOLLOUT drains it)."""
+        cdef ssize_t r
+        if n <= 0 or self.fd < 0 or self.closing:
+            return 0
+        if self.otail == self.ohead:
+            while True:
+                r = send(self.fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT)
+                if r >= 0:
+                    break
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    r = 0
+                    break
+                # the peer is gone: the read side sees it too; close now
+                self.eng._close_link(self, ConnectionResetError(errno, os.strerror(errno)))
+                return 0
+            if r == n:
+                return 0
+            p += r
+            n -= r
+        self._queue(p, n)
+        self.eng._update_events(self)
+        if not self.write_paused_sent and self.otail - self.ohead > HIGH_WATER:
+            self.write_paused_sent = True
+            self.pause_writing()
+        return 0
+
+    cdef int _keep_bytes(self, const unsigned char *p, Py_ssize_t n) except -1:
+        """Keep p[0:n] at the front of this link's own buffer for the next read."""
+        cdef Py_ssize_t cap
+        cdef unsigned char *nb
+        if n == 0:
+            self.rkeep = 0
+            if self.rbuf != NULL and self.rcap > MIN_KEEP:
+                free(self.rbuf)
+                self.rbuf = NULL
+                self.rcap = 0
+            return 0
+        if p == self.rbuf:
+            self.rkeep = n
+            return 0
+        if self.rbuf != NULL and p > self.rbuf and p < self.rbuf + self.rcap:
+            memmove(self.rbuf, p, n)
+            self.rkeep = n
+            return 0
+        if self.rcap < n:
+            cap = MIN_KEEP
+            while cap < 2 * n:
+                cap *= 2
+            nb = <unsigned char *>realloc(self.rbuf, cap)
+            if nb == NULL:
+                raise MemoryError()
+            self.rbuf = nb
+            self.rcap = cap
+        memcpy(self.rbuf, p, n)
+        self.rkeep = n
+        return 0
+
+    # ------------------------------------------------------------ link state (server side)
+
+    cdef void note_request(self, int kind, double now):
+        """The client sent a Query, FunctionCall or Sync (`kind`): one more ReadyForQuery to wait
+        for, the latest request's kind (COPY IN accounting), the query and transaction timers."""
+        self.outstanding += 1
+        self.last_start = kind
+        if not self.query_start:
+            self.query_start = now
+            self.request_time = now
+            if self.status == 73 and not self.xact_start:
+                self.xact_start = now
+
+    cdef void ready_for_query(self, int status, double now):
+        """One ReadyForQuery: outstanding requests, statistics, transaction status."""
+        cdef PoolStats stats = self.link_stats
+        cdef long long us
+        cdef double started = self.query_start
+        if self.outstanding:
+            self.outstanding -= 1
+        if stats is not None:
+            stats.query_count += 1
+            if started:
+                us = <long long>((now - started) * 1000000)
+                stats.query_time_us += us
+                if stats.histograms:
+                    observe(stats.query_hist, us)
+        self.query_start = 0.0
+        if status == 73:  # 'I'
+            if self.xact_start:
+                if stats is not None:
+                    stats.xact_count += 1
+                    us = <long long>((now - self.xact_start) * 1000000)
+                    stats.xact_time_us += us
+                    if stats.histograms:
+                        observe(stats.xact_hist, us)
+                self.xact_start = 0.0
+            elif self.status != 73 and stats is not None:
+                stats.xact_count += 1
+        elif not self.xact_start and self.status == 73:
+            self.xact_start = started if started else now
+        self.status = status
+        self.last_used = now
+
+    cdef void copy_started(self):
+        """CopyInResponse: PostgreSQL ignores the Syncs it reads during COPY IN (see
+        ServerConnection._copy_in, the same rule for the slow path)."""
+        cdef int ignored
+        if self.copy_in < 0:
+            self.copy_in = 0
+            return
+        ignored = self.outstanding - (1 if self.last_start == 81 else 0)  # a Query gets its own
+        if ignored > 0:
+            self.outstanding -= ignored
+        self.copy_in = 1
+        self.copy_base = self.outstanding
+
+    cdef void copy_end(self):
+        """The client sent CopyDone or CopyFail."""
+        if self.copy_in > 0:
+            self.outstanding = self.copy_base
+        self.copy_in = -1 if self.copy_in == 0 else 0
+
+    # The same changes for Python's own paths (slow links, pgmux's queries): one implementation.
+
+    def request_sent(self, int kind):
+        """A Query (81), Sync (83) or FunctionCall (70) went to this server."""
+        self.note_request(kind, monotonic())
+
+    def ready(self, int status):
+        """A ReadyForQuery with this transaction status arrived from this server."""
+        self.ready_for_query(status, monotonic())
+
+    def copy_started_py(self):
+        self.copy_started()
+
+    def copy_end_py(self):
+        self.copy_end()
+
+    def to_slow(self):
+        """Leave the fast path (this link and its peer), handing carried bytes to Python."""
+        if self.eng is not None:
+            self.eng.unlink(self)
+
+
+cdef class EngineTransport:
+    """What asyncio.Transport offers pgmux's protocols, over a socket the engine owns."""
+
+    cdef Link link
+    cdef dict extra
+
+    def __init__(self, Link link, dict extra):
+        self.link = link
+        self.extra = extra
+
+    def write(self, data):
+        cdef const unsigned char[::1] view
+        if not data:
+            return
+        if isinstance(data, memoryview) and not data.contiguous:
+            data = bytes(data)
+        view = data
+        self.link.send_bytes(&view[0], view.shape[0])
+
+    def writelines(self, lines):
+        self.write(b"".join(lines))
+
+    def get_write_buffer_size(self):
+        return self.link.otail - self.link.ohead
+
+    def get_write_buffer_limits(self):
+        return (LOW_WATER, HIGH_WATER)
+
+    def pause_reading(self):
+        self.link.reading_paused = True
+        if self.link.eng is not None:
+            self.link.eng._update_events(self.link)
+
+    def resume_reading(self):
+        self.link.reading_paused = False
+        if self.link.eng is not None:
+            self.link.eng._update_events(self.link)
+
+    def is_reading(self):
+        return not self.link.reading_paused and self.link.fd >= 0
+
+    def is_closing(self):
+        return self.link.fd < 0 or self.link.closing
+
+    def close(self):
+        """Stop reading; close once what is queued has been sent."""
+        cdef Link link = self.link
+        if link.fd < 0 or link.closing:
+            return
+        if link.otail == link.ohead:
+            link.eng._close_link(link, None)
+        else:
+            link.closing = True
+            link.eng._update_events(link)
+
+    def abort(self):
+        if self.link.fd >= 0:
+            self.link.eng._close_link(self.link, None)
+
+    def get_extra_info(self, name, default=None):
+        return self.extra.get(name, default)
+
+    def get_protocol(self):
+        return self.link
+
+    def __repr__(self):
+        return f"<EngineTransport fd={self.link.fd}>"
+
+
+cdef class Engine:
+    """The epoll set: `run()` is the asyncio reader callback of `epfd`."""
+
+    def __cinit__(self):
+        self.epfd = -1
+        self.table = NULL
+        self.shared = NULL
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, os.strerror(errno))
+        self.shared = <unsigned char *>malloc(SHARED_SIZE)
+        if self.shared == NULL:
+            raise MemoryError()
+        self.next_gen = 1
+
+    def __dealloc__(self):
+        cdef int i
+        if self.table != NULL:
+            for i in range(self.table_size):
+                if self.table[i] != NULL:
+                    if (<Link>self.table[i]).fd == i:
+                        close(i)
+                        (<Link>self.table[i]).fd = -1
+                    Py_XDECREF(self.table[i])
+            free(self.table)
+        if self.shared != NULL:
+            free(self.shared)
+        if self.epfd >= 0:
+            close(self.epfd)
+
+    def close(self):
+        """Stop: the loop no longer calls run(); the owned sockets stay until their links close."""
+        if self.epfd >= 0:
+            try:
+                self.loop.remove_reader(self.epfd)
+            except Exception:
+                pass
+
+    def start(self):
+        self.loop.add_reader(self.epfd, self.run)
+
+    # ------------------------------------------------------------ adoption
+
+    def adopt(self, Link link, transport):
+        """Take over the socket of a logged-in link from its asyncio transport; returns the
+        EngineTransport that replaces it. Nothing may be queued in the old transport."""
+        if link.eng is not None:
+            raise ValueError("already adopted")
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None  # not a socket (an in-process harness): the link stays where it is
+        extra = {"peername": transport.get_extra_info("peername"),
+                 "sockname": transport.get_extra_info("sockname")}
+        family = sock.family
+        fd = os.dup(sock.fileno())
+        transport.set_protocol(_Detached())
+        transport.abort()
+        os.set_blocking(fd, False)
+        extra["socket"] = _SocketInfo(fd, family)
+        link.fd = fd
+        link.eng = self
+        self._register(link)
+        t = EngineTransport(link, extra)
+        link.transport_obj = t
+        return t
+
+    def adopt_fd(self, Link link, int fd, dict extra=None):
+        """Take over a connected non-blocking socket fd (tests, fuzzing, future logins)."""
+        if link.eng is not None:
+            raise ValueError("already adopted")
+        link.fd = fd
+        link.eng = self
+        self._register(link)
+        t = EngineTransport(link, extra or {})
+        link.transport_obj = t
+        return t
+
+    cdef int _register(self, Link link) except -1:
+        cdef epoll_event ev
+        cdef int fd = link.fd
+        cdef int size
+        cdef PyObject **nt
+        if fd >= self.table_size:
+            size = self.table_size * 2 if self.table_size else 1024
+            while size <= fd:
+                size *= 2
+            nt = <PyObject **>realloc(self.table, size * sizeof(PyObject *))
+            if nt == NULL:
+                raise MemoryError()
+            for i in range(self.table_size, size):
+                nt[i] = NULL
+            self.table = nt
+            self.table_size = size
+        if self.table[fd] != NULL:  # cannot happen: an fd is unregistered before it is closed
+            raise RuntimeError(f"engine: fd {fd} already registered")
+        self.next_gen += 1
+        link.gen = self.next_gen
+        Py_INCREF(link)
+        self.table[fd] = <PyObject *>link
+        ev.events = EPOLLIN
+        ev.data.u64 = (<unsigned long long>link.gen << 32) | <unsigned int>fd
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            self.table[fd] = NULL
+            Py_XDECREF(<PyObject *>link)
+            link.fd = -1
+            raise OSError(errno, os.strerror(errno))
+        link.registered = EPOLLIN
+        return 0
+
+    cdef void _update_events(self, Link link):
+        cdef epoll_event ev
+        cdef unsigned int want = 0
+        if link.fd < 0:
+            return
+        if not link.reading_paused and not link.closing:
+            want |= EPOLLIN
+        if link.otail != link.ohead:
+            want |= EPOLLOUT
+        if want == link.registered:
+            return
+        ev.events = want
+        ev.data.u64 = (<unsigned long long>link.gen << 32) | <unsigned int>link.fd
+        epoll_ctl(self.epfd, EPOLL_CTL_MOD, link.fd, &ev)
+        link.registered = want
+
+    cdef int _close_link(self, Link link, object exc) except -1:
+        """Unregister, then close: the fd number may be reused from here on, so the table slot
+        is cleared first and the link keeps fd = -1. connection_lost follows from the loop."""
+        cdef int fd = link.fd
+        if fd < 0:
+            return 0
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
+        link.fd = -1
+        link.closing = False
+        link.ohead = link.otail = 0
+        if fd < self.table_size and self.table[fd] == <PyObject *>link:
+            self.table[fd] = NULL
+            close(fd)
+            self.loop.call_soon(link.connection_lost, exc)
+            Py_XDECREF(<PyObject *>link)  # (the call_soon handle holds the link now)
+        else:
+            close(fd)
+            self.loop.call_soon(link.connection_lost, exc)
+        return 0
+
+    cdef int _flush(self, Link link) except -1:
+        cdef ssize_t r
+        while link.otail > link.ohead and link.fd >= 0:
+            r = send(link.fd, link.obuf + link.ohead, link.otail - link.ohead, MSG_NOSIGNAL | MSG_DONTWAIT)
+            if r < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    break
+                self._close_link(link, ConnectionResetError(errno, os.strerror(errno)))
+                return 0
+            link.ohead += r
+        if link.fd < 0:
+            return 0
+        if link.ohead == link.otail:
+            link.ohead = link.otail = 0
+            if link.ocap > 4 * MIN_KEEP:
+                free(link.obuf)
+                link.obuf = NULL
+                link.ocap = 0
+            if link.closing:
+                self._close_link(link, None)
+                return 0
+        self._update_events(link)
+        if link.write_paused_sent and link.otail - link.ohead <= LOW_WATER:
+            link.write_paused_sent = False
+            link.resume_writing()
+        return 0
+
+    # ------------------------------------------------------------ the loop's callback
+
+    def run(self):
+        """One batch of ready sockets, all in C but for the hooks the links ask for."""
+        cdef epoll_event evs[MAX_EVENTS]
+        cdef int n, i, fd
+        cdef unsigned int gen, events
+        cdef Link link
+        n = epoll_wait(self.epfd, evs, MAX_EVENTS, 0)
+        if n <= 0:
+            return
+        self.now = monotonic()
+        self.batches += 1
+        for i in range(n):
+            fd = <int>(evs[i].data.u64 & 0xFFFFFFFF)
+            gen = <unsigned int>(evs[i].data.u64 >> 32)
+            if fd >= self.table_size or self.table[fd] == NULL:
+                continue
+            link = <Link>self.table[fd]
+            if link.gen != gen:
+                continue  # an event for an fd closed and reused in this batch
+            events = evs[i].events
+            try:
+                if events & EPOLLOUT:
+                    self._flush(link)
+                if link.fd >= 0 and events & (EPOLLIN | EPOLLHUP | EPOLLERR):
+                    if link.reading_paused or link.closing:
+                        if events & (EPOLLHUP | EPOLLERR):
+                            self._close_link(link, None)
+                    else:
+                        self._on_readable(link)
+            except Exception as exc:  # a hook failed: never take the loop down
+                self.loop.call_exception_handler({"message": "pgmux engine: error in a link hook",
+                                                  "exception": exc, "protocol": link})
+
+    cdef int _on_readable(self, Link link) except -1:
+        self.reads += 1
+        if link.mode == MODE_FAST and link.peer is not None:
+            return self._read_fast(link)
+        return self._read_slow(link)
+
+    cdef int _read_slow(self, Link link) except -1:
+        """The generic path: asyncio.BufferedProtocol's get_buffer / buffer_updated."""
+        cdef Py_buffer view
+        cdef ssize_t r
+        buf = link.get_buffer(-1)
+        PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+        try:
+            while True:
+                r = recv(link.fd, view.buf, view.len, 0)
+                if r < 0 and errno == EINTR:
+                    continue
+                break
+            if r < 0 and (errno == EAGAIN):
+                return 0
+        finally:
+            PyBuffer_Release(&view)
+        if r <= 0:
+            self._close_link(link, None if r == 0 else ConnectionResetError(errno, os.strerror(errno)))
+            return 0
+        link.buffer_updated(r)
+        return 0
+
+    cdef int _read_fast(self, Link link) except -1:
+        cdef unsigned char *base
+        cdef unsigned char *nb
+        cdef Py_ssize_t room, keep = link.rkeep, cap
+        cdef ssize_t r
+        if keep:
+            if link.rcap - keep < MIN_KEEP:
+                cap = link.rcap * 2
+                nb = <unsigned char *>realloc(link.rbuf, cap)
+                if nb == NULL:
+                    raise MemoryError()
+                link.rbuf = nb
+                link.rcap = cap
+            base = link.rbuf
+            room = link.rcap - keep
+            if room > SHARED_SIZE:
+                room = SHARED_SIZE
+        else:
+            base = self.shared
+            room = SHARED_SIZE
+        while True:
+            r = recv(link.fd, base + keep, room, 0)
+            if r < 0 and errno == EINTR:
+                continue
+            break
+        if r < 0 and (errno == EAGAIN):
+            return 0
+        if r <= 0:
+            self._close_link(link, None if r == 0 else ConnectionResetError(errno, os.strerror(errno)))
+            return 0
+        self.fast_reads += 1
+        if link.kind == KIND_CLIENT:
+            link.request_time = self.now
+            return self._client_walk(link, link.peer, base, keep + r)
+        return self._server_walk(link, link.peer, base, keep, keep + r)
+
+    # ------------------------------------------------------------ client -> server
+
+    cdef int _client_walk(self, Link c, Link s, unsigned char *b, Py_ssize_t end) except -1:
+        """Forward b[0:end] (bytes kept from earlier reads first) to the linked server, message by
+        message; stop at a message Python must decide (escape) or an incomplete one (keep)."""
+        cdef Py_ssize_t pos = 0, stop, nxt, tl, nl
+        cdef unsigned int ln
+        cdef unsigned char typ, flags = c.flags
+        cdef bint escape = False
+        cdef const unsigned char *body
+        cdef long long skip = c.rskip
+        if skip:
+            if skip >= end:
+                c.rskip = skip - end
+                s.send_bytes(b, end)
+                if s.link_stats is not None:
+                    s.link_stats.bytes_received += end
+                c._keep_bytes(b, 0)
+                return 0
+            pos = <Py_ssize_t>skip
+            c.rskip = 0
+        while True:
+            if end - pos < 5:
+                stop = pos
+                break
+            typ = b[pos]
+            ln = be32(b + pos + 1)
+            if ln < 4 or ln > c.max_packet_size:
+                escape = True  # Python refuses it with PgBouncer's error
+                stop = pos
+                break
+            nxt = pos + 1 + <Py_ssize_t>ln
+            body = b + pos + 5
+            if typ == 81 or typ == 80 or typ == 67 or typ == 88:  # Q P C X: decided on the whole message
+                if nxt > end:
+                    stop = pos
+                    break
+            if typ == 66 or typ == 68 or typ == 69:  # Bind, Describe, Execute: busy until Sync
+                s.pending_ext = True
+            elif typ == 81:  # Query
+                tl = <Py_ssize_t>ln - 5  # the text, without its NUL
+                if tl < 0:
+                    tl = 0
+                if names_database(body, tl) or ((flags & CF_PIN_HINTS) and maybe_session_state(body, tl)):
+                    escape = True
+                    stop = pos
+                    break
+                s.note_request(81, self.now)
+            elif typ == 83:  # Sync
+                s.note_request(83, self.now)
+                s.pending_ext = False
+            elif typ == 70:  # FunctionCall
+                s.note_request(70, self.now)
+            elif typ == 80:  # Parse
+                tl = cstr_len(body, <Py_ssize_t>ln - 4)  # the statement name
+                if tl < 0:
+                    escape = True  # malformed: Python decides
+                elif tl > 0 and (flags & (CF_LAZY_PREPARE | CF_PIN_HINTS) or reserved_name(body, tl)):
+                    escape = True  # a named Parse: tracking or pinning starts, or a reserved name
+                elif flags & CF_PIN_HINTS:
+                    nl = cstr_len(body + tl + 1, <Py_ssize_t>ln - 5 - tl)
+                    if nl < 0 or maybe_session_state(body + tl + 1, nl):
+                        escape = True
+                if escape:
+                    stop = pos
+                    break
+                s.pending_ext = True
+            elif typ == 67:  # Close
+                if ln >= 5 and body[0] == 83 and reserved_name(body + 1, <Py_ssize_t>ln - 5):
+                    escape = True
+                    stop = pos
+                    break
+                s.pending_ext = True
+            elif typ == 99 or typ == 102:  # CopyDone, CopyFail
+                s.copy_end()
+            elif typ == 100 or typ == 72:  # CopyData, Flush
+                pass
+            else:  # Terminate, or a type no client may send
+                escape = True
+                stop = pos
+                break
+            if nxt >= end:
+                c.rskip = nxt - end
+                stop = end
+                break
+            pos = nxt
+        if stop:
+            s.send_bytes(b, stop)
+            if s.link_stats is not None:
+                s.link_stats.bytes_received += stop
+        if escape:
+            data = PyBytes_FromStringAndSize(<char *>b + stop, end - stop)
+            c._keep_bytes(b, 0)
+            c.rskip = 0
+            self.escapes += 1
+            self._to_slow(c)
+            self._to_slow(s)
+            c.engine_escape(data)
+            return 0
+        c._keep_bytes(b + stop, end - stop)
+        return 0
+
+    # ------------------------------------------------------------ server -> client
+
+    cdef int _server_walk(self, Link s, Link c, unsigned char *b, Py_ssize_t keep, Py_ssize_t end) except -1:
+        """Cut-through: forward the new bytes b[keep:end] first, then walk their headers."""
+        cdef Py_ssize_t pos = 0, stop, nxt, n = end - keep
+        cdef unsigned int ln
+        cdef unsigned char typ
+        cdef bint ready = False
+        cdef long long skip = s.rskip
+        c.send_bytes(b + keep, n)
+        if s.link_stats is not None:
+            s.link_stats.bytes_sent += n
+        if skip and not keep:
+            if skip >= n:
+                s.rskip = skip - n
+                s._keep_bytes(b, 0)
+                if s.boundary_due:
+                    self._end_of_transaction(s)
+                return 0
+            pos = <Py_ssize_t>skip
+            s.rskip = 0
+        while True:
+            if end - pos < 5:
+                stop = pos
+                break
+            typ = b[pos]
+            ln = be32(b + pos + 1)
+            if ln < 4:
+                s._keep_bytes(b, 0)
+                self._close_link(s, ConnectionError("bad packet header from server"))
+                return 0
+            nxt = pos + 1 + <Py_ssize_t>ln
+            if typ == 90 or typ == 83 or typ == 67:  # Z S C: read whole
+                if nxt > end:
+                    stop = pos
+                    break
+                if typ == 90:
+                    if ln >= 5:
+                        s.ready_for_query(b[pos + 5], self.now)
+                    ready = True
+                elif typ == 83:
+                    s.engine_parameter_status(PyBytes_FromStringAndSize(<char *>b + pos + 5, ln - 4))
+                elif ln >= 5 and b[pos + 5] == 68:  # tags starting with D: DISCARD ALL, DEALLOCATE
+                    if ((ln - 4 >= 11 and memcmp(b + pos + 5, b"DISCARD ALL", 11) == 0)
+                            or (ln - 4 >= 10 and memcmp(b + pos + 5, b"DEALLOCATE", 10) == 0)):
+                        s.engine_command_complete(PyBytes_FromStringAndSize(<char *>b + pos + 5, ln - 4))
+            elif typ == 71:  # CopyInResponse
+                s.copy_started()
+            if nxt >= end:
+                s.rskip = nxt - end
+                stop = end
+                break
+            pos = nxt
+        s._keep_bytes(b + stop, end - stop)
+        if ready or s.boundary_due:
+            self._end_of_transaction(s)
+        return 0
+
+    cdef int _end_of_transaction(self, Link s) except -1:
+        """After a ReadyForQuery: with nothing outstanding the link ends, but only on a message
+        boundary (a notice cut by the read belongs to this client: `boundary_due`)."""
+        cdef Link c = s.peer
+        if s.outstanding or s.pending_ext:
+            s.boundary_due = False  # the client asked again: its next ReadyForQuery decides
+            return 0
+        s.copy_in = 0  # a COPY that failed ends without the client's CopyDone
+        if s.rkeep or s.rskip:
+            s.boundary_due = True
+            return 0
+        s.boundary_due = False
+        if c is None or (c.flags & CF_SESSION) or c.rskip:
+            return 0
+        s.engine_transaction_end()
+        return 0
+
+    # ------------------------------------------------------------ mode changes
+
+    cdef int _to_slow(self, Link link) except -1:
+        """Hand what C carries for this link (kept bytes, body still to come) to the Python
+        protocol's buffer, and read through it from now on."""
+        cdef Py_ssize_t k = link.rkeep
+        if link.mode == MODE_SLOW:
+            return 0
+        link.mode = MODE_SLOW
+        link.peer = None
+        if k:
+            size = MIN_KEEP if MIN_KEEP > 2 * k else 2 * k
+            buf = bytearray(size)
+            buf[:k] = PyBytes_FromStringAndSize(<char *>link.rbuf, k)
+            link.buf = buf
+            link.mv = memoryview(buf)
+        link.keep = k
+        link.skip = link.rskip
+        link._keep_bytes(link.rbuf, 0)
+        link.rskip = 0
+        return 0
+
+    cdef int _to_fast(self, Link link) except -1:
+        """Take the Python protocol's carried bytes (keep, skip) into C."""
+        cdef Py_ssize_t k = link.keep
+        cdef const unsigned char[::1] view
+        if link.mode == MODE_FAST:
+            return 0
+        if k:
+            data = bytes(link.buf[:k])
+            view = data
+            link._keep_bytes(&view[0], k)
+            link.keep = 0
+        else:
+            link._keep_bytes(NULL, 0)
+        link.rskip = link.skip
+        link.skip = 0
+        link.mode = MODE_FAST
+        return 0
+
+    def link_fast(self, Link client, Link server, int flags):
+        """Forward natively between a linked client and server from now on; bytes the client
+        sent meanwhile are walked and forwarded now."""
+        if client.fd < 0 or server.fd < 0 or client.eng is not self or server.eng is not self:
+            return False
+        client.kind = KIND_CLIENT
+        server.kind = KIND_SERVER
+        client.flags = flags
+        self._to_fast(server)
+        self._to_fast(client)
+        client.peer = server
+        server.peer = client
+        if client.rkeep:
+            self.now = monotonic()
+            self._client_walk(client, server, client.rbuf, client.rkeep)
+        return True
+
+    def unlink(self, Link link):
+        """Back to the slow path, both sides of the link (no-op for a slow link)."""
+        cdef Link peer = link.peer
+        self._to_slow(link)
+        if peer is not None:
+            self._to_slow(peer)
+
+    def stats(self):
+        return {"batches": self.batches, "reads": self.reads, "fast_reads": self.fast_reads,
+                "escapes": self.escapes}
+
+
+
+# Client flags for Engine.link_fast (the ClientFlag enum of _engine.pxd), for Python.
+PIN_HINTS = CF_PIN_HINTS
+LAZY_PREPARE = CF_LAZY_PREPARE
+SESSION = CF_SESSION
