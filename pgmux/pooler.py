@@ -161,6 +161,7 @@ class Pooler:
             if db is not None:
                 pool.limits = self.limits_for(db, pool.user)
                 pool.round_robin = bool(s.server_round_robin)
+                self._configure_core(pool)
                 self.launch_connects(pool)
 
     def hba_rule(self, client: ClientConnection, user: str) -> HbaRule | None:
@@ -401,6 +402,7 @@ class Pooler:
                         round_robin=bool(self.settings.server_round_robin))
             pool.paused = self.admin_pool_paused(db.name)
             pool.stats.histograms = bool(self.settings.metrics_listen)  # not reloadable
+            self._configure_core(pool)
             self.pools[key] = pool
             if db.is_autodb:
                 logger.info("registered new auto-database: db=%s", db.name)
@@ -782,6 +784,16 @@ class Pooler:
         if new is not None:
             conn.transport = new
 
+    def _configure_core(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
+        """What the engine needs to link and release this pool's clients by itself, and whether
+        it may: not while shutting down, nor with server_reset_query_always (every release
+        resets)."""
+        s = self.settings
+        core = pool.core
+        core.enabled = not self.shutting_down and not (s.server_reset_query and s.server_reset_query_always)
+        core.lifetime = float(pool.limits.server_lifetime or 0)
+        core.check_delay = float(s.server_check_delay) if s.server_check_query else -1.0
+
     def link_fast(self, client: ClientConnection, server: ServerConnection) -> bool:
         """Let the engine forward this link natively, if it can decide every message the link
         will see (not while prepared statements are tracked or answers withheld). True: the
@@ -799,6 +811,9 @@ class Pooler:
             flags |= LAZY_PREPARE
         if client.pool_mode == "session":
             flags |= SESSION
+        # the engine may link and release this client by itself until Python looks at it again
+        client.auto = (client.pool_mode == "transaction" and client.pinned is None and client.state_hint is None
+                       and not (client.lazy_prepare and client.stmts))
         if client.read_paused and client.transport is not None:
             client.read_paused = False
             client.transport.resume_reading()
@@ -1225,6 +1240,8 @@ class Pooler:
     def start_shutdown(self) -> None:
         """Stop accepting; exit once clients are gone (SIGTERM: WAIT_FOR_CLIENTS)."""
         self.shutting_down = True
+        for pool in self.pools.values():
+            self._configure_core(pool)  # every release goes through server_ready now
         for listener in self.listeners:
             listener.close()
         self._check_shutdown()

@@ -2,6 +2,7 @@
 # Prepare a (fresh Debian) machine for pgmux's tests and demo. Idempotent: safe to run again.
 #   - PostgreSQL server binaries, psql and pgbench (the tests start a throwaway cluster)
 #   - PgBouncer, the oracle the tests can also run against (optional: failure is only a warning)
+#   - a C compiler and Python's headers (pgmux's engine is Cython, compiled by pip install)
 #   - pgmux itself, editable, with its test extras
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,12 @@ fi
 if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
     echo "setup: installing PgBouncer (test oracle)"
     apt_install pgbouncer || echo "setup: WARNING: could not install pgbouncer; --pooler=pgbouncer runs will skip" >&2
+fi
+
+# The engine (pgmux/engine, Cython) is compiled at install time: a C compiler and Python's headers.
+if ! command -v cc >/dev/null 2>&1 || ! python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+    echo "setup: installing a C compiler and the Python headers (the engine is compiled)"
+    apt_install gcc python3-dev
 fi
 
 if ! python3 -m pip --version >/dev/null 2>&1; then

@@ -12,7 +12,8 @@ from pgmux.engine._engine import (
     Engine,
     EngineTransport,
     Link,
+    PoolCore,
     PoolStats,
 )
 
-__all__ = ["Engine", "EngineTransport", "LAZY_PREPARE", "Link", "PIN_HINTS", "PoolStats", "SESSION"]
+__all__ = ["Engine", "EngineTransport", "LAZY_PREPARE", "Link", "PIN_HINTS", "PoolCore", "PoolStats", "SESSION"]

@@ -53,6 +53,19 @@ cdef class PoolStats:
     cdef public object wait_hist, query_hist, xact_hist
 
 
+cdef class PoolCore:
+    # The C side of one pgmux.pool.Pool: what the engine needs to link and release on its own.
+    # idle/active/waiting are the Pool's own containers (the engine calls their methods, no
+    # Python code runs); `enabled` is cleared by Python whenever a release must go through it
+    # (shutdown, server_reset_query_always).
+    cdef public object pool, idle, active, waiting
+    cdef public PoolStats stats
+    cdef public bint enabled
+    cdef public double lifetime       # server_lifetime, 0 = none
+    cdef public double check_delay    # server_check_delay when server_check_query is set, else -1
+    cdef object idle_append, idle_pop, idle_popleft, waiting_popleft, waiting_appendleft
+
+
 cdef class Engine
 
 
@@ -86,6 +99,16 @@ cdef class Link:
     cdef public double query_start, xact_start, last_used, request_time
     cdef public PoolStats link_stats  # the pool's counters (servers)
     cdef public long long max_packet_size  # longest message accepted from this peer
+    # ---- what pooling decisions read, in C for the engine's own link and release
+    cdef public bint closed           # the socket closed (or is closing): the pool forgets it
+    cdef public bint waiting          # client: in its pool's queue
+    cdef public bint linking          # client: a slow-path step of its link is running
+    cdef public bint write_paused, read_paused
+    cdef public bint auto             # client: the engine may link and release it by itself
+    cdef public bint close_needed, dirty  # server: close, or reset, before anyone else gets it
+    cdef public int cancels           # server: cancel requests not yet delivered
+    cdef public double connect_time, wait_started
+    cdef public PoolCore core
 
     cdef int _queue(self, const unsigned char *p, Py_ssize_t n) except -1
     cdef int send_bytes(self, const unsigned char *p, Py_ssize_t n) except -1
@@ -116,5 +139,11 @@ cdef class Engine:
     cdef int _client_walk(self, Link c, Link s, unsigned char *b, Py_ssize_t end) except -1
     cdef int _server_walk(self, Link s, Link c, unsigned char *b, Py_ssize_t keep, Py_ssize_t end) except -1
     cdef int _end_of_transaction(self, Link s) except -1
+    cdef bint _release(self, Link s, Link c) except -1
+    cdef bint _can_link(self, Link c, Link s) except -1
+    cdef int _link(self, Link c, Link s) except -1
+    cdef int _join(self, Link c, Link s) except -1
+    cdef bint _auto_link_read(self, Link c) except -1
+    cdef int _deliver_slow(self, Link link, unsigned char *p, Py_ssize_t n) except -1
     cdef int _to_slow(self, Link link) except -1
     cdef int _to_fast(self, Link link) except -1

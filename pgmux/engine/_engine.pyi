@@ -25,6 +25,17 @@ class PoolStats:
     xact_hist: list[int]
     def __init__(self) -> None: ...
 
+class PoolCore:
+    pool: Any
+    idle: Any
+    active: Any
+    waiting: Any
+    stats: PoolStats
+    enabled: bool
+    lifetime: float
+    check_delay: float
+    def __init__(self, pool: Any, idle: Any, active: Any, waiting: Any, stats: PoolStats) -> None: ...
+
 class Link:
     outstanding: int
     pending_ext: bool
@@ -39,6 +50,18 @@ class Link:
     request_time: float
     link_stats: PoolStats | None
     max_packet_size: int
+    closed: bool
+    waiting: bool
+    linking: bool
+    write_paused: bool
+    read_paused: bool
+    auto: bool
+    close_needed: bool
+    dirty: bool
+    cancels: int
+    connect_time: float
+    wait_started: float
+    core: PoolCore | None
     @property
     def adopted(self) -> bool: ...
     @property

@@ -195,6 +195,29 @@ cdef class PoolStats:
                 f"bytes_received={self.bytes_received}, bytes_sent={self.bytes_sent})")
 
 
+cdef class PoolCore:
+    """The C side of one pgmux.pool.Pool (see _engine.pxd)."""
+
+    def __init__(self, pool, idle, active, waiting, PoolStats stats):
+        self.pool = pool
+        self.idle = idle
+        self.active = active
+        self.waiting = waiting
+        self.stats = stats
+        self.enabled = True
+        self.lifetime = 0.0
+        self.check_delay = -1.0
+        self.idle_append = idle.append
+        self.idle_pop = idle.pop
+        self.idle_popleft = idle.popleft
+        self.waiting_popleft = waiting.popleft
+        self.waiting_appendleft = waiting.appendleft
+
+
+cdef str S_IDLE = "idle"
+cdef str S_ACTIVE = "active"
+
+
 cdef inline int bit_length(long long v) noexcept nogil:
     cdef int n = 0
     while v > 0:
@@ -711,6 +734,10 @@ cdef class Engine:
         self.reads += 1
         if link.mode == MODE_FAST and link.peer is not None:
             return self._read_fast(link)
+        if (link.auto and not link.waiting and not link.linking and link.core is not None and link.core.enabled
+                and link.server is None and not link.keep and not link.skip):
+            self._auto_link_read(link)
+            return 0
         return self._read_slow(link)
 
     cdef int _read_slow(self, Link link) except -1:
@@ -945,7 +972,159 @@ cdef class Engine:
         s.boundary_due = False
         if c is None or (c.flags & CF_SESSION) or c.rskip:
             return 0
-        s.engine_transaction_end()
+        if not self._release(s, c):
+            s.engine_transaction_end()
+        return 0
+
+    # ------------------------------------------------------------ link and release (objects.c)
+
+    cdef bint _release(self, Link s, Link c) except -1:
+        """Transaction mode, ReadyForQuery 'I' with nothing outstanding: give the server to the
+        next waiting client, or back to the idle list, as Pooler.transaction_boundary and
+        server_ready do, when nothing about the client or server needs Python to decide.
+        False: Python decides (engine_transaction_end)."""
+        cdef PoolCore core = s.core
+        cdef Link w
+        if not c.auto or core is None or not core.enabled:
+            return False
+        if (s.status != 73 or c.rkeep or c.closed or s.closed or s.close_needed or s.cancels or s.dirty
+                or c.linking or c.waiting):
+            return False
+        if core.pool.paused:
+            return False
+        if core.lifetime > 0 and self.now - s.connect_time >= core.lifetime:
+            return False
+        self._to_slow(c)
+        self._to_slow(s)
+        s.forwarding = False  # (stop_forwarding: nothing is carried) bytes of an idle server go to its inbox
+        c.server = None
+        s.client = None
+        while core.waiting:
+            w = core.waiting_popleft()
+            if w.closed:
+                continue
+            if self._can_link(w, s):
+                w.waiting = False
+                self._link(w, s)
+                return True
+            core.waiting_appendleft(w)
+            s.engine_server_ready()  # a waiter the engine cannot link: Python does
+            return True
+        s.state = S_IDLE
+        core.active.discard(s)
+        core.idle_append(s)
+        return True
+
+    cdef bint _can_link(self, Link c, Link s) except -1:
+        """The engine may link this client and server by itself: same tracked parameters, no
+        check query due, nothing about either that needs a slow-path step."""
+        cdef PoolCore core = s.core
+        if (not c.auto or c.closed or c.linking or c.fd < 0 or c.write_paused or c.read_paused
+                or s.fd < 0 or s.closed or s.close_needed or s.cancels or s.dirty or s.rkeep or s.rskip):
+            return False
+        if core is None or (core.check_delay >= 0 and self.now - s.last_used >= core.check_delay):
+            return False
+        ck = c.params._tracked_key
+        if ck is None or ck != s.params._tracked_key:
+            return False
+        if s.inbox:
+            return False
+        return True
+
+    cdef int _link(self, Link c, Link s) except -1:
+        """Pooler.link + _start_link for a link _can_link accepted."""
+        cdef PoolStats stats = s.core.stats
+        cdef long long us
+        c.server = s
+        s.client = c
+        s.state = S_ACTIVE
+        stats.server_assignment_count += 1
+        if c.wait_started:
+            us = <long long>((self.now - c.wait_started) * 1000000)
+            stats.wait_time_us += us
+            if stats.histograms:
+                observe(stats.wait_hist, us)
+            c.wait_started = 0.0
+        s.tracking = False
+        s.statement_mode = False
+        s.sent_prefix = 0
+        s.forwarding = True
+        return self._join(c, s)
+
+    cdef int _join(self, Link c, Link s) except -1:
+        """Both sides on the fast path; bytes the client sent meanwhile are walked now."""
+        c.kind = KIND_CLIENT
+        s.kind = KIND_SERVER
+        self._to_fast(s)
+        self._to_fast(c)
+        c.peer = s
+        s.peer = c
+        if c.rkeep:
+            self._client_walk(c, s, c.rbuf, c.rkeep)
+        return 0
+
+    cdef bint _auto_link_read(self, Link c) except -1:
+        """An unlinked client that the engine may link has something to read: read it; take an
+        idle server and forward it natively when one can be linked, else hand the bytes to the
+        Python protocol (which queues the client, answers a lone Parse, closes on Terminate)."""
+        cdef PoolCore core = c.core
+        cdef ssize_t r
+        cdef Link s = None
+        cdef unsigned char *b = self.shared
+        cdef Py_ssize_t pe
+        while True:
+            r = recv(c.fd, b, SHARED_SIZE, 0)
+            if r < 0 and errno == EINTR:
+                continue
+            break
+        if r < 0 and errno == EAGAIN:
+            return True
+        if r <= 0:
+            self._close_link(c, None if r == 0 else ConnectionResetError(errno, os.strerror(errno)))
+            return True
+        c.request_time = self.now
+        take = True
+        if b[0] == 88:  # Terminate: no server needed
+            take = False
+        elif b[0] == 80 and (c.flags & CF_LAZY_PREPARE) and r >= 15:  # a lone named Parse + Sync
+            pe = 1 + <Py_ssize_t>be32(b + 1)
+            if b[5] != 0 and pe + 5 == r and b[pe] == 83 and be32(b + pe + 1) == 4:
+                take = False
+        if take and (core.waiting or not core.idle or core.pool.paused):
+            take = False
+        if take:
+            s = core.idle_popleft() if core.pool.round_robin else core.idle_pop()
+            if not self._can_link(c, s):
+                if core.pool.round_robin:
+                    core.idle.appendleft(s)
+                else:
+                    core.idle_append(s)
+                take = False
+        if not take:
+            self._deliver_slow(c, b, r)
+            return True
+        core.active.add(s)
+        self._link(c, s)
+        self.fast_reads += 1
+        self._client_walk(c, s, b, r)
+        return True
+
+    cdef int _deliver_slow(self, Link link, unsigned char *p, Py_ssize_t n) except -1:
+        """Bytes the engine read itself, given to the Python protocol as if it had read them."""
+        cdef Py_buffer view
+        cdef Py_ssize_t k
+        while n > 0 and not link.closed:
+            buf = link.get_buffer(n)
+            PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+            try:
+                k = view.len if view.len < n else n
+                memcpy(view.buf, p, k)
+            finally:
+                PyBuffer_Release(&view)
+            del buf
+            link.buffer_updated(k)
+            p += k
+            n -= k
         return 0
 
     # ------------------------------------------------------------ mode changes
@@ -993,16 +1172,9 @@ cdef class Engine:
         sent meanwhile are walked and forwarded now."""
         if client.fd < 0 or server.fd < 0 or client.eng is not self or server.eng is not self:
             return False
-        client.kind = KIND_CLIENT
-        server.kind = KIND_SERVER
         client.flags = flags
-        self._to_fast(server)
-        self._to_fast(client)
-        client.peer = server
-        server.peer = client
-        if client.rkeep:
-            self.now = monotonic()
-            self._client_walk(client, server, client.rbuf, client.rkeep)
+        self.now = monotonic()
+        self._join(client, server)
         return True
 
     def unlink(self, Link link):

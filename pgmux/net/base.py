@@ -55,7 +55,7 @@ class PgConnection(Link, asyncio.BufferedProtocol):
     # the subclass's __slots__ (admin state keeps weak references: __weakref__).
     __slots__ = (
         "loop", "buf", "mv", "keep", "grow", "later", "skip", "transport", "forwarding", "inbox",
-        "_waiter", "closed", "close_reason", "__weakref__",
+        "_waiter", "close_reason", "__weakref__",
     )
 
     def __init__(self, buf_size: int = BUF_SIZE, loop: asyncio.AbstractEventLoop | None = None) -> None:

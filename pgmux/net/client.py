@@ -94,15 +94,14 @@ class ClientError(Exception):
 class ClientConnection(PgConnection):
     """One client socket. `server` is the linked server connection, if any."""
 
-    # (see PgConnection.__slots__)
+    # (see PgConnection.__slots__; closed, waiting, linking, write_paused, read_paused, auto,
+    # connect_time, wait_started are pgmux.engine.Link fields)
     __slots__ = (
-        "pooler", "login_expired", "is_unix", "tls", "server", "pool", "db", "user", "dbname",
-        "params", "startup_params", "addr", "port", "local_addr", "local_port", "connect_time",
-        "connect_wall", "wait_started", "waiting", "linking", "logged_in",
-        "admitted", "limits_counted", "write_paused", "read_paused", "pool_mode", "cancel_key",
-        "login_task", "id", "client_key", "_events", "tracking", "lazy_prepare", "pin_mode",
-        "state_hint", "pinned", "pinned_since", "drain_passed", "awaiting_quiet", "stmts", "authed",
-        "no_pqexec",
+        "pooler", "login_expired", "is_unix", "tls", "server", "pool", "db", "user", "dbname", "params",
+        "startup_params", "addr", "port", "local_addr", "local_port", "connect_wall", "logged_in", "admitted",
+        "limits_counted", "pool_mode", "cancel_key", "login_task", "id", "client_key", "_events", "tracking",
+        "lazy_prepare", "pin_mode", "state_hint", "pinned", "pinned_since", "drain_passed", "awaiting_quiet",
+        "stmts", "authed", "no_pqexec",
     )
 
     def __init__(self, pooler: Pooler, is_unix: bool = False) -> None:
@@ -259,7 +258,9 @@ class ClientConnection(PgConnection):
 
     def engine_escape(self, data: bytes) -> None:
         """The engine met a message its fast path does not decide (see pgmux/engine/_engine.pxd):
-        the link is on the slow path now, and `data` is everything from that message on."""
+        the link is on the slow path now, and `data` is everything from that message on. Until
+        Pooler.link_fast looks at this client again, the engine links and releases it no more."""
+        self.auto = False
         n = len(data)
         buf = bytearray(max(CLIENT_BUF_SIZE, 2 * n))
         buf[:n] = data
@@ -381,12 +382,14 @@ class ClientConnection(PgConnection):
         make it `mixed`, so the pooler runs the full probe."""
         old = self.state_hint
         self.state_hint = word if old is None or old == word else b"mixed"
+        self.auto = False  # the probe decides at the end of this transaction
 
     def start_tracking(self) -> None:
         """Track prepared statements on this link from now on (nothing is in flight)."""
         server = self.server
         assert server is not None
         self.tracking = server.tracking = True
+        self.auto = False
         server.sent_prefix = server.keep  # the untracked path had forwarded what it retained
 
     def _after_forward(self, st: asyncio.WriteTransport, fwd: int, stop: int, end: int, last: int,
@@ -556,6 +559,7 @@ class ClientConnection(PgConnection):
         if not name or name in self.stmts:
             return False
         self.stmts[name] = self.pooler.statements.get(tail)
+        self.auto = False  # statements to track from now on: links go through Pooler.link_fast
         assert self.pool is not None
         self.pool.stats.client_parse_count += 1
         self.keep = 0
@@ -579,6 +583,7 @@ class ClientConnection(PgConnection):
                 raise PreparedError("prepared statement name is already in use")
             stmt = self.pooler.statements.get(tail)
             self.stmts[name] = stmt
+            self.auto = False
             self.pooler.stats_parse(server, client_side=True)
             if server.stmts.has(stmt):
                 self._answer_now(tracker.fake(_P, PARSE_COMPLETE, (self.stmts, name, stmt)))
@@ -782,6 +787,7 @@ class ClientConnection(PgConnection):
         if self.client_key is not None and pool.scram_client_key is None:
             pool.scram_client_key = self.client_key
         self.pool = pool
+        self.core = pool.core
         self.pool_mode = pool.limits.pool_mode
         self.lazy_prepare = self.pool_mode != "session" and settings.max_prepared_statements > 0
         self.pin_mode = settings.pin_session_state if self.pool_mode != "session" else "off"

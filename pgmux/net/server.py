@@ -54,11 +54,11 @@ class ServerConnection(PgConnection):
 
     # (see PgConnection.__slots__)
     # The link state (outstanding, pending_ext, status, last_start, copy_in, copy_base,
-    # boundary_due, query_start, xact_start, last_used, request_time) is in pgmux.engine.Link.
+    # boundary_due, query_start, xact_start, last_used, request_time, connect_time, close_needed,
+    # cancels, dirty, read_paused, closed) is in pgmux.engine.Link.
     __slots__ = (
         "pooler", "pool", "addr", "port", "client", "backend_pid", "backend_key", "params",
-        "login_params", "state", "connect_time", "connect_wall", "close_needed",
-        "cancels", "tls", "dirty", "read_paused", "local_addr", "local_port", "_events", "tracking",
+        "login_params", "state", "connect_wall", "tls", "local_addr", "local_port", "_events", "tracking",
         "statement_mode", "stmts", "tracker", "sent_prefix",
     )
 
@@ -67,6 +67,7 @@ class ServerConnection(PgConnection):
         self.pooler = pooler
         self.pool = pool
         self.link_stats = pool.stats  # what the engine counts this server's traffic in
+        self.core = pool.core
         self.addr = addr
         self.port = port
         self.client: ClientConnection | None = None
@@ -380,8 +381,13 @@ class ServerConnection(PgConnection):
             self._command_complete(b"C\0\0\0\0" + tag, 0, 5 + len(tag), self.client)
 
     def engine_transaction_end(self) -> None:
-        """A ReadyForQuery with nothing outstanding, on a message boundary (the engine checked)."""
+        """A ReadyForQuery with nothing outstanding, on a message boundary (the engine checked),
+        that the engine could not release by itself."""
         self.pooler.transaction_boundary(self)
+
+    def engine_server_ready(self) -> None:
+        """The engine released this server but cannot link the client waiting first."""
+        self.pooler.server_ready(self)
 
     # ------------------------------------------------------------ idle server
 

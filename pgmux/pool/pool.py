@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from pgmux.engine import PoolStats  # plain counters the engine adds to in C (SHOW STATS reads them)
+from pgmux.engine import PoolCore, PoolStats  # plain counters the engine adds to in C (SHOW STATS reads them)
 
 
 class Waiter(Protocol):
@@ -68,6 +68,12 @@ class Pool(Generic[S, C]):
     # Encoded ParameterStatus sets by the client's startup values; key None holds the params
     # they were built from, so a change of `params` empties the cache.
     welcome_cache: dict = field(default_factory=dict)
+    # The C side (pgmux.engine.PoolCore): the engine links and releases through these same
+    # containers when nothing needs Python (Pooler._configure_core says when it may).
+    core: PoolCore = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.core = PoolCore(self, self.idle, self.active, self.waiting, self.stats)
 
     # ------------------------------------------------------------ counting
 
