@@ -793,6 +793,8 @@ class Pooler:
         core.enabled = not self.shutting_down and not (s.server_reset_query and s.server_reset_query_always)
         core.lifetime = float(pool.limits.server_lifetime or 0)
         core.check_delay = float(s.server_check_delay) if s.server_check_query else -1.0
+        core.pool_size = pool.limits.pool_size
+        core.reserve = bool(pool.limits.reserve_pool_size) or bool(pool.limits.min_pool_size)
 
     def link_fast(self, client: ClientConnection, server: ServerConnection) -> bool:
         """Let the engine forward this link natively, if it can decide every message the link

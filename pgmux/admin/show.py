@@ -330,14 +330,15 @@ def _debug_cols(conn: Any) -> list[Value]:
     """recv_pos, pkt_pos, pkt_remain, send_pos, send_remain, pkt_avail, send_avail from our buffers."""
     t = conn.transport
     pending = t.get_write_buffer_size() if t is not None and not t.is_closing() else 0
-    held = conn.keep + len(conn.inbox)
-    return [held, 0, conn.skip, 0, 0, conn.keep, pending]
+    kept, skip = conn.carried  # what the engine holds (pgmux.engine.Link)
+    held = conn.keep + kept + len(conn.inbox)
+    return [held, 0, conn.skip + skip, 0, 0, conn.keep + kept, pending]
 
 
 def _has_buffered_data(conn: Any) -> bool:
     t = conn.transport
     pending = t.get_write_buffer_size() if t is not None and not t.is_closing() else 0
-    return bool(conn.keep or conn.inbox or pending)
+    return bool(conn.keep or conn.carried[0] or conn.inbox or pending)
 
 
 def _client_row(pooler: Pooler, c: ClientConnection, state: str, clock: _Clock, debug: bool,

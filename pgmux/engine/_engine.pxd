@@ -63,6 +63,8 @@ cdef class PoolCore:
     cdef public bint enabled
     cdef public double lifetime       # server_lifetime, 0 = none
     cdef public double check_delay    # server_check_delay when server_check_query is set, else -1
+    cdef public int pool_size         # the pool's size: below it, a queued client asks for a new server
+    cdef public bint reserve          # reserve_pool_size is set: always ask (Pooler.launch_connects decides)
     cdef object idle_append, idle_pop, idle_popleft, waiting_popleft, waiting_appendleft
 
 
@@ -79,6 +81,7 @@ cdef class Link:
     cdef unsigned char mode
     cdef unsigned char flags          # ClientFlag
     cdef bint reading_paused          # Python asked (transport.pause_reading)
+    cdef bint held                    # a client the engine queued: its bytes are in rbuf, nothing more is read
     cdef bint closing                 # close once the output queue drained
     cdef bint write_paused_sent       # protocol.pause_writing() was called
     cdef bint lost                    # socket closed; connection_lost scheduled
@@ -128,8 +131,12 @@ cdef class Engine:
     cdef double now
     cdef public unsigned long long batches, reads, fast_reads, escapes
     cdef unsigned char *shared        # read buffer of every link that keeps nothing between reads
+    cdef bint in_run                  # inside run(): Python hooks wait for the walk in progress
+    cdef list paused_now              # links whose pause_writing() is due once the walk is over
 
     cdef int _register(self, Link link) except -1
+    cdef int _run_batch(self, void *events, int n) except -1
+    cdef int _pause_writers(self) except -1
     cdef void _update_events(self, Link link)
     cdef int _flush(self, Link link) except -1
     cdef int _close_link(self, Link link, object exc) except -1
@@ -145,5 +152,6 @@ cdef class Engine:
     cdef int _join(self, Link c, Link s) except -1
     cdef bint _auto_link_read(self, Link c) except -1
     cdef int _deliver_slow(self, Link link, unsigned char *p, Py_ssize_t n) except -1
+    cdef int _enqueue(self, Link c, unsigned char *b, Py_ssize_t n) except -1
     cdef int _to_slow(self, Link link) except -1
     cdef int _to_fast(self, Link link) except -1

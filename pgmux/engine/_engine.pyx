@@ -42,6 +42,7 @@ cdef extern from "sys/epoll.h" nogil:
         EPOLLOUT
         EPOLLERR
         EPOLLHUP
+        EPOLLRDHUP
         EPOLL_CTL_ADD
         EPOLL_CTL_MOD
         EPOLL_CTL_DEL
@@ -330,7 +331,10 @@ cdef class Link:
         self.eng._update_events(self)
         if not self.write_paused_sent and self.otail - self.ohead > HIGH_WATER:
             self.write_paused_sent = True
-            self.pause_writing()
+            if self.eng.in_run:
+                self.eng.paused_now.append(self)  # called once the walk in progress is over
+            else:
+                self.pause_writing()
         return 0
 
     cdef int _keep_bytes(self, const unsigned char *p, Py_ssize_t n) except -1:
@@ -443,6 +447,25 @@ cdef class Link:
     def copy_end_py(self):
         self.copy_end()
 
+    def reclaim(self):
+        """Bytes the engine holds for a slow link (a client it queued) go to the Python
+        protocol's buffer (keep), and reading resumes: Python forwards them itself."""
+        cdef Py_ssize_t k = self.rkeep
+        if self.mode == MODE_FAST:
+            return
+        if k:
+            size = MIN_KEEP if MIN_KEEP > 2 * k else 2 * k
+            buf = bytearray(size)
+            buf[:k] = PyBytes_FromStringAndSize(<char *>self.rbuf, k)
+            self.buf = buf
+            self.mv = memoryview(buf)
+            self.keep = k
+            self._keep_bytes(self.rbuf, 0)
+        if self.held:
+            self.held = False
+            if self.eng is not None:
+                self.eng._update_events(self)
+
     def to_slow(self):
         """Leave the fast path (this link and its peer), handing carried bytes to Python."""
         if self.eng is not None:
@@ -535,6 +558,7 @@ cdef class Engine:
         if self.shared == NULL:
             raise MemoryError()
         self.next_gen = 1
+        self.paused_now = []
 
     def __dealloc__(self):
         cdef int i
@@ -635,7 +659,9 @@ cdef class Engine:
         cdef unsigned int want = 0
         if link.fd < 0:
             return
-        if not link.reading_paused and not link.closing:
+        if link.held:
+            want |= EPOLLRDHUP  # a queued client: read nothing more, but notice it leaving
+        elif not link.reading_paused and not link.closing:
             want |= EPOLLIN
         if link.otail != link.ohead:
             want |= EPOLLOUT
@@ -700,14 +726,32 @@ cdef class Engine:
     def run(self):
         """One batch of ready sockets, all in C but for the hooks the links ask for."""
         cdef epoll_event evs[MAX_EVENTS]
-        cdef int n, i, fd
-        cdef unsigned int gen, events
-        cdef Link link
+        cdef int n
         n = epoll_wait(self.epfd, evs, MAX_EVENTS, 0)
         if n <= 0:
             return
         self.now = monotonic()
         self.batches += 1
+        self.in_run = True
+        try:
+            self._run_batch(evs, n)
+        finally:
+            self.in_run = False
+            self._pause_writers()
+
+    cdef int _pause_writers(self) except -1:
+        cdef Link w
+        while self.paused_now:
+            w = self.paused_now.pop()
+            if w.write_paused_sent and w.fd >= 0:
+                w.pause_writing()
+        return 0
+
+    cdef int _run_batch(self, void *events_, int n) except -1:
+        cdef epoll_event *evs = <epoll_event *>events_
+        cdef int i, fd
+        cdef unsigned int gen, events
+        cdef Link link
         for i in range(n):
             fd = <int>(evs[i].data.u64 & 0xFFFFFFFF)
             gen = <unsigned int>(evs[i].data.u64 >> 32)
@@ -720,15 +764,21 @@ cdef class Engine:
             try:
                 if events & EPOLLOUT:
                     self._flush(link)
-                if link.fd >= 0 and events & (EPOLLIN | EPOLLHUP | EPOLLERR):
-                    if link.reading_paused or link.closing:
-                        if events & (EPOLLHUP | EPOLLERR):
+                if link.fd >= 0 and events & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP):
+                    if link.held or link.reading_paused or link.closing:
+                        if events & (EPOLLHUP | EPOLLERR | EPOLLRDHUP):
                             self._close_link(link, None)
                     else:
                         self._on_readable(link)
+                if self.paused_now:
+                    self._pause_writers()
             except Exception as exc:  # a hook failed: never take the loop down
+                # As asyncio does when a protocol callback raises: report it and close the link
+                # (its state may be half updated); the pool then forgets it (connection_lost).
                 self.loop.call_exception_handler({"message": "pgmux engine: error in a link hook",
                                                   "exception": exc, "protocol": link})
+                self._close_link(link, exc)
+        return 0
 
     cdef int _on_readable(self, Link link) except -1:
         self.reads += 1
@@ -909,6 +959,7 @@ cdef class Engine:
         cdef unsigned char typ
         cdef bint ready = False
         cdef long long skip = s.rskip
+        cdef list hooks = None
         c.send_bytes(b + keep, n)
         if s.link_stats is not None:
             s.link_stats.bytes_sent += n
@@ -941,11 +992,16 @@ cdef class Engine:
                         s.ready_for_query(b[pos + 5], self.now)
                     ready = True
                 elif typ == 83:
-                    s.engine_parameter_status(PyBytes_FromStringAndSize(<char *>b + pos + 5, ln - 4))
+                    if hooks is None:
+                        hooks = []
+                    hooks.append((s.engine_parameter_status, PyBytes_FromStringAndSize(<char *>b + pos + 5, ln - 4)))
                 elif ln >= 5 and b[pos + 5] == 68:  # tags starting with D: DISCARD ALL, DEALLOCATE
                     if ((ln - 4 >= 11 and memcmp(b + pos + 5, b"DISCARD ALL", 11) == 0)
                             or (ln - 4 >= 10 and memcmp(b + pos + 5, b"DEALLOCATE", 10) == 0)):
-                        s.engine_command_complete(PyBytes_FromStringAndSize(<char *>b + pos + 5, ln - 4))
+                        if hooks is None:
+                            hooks = []
+                        hooks.append((s.engine_command_complete,
+                                      PyBytes_FromStringAndSize(<char *>b + pos + 5, ln - 4)))
             elif typ == 71:  # CopyInResponse
                 s.copy_started()
             if nxt >= end:
@@ -954,6 +1010,13 @@ cdef class Engine:
                 break
             pos = nxt
         s._keep_bytes(b + stop, end - stop)
+        if hooks is not None:
+            # Python runs only now, with the walk's state saved: a hook may unlink, close or
+            # raise (run() then closes the link) without the walk reading freed or stale bytes.
+            for hook, arg in hooks:
+                hook(arg)
+            if s.mode != MODE_FAST or s.peer is not c:
+                return 0
         if ready or s.boundary_due:
             self._end_of_transaction(s)
         return 0
@@ -1090,8 +1153,12 @@ cdef class Engine:
             pe = 1 + <Py_ssize_t>be32(b + 1)
             if b[5] != 0 and pe + 5 == r and b[pe] == 83 and be32(b + pe + 1) == 4:
                 take = False
-        if take and (core.waiting or not core.idle or core.pool.paused):
+        pool = core.pool
+        if take and (pool.paused or pool.login_failure is not None or c.write_paused or c.read_paused):
             take = False
+        elif take and (core.waiting or not core.idle):
+            self._enqueue(c, b, r)
+            return True
         if take:
             s = core.idle_popleft() if core.pool.round_robin else core.idle_pop()
             if not self._can_link(c, s):
@@ -1108,6 +1175,22 @@ cdef class Engine:
         self.fast_reads += 1
         self._client_walk(c, s, b, r)
         return True
+
+    cdef int _enqueue(self, Link c, unsigned char *b, Py_ssize_t n) except -1:
+        """No idle server (or others wait first): queue the client as Pooler.request_server does,
+        holding its bytes in C and reading nothing more until it is linked (EPOLLRDHUP still
+        tells if it leaves). New servers are asked for only when the pool may grow."""
+        cdef PoolCore core = c.core
+        pool = core.pool
+        c._keep_bytes(b, n)
+        c.held = True
+        self._update_events(c)
+        c.waiting = True
+        c.wait_started = self.now
+        core.waiting.append(c)
+        if core.reserve or len(core.idle) + len(core.active) + len(pool.busy) + pool.connecting < core.pool_size:
+            c.engine_queued()
+        return 0
 
     cdef int _deliver_slow(self, Link link, unsigned char *p, Py_ssize_t n) except -1:
         """Bytes the engine read itself, given to the Python protocol as if it had read them."""
@@ -1156,14 +1239,18 @@ cdef class Engine:
         if link.mode == MODE_FAST:
             return 0
         if k:
+            if link.rkeep:  # cannot happen: held bytes are reclaimed before Python adds any
+                raise RuntimeError("engine: bytes held in C and in Python")
             data = bytes(link.buf[:k])
             view = data
             link._keep_bytes(&view[0], k)
             link.keep = 0
-        else:
-            link._keep_bytes(NULL, 0)
-        link.rskip = link.skip
-        link.skip = 0
+        if link.skip:
+            link.rskip = link.skip
+            link.skip = 0
+        if link.held:
+            link.held = False
+            self._update_events(link)
         link.mode = MODE_FAST
         return 0
 

@@ -666,8 +666,14 @@ class ClientConnection(PgConnection):
         if answer is not None:
             self.write(answer)
 
+    def engine_queued(self) -> None:
+        """The engine queued this client (no idle server) and the pool may grow."""
+        if self.pool is not None:
+            self.pooler.launch_connects(self.pool)
+
     def resume_held(self) -> None:
         """A server was just linked: forward what arrived meanwhile, and read again."""
+        self.reclaim()  # what the engine held while this client waited
         if self.read_paused and self.transport is not None:
             self.read_paused = False
             self.transport.resume_reading()
