@@ -21,7 +21,7 @@ from pgmux.auth import load_auth_file
 from pgmux.auth.hba import HbaError, HbaRule, HbaRules, IdentMap
 from pgmux.auth.secrets import forget_secret_classifications, random_bytes
 from pgmux.config import Config, ConfigError, DatabaseEntry
-from pgmux.engine import LAZY_PREPARE, PIN_HINTS, SESSION, Engine
+from pgmux.engine import LAZY_PREPARE, PIN_HINTS, SESSION, TRACKED, Engine
 from pgmux.net.base import ConnectionLost
 from pgmux.net.client import ClientConnection, ClientError
 from pgmux.net.listener import log_unsupported_settings
@@ -802,11 +802,16 @@ class Pooler:
         engine took over, including the bytes the client sent meanwhile."""
         if client.fast:
             return True
-        if (self.engine is None or not client.adopted or not server.adopted or client.tracking or server.tracking
+        if (self.engine is None or not client.adopted or not server.adopted or server.statement_mode
                 or client.no_pqexec or client.linking or client.awaiting_quiet or client.closed or server.closed
-                or not server.forwarding or client.server is not server):
+                or not server.forwarding or client.server is not server or client.tracking != server.tracking):
             return False
         flags = 0
+        if client.tracking:  # only while the tracker holds nothing the engine cannot account for
+            tracker = server.tracker
+            if tracker.queue or tracker.skipping or tracker.own_deallocs or server.sent_prefix != server.keep:
+                return False
+            flags |= TRACKED
         if client.pin_mode != "off":
             flags |= PIN_HINTS
         if client.lazy_prepare:
@@ -814,8 +819,7 @@ class Pooler:
         if client.pool_mode == "session":
             flags |= SESSION
         # the engine may link and release this client by itself until Python looks at it again
-        client.auto = (client.pool_mode == "transaction" and client.pinned is None and client.state_hint is None
-                       and not (client.lazy_prepare and client.stmts))
+        client.auto = client.pool_mode == "transaction" and client.pinned is None and client.state_hint is None
         if client.read_paused and client.transport is not None:
             client.read_paused = False
             client.transport.resume_reading()

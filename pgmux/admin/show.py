@@ -43,7 +43,7 @@ HELP_DETAIL = (
     "\tSHOW PEERS|PEER_POOLS\n"
     "\tSHOW FDS|SOCKETS|ACTIVE_SOCKETS|LISTS|MEM|STATE\n"
     "\tSHOW DNS_HOSTS|DNS_ZONES\n"
-    "\tSHOW PINS (pgmux)\n"
+    "\tSHOW PINS|ENGINE (pgmux)\n"
     "\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS\n"
     "\tSET key = arg\n"
     "\tRELOAD\n"
@@ -639,6 +639,17 @@ def show_pins(pooler: Pooler) -> Result:
     return _rows(PINS_COLUMNS, rows)
 
 
+ENGINE_COLUMNS = columns("sq", "name", "value")
+
+
+def show_engine(pooler: Pooler) -> Result:
+    """SHOW ENGINE (pgmux): the compiled data path's counters in this process (batches of ready
+    sockets, reads, reads done natively, escapes to Python)."""
+    engine = pooler.engine
+    counters = engine.stats() if engine is not None else {}
+    return _rows(ENGINE_COLUMNS, [[name, value] for name, value in counters.items()])
+
+
 def show_help(pooler: Pooler) -> Result:
     notice = m.message(b"N", b"SNOTICE\0C00000\0MConsole usage\0D" + HELP_DETAIL.encode() + b"\0\0")
     return Result("SHOW", notices=[notice])
@@ -762,4 +773,5 @@ SHOW_FUNCTIONS: dict[str, Callable[[Pooler], Result]] = {
     "dns_zones": show_dns_zones,
     "state": show_state,
     "pins": show_pins,
+    "engine": show_engine,
 }

@@ -9,6 +9,7 @@ from pgmux.engine._engine import (
     LAZY_PREPARE,
     PIN_HINTS,
     SESSION,
+    TRACKED,
     Engine,
     EngineTransport,
     Link,
@@ -16,4 +17,6 @@ from pgmux.engine._engine import (
     PoolStats,
 )
 
-__all__ = ["Engine", "EngineTransport", "LAZY_PREPARE", "Link", "PIN_HINTS", "PoolCore", "PoolStats", "SESSION"]
+__all__ = [
+    "Engine", "EngineTransport", "LAZY_PREPARE", "Link", "PIN_HINTS", "PoolCore", "PoolStats", "SESSION", "TRACKED",
+]

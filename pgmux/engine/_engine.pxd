@@ -42,6 +42,7 @@ cdef enum ClientFlag:
     CF_PIN_HINTS = 1       # pin_session_state != off: queries whose first keyword may create state escape
     CF_LAZY_PREPARE = 2    # a named Parse may start prepared-statement tracking: it escapes
     CF_SESSION = 4         # session pooling: no transaction-end callback
+    CF_TRACKED = 8         # prepared statements tracked: names rewritten, requests recorded (ring)
 
 
 cdef class PoolStats:
@@ -90,6 +91,9 @@ cdef class Link:
     cdef long long rskip              # body bytes of the current message still to come
     cdef unsigned char *obuf          # output queue: what send() could not take
     cdef Py_ssize_t ocap, ohead, otail
+    cdef unsigned char *ring          # tracked fast link (server): kinds of the requests in flight
+    cdef int ring_cap, ring_head, ring_len
+    cdef bint tracked_fast
     cdef Link peer                    # fast mode: the other side of the link
     cdef object transport_obj
     # ---- link state (server side), read and written by Python too
@@ -116,6 +120,11 @@ cdef class Link:
     cdef int _queue(self, const unsigned char *p, Py_ssize_t n) except -1
     cdef int send_bytes(self, const unsigned char *p, Py_ssize_t n) except -1
     cdef int _keep_bytes(self, const unsigned char *p, Py_ssize_t n) except -1
+    cdef int ring_push(self, unsigned char kind) except -1
+    cdef int ring_front(self) noexcept
+    cdef void ring_pop(self) noexcept
+    cdef void ring_drop_syncs(self) noexcept
+    cdef bytes ring_take(self)
     cdef void note_request(self, int kind, double now)
     cdef void ready_for_query(self, int status, double now)
     cdef void copy_started(self)
@@ -132,6 +141,8 @@ cdef class Engine:
     cdef public unsigned long long batches, reads, fast_reads, escapes
     cdef unsigned char *shared        # read buffer of every link that keeps nothing between reads
     cdef bint in_run                  # inside run(): Python hooks wait for the walk in progress
+    cdef unsigned char *scratch       # a tracked client's output with names rewritten, sent at once
+    cdef Py_ssize_t scratch_cap, scratch_len
     cdef list paused_now              # links whose pause_writing() is due once the walk is over
 
     cdef int _register(self, Link link) except -1
@@ -144,6 +155,9 @@ cdef class Engine:
     cdef int _read_slow(self, Link link) except -1
     cdef int _read_fast(self, Link link) except -1
     cdef int _client_walk(self, Link c, Link s, unsigned char *b, Py_ssize_t end) except -1
+    cdef Py_ssize_t _statement_ref(self, Link c, Link s, unsigned char *b, Py_ssize_t pos, unsigned int ln,
+                                   unsigned char typ, object stmts, object lru, Py_ssize_t run) except -2
+    cdef int _scratch_add(self, const unsigned char *p, Py_ssize_t n) except -1
     cdef int _server_walk(self, Link s, Link c, unsigned char *b, Py_ssize_t keep, Py_ssize_t end) except -1
     cdef int _end_of_transaction(self, Link s) except -1
     cdef bint _release(self, Link s, Link c) except -1

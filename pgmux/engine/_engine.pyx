@@ -71,6 +71,18 @@ cdef inline unsigned int be32(const unsigned char *p) noexcept nogil:
     return (<unsigned int>p[0] << 24) | (<unsigned int>p[1] << 16) | (<unsigned int>p[2] << 8) | p[3]
 
 
+cdef inline void write_be32(unsigned char *p, unsigned int v) noexcept nogil:
+    p[0] = (v >> 24) & 0xFF
+    p[1] = (v >> 16) & 0xFF
+    p[2] = (v >> 8) & 0xFF
+    p[3] = v & 0xFF
+
+
+cdef inline bint may_deallocate(unsigned char ch) noexcept nogil:
+    """A query starting with this byte may be SQL DEALLOCATE (client._D_FIRST): Python looks."""
+    return ch == 32 or ch == 9 or ch == 10 or ch == 13 or ch == 100 or ch == 68
+
+
 cdef inline double monotonic() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)   # the clock of Python's time.monotonic()
@@ -265,6 +277,8 @@ cdef class Link:
             free(self.rbuf)
         if self.obuf != NULL:
             free(self.obuf)
+        if self.ring != NULL:
+            free(self.ring)
 
     # ------------------------------------------------------------ read-only views for Python
 
@@ -367,6 +381,57 @@ cdef class Link:
         memcpy(self.rbuf, p, n)
         self.rkeep = n
         return 0
+
+    # ------------------------------------------------------------ requests in flight (tracked links)
+    # The kinds of the requests a tracked fast link forwarded and whose answers are still to come,
+    # oldest first: ResponseTracker's queue while it holds nothing but PASS entries.
+
+    cdef int ring_push(self, unsigned char kind) except -1:
+        cdef int cap, i
+        cdef unsigned char *nr
+        if self.ring_len == self.ring_cap:
+            cap = self.ring_cap * 2 if self.ring_cap else 64
+            nr = <unsigned char *>malloc(cap)
+            if nr == NULL:
+                raise MemoryError()
+            for i in range(self.ring_len):
+                nr[i] = self.ring[(self.ring_head + i) % self.ring_cap]
+            free(self.ring)
+            self.ring = nr
+            self.ring_cap = cap
+            self.ring_head = 0
+        self.ring[(self.ring_head + self.ring_len) % self.ring_cap] = kind
+        self.ring_len += 1
+        return 0
+
+    cdef inline int ring_front(self) noexcept:
+        return self.ring[self.ring_head] if self.ring_len else -1
+
+    cdef inline void ring_pop(self) noexcept:
+        if self.ring_len:
+            self.ring_head = (self.ring_head + 1) % self.ring_cap
+            self.ring_len -= 1
+
+    cdef void ring_drop_syncs(self) noexcept:
+        """COPY IN started or ended: PostgreSQL ignores the Syncs queued since."""
+        cdef int i, n = 0
+        cdef unsigned char k
+        for i in range(self.ring_len):
+            k = self.ring[(self.ring_head + i) % self.ring_cap]
+            if k != 83:
+                self.ring[(self.ring_head + n) % self.ring_cap] = k
+                n += 1
+        self.ring_len = n
+
+    cdef bytes ring_take(self):
+        """The kinds in flight, oldest first; the ring is emptied."""
+        cdef int i
+        out = bytearray(self.ring_len)
+        for i in range(self.ring_len):
+            out[i] = self.ring[(self.ring_head + i) % self.ring_cap]
+        self.ring_len = 0
+        self.ring_head = 0
+        return bytes(out)
 
     # ------------------------------------------------------------ link state (server side)
 
@@ -476,11 +541,11 @@ cdef class EngineTransport:
     """What asyncio.Transport offers pgmux's protocols, over a socket the engine owns."""
 
     cdef Link link
-    cdef dict extra
+    cdef int family
 
-    def __init__(self, Link link, dict extra):
+    def __init__(self, Link link, int family):
         self.link = link
-        self.extra = extra
+        self.family = family
 
     def write(self, data):
         cdef const unsigned char[::1] view
@@ -532,7 +597,19 @@ cdef class EngineTransport:
             self.link.eng._close_link(self.link, None)
 
     def get_extra_info(self, name, default=None):
-        return self.extra.get(name, default)
+        """Asked for rarely (SHOW CLIENTS, logs): worked out from the fd each time, so that an
+        idle client holds nothing for it."""
+        cdef int fd = self.link.fd
+        if fd < 0 or name not in ("socket", "peername", "sockname"):
+            return default
+        info = _SocketInfo(fd, self.family)
+        if name == "socket":
+            return info
+        try:
+            with socket.fromfd(fd, self.family, socket.SOCK_STREAM) as sock:
+                return sock.getpeername() if name == "peername" else sock.getsockname()
+        except OSError:
+            return default
 
     def get_protocol(self):
         return self.link
@@ -572,6 +649,8 @@ cdef class Engine:
             free(self.table)
         if self.shared != NULL:
             free(self.shared)
+        if self.scratch != NULL:
+            free(self.scratch)
         if self.epfd >= 0:
             close(self.epfd)
 
@@ -596,29 +675,26 @@ cdef class Engine:
         sock = transport.get_extra_info("socket")
         if sock is None:
             return None  # not a socket (an in-process harness): the link stays where it is
-        extra = {"peername": transport.get_extra_info("peername"),
-                 "sockname": transport.get_extra_info("sockname")}
         family = sock.family
         fd = os.dup(sock.fileno())
         transport.set_protocol(_Detached())
         transport.abort()
         os.set_blocking(fd, False)
-        extra["socket"] = _SocketInfo(fd, family)
         link.fd = fd
         link.eng = self
         self._register(link)
-        t = EngineTransport(link, extra)
+        t = EngineTransport(link, family)
         link.transport_obj = t
         return t
 
-    def adopt_fd(self, Link link, int fd, dict extra=None):
+    def adopt_fd(self, Link link, int fd, int family=socket.AF_UNIX):
         """Take over a connected non-blocking socket fd (tests, fuzzing, future logins)."""
         if link.eng is not None:
             raise ValueError("already adopted")
         link.fd = fd
         link.eng = self
         self._register(link)
-        t = EngineTransport(link, extra or {})
+        t = EngineTransport(link, family)
         link.transport_obj = t
         return t
 
@@ -852,13 +928,17 @@ cdef class Engine:
 
     cdef int _client_walk(self, Link c, Link s, unsigned char *b, Py_ssize_t end) except -1:
         """Forward b[0:end] (bytes kept from earlier reads first) to the linked server, message by
-        message; stop at a message Python must decide (escape) or an incomplete one (keep)."""
-        cdef Py_ssize_t pos = 0, stop, nxt, tl, nl
+        message; stop at a message Python must decide (escape) or an incomplete one (keep).
+        Tracked links (CF_TRACKED: the client has named statements) also record each request in
+        the server's ring and give Bind/Describe of a statement prepared on this server its
+        server-side name; everything that needs ResponseTracker's specials escapes."""
+        cdef Py_ssize_t pos = 0, stop, nxt, tl, nl, run = 0
         cdef unsigned int ln
         cdef unsigned char typ, flags = c.flags
-        cdef bint escape = False
+        cdef bint escape = False, tracked = (flags & CF_TRACKED) != 0, rewritten = False
         cdef const unsigned char *body
         cdef long long skip = c.rskip
+        cdef object stmts = None, lru = None
         if skip:
             if skip >= end:
                 c.rskip = skip - end
@@ -869,6 +949,10 @@ cdef class Engine:
                 return 0
             pos = <Py_ssize_t>skip
             c.rskip = 0
+        if tracked:
+            stmts = c.stmts
+            lru = s.stmts.lru
+            self.scratch_len = 0
         while True:
             if end - pos < 5:
                 stop = pos
@@ -881,47 +965,77 @@ cdef class Engine:
                 break
             nxt = pos + 1 + <Py_ssize_t>ln
             body = b + pos + 5
-            if typ == 81 or typ == 80 or typ == 67 or typ == 88:  # Q P C X: decided on the whole message
-                if nxt > end:
+            if typ == 81 or typ == 80 or typ == 67 or typ == 88 or (tracked and (typ == 66 or typ == 68)):
+                if nxt > end:  # decided on the whole message
                     stop = pos
                     break
-            if typ == 66 or typ == 68 or typ == 69:  # Bind, Describe, Execute: busy until Sync
+            if typ == 66 or typ == 68:  # Bind, Describe: busy until Sync
+                if tracked:
+                    tl = self._statement_ref(c, s, b, pos, ln, typ, stmts, lru, run)
+                    if tl < 0:
+                        escape = True
+                        stop = pos
+                        break
+                    if tl > 0:
+                        run = nxt
+                        rewritten = True
+                    s.ring_push(typ)
+                s.pending_ext = True
+            elif typ == 69:  # Execute
+                if tracked:
+                    s.ring_push(69)
                 s.pending_ext = True
             elif typ == 81:  # Query
                 tl = <Py_ssize_t>ln - 5  # the text, without its NUL
                 if tl < 0:
                     tl = 0
-                if names_database(body, tl) or ((flags & CF_PIN_HINTS) and maybe_session_state(body, tl)):
+                if (names_database(body, tl) or ((flags & CF_PIN_HINTS) and maybe_session_state(body, tl))
+                        or (tracked and tl and may_deallocate(body[0]))):
                     escape = True
                     stop = pos
                     break
                 s.note_request(81, self.now)
+                if tracked:
+                    s.ring_push(81)
             elif typ == 83:  # Sync
                 s.note_request(83, self.now)
                 s.pending_ext = False
+                if tracked:
+                    s.ring_push(83)
             elif typ == 70:  # FunctionCall
                 s.note_request(70, self.now)
+                if tracked:
+                    s.ring_push(70)
             elif typ == 80:  # Parse
                 tl = cstr_len(body, <Py_ssize_t>ln - 4)  # the statement name
                 if tl < 0:
                     escape = True  # malformed: Python decides
-                elif tl > 0 and (flags & (CF_LAZY_PREPARE | CF_PIN_HINTS) or reserved_name(body, tl)):
+                elif tl > 0 and (flags & (CF_LAZY_PREPARE | CF_PIN_HINTS | CF_TRACKED) or reserved_name(body, tl)):
                     escape = True  # a named Parse: tracking or pinning starts, or a reserved name
-                elif flags & CF_PIN_HINTS:
+                elif flags & (CF_PIN_HINTS | CF_TRACKED):
                     nl = cstr_len(body + tl + 1, <Py_ssize_t>ln - 5 - tl)
-                    if nl < 0 or maybe_session_state(body + tl + 1, nl):
+                    if nl < 0 or ((flags & CF_PIN_HINTS) and maybe_session_state(body + tl + 1, nl)):
                         escape = True
+                    elif tracked and nl and may_deallocate(body[tl + 1]):
+                        escape = True  # SQL DEALLOCATE in an unnamed Parse: Python rewrites it
                 if escape:
                     stop = pos
                     break
+                if tracked:
+                    s.ring_push(80)
                 s.pending_ext = True
             elif typ == 67:  # Close
-                if ln >= 5 and body[0] == 83 and reserved_name(body + 1, <Py_ssize_t>ln - 5):
-                    escape = True
+                if ln >= 5 and body[0] == 83 and (reserved_name(body + 1, <Py_ssize_t>ln - 5)
+                                                  or (tracked and ln > 5 and body[1] != 0)):
+                    escape = True  # a Close of a named statement: answered by pgmux (tracked)
                     stop = pos
                     break
+                if tracked:
+                    s.ring_push(67)
                 s.pending_ext = True
             elif typ == 99 or typ == 102:  # CopyDone, CopyFail
+                if tracked and s.copy_in > 0:
+                    s.ring_drop_syncs()
                 s.copy_end()
             elif typ == 100 or typ == 72:  # CopyData, Flush
                 pass
@@ -934,7 +1048,13 @@ cdef class Engine:
                 stop = end
                 break
             pos = nxt
-        if stop:
+        if rewritten:
+            self._scratch_add(b + run, stop - run)
+            s.send_bytes(self.scratch, self.scratch_len)
+            if s.link_stats is not None:
+                s.link_stats.bytes_received += self.scratch_len
+            self.scratch_len = 0
+        elif stop:
             s.send_bytes(b, stop)
             if s.link_stats is not None:
                 s.link_stats.bytes_received += stop
@@ -950,6 +1070,71 @@ cdef class Engine:
         c._keep_bytes(b + stop, end - stop)
         return 0
 
+    cdef Py_ssize_t _statement_ref(self, Link c, Link s, unsigned char *b, Py_ssize_t pos, unsigned int ln,
+                                   unsigned char typ, object stmts, object lru, Py_ssize_t run) except -2:
+        """A Bind or Describe on a tracked link, whole in b[pos:pos+1+ln]. 0: it names no statement
+        (forward as is); 1: it names one of the client's statements prepared on this server, and
+        the message with the server-side name went to the scratch output (after b[run:pos]);
+        -1: Python decides (unknown name, not prepared here, malformed)."""
+        cdef const unsigned char *body = b + pos + 5
+        cdef Py_ssize_t blen = <Py_ssize_t>ln - 4, name_pos, name_len, sl
+        cdef const unsigned char *sname
+        cdef unsigned char hdr[5]
+        if typ == 66:  # Bind: portal name, then statement name
+            name_pos = cstr_len(body, blen)
+            if name_pos < 0:
+                return -1
+            name_pos += 1
+        else:  # Describe: 'S' statement or 'P' portal
+            if blen < 1:
+                return -1
+            if body[0] != 83:
+                return 0
+            name_pos = 1
+        name_len = cstr_len(body + name_pos, blen - name_pos)
+        if name_len < 0:
+            return -1
+        if name_len == 0:
+            return 0
+        stmt = stmts.get(PyBytes_FromStringAndSize(<char *>body + name_pos, name_len))
+        if stmt is None:
+            return -1
+        sid = stmt.id
+        if sid not in lru:
+            return -1  # not prepared on this server: Python prepares it first
+        lru.move_to_end(sid)
+        server_name = <bytes>stmt.server_name
+        sname = <const unsigned char *><char *>server_name
+        sl = len(server_name)
+        if typ == 66 and s.link_stats is not None:
+            s.link_stats.bind_count += 1
+        self._scratch_add(b + run, pos - run)
+        hdr[0] = typ
+        write_be32(hdr + 1, <unsigned int>(4 + blen - name_len + sl))
+        self._scratch_add(hdr, 5)
+        self._scratch_add(body, name_pos)
+        self._scratch_add(sname, sl)
+        self._scratch_add(body + name_pos + name_len, blen - name_pos - name_len)
+        return 1
+
+    cdef int _scratch_add(self, const unsigned char *p, Py_ssize_t n) except -1:
+        cdef Py_ssize_t cap
+        cdef unsigned char *nb
+        if n <= 0:
+            return 0
+        if self.scratch_len + n > self.scratch_cap:
+            cap = self.scratch_cap * 2 if self.scratch_cap else SHARED_SIZE
+            while cap < self.scratch_len + n:
+                cap *= 2
+            nb = <unsigned char *>realloc(self.scratch, cap)
+            if nb == NULL:
+                raise MemoryError()
+            self.scratch = nb
+            self.scratch_cap = cap
+        memcpy(self.scratch + self.scratch_len, p, n)
+        self.scratch_len += n
+        return 0
+
     # ------------------------------------------------------------ server -> client
 
     cdef int _server_walk(self, Link s, Link c, unsigned char *b, Py_ssize_t keep, Py_ssize_t end) except -1:
@@ -957,7 +1142,8 @@ cdef class Engine:
         cdef Py_ssize_t pos = 0, stop, nxt, n = end - keep
         cdef unsigned int ln
         cdef unsigned char typ
-        cdef bint ready = False
+        cdef bint ready = False, escape = False, tracked = s.tracked_fast
+        cdef int front
         cdef long long skip = s.rskip
         cdef list hooks = None
         c.send_bytes(b + keep, n)
@@ -983,6 +1169,27 @@ cdef class Engine:
                 self._close_link(s, ConnectionError("bad packet header from server"))
                 return 0
             nxt = pos + 1 + <Py_ssize_t>ln
+            if tracked:
+                if typ == 69:  # ErrorResponse: ResponseTracker's error rules are Python's
+                    if nxt > end:
+                        stop = pos
+                        break
+                    escape = True
+                    stop = pos
+                    break
+                front = s.ring_front()
+                if typ == 90:
+                    if front == 83 or front == 81 or front == 70:
+                        s.ring_pop()
+                elif typ == 49 or typ == 50 or typ == 51:  # ParseComplete, BindComplete, CloseComplete
+                    if front == 80 or front == 66 or front == 67:
+                        s.ring_pop()
+                elif typ == 84 or typ == 110:  # RowDescription, NoData
+                    if front == 68:
+                        s.ring_pop()
+                elif typ == 67 or typ == 73 or typ == 115:  # CommandComplete, EmptyQuery, PortalSuspended
+                    if front == 69:
+                        s.ring_pop()
             if typ == 90 or typ == 83 or typ == 67:  # Z S C: read whole
                 if nxt > end:
                     stop = pos
@@ -998,17 +1205,35 @@ cdef class Engine:
                 elif ln >= 5 and b[pos + 5] == 68:  # tags starting with D: DISCARD ALL, DEALLOCATE
                     if ((ln - 4 >= 11 and memcmp(b + pos + 5, b"DISCARD ALL", 11) == 0)
                             or (ln - 4 >= 10 and memcmp(b + pos + 5, b"DEALLOCATE", 10) == 0)):
+                        if tracked:  # forgets prepared statements: ResponseTracker's business
+                            escape = True
+                            stop = pos
+                            break
                         if hooks is None:
                             hooks = []
                         hooks.append((s.engine_command_complete,
                                       PyBytes_FromStringAndSize(<char *>b + pos + 5, ln - 4)))
             elif typ == 71:  # CopyInResponse
+                if tracked and s.copy_in >= 0:
+                    s.ring_drop_syncs()
                 s.copy_started()
             if nxt >= end:
                 s.rskip = nxt - end
                 stop = end
                 break
             pos = nxt
+        if escape:  # b[stop:end] went to the client already (cut-through): Python accounts for it
+            data = PyBytes_FromStringAndSize(<char *>b + stop, end - stop)
+            s._keep_bytes(b, 0)
+            s.rskip = 0
+            self.escapes += 1
+            self._to_slow(s)
+            self._to_slow(c)
+            if hooks is not None:
+                for hook, arg in hooks:
+                    hook(arg)
+            s.engine_escape_server(data)
+            return 0
         s._keep_bytes(b + stop, end - stop)
         if hooks is not None:
             # Python runs only now, with the walk's state saved: a hook may unlink, close or
@@ -1025,7 +1250,7 @@ cdef class Engine:
         """After a ReadyForQuery: with nothing outstanding the link ends, but only on a message
         boundary (a notice cut by the read belongs to this client: `boundary_due`)."""
         cdef Link c = s.peer
-        if s.outstanding or s.pending_ext:
+        if s.outstanding or s.pending_ext or s.ring_len:
             s.boundary_due = False  # the client asked again: its next ReadyForQuery decides
             return 0
         s.copy_in = 0  # a COPY that failed ends without the client's CopyDone
@@ -1092,12 +1317,17 @@ cdef class Engine:
             return False
         if s.inbox:
             return False
+        if c.flags & CF_TRACKED:  # ResponseTracker must hold nothing the engine cannot account for
+            tracker = s.tracker
+            if tracker.queue or tracker.skipping or tracker.own_deallocs:
+                return False
         return True
 
     cdef int _link(self, Link c, Link s) except -1:
         """Pooler.link + _start_link for a link _can_link accepted."""
         cdef PoolStats stats = s.core.stats
         cdef long long us
+        cdef bint tracked
         c.server = s
         s.client = c
         s.state = S_ACTIVE
@@ -1108,7 +1338,9 @@ cdef class Engine:
             if stats.histograms:
                 observe(stats.wait_hist, us)
             c.wait_started = 0.0
-        s.tracking = False
+        tracked = (c.flags & CF_TRACKED) != 0
+        c.tracking = tracked
+        s.tracking = tracked
         s.statement_mode = False
         s.sent_prefix = 0
         s.forwarding = True
@@ -1118,6 +1350,7 @@ cdef class Engine:
         """Both sides on the fast path; bytes the client sent meanwhile are walked now."""
         c.kind = KIND_CLIENT
         s.kind = KIND_SERVER
+        s.tracked_fast = (c.flags & CF_TRACKED) != 0
         self._to_fast(s)
         self._to_fast(c)
         c.peer = s
@@ -1220,6 +1453,10 @@ cdef class Engine:
             return 0
         link.mode = MODE_SLOW
         link.peer = None
+        if link.tracked_fast:
+            link.tracked_fast = False
+            if link.ring_len:
+                link.engine_take_requests(link.ring_take())
         if k:
             size = MIN_KEEP if MIN_KEEP > 2 * k else 2 * k
             buf = bytearray(size)
@@ -1228,6 +1465,8 @@ cdef class Engine:
             link.mv = memoryview(buf)
         link.keep = k
         link.skip = link.rskip
+        if link.kind == KIND_SERVER:
+            link.sent_prefix = k  # kept server bytes were forwarded already (the tracked path's view)
         link._keep_bytes(link.rbuf, 0)
         link.rskip = 0
         return 0
@@ -1281,3 +1520,4 @@ cdef class Engine:
 PIN_HINTS = CF_PIN_HINTS
 LAZY_PREPARE = CF_LAZY_PREPARE
 SESSION = CF_SESSION
+TRACKED = CF_TRACKED

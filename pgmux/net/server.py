@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 
 from pgmux import log as pglog
 from pgmux.auth import ScramClient, ScramError, ScramSecret, SecretKind, md5_client_response, secret_kind
-from pgmux.net.base import ConnectionLost, PgConnection
+from pgmux.net.base import BUF_SIZE, ConnectionLost, PgConnection
 from pgmux.protocol import messages as m
-from pgmux.protocol.prepared import ResponseTracker, ServerStatements
+from pgmux.protocol.prepared import PASS, ResponseTracker, ServerStatements
 from pgmux.protocol.scanner import scan, type_table
 from pgmux.protocol.varcache import ParamSet
 
@@ -384,6 +384,31 @@ class ServerConnection(PgConnection):
         """A ReadyForQuery with nothing outstanding, on a message boundary (the engine checked),
         that the engine could not release by itself."""
         self.pooler.transaction_boundary(self)
+
+    def engine_take_requests(self, kinds: bytes) -> None:
+        """The engine forwarded these requests on a tracked link (oldest first) and their answers
+        are still to come: they head the tracker's queue, as the slow path would have put them."""
+        queue = self.tracker.queue
+        if queue:  # cannot happen: the engine takes a tracked link only with an empty queue
+            raise RuntimeError("tracker queue not empty when the engine hands requests back")
+        queue.extend([kind, PASS, None] for kind in kinds)
+
+    def engine_escape_server(self, data: bytes) -> None:
+        """A tracked link met an answer the engine does not account for (an ErrorResponse, a tag
+        that forgets statements): the link is on the slow path now. `data`, from that message on,
+        already went to the client (cut-through); the tracked path accounts for it here."""
+        n = len(data)
+        buf = bytearray(max(BUF_SIZE, 2 * n))
+        buf[:n] = data
+        self.buf = buf
+        self.mv = memoryview(buf)
+        self.keep = 0
+        self.skip = 0
+        self.sent_prefix = n
+        client = self.client
+        if client is None:
+            return
+        self._data_path_tracked(n, client)
 
     def engine_server_ready(self) -> None:
         """The engine released this server but cannot link the client waiting first."""
