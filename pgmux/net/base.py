@@ -72,7 +72,7 @@ class PgConnection(Link, asyncio.BufferedProtocol):
             self.mv = SharedReadBuffer.mv
         self.keep = 0  # bytes retained at the front of buf, waiting for the rest of a message
         self.grow = False
-        self.later: list[bytes] = []
+        self.later: list[bytes] | None = None  # made when needed: idle clients hold none
         self.skip = 0  # body bytes of the current message still to arrive, not to be scanned
         self.transport: asyncio.Transport | None = None
         self.forwarding = False  # False: bytes go to `inbox` for read_message()
@@ -198,9 +198,12 @@ class PgConnection(Link, asyncio.BufferedProtocol):
             if self.later:
                 self.later.append(bytes(data))
                 data = b"".join(self.later)
-                self.later.clear()
+                self.later = None
             t.write(data)
 
     def write_later(self, data: bytes) -> None:
         """Queue bytes to go out with the next write (one send for AuthenticationOk + welcome)."""
-        self.later.append(data)
+        if self.later is None:
+            self.later = [data]
+        else:
+            self.later.append(data)

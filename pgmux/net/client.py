@@ -74,6 +74,7 @@ CLIENT_BUF_SIZE = 4096  # smallest buffer a client owns while it keeps bytes bet
 # what ClientConnection._named_parse decided
 _FORWARD, _SWITCH, _HOLD, _REFUSED = range(4)
 HOLD_LIMIT = 1 << 20  # bytes buffered for an unlinked client before we stop reading from it
+_EVENTS: list[tuple[int, int, int]] = []  # the slow path's header events, emptied after each read
 
 
 MAX_AUTH_MESSAGE = 65535 + 4  # a password/SASL message's length word included
@@ -99,7 +100,7 @@ class ClientConnection(PgConnection):
     __slots__ = (
         "pooler", "login_expired", "is_unix", "tls", "server", "pool", "db", "user", "dbname", "params",
         "startup_params", "addr", "port", "local_addr", "local_port", "connect_wall", "logged_in", "admitted",
-        "limits_counted", "pool_mode", "cancel_key", "login_task", "id", "client_key", "_events", "tracking",
+        "limits_counted", "pool_mode", "cancel_key", "login_task", "id", "client_key", "tracking",
         "lazy_prepare", "pin_mode", "state_hint", "pinned", "pinned_since", "drain_passed", "awaiting_quiet",
         "stmts", "authed", "no_pqexec",
     )
@@ -140,7 +141,6 @@ class ClientConnection(PgConnection):
         self.login_task: asyncio.Task[None] | None = None
         self.id = pooler.next_client_id()
         self.client_key: bytes | None = None
-        self._events: list[tuple[int, int, int]] = []
         self.tracking = False  # prepared statements tracked (transaction/statement mode)
         self.lazy_prepare = False  # may answer a lone Parse+Sync without a server
         # Session pinning (transaction/statement mode): a keyword seen since the last probe, and
@@ -287,7 +287,7 @@ class ClientConnection(PgConnection):
         pos = self._forward_body_rest(end, server)
         if pos < 0:
             return
-        events = self._events
+        events = _EVENTS if not _EVENTS else []  # (one list for every client: idle clients hold none)
         try:
             stop, self.skip = scan(self.buf, pos, end, CLIENT_NEED_BODY, CLIENT_NOTIFY, events, self.max_packet_size)
         except m.ProtocolError as exc:
@@ -471,7 +471,7 @@ class ClientConnection(PgConnection):
         pos = self._forward_body_rest(end, server)
         if pos < 0:
             return
-        events = self._events
+        events = _EVENTS if not _EVENTS else []  # (one list for every client: idle clients hold none)
         try:
             stop, self.skip = scan(buf, pos, end, TRACKED_NEED_BODY, TRACKED_NOTIFY, events, self.max_packet_size)
         except m.ProtocolError as exc:
@@ -812,14 +812,17 @@ class ClientConnection(PgConnection):
         cache = self.pool.welcome_cache
         hit = cache.get(key) if cache.get(None) is pool_params else None
         if hit is not None:
-            status, values = hit
-            self.params.values = dict(values)
+            status, values, startup = hit
+            self.params.share(values)
+            self.startup_params = startup  # equal by the key: one dict for all of them (read only from here)
         else:
             if cache.get(None) is not pool_params or len(cache) > 256:
                 cache.clear()
                 cache[None] = pool_params  # type: ignore[assignment]
             status = self._welcome_status(pool_params)
-            cache[key] = (status, dict(self.params.values))
+            template = ParamSet(self.pooler.tracked)
+            template.share(self.params)
+            cache[key] = (status, template, self.startup_params)
         out = [status]
         self.cancel_key = pooler.register_cancel_key(self)
         out.append(m.message(b"K", self.cancel_key))

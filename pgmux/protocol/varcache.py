@@ -23,15 +23,26 @@ def tracked_names(extra: list[str] | tuple[str, ...]) -> dict[str, str]:
 class ParamSet:
     """Parameter values keyed case-insensitively, remembering the spelling first seen."""
 
-    __slots__ = ("values", "_tracked_key", "tracked")
+    __slots__ = ("values", "_tracked_key", "tracked", "_shared")
 
     def __init__(self, tracked: dict[str, str] | None = None) -> None:
         self.values: dict[str, tuple[str, str]] = {}
         self.tracked = tracked  # when set, `same_as` can compare a cached key
         self._tracked_key: tuple[str | None, ...] | None = None
+        self._shared = False  # `values` belongs to others too (share): copied before a change
+
+    def share(self, other: ParamSet) -> None:
+        """Take `other`'s values (and cached key) without copying them: the clients of a pool
+        mostly hold the same set, and an idle client must stay small. Copied on the first set()."""
+        self.values = other.values
+        self._tracked_key = other.tracked_key()
+        self._shared = other._shared = True
 
     def set(self, name: str, value: str) -> None:
         key = name.lower()
+        if self._shared:
+            self.values = dict(self.values)
+            self._shared = False
         old = self.values.get(key)
         self.values[key] = (old[0] if old else name, value)
         self._tracked_key = None
