@@ -778,7 +778,8 @@ class Pooler:
         transport (the engine does no TLS yet), and so does everything with `engine = off`."""
         engine = self.engine
         t = conn.transport
-        if engine is None or conn.tls or t is None or t.is_closing() or t.get_write_buffer_size():
+        if (engine is None or conn.adopted or conn.tls or t is None or t.is_closing()
+                or t.get_write_buffer_size()):
             return
         new = engine.adopt(conn, t)
         if new is not None:

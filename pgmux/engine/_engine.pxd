@@ -72,6 +72,11 @@ cdef class PoolCore:
 cdef class Engine
 
 
+cdef class TlsState:
+    cdef public object sslobj, incoming, outgoing, waiter
+    cdef public bint live
+
+
 cdef class Link:
     # ---- I/O, owned by the engine once adopted
     cdef Engine eng
@@ -95,6 +100,7 @@ cdef class Link:
     cdef int ring_cap, ring_head, ring_len
     cdef bint tracked_fast
     cdef Link peer                    # fast mode: the other side of the link
+    cdef object tls                   # TlsState: a TLS link (ssl.SSLObject over MemoryBIOs), else None
     cdef object transport_obj
     # ---- link state (server side), read and written by Python too
     cdef public int outstanding       # Query/Sync/FunctionCall not yet answered by ReadyForQuery
@@ -119,6 +125,7 @@ cdef class Link:
 
     cdef int _queue(self, const unsigned char *p, Py_ssize_t n) except -1
     cdef int send_bytes(self, const unsigned char *p, Py_ssize_t n) except -1
+    cdef int _send_raw(self, const unsigned char *p, Py_ssize_t n) except -1
     cdef int _keep_bytes(self, const unsigned char *p, Py_ssize_t n) except -1
     cdef int ring_push(self, unsigned char kind) except -1
     cdef int ring_front(self) noexcept
@@ -140,6 +147,7 @@ cdef class Engine:
     cdef double now
     cdef public unsigned long long batches, reads, fast_reads, escapes
     cdef unsigned char *shared        # read buffer of every link that keeps nothing between reads
+    cdef unsigned char *tlsplain      # plaintext of a TLS read (shared then holds the raw bytes)
     cdef bint in_run                  # inside run(): Python hooks wait for the walk in progress
     cdef unsigned char *scratch       # a tracked client's output with names rewritten, sent at once
     cdef Py_ssize_t scratch_cap, scratch_len
@@ -152,6 +160,12 @@ cdef class Engine:
     cdef int _flush(self, Link link) except -1
     cdef int _close_link(self, Link link, object exc) except -1
     cdef int _on_readable(self, Link link) except -1
+    cdef ssize_t _recv(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2
+    cdef ssize_t _recv_tls(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2
+    cdef ssize_t _tls_read(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2
+    cdef int _tls_step(self, Link link) except -1
+    cdef int _tls_flush(self, Link link) except -1
+    cdef int _tls_failed(self, Link link, str why) except -1
     cdef int _read_slow(self, Link link) except -1
     cdef int _read_fast(self, Link link) except -1
     cdef int _client_walk(self, Link c, Link s, unsigned char *b, Py_ssize_t end) except -1

@@ -14,9 +14,11 @@ is handed to Python (which refuses it with PgBouncer's error) without being used
 
 import os
 import socket
+import ssl
 
-from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.buffer cimport PyBUF_READ, PyBUF_WRITE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.ref cimport Py_INCREF, Py_XDECREF
 from libc.errno cimport EAGAIN, EINTR, errno  # (EWOULDBLOCK == EAGAIN on Linux)
 from libc.stdlib cimport free, malloc, realloc
@@ -264,6 +266,10 @@ class _SocketInfo:
             s.setsockopt(*args)
 
 
+cdef class TlsState:
+    """A TLS link's ssl.SSLObject and its two MemoryBIOs; `waiter`: the handshake's future."""
+
+
 cdef class Link:
     """One socket of pgmux's: base class of ClientConnection and ServerConnection."""
 
@@ -320,6 +326,18 @@ cdef class Link:
         return 0
 
     cdef int send_bytes(self, const unsigned char *p, Py_ssize_t n) except -1:
+        """Send p[0:n] (encrypted first on a TLS link)."""
+        cdef TlsState st
+        if n <= 0 or self.fd < 0 or self.closing:
+            return 0
+        if self.tls is not None and (<TlsState>self.tls).live:
+            st = <TlsState>self.tls
+            st.sslobj.write(PyMemoryView_FromMemory(<char *>p, n, PyBUF_READ))
+            data = st.outgoing.read()
+            return self._send_raw(<const unsigned char *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        return self._send_raw(p, n)
+
+    cdef int _send_raw(self, const unsigned char *p, Py_ssize_t n) except -1:
         """Send now what the socket takes, queue the rest (EPOLLOUT drains it)."""
         cdef ssize_t r
         if n <= 0 or self.fd < 0 or self.closing:
@@ -600,6 +618,11 @@ cdef class EngineTransport:
         """Asked for rarely (SHOW CLIENTS, logs): worked out from the fd each time, so that an
         idle client holds nothing for it."""
         cdef int fd = self.link.fd
+        cdef TlsState st = <TlsState>self.link.tls if self.link.tls is not None else None
+        if st is not None and st.live and name in ("ssl_object", "peercert", "cipher"):
+            if name == "ssl_object":
+                return st.sslobj
+            return st.sslobj.getpeercert() if name == "peercert" else st.sslobj.cipher()
         if fd < 0 or name not in ("socket", "peername", "sockname"):
             return default
         info = _SocketInfo(fd, self.family)
@@ -632,7 +655,8 @@ cdef class Engine:
         if self.epfd < 0:
             raise OSError(errno, os.strerror(errno))
         self.shared = <unsigned char *>malloc(SHARED_SIZE)
-        if self.shared == NULL:
+        self.tlsplain = <unsigned char *>malloc(SHARED_SIZE)
+        if self.shared == NULL or self.tlsplain == NULL:
             raise MemoryError()
         self.next_gen = 1
         self.paused_now = []
@@ -649,6 +673,8 @@ cdef class Engine:
             free(self.table)
         if self.shared != NULL:
             free(self.shared)
+        if self.tlsplain != NULL:
+            free(self.tlsplain)
         if self.scratch != NULL:
             free(self.scratch)
         if self.epfd >= 0:
@@ -858,6 +884,12 @@ cdef class Engine:
 
     cdef int _on_readable(self, Link link) except -1:
         self.reads += 1
+        cdef ssize_t got
+        if link.tls is not None and not (<TlsState>link.tls).live:
+            got = self._recv_tls(link, self.tlsplain, SHARED_SIZE)  # the handshake's next step
+            if got > 0:  # the first plaintext came with the handshake's last bytes
+                self._deliver_slow(link, self.tlsplain, got)
+            return 0
         if link.mode == MODE_FAST and link.peer is not None:
             return self._read_fast(link)
         if (link.auto and not link.waiting and not link.linking and link.core is not None and link.core.enabled
@@ -866,6 +898,135 @@ cdef class Engine:
             return 0
         return self._read_slow(link)
 
+    cdef ssize_t _recv(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2:
+        """One read for every path: > 0 bytes in buf (plaintext on a TLS link), -1 nothing to do
+        now. End of stream and errors close the link (and return -1)."""
+        cdef ssize_t r
+        if link.tls is not None:
+            return self._recv_tls(link, buf, cap)
+        while True:
+            r = recv(link.fd, buf, cap, 0)
+            if r < 0 and errno == EINTR:
+                continue
+            break
+        if r > 0:
+            return r
+        if r < 0 and errno == EAGAIN:
+            return -1
+        self._close_link(link, None if r == 0 else ConnectionResetError(errno, os.strerror(errno)))
+        return -1
+
+    cdef ssize_t _recv_tls(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2:
+        """TLS (ssl.SSLObject over MemoryBIOs, as uvloop does): raw bytes from the socket into
+        `incoming`, plaintext out; during the handshake, the handshake's next step."""
+        cdef TlsState st = <TlsState>link.tls
+        cdef ssize_t r, got = 0
+        if st.live and st.sslobj.pending():
+            got = self._tls_read(link, buf, cap)
+        if got == 0:
+            while True:
+                r = recv(link.fd, self.shared if st.live else buf, cap if cap < SHARED_SIZE else SHARED_SIZE, 0)
+                if r < 0 and errno == EINTR:
+                    continue
+                break
+            if r < 0 and errno == EAGAIN:
+                return -1
+            if r <= 0:
+                self._close_link(link, None if r == 0 else ConnectionResetError(errno, os.strerror(errno)))
+                self._tls_failed(link, "connection closed during the TLS handshake")
+                return -1
+            st.incoming.write(PyMemoryView_FromMemory(<char *>(self.shared if st.live else buf), r, PyBUF_READ))
+            if not st.live:
+                self._tls_step(link)
+                if not st.live:
+                    return -1
+            got = self._tls_read(link, buf, cap)
+            if got < 0:
+                return -1
+        if st.sslobj.pending() or st.incoming.pending:
+            self.loop.call_soon(self._kick, link, link.gen)  # plaintext left: level-triggered epoll will not say
+        return got if got > 0 else -1
+
+    cdef ssize_t _tls_read(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2:
+        cdef TlsState st = <TlsState>link.tls
+        cdef ssize_t got = 0, n
+        while got < cap:
+            try:
+                n = st.sslobj.read(cap - got, PyMemoryView_FromMemory(<char *>buf + got, cap - got, PyBUF_WRITE))
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:  # close_notify: the end of the stream
+                if got == 0:
+                    self._close_link(link, None)
+                    return -1
+                break
+            except ssl.SSLError as exc:
+                self._close_link(link, ConnectionResetError(f"TLS error: {exc}"))
+                return -1
+            if n <= 0:
+                break
+            got += n
+        return got
+
+    def _kick(self, Link link, unsigned int gen):
+        """Plaintext a TLS link already decrypted (no epoll event will come for it)."""
+        if link.fd < 0 or link.gen != gen or link.held or link.reading_paused or link.closing:
+            return
+        self.in_run = True
+        try:
+            self._on_readable(link)
+        except Exception as exc:
+            self.loop.call_exception_handler({"message": "pgmux engine: error in a link hook",
+                                              "exception": exc, "protocol": link})
+            self._close_link(link, exc)
+        finally:
+            self.in_run = False
+            self._pause_writers()
+
+    # ------------------------------------------------------------ TLS handshake (server side of it)
+
+    def start_tls(self, Link link, ctx, bint server_side=True, server_hostname=None):
+        """Switch an adopted link to TLS; the returned future completes with the handshake (an
+        OSError when it fails: the link is closed then)."""
+        cdef TlsState st = TlsState()
+        st.incoming = ssl.MemoryBIO()
+        st.outgoing = ssl.MemoryBIO()
+        st.sslobj = ctx.wrap_bio(st.incoming, st.outgoing, server_side=server_side, server_hostname=server_hostname)
+        st.waiter = self.loop.create_future()
+        link.tls = st
+        return st.waiter
+
+    cdef int _tls_step(self, Link link) except -1:
+        cdef TlsState st = <TlsState>link.tls
+        try:
+            st.sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        except (ssl.SSLError, OSError) as exc:
+            self._tls_flush(link)
+            self._close_link(link, ConnectionResetError(f"TLS handshake failed: {exc}"))
+            self._tls_failed(link, f"TLS handshake failed: {exc}")
+            return 0
+        else:
+            st.live = True
+        self._tls_flush(link)
+        if st.live and not st.waiter.done():
+            st.waiter.set_result(None)
+        return 0
+
+    cdef int _tls_flush(self, Link link) except -1:
+        cdef TlsState st = <TlsState>link.tls
+        data = st.outgoing.read()
+        if data:
+            link._send_raw(<const unsigned char *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        return 0
+
+    cdef int _tls_failed(self, Link link, str why) except -1:
+        cdef TlsState st = <TlsState>link.tls
+        if st is not None and st.waiter is not None and not st.waiter.done():
+            st.waiter.set_exception(ConnectionResetError(why))
+        return 0
+
     cdef int _read_slow(self, Link link) except -1:
         """The generic path: asyncio.BufferedProtocol's get_buffer / buffer_updated."""
         cdef Py_buffer view
@@ -873,19 +1034,11 @@ cdef class Engine:
         buf = link.get_buffer(-1)
         PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
         try:
-            while True:
-                r = recv(link.fd, view.buf, view.len, 0)
-                if r < 0 and errno == EINTR:
-                    continue
-                break
-            if r < 0 and (errno == EAGAIN):
-                return 0
+            r = self._recv(link, <unsigned char *>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
-        if r <= 0:
-            self._close_link(link, None if r == 0 else ConnectionResetError(errno, os.strerror(errno)))
-            return 0
-        link.buffer_updated(r)
+        if r > 0:
+            link.buffer_updated(r)
         return 0
 
     cdef int _read_fast(self, Link link) except -1:
@@ -906,17 +1059,10 @@ cdef class Engine:
             if room > SHARED_SIZE:
                 room = SHARED_SIZE
         else:
-            base = self.shared
+            base = self.tlsplain if link.tls is not None else self.shared
             room = SHARED_SIZE
-        while True:
-            r = recv(link.fd, base + keep, room, 0)
-            if r < 0 and errno == EINTR:
-                continue
-            break
-        if r < 0 and (errno == EAGAIN):
-            return 0
-        if r <= 0:
-            self._close_link(link, None if r == 0 else ConnectionResetError(errno, os.strerror(errno)))
+        r = self._recv(link, base + keep, room)
+        if r < 0:
             return 0
         self.fast_reads += 1
         if link.kind == KIND_CLIENT:
@@ -1366,17 +1512,10 @@ cdef class Engine:
         cdef PoolCore core = c.core
         cdef ssize_t r
         cdef Link s = None
-        cdef unsigned char *b = self.shared
+        cdef unsigned char *b = self.tlsplain if c.tls is not None else self.shared
         cdef Py_ssize_t pe
-        while True:
-            r = recv(c.fd, b, SHARED_SIZE, 0)
-            if r < 0 and errno == EINTR:
-                continue
-            break
-        if r < 0 and errno == EAGAIN:
-            return True
-        if r <= 0:
-            self._close_link(c, None if r == 0 else ConnectionResetError(errno, os.strerror(errno)))
+        r = self._recv(c, b, SHARED_SIZE)
+        if r < 0:
             return True
         c.request_time = self.now
         take = True

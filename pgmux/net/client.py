@@ -736,10 +736,24 @@ class ClientConnection(PgConnection):
             return pkt
 
     async def _start_tls(self, ctx: ssl.SSLContext) -> None:
-        """Answer S and switch this connection to TLS; the next packet is a StartupMessage again."""
+        """Answer S and switch this connection to TLS; the next packet is a StartupMessage again.
+        The engine takes the socket first and does TLS itself (ssl.SSLObject over MemoryBIOs), so
+        the connection can use the fast path once logged in; asyncio's TLS is the fallback."""
         transport = self.transport
         assert transport is not None
         transport.pause_reading()  # no raw ClientHello may reach the startup reader
+        engine = self.pooler.engine
+        if engine is not None:
+            new_transport = engine.adopt(self, transport)
+            if new_transport is not None:
+                self.transport = new_transport
+                new_transport.write(b"S")
+                try:
+                    await engine.start_tls(self, ctx)
+                except OSError as exc:
+                    raise ConnectionLost() from exc
+                self.tls = True
+                return
         transport.write(b"S")
         new = await self.pooler.loop.start_tls(transport, self, ctx, server_side=True)
         if new is None:
