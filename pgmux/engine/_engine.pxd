@@ -87,7 +87,8 @@ cdef class Link:
     cdef unsigned char mode
     cdef unsigned char flags          # ClientFlag
     cdef bint reading_paused          # Python asked (transport.pause_reading)
-    cdef bint held                    # a client the engine queued: its bytes are in rbuf, nothing more is read
+    cdef bint held                    # a client the engine queued: its bytes are in rbuf (more are added)
+    cdef bint held_full               # ... HOLD_LIMIT of them: not read until linked
     cdef bint closing                 # close once the output queue drained
     cdef bint write_paused_sent       # protocol.pause_writing() was called
     cdef bint lost                    # socket closed; connection_lost scheduled
@@ -122,6 +123,20 @@ cdef class Link:
     cdef public int cancels           # server: cancel requests not yet delivered
     cdef public double connect_time, wait_started
     cdef public PoolCore core
+    # ---- the rest of what both paths read on every link and release (plain attributes for Python)
+    cdef public Py_ssize_t keep       # slow path: bytes kept at the front of the protocol's buf
+    cdef public long long skip        # slow path: body bytes of the current message still to come
+    cdef public Py_ssize_t sent_prefix  # server, tracked slow path: kept bytes already forwarded
+    cdef public bint forwarding       # on the data path (False: bytes go to `inbox`)
+    cdef public bint tracking         # prepared statements tracked on this link
+    cdef public bint statement_mode   # server: statement pooling (answers read whole)
+    cdef public Link server           # client: the linked server
+    cdef public Link client           # server: the linked client
+    cdef public object params         # ParamSet: tracked parameters
+    cdef public object state          # server: "login", "idle", "active", "used", ...
+    cdef public object stmts          # client: its named statements; server: ServerStatements
+    cdef public object tracker        # server: ResponseTracker
+    cdef public object inbox          # bytearray read by read_message() off the data path
 
     cdef int _queue(self, const unsigned char *p, Py_ssize_t n) except -1
     cdef int send_bytes(self, const unsigned char *p, Py_ssize_t n) except -1
@@ -180,6 +195,8 @@ cdef class Engine:
     cdef int _join(self, Link c, Link s) except -1
     cdef bint _auto_link_read(self, Link c) except -1
     cdef int _deliver_slow(self, Link link, unsigned char *p, Py_ssize_t n) except -1
+    cdef int _read_held(self, Link c) except -1
+    cdef int _unhold(self, Link link) except -1
     cdef int _enqueue(self, Link c, unsigned char *b, Py_ssize_t n) except -1
     cdef int _to_slow(self, Link link) except -1
     cdef int _to_fast(self, Link link) except -1

@@ -65,6 +65,7 @@ cdef enum:
     SHARED_SIZE = 65536       # one read at most
     MIN_KEEP = 4096           # smallest buffer a link owns while it keeps bytes between reads
     MAX_EVENTS = 256
+    HOLD_LIMIT = 1 << 20      # bytes kept for a queued client before it is read no more (client.HOLD_LIMIT)
     HIGH_WATER = 65536        # asyncio's defaults: pause_writing above, resume_writing at or below
     LOW_WATER = 16384
 
@@ -544,10 +545,8 @@ cdef class Link:
             self.mv = memoryview(buf)
             self.keep = k
             self._keep_bytes(self.rbuf, 0)
-        if self.held:
-            self.held = False
-            if self.eng is not None:
-                self.eng._update_events(self)
+        if self.held and self.eng is not None:
+            self.eng._unhold(self)
 
     def to_slow(self):
         """Leave the fast path (this link and its peer), handing carried bytes to Python."""
@@ -761,9 +760,7 @@ cdef class Engine:
         cdef unsigned int want = 0
         if link.fd < 0:
             return
-        if link.held:
-            want |= EPOLLRDHUP  # a queued client: read nothing more, but notice it leaving
-        elif not link.reading_paused and not link.closing:
+        if not link.reading_paused and not link.closing and not link.held_full:
             want |= EPOLLIN
         if link.otail != link.ohead:
             want |= EPOLLOUT
@@ -866,10 +863,12 @@ cdef class Engine:
             try:
                 if events & EPOLLOUT:
                     self._flush(link)
-                if link.fd >= 0 and events & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP):
-                    if link.held or link.reading_paused or link.closing:
-                        if events & (EPOLLHUP | EPOLLERR | EPOLLRDHUP):
+                if link.fd >= 0 and events & (EPOLLIN | EPOLLHUP | EPOLLERR):
+                    if link.held_full or link.reading_paused or link.closing:
+                        if events & (EPOLLHUP | EPOLLERR):
                             self._close_link(link, None)
+                    elif link.held:
+                        self._read_held(link)
                     else:
                         self._on_readable(link)
                 if self.paused_now:
@@ -1550,18 +1549,38 @@ cdef class Engine:
 
     cdef int _enqueue(self, Link c, unsigned char *b, Py_ssize_t n) except -1:
         """No idle server (or others wait first): queue the client as Pooler.request_server does,
-        holding its bytes in C and reading nothing more until it is linked (EPOLLRDHUP still
-        tells if it leaves). New servers are asked for only when the pool may grow."""
+        holding its bytes in C (what it sends meanwhile joins them, _read_held). New servers are
+        asked for only when the pool may grow."""
         cdef PoolCore core = c.core
         pool = core.pool
         c._keep_bytes(b, n)
-        c.held = True
-        self._update_events(c)
+        c.held = True  # (still read: more bytes join these, and a client leaving is seen)
         c.waiting = True
         c.wait_started = self.now
         core.waiting.append(c)
         if core.reserve or len(core.idle) + len(core.active) + len(pool.busy) + pool.connecting < core.pool_size:
             c.engine_queued()
+        return 0
+
+    cdef int _read_held(self, Link c) except -1:
+        """A queued client sent more: kept after what it sent before (walked once it is linked),
+        up to HOLD_LIMIT; beyond that it is not read until linked. Its leaving is seen here too."""
+        cdef ssize_t r
+        cdef unsigned char *nb
+        cdef Py_ssize_t cap
+        if c.rcap - c.rkeep < MIN_KEEP:
+            cap = c.rcap * 2 if c.rcap else MIN_KEEP
+            nb = <unsigned char *>realloc(c.rbuf, cap)
+            if nb == NULL:
+                raise MemoryError()
+            c.rbuf = nb
+            c.rcap = cap
+        r = self._recv(c, c.rbuf + c.rkeep, c.rcap - c.rkeep)
+        if r > 0:
+            c.rkeep += r
+            if c.rkeep >= HOLD_LIMIT:
+                c.held_full = True
+                self._update_events(c)
         return 0
 
     cdef int _deliver_slow(self, Link link, unsigned char *p, Py_ssize_t n) except -1:
@@ -1626,10 +1645,15 @@ cdef class Engine:
         if link.skip:
             link.rskip = link.skip
             link.skip = 0
-        if link.held:
-            link.held = False
-            self._update_events(link)
+        self._unhold(link)
         link.mode = MODE_FAST
+        return 0
+
+    cdef int _unhold(self, Link link) except -1:
+        link.held = False
+        if link.held_full:
+            link.held_full = False
+            self._update_events(link)
         return 0
 
     def link_fast(self, Link client, Link server, int flags):

@@ -54,8 +54,7 @@ class PgConnection(Link, asyncio.BufferedProtocol):
     # make the data path's attribute loads cheaper. Every attribute must be listed here or in
     # the subclass's __slots__ (admin state keeps weak references: __weakref__).
     __slots__ = (
-        "loop", "buf", "mv", "keep", "grow", "later", "skip", "transport", "forwarding", "inbox",
-        "_waiter", "close_reason", "__weakref__",
+        "loop", "buf", "mv", "grow", "later", "transport", "_waiter", "close_reason", "__weakref__",
     )
 
     def __init__(self, buf_size: int = BUF_SIZE, loop: asyncio.AbstractEventLoop | None = None) -> None:

@@ -96,13 +96,13 @@ class ClientConnection(PgConnection):
     """One client socket. `server` is the linked server connection, if any."""
 
     # (see PgConnection.__slots__; closed, waiting, linking, write_paused, read_paused, auto,
-    # connect_time, wait_started are pgmux.engine.Link fields)
+    # connect_time, wait_started, server, params, tracking, stmts are pgmux.engine.Link fields)
     __slots__ = (
-        "pooler", "login_expired", "is_unix", "tls", "server", "pool", "db", "user", "dbname", "params",
+        "pooler", "login_expired", "is_unix", "tls", "pool", "db", "user", "dbname",
         "startup_params", "addr", "port", "local_addr", "local_port", "connect_wall", "logged_in", "admitted",
-        "limits_counted", "pool_mode", "cancel_key", "login_task", "id", "client_key", "tracking",
+        "limits_counted", "pool_mode", "cancel_key", "login_task", "id", "client_key",
         "lazy_prepare", "pin_mode", "state_hint", "pinned", "pinned_since", "drain_passed", "awaiting_quiet",
-        "stmts", "authed", "no_pqexec",
+        "authed", "no_pqexec",
     )
 
     def __init__(self, pooler: Pooler, is_unix: bool = False) -> None:

@@ -55,11 +55,11 @@ class ServerConnection(PgConnection):
     # (see PgConnection.__slots__)
     # The link state (outstanding, pending_ext, status, last_start, copy_in, copy_base,
     # boundary_due, query_start, xact_start, last_used, request_time, connect_time, close_needed,
-    # cancels, dirty, read_paused, closed) is in pgmux.engine.Link.
+    # cancels, dirty, read_paused, closed) and client, params, state, tracking, statement_mode,
+    # stmts, tracker, sent_prefix are fields of pgmux.engine.Link.
     __slots__ = (
-        "pooler", "pool", "addr", "port", "client", "backend_pid", "backend_key", "params",
-        "login_params", "state", "connect_wall", "tls", "local_addr", "local_port", "_events", "tracking",
-        "statement_mode", "stmts", "tracker", "sent_prefix",
+        "pooler", "pool", "addr", "port", "backend_pid", "backend_key", "login_params", "connect_wall", "tls",
+        "local_addr", "local_port", "_events",
     )
 
     def __init__(self, pooler: Pooler, pool: Pool, addr: str, port: int) -> None:
