@@ -31,6 +31,9 @@ def extensions() -> list:
     if os.environ.get("PGMUX_SANITIZE") == "address":
         args = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
         link = ["-fsanitize=address"]
+        if "clang" in os.environ.get("CC", ""):  # coverage for libFuzzer/atheris (scripts/fuzz.sh)
+            args.append("-fsanitize=fuzzer-no-link")
+            link.append("-fsanitize=fuzzer-no-link")
     exts = [
         Extension("pgmux.engine._engine", ["pgmux/engine/_engine.pyx"], extra_compile_args=args,
                   extra_link_args=link),

@@ -102,7 +102,6 @@ cdef class Link:
     cdef bint tracked_fast
     cdef Link peer                    # fast mode: the other side of the link
     cdef object tls                   # TlsState: a TLS link (ssl.SSLObject over MemoryBIOs), else None
-    cdef object transport_obj
     # ---- link state (server side), read and written by Python too
     cdef public int outstanding       # Query/Sync/FunctionCall not yet answered by ReadyForQuery
     cdef public bint pending_ext      # extended-protocol messages since the last Sync

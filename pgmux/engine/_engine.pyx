@@ -709,18 +709,18 @@ cdef class Engine:
         link.eng = self
         self._register(link)
         t = EngineTransport(link, family)
-        link.transport_obj = t
         return t
 
     def adopt_fd(self, Link link, int fd, int family=socket.AF_UNIX):
         """Take over a connected non-blocking socket fd (tests, fuzzing, future logins)."""
         if link.eng is not None:
             raise ValueError("already adopted")
+        if fd < 0:
+            raise ValueError(f"bad fd {fd}")
         link.fd = fd
         link.eng = self
         self._register(link)
         t = EngineTransport(link, family)
-        link.transport_obj = t
         return t
 
     cdef int _register(self, Link link) except -1:

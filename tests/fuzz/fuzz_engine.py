@@ -1,0 +1,799 @@
+"""Coverage-guided fuzzer of pgmux's compiled data path (pgmux.engine), with atheris.
+
+    bash scripts/fuzz.sh [RUNS]                      # builds the AddressSanitizer copy, then runs this
+    python3 tests/fuzz/fuzz_engine.py [libFuzzer flags] [corpus dirs]
+    python3 tests/fuzz/fuzz_engine.py --make-corpus DIR [--make-dict FILE]
+    python3 tests/fuzz/fuzz_engine.py --replay FILE...  # one input at a time, without atheris
+
+One input is one conversation over a linked fast pair (two socketpairs, a fake loop): its first byte
+chooses the link flags and the harness's behaviour, the rest is split into steps. A step is a chunk
+written to the client side and the server side in turn (its length is the step's header byte), or a
+control operation (unlink, relink, pause, close, a large message that overflows a socket...);
+`engine.run()` follows each step. The harness plays pgmux's Python side: after an escape it forwards
+the escaped message itself and links again (inside the hook or after run(), as the input says), on
+the slow path it forwards whole messages and tracks the framing, so that nothing is lost.
+
+Checked after each step: nothing crashed (AddressSanitizer, when built with it), no hook raised, what
+each far end received is a prefix of what the other far end wrote (nothing duplicated, dropped or
+reordered), outstanding >= 0, carried values within what was written. At each hook: a transaction end
+only with nothing outstanding, nothing pending, on a message boundary; an escape only of a message
+the documented rules escape (a Python oracle). At the end of a conversation where nothing closed: the
+byte streams are exact copies, every complete message the engine forwarded was one it must not escape,
+ParameterStatus bodies and ReadyForQuery counts match the server stream, byte counters match.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import struct
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from pgmux.engine import LAZY_PREPARE, PIN_HINTS, SESSION, Engine, Link, PoolStats
+from pgmux.protocol.sessionstate import _PLAIN_STARTS
+
+FLAG_MASK = PIN_HINTS | LAZY_PREPARE | SESSION
+OPT_SMALL_MAX_PACKET = 0x08
+OPT_RELINK_IN_HOOK = 0x10
+OPT_SLOW_PARTIAL = 0x20  # on the slow path, forward the start of a body (the engine gets `skip`)
+OPT_BACK_PRESSURE = 0x40  # pause_writing/resume_writing hooks pause/resume the other side
+OPT_RELINK_AT_END = 0x80  # engine_transaction_end: unlink and link again (a release and reuse)
+
+CONTROL = 0xE0  # step header bytes from here on are control operations
+SMALL_MAX_PACKET = 64
+BIG = 70000  # more than the engine's HIGH_WATER and one read
+BIG_BODY = struct.pack("!I", BIG + 4) + bytes(range(256)) * (BIG // 256) + bytes(BIG % 256)
+MAX_BIGS = 4  # per conversation (each costs time, and one or two fill the socket buffers)
+MAX_RELINK_DEPTH = 8
+Q, P, C, X = ord("Q"), ord("P"), ord("C"), ord("X")
+CLIENT_FORWARDED_TYPES = frozenset(b"BDESFHcfd")
+
+
+class HarnessError(AssertionError):
+    """An invariant of the engine does not hold."""
+
+
+def check(cond: bool, what: str) -> None:
+    if not cond:
+        raise HarnessError(what)
+
+
+def be32(b: bytes | bytearray, pos: int) -> int:
+    return int.from_bytes(b[pos : pos + 4], "big")
+
+
+def maybe_session_state(q: bytes) -> bool:
+    """The fast path's keyword test (sessionstate.hint's first branch): False when surely plain."""
+    head = q[:12].lstrip().lower()
+    if head.startswith(_PLAIN_STARTS) and b";" not in q.rstrip(b" \t\r\n;"):
+        low = q.lower()
+        return b"advisory" in low or b"set_config" in low
+    return True
+
+
+def escape_reason(data: bytes | bytearray, flags: int, max_packet: int) -> str | None:
+    """Why the client side must turn slow at the message starting data (None: forward it), per
+    _engine.pxd; None as well while the engine needs more bytes to decide."""
+    if len(data) < 5:
+        return None
+    typ = data[0]
+    ln = be32(data, 1)
+    if ln < 4 or ln > max_packet:
+        return "length"
+    if typ in (Q, P, C, X) and len(data) < 1 + ln:
+        return None
+    body = bytes(data[5 : 1 + ln])
+    if typ == Q:
+        text = body[:-1]  # the text without its NUL (the engine does not check it is one)
+        if b"atabase" in text or b"ATABASE" in text:
+            return "database"
+        if flags & PIN_HINTS and maybe_session_state(text):
+            return "pin hints"
+        return None
+    if typ == P:
+        end = body.find(b"\0")
+        if end < 0:
+            return "malformed Parse"
+        if end > 0 and (flags & (LAZY_PREPARE | PIN_HINTS) or body.startswith(b"PGMUX_")):
+            return "named Parse"
+        if flags & PIN_HINTS:
+            rest = body[end + 1 :]
+            nl = rest.find(b"\0")
+            if nl < 0 or maybe_session_state(rest[:nl]):
+                return "pin hints"
+        return None
+    if typ == C:
+        if ln >= 5 and body[0] == ord("S") and body[1:].startswith(b"PGMUX_"):
+            return "reserved Close"
+        return None
+    if typ in CLIENT_FORWARDED_TYPES:
+        return None
+    return "type"
+
+
+def messages(stream: bytes | bytearray) -> list[tuple[int, int, int]]:
+    """(offset, type, total length) of each message whose header is in `stream`, up to a bad length."""
+    out = []
+    pos = 0
+    while len(stream) - pos >= 5:
+        ln = be32(stream, pos + 1)
+        out.append((pos, stream[pos], 1 + ln))
+        if ln < 4:
+            break
+        pos += 1 + ln
+    return out
+
+
+class FakeLoop:
+    def __init__(self) -> None:
+        self.ready: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        self.errors: list[dict[str, Any]] = []
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.ready.append((fn, args))
+
+    def call_exception_handler(self, context: dict[str, Any]) -> None:
+        self.errors.append(context)
+
+    def add_reader(self, fd: int, cb: Callable[[], None]) -> None:
+        pass
+
+    def remove_reader(self, fd: int) -> None:
+        pass
+
+    def drain(self) -> None:
+        while self.ready:
+            fn, args = self.ready.pop(0)
+            fn(*args)
+
+
+_SCRATCH_MV = memoryview(bytearray(65536))
+
+
+class HLink(Link):
+    """pgmux's ClientConnection/ServerConnection as far as the engine sees them."""
+
+    def __init__(self, h: Conversation, side: str) -> None:
+        self.h = h
+        self.side = side
+        self.buf = bytearray(4096)
+        self.mv = memoryview(self.buf)
+        self.keep = 0
+        self.skip = 0
+
+    # slow path reads (one shared buffer: buffer_updated copies at once)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _SCRATCH_MV
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.h.slow_read(self.side, bytes(_SCRATCH_MV[:nbytes]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.h.lost(self.side)
+
+    def pause_writing(self) -> None:
+        self.h.pause_writing(self.side)
+
+    def resume_writing(self) -> None:
+        self.h.resume_writing(self.side)
+
+    # client hook
+    def engine_escape(self, data: bytes) -> None:
+        self.h.escape(data)
+
+    # server hooks
+    def engine_parameter_status(self, body: bytes) -> None:
+        self.h.parameter_status.append(body)
+
+    def engine_command_complete(self, tag: bytes) -> None:
+        check(tag.startswith((b"DISCARD ALL", b"DEALLOCATE")), f"command_complete for {tag!r}")
+
+    def engine_transaction_end(self) -> None:
+        self.h.transaction_end()
+
+
+_RECV = bytearray(262144)
+_RECV_MV = memoryview(_RECV)
+
+
+def recv_into(sock: socket.socket, out: bytearray) -> None:
+    while True:
+        try:
+            n = sock.recv_into(_RECV)
+        except OSError:  # (BlockingIOError included)
+            return
+        if not n:
+            return
+        out += _RECV_MV[:n]
+        if n < len(_RECV):  # a socketpair gives all it has at once: no need for the EAGAIN call
+            return
+
+
+def send_some(sock: socket.socket, data: bytes) -> int:
+    try:
+        return sock.send(data)
+    except (BlockingIOError, OSError):
+        return 0
+
+
+class Conversation:
+    def __init__(self, config: int) -> None:
+        self.flags = config & FLAG_MASK
+        self.opts = config
+        self.max_packet = SMALL_MAX_PACKET if config & OPT_SMALL_MAX_PACKET else 0x7FFFFFFF
+        self.loop = FakeLoop()
+        self.eng = Engine(self.loop)
+        self.c_app, c_eng = socket.socketpair()
+        self.s_app, s_eng = socket.socketpair()
+        for sock in (self.c_app, self.s_app, c_eng, s_eng):
+            sock.setblocking(False)
+        self.c = HLink(self, "client")
+        self.s = HLink(self, "server")
+        self.stats = PoolStats()
+        self.s.link_stats = self.stats
+        self.c.max_packet_size = self.max_packet
+        self.ct = self.eng.adopt_fd(self.c, c_eng.detach())
+        self.st = self.eng.adopt_fd(self.s, s_eng.detach())
+        # what each far end wrote (and what of it is still to be written), and received
+        self.client_written = bytearray()
+        self.server_written = bytearray()
+        self.client_backlog = bytearray()
+        self.server_backlog = bytearray()
+        self.server_received = bytearray()  # by PostgreSQL's end: the client's stream
+        self.client_received = bytearray()  # by the client application: the server's stream
+        self.c_app_reads = True
+        self.s_app_reads = True
+        self.alive = {"client": True, "server": True}
+        self.exact = True  # nothing closed or refused: the streams must match exactly at the end
+        # the harness's slow path (pgmux's Python side)
+        self.held = bytearray()  # client bytes from a message boundary, not forwarded yet
+        self.cskip = 0  # client body bytes to forward as they come
+        self.sheld = bytearray()  # server bytes of the current message (forwarded), kept for its header
+        self.sskip = 0
+        self.harness_client_fwd = 0  # client bytes the harness forwarded (not counted by the engine)
+        self.harness_server_fwd = 0
+        self.harness_ranges: list[tuple[int, int]] = []  # [start, end) of the client stream
+        self.parameter_status: list[bytes] = []
+        self.slow_ready = 0
+        self.want_relink = False
+        self.stay_slow = False
+        self.depth = 0
+        self.transaction_ends = 0
+        self.bigs = 0
+        check(self.eng.link_fast(self.c, self.s, self.flags), "link_fast refused")
+
+    # ------------------------------------------------------------ hooks
+
+    def escape(self, data: bytes) -> None:
+        c, s = self.c, self.s
+        check(not c.fast and not s.fast, "escape: the pair is still fast")
+        check(c.carried == (0, 0) and c.keep == 0 and c.skip == 0, f"escape: client carries {c.carried}")
+        check(len(data) > 0, "escape with no data")
+        reason = escape_reason(data, self.flags, self.max_packet)
+        check(reason is not None, f"escape of a message the fast path decides: {bytes(data[:40])!r}")
+        self.absorb_server()
+        self.held += data
+        self.client_process(first_only=True)
+        if not self.can_relink():
+            return  # the escaped message is not whole yet: slow until it is
+        if self.opts & OPT_RELINK_IN_HOOK and self.depth < MAX_RELINK_DEPTH:
+            self.relink()
+        else:
+            self.want_relink = True
+
+    def can_relink(self) -> bool:
+        """pgmux links again once it forwarded what it had to decide itself."""
+        return (self.alive["client"] and self.alive["server"] and not self.stay_slow
+                and escape_reason(self.held, self.flags, self.max_packet) is None)
+
+    def transaction_end(self) -> None:
+        s, c = self.s, self.c
+        self.transaction_ends += 1
+        check(s.fast, "transaction end on a slow link")
+        check(s.outstanding == 0 and not s.pending_ext, f"transaction end with {s.outstanding} outstanding")
+        check(s.carried == (0, 0), f"transaction end off a message boundary {s.carried}")
+        check(not self.flags & SESSION, "transaction end in session mode")
+        check(c.carried[1] == 0, "transaction end while the client is mid-message")
+        if self.opts & OPT_RELINK_AT_END and self.depth < MAX_RELINK_DEPTH:
+            self.unlink()
+            self.relink()
+
+    def lost(self, side: str) -> None:
+        self.mark_dead(side)
+
+    def pause_writing(self, side: str) -> None:
+        if self.opts & OPT_BACK_PRESSURE:
+            other = self.st if side == "client" else self.ct
+            other.pause_reading()
+
+    def resume_writing(self, side: str) -> None:
+        if self.opts & OPT_BACK_PRESSURE:
+            other = self.st if side == "client" else self.ct
+            other.resume_reading()
+
+    # ------------------------------------------------------------ the harness's slow path
+
+    def mark_dead(self, side: str) -> None:
+        if self.alive[side]:
+            self.alive[side] = False
+            self.exact = False
+            self.eng.unlink(self.c)
+            self.absorb_client()
+            self.absorb_server()
+
+    def absorb_client(self) -> None:
+        """After unlink: what the engine carried for the client comes back to the harness."""
+        c = self.c
+        check(c.carried == (0, 0), "unlinked client still carries bytes in C")
+        check(c.keep >= 0 and c.skip >= 0, "negative carried values")
+        if c.keep:
+            check(not self.held and not self.cskip, "client carried bytes twice")
+            self.held += c.buf[: c.keep]
+        if c.skip:
+            check(not self.held and not self.cskip, "client carried bytes and body")
+            self.cskip = c.skip
+        c.keep = c.skip = 0
+
+    def absorb_server(self) -> None:
+        s = self.s
+        check(s.carried == (0, 0), "unlinked server still carries bytes in C")
+        if s.keep:
+            check(not self.sheld and not self.sskip, "server carried bytes twice")
+            self.sheld += s.buf[: s.keep]
+        if s.skip:
+            check(not self.sheld and not self.sskip, "server carried bytes and body")
+            self.sskip = s.skip
+        s.keep = s.skip = 0
+
+    def forward_client(self, data: bytes | bytearray) -> None:
+        start = self.stats.bytes_received + self.harness_client_fwd
+        self.harness_ranges.append((start, start + len(data)))
+        self.harness_client_fwd += len(data)
+        self.st.write(bytes(data))
+
+    def slow_read(self, side: str, data: bytes) -> None:
+        if side == "client":
+            self.client_feed(data)
+        else:
+            self.server_feed(data)
+
+    def client_feed(self, data: bytes) -> None:
+        if self.cskip:
+            n = min(self.cskip, len(data))
+            self.forward_client(data[:n])
+            self.cskip -= n
+            data = data[n:]
+        self.held += data
+        self.client_process(first_only=False)
+        if self.can_relink():
+            self.want_relink = True
+
+    def client_process(self, first_only: bool) -> None:
+        """Forward whole messages from `held` (the first only when the engine gets the rest)."""
+        held = self.held
+        pos = 0
+        while len(held) - pos >= 5:
+            typ = held[pos]
+            ln = be32(held, pos + 1)
+            if ln < 4 or ln > self.max_packet:  # pgmux refuses it and closes the client
+                self.ct.abort()
+                self.mark_dead("client")
+                held.clear()
+                return
+            total = 1 + ln
+            if len(held) - pos < total:
+                if self.opts & OPT_SLOW_PARTIAL and typ not in (Q, P, C, X):
+                    self.forward_client(held[pos:])
+                    self.note(typ)
+                    self.cskip = total - (len(held) - pos)
+                    pos = len(held)
+                break
+            self.forward_client(held[pos : pos + total])
+            self.note(typ)
+            pos += total
+            if first_only and not self.stay_slow:
+                break
+        del held[:pos]
+
+    def note(self, typ: int) -> None:
+        """pgmux's bookkeeping for a request it forwarded itself."""
+        s = self.s
+        if typ in (Q, ord("S"), ord("F")):
+            s.request_sent(typ)
+            if typ == ord("S"):
+                s.pending_ext = False
+        elif typ in b"PBDEC":
+            s.pending_ext = True
+        elif typ in b"cf":
+            s.copy_end_py()
+
+    def server_feed(self, data: bytes) -> None:
+        """Slow server: cut-through to the client, then the framing (what the engine would keep)."""
+        self.harness_server_fwd += len(data)
+        self.ct.write(data)
+        pos = 0
+        if self.sskip and not self.sheld:
+            n = min(self.sskip, len(data))
+            self.sskip -= n
+            pos = n
+        buf = self.sheld + data[pos:]
+        p = 0
+        while len(buf) - p >= 5:
+            typ = buf[p]
+            ln = be32(buf, p + 1)
+            if ln < 4:  # pgmux closes such a server
+                self.st.abort()
+                self.mark_dead("server")
+                self.sheld = bytearray()
+                return
+            total = 1 + ln
+            whole = len(buf) - p >= total
+            if typ in b"ZSC" and not whole:
+                break
+            if typ == ord("Z") and ln >= 5:
+                self.s.ready(buf[p + 5])
+                self.slow_ready += 1
+            elif typ == ord("S"):
+                self.parameter_status.append(bytes(buf[p + 5 : p + total]))
+            elif typ == ord("G"):
+                self.s.copy_started_py()
+            if not whole:
+                self.sskip = total - (len(buf) - p)
+                p = len(buf)
+                break
+            p += total
+        self.sheld = bytearray(buf[p:])
+
+    def unlink(self) -> None:
+        self.eng.unlink(self.c)
+        check(not self.c.fast and not self.s.fast, "unlink left a side fast")
+        self.absorb_client()
+        self.absorb_server()
+
+    def relink(self) -> None:
+        self.want_relink = False
+        if not (self.alive["client"] and self.alive["server"]) or self.stay_slow:
+            return
+        if self.c.fast:
+            return
+        c, s = self.c, self.s
+        for link, held, skip in ((c, self.held, self.cskip), (s, self.sheld, self.sskip)):
+            link.buf = bytearray(max(4096, 2 * len(held)))
+            link.buf[: len(held)] = held
+            link.mv = memoryview(link.buf)
+            link.keep = len(held)
+            link.skip = skip
+        self.held = bytearray()
+        self.sheld = bytearray()
+        self.cskip = self.sskip = 0
+        self.depth += 1
+        try:
+            check(self.eng.link_fast(c, s, self.flags), "link_fast refused two open links")
+        finally:
+            self.depth -= 1
+        if c.fast:  # (an escape inside link_fast handed everything back already)
+            check(c.keep == 0 and c.skip == 0 and s.keep == 0 and s.skip == 0, "link_fast left keep/skip")
+
+    # ------------------------------------------------------------ driving
+
+    def write(self, side: str, data: bytes) -> None:
+        if side == "client":
+            self.client_written += data
+            self.client_backlog += data
+        else:
+            self.server_written += data
+            self.server_backlog += data
+        self.pump()
+
+    def pump(self) -> None:
+        for sock, backlog in ((self.c_app, self.client_backlog), (self.s_app, self.server_backlog)):
+            if backlog:
+                n = send_some(sock, bytes(backlog[:262144]))
+                del backlog[:n]
+
+    def step(self) -> None:
+        self.eng.run()
+        self.after_run()
+
+    def after_run(self) -> None:
+        if self.loop.errors:
+            exc = self.loop.errors[0].get("exception")
+            if isinstance(exc, BaseException):
+                raise exc
+            raise HarnessError(str(self.loop.errors[0]))
+        self.loop.drain()
+        for _ in range(1000):
+            if not self.want_relink:
+                break
+            self.relink()
+        if self.c_app_reads:
+            recv_into(self.c_app, self.client_received)
+        if self.s_app_reads:
+            recv_into(self.s_app, self.server_received)
+        self.pump()
+        self.check_step()
+
+    def check_step(self) -> None:
+        n = len(self.server_received)
+        check(self.server_received == self.client_written[:n], "server got other bytes than the client sent")
+        n = len(self.client_received)
+        check(self.client_received == self.server_written[:n], "client got other bytes than the server sent")
+        for link, written in ((self.c, self.client_written), (self.s, self.server_written)):
+            keep, skip = link.carried
+            check(0 <= keep <= len(written), f"{link.side} keeps {keep} of {len(written)} bytes")
+            check(0 <= skip < 1 << 32, f"{link.side} skip {skip}")
+            check(link.outstanding >= 0, f"outstanding {link.outstanding}")
+        check(self.c.fast == self.s.fast or not all(self.alive.values()), "one side fast, the other slow")
+
+    def control(self, op: int) -> None:
+        c_alive, s_alive = self.alive["client"], self.alive["server"]
+        if op == 0:
+            self.unlink()
+            self.stay_slow = True
+        elif op == 1:
+            self.stay_slow = False
+            self.client_process(first_only=False)
+            self.relink()
+        elif op == 2:
+            self.c_app_reads = not self.c_app_reads
+        elif op == 3:
+            self.s_app_reads = not self.s_app_reads
+        elif op in (4, 5) and self.bigs < MAX_BIGS:  # a message larger than a read and the high water
+            self.bigs += 1
+            self.write("server" if op == 4 else "client", (b"D" if op == 4 else b"d") + BIG_BODY)
+        elif op == 6 and c_alive:
+            self.ct.pause_reading()
+        elif op == 7 and c_alive:
+            self.ct.resume_reading()
+        elif op == 8 and s_alive:
+            self.st.pause_reading()
+        elif op == 9 and s_alive:
+            self.st.resume_reading()
+        elif op == 10 and c_alive:
+            self.ct.close()
+            self.mark_dead("client")
+        elif op == 11 and s_alive:
+            self.st.close()
+            self.mark_dead("server")
+        elif op == 12 and c_alive:
+            self.c_app.shutdown(socket.SHUT_WR)
+            self.exact = False
+        elif op == 13 and s_alive:
+            self.s_app.shutdown(socket.SHUT_WR)
+            self.exact = False
+        elif op == 14 and c_alive:
+            self.ct.abort()
+            self.mark_dead("client")
+        elif op == 15 and s_alive:
+            self.st.abort()
+            self.mark_dead("server")
+        # other values: one more run() with nothing new
+
+    def settle(self) -> None:
+        """Let everything through: both far ends read, no side paused, run until nothing moves."""
+        self.c_app_reads = self.s_app_reads = True
+        if self.alive["client"]:
+            self.ct.resume_reading()
+        if self.alive["server"]:
+            self.st.resume_reading()
+        quiet = 0
+        before = self.progress()
+        for _ in range(100000):
+            self.step()
+            after = self.progress()
+            quiet = quiet + 1 if before == after else 0
+            if quiet >= 3:
+                break
+            before = after
+        else:
+            raise HarnessError("the conversation does not settle")
+
+    def progress(self) -> tuple[Any, ...]:
+        return (len(self.client_received), len(self.server_received), len(self.client_backlog),
+                len(self.server_backlog), self.ct.get_write_buffer_size(), self.st.get_write_buffer_size(),
+                self.c.carried, self.s.carried, len(self.held), len(self.sheld), self.cskip, self.sskip,
+                self.eng.reads)
+
+    def finish(self) -> None:
+        self.settle()
+        if self.c.fast:
+            self.unlink()
+        if not self.exact:
+            return
+        check(not self.client_backlog and not self.server_backlog, "far ends could not write everything")
+        check(self.ct.get_write_buffer_size() == 0 and self.st.get_write_buffer_size() == 0, "queues not empty")
+        check(self.server_received + self.held == self.client_written,
+              "client stream: forwarded + kept != written")
+        check(self.client_received == self.server_written, "server stream: forwarded != written")
+        check(self.stats.bytes_received + self.harness_client_fwd == len(self.server_received),
+              "bytes_received does not count what the engine forwarded")
+        check(self.stats.bytes_sent + self.harness_server_fwd == len(self.server_written),
+              "bytes_sent does not count what the engine forwarded")
+        # every message the engine forwarded itself is one it must not escape
+        ranges = self.harness_ranges
+        ri = 0
+        for pos, _typ, total in messages(self.server_received):
+            while ri < len(ranges) and ranges[ri][1] <= pos:
+                ri += 1
+            if ri < len(ranges) and ranges[ri][0] <= pos < ranges[ri][1]:
+                continue  # the harness forwarded it
+            part = self.server_received[pos : pos + total]
+            reason = escape_reason(part, self.flags, self.max_packet)
+            check(reason is None, f"the engine forwarded a message to escape ({reason}): {bytes(part[:40])!r}")
+        # the server stream's ParameterStatus and ReadyForQuery messages, each seen once
+        expect_ps = []
+        expect_z = 0
+        for pos, typ, total in messages(self.server_written):
+            if pos + total > len(self.server_written):
+                break
+            if typ == ord("S"):
+                expect_ps.append(bytes(self.server_written[pos + 5 : pos + total]))
+            elif typ == ord("Z") and total >= 6:
+                expect_z += 1
+        check(self.parameter_status == expect_ps, "ParameterStatus bodies differ from the server stream")
+        check(self.stats.query_count == expect_z, f"{self.stats.query_count} ReadyForQuery counted, {expect_z} sent")
+
+    def close(self) -> None:
+        for t in (self.ct, self.st):
+            t.abort()
+        self.c_app.close()
+        self.s_app.close()
+        self.loop.drain()
+        self.c.h = self.s.h = None  # type: ignore[assignment]
+
+
+def run_one(data: bytes) -> None:
+    """One conversation; raises on a broken invariant."""
+    if not data:
+        return
+    h = Conversation(data[0])
+    try:
+        pos = 1
+        side = 0
+        while pos < len(data):
+            hd = data[pos]
+            pos += 1
+            if hd >= CONTROL:
+                h.control(hd - CONTROL)
+            else:
+                chunk = data[pos : pos + hd]
+                pos += hd
+                if chunk:
+                    h.write("client" if side == 0 else "server", chunk)
+                side ^= 1
+            h.step()
+        h.finish()
+    finally:
+        h.close()
+
+
+# ---------------------------------------------------------------- seeds
+
+
+def msg(typ: bytes, body: bytes = b"") -> bytes:
+    return typ + struct.pack("!I", len(body) + 4) + body
+
+
+def chunks(flags: int, steps: list[tuple[str, bytes] | int]) -> bytes:
+    """An input: the config byte, then steps (client/server chunks in turn, or control ops)."""
+    out = bytearray([flags])
+    side = "client"
+    for st in steps:
+        if isinstance(st, int):
+            out.append(CONTROL + st)
+            continue
+        want, data = st
+        if want != side:
+            out.append(0)  # an empty chunk turns to the other side
+            side = want
+        while True:
+            piece, data = data[:CONTROL - 1], data[CONTROL - 1 :]
+            out.append(len(piece))
+            out += piece
+            side = "server" if side == "client" else "client"
+            if not data:
+                break
+            out.append(0)
+            side = "server" if side == "client" else "client"
+    return bytes(out)
+
+
+def seeds() -> list[bytes]:
+    qry = msg(b"Q", b"select 1\0")
+    ext = msg(b"P", b"\0select $1\0\0\0") + msg(b"B", b"\0\0\0\0\0\0\0\0") + msg(b"E", b"\0\0\0\0\0") + msg(b"S")
+    answer = msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I")
+    ext_answer = msg(b"1") + msg(b"2") + msg(b"D", b"\0\1\0\0\0\1x") + answer
+    ps = msg(b"S", b"TimeZone\0UTC\0")
+    notice = msg(b"N", b"SNOTICE\0Mhi\0\0")
+    big_copy = msg(b"d", b"x" * 100)
+    return [
+        chunks(0, [("client", qry), ("server", answer)]),
+        chunks(0, [("client", ext), ("server", ext_answer)]),
+        chunks(PIN_HINTS, [("client", msg(b"Q", b"set x = 1\0") + qry), ("server", answer + answer)]),
+        chunks(LAZY_PREPARE, [("client", msg(b"P", b"s1\0select 1\0\0\0") + msg(b"S")),
+                              ("server", msg(b"1") + msg(b"Z", b"I"))]),
+        chunks(OPT_RELINK_IN_HOOK, [("client", msg(b"X"))]),
+        chunks(0, [("client", qry), ("server", answer[:7]), ("server", answer[7:] + notice[:3]),
+                   ("server", notice[3:])]),
+        chunks(OPT_RELINK_AT_END, [("client", qry),
+                                   ("server", msg(b"C", b"DISCARD ALL\0") + ps + msg(b"Z", b"I"))]),
+        chunks(0, [("client", msg(b"Q", b"copy t from stdin\0")), ("server", msg(b"G", b"\0\0\0")),
+                   ("client", msg(b"d", b"1\n") + msg(b"c")), ("server", answer)]),
+        chunks(OPT_BACK_PRESSURE, [2, ("client", qry), 4, 4, 4, 2]),
+        chunks(OPT_SLOW_PARTIAL, [("client", qry), 0, ("client", big_copy[:50]), 1, ("client", big_copy[50:])]),
+        chunks(SESSION | OPT_SMALL_MAX_PACKET, [("client", big_copy)]),
+        chunks(0, [("client", msg(b"Q", b"drop database x\0") + qry), ("server", answer + answer)]),
+        chunks(0, [("client", msg(b"C", b"SPGMUX_1\0") + msg(b"S")), ("server", msg(b"3") + msg(b"Z", b"I"))]),
+        chunks(0, [("client", qry), 10, ("server", answer)]),
+        chunks(0, [("client", qry), ("server", b"Z\0\0\0\2")]),
+    ]
+
+
+DICTIONARY = [b"Q", b"P", b"B", b"E", b"S", b"Z", b"X", b"C", b"G", b"\x00\x00\x00\x04", b"\x00\x00\x00\x05I",
+              b"select", b"set ", b"set_config", b"advisory", b"atabase", b"ATABASE", b"PGMUX_", b"DISCARD ALL",
+              b"DEALLOCATE", b"TimeZone\x00", b";", b"\xe0", b"\xe1", b"\xe4", b"\xea"]
+
+
+def make_corpus(path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+    for i, data in enumerate(seeds()):
+        with open(os.path.join(path, f"seed-{i:02d}"), "wb") as f:
+            f.write(data)
+
+
+def make_dict(path: str) -> None:
+    with open(path, "w") as f:
+        for word in DICTIONARY:
+            f.write('"' + "".join(f"\\x{b:02x}" for b in word) + '"\n')
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+_count = [0, 0]
+
+
+def test_one_input(data: bytes) -> None:
+    run_one(data)
+    _count[0] += 1
+    if _count[0] % 1000 == 0:
+        # A closed link and its EngineTransport reference each other, and a link its Engine (whose
+        # epoll fd closes when it is freed): the cyclic GC frees them. After a collection, no fd of
+        # the inputs run so far may remain open.
+        gc.collect()
+        n = open_fds()
+        if not _count[1]:
+            _count[1] = n
+        check(n <= _count[1] + 4, f"file descriptors leak: {n} open, {_count[1]} after the first inputs")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 2 and argv[1] == "--make-corpus":
+        make_corpus(argv[2])
+        if len(argv) > 4 and argv[3] == "--make-dict":
+            make_dict(argv[4])
+        return
+    if len(argv) > 1 and argv[1] == "--replay":
+        for name in argv[2:]:
+            with open(name, "rb") as f:
+                run_one(f.read())
+            print(f"{name}: ok")
+        return
+    import atheris  # noqa: PLC0415 (only the fuzzing entry point needs it)
+
+    import pgmux.engine._engine as compiled
+
+    print(f"fuzz_engine: engine from {compiled.__file__}", file=sys.stderr)
+    atheris.Setup(argv, test_one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main(sys.argv)
