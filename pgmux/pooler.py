@@ -587,6 +587,7 @@ class Pooler:
                 if self.settings.log_connections:
                     logger.info("%s new connection to server (from %s:%s)", server.log_prefix,
                                 server.local_addr, server.local_port)
+                self.adopt(server)  # the engine owns the socket from here on: TLS and login run over it
                 if self.tls.server is not None and path is None:
                     await server.negotiate_tls(self.tls.server, self.tls.server_mode, host or "")
                 password = db.password if db.user else self.auth_secret(pool.user)
@@ -613,7 +614,6 @@ class Pooler:
         pool.connecting -= 1
         pool.login_failure = None
         pool.last_login_ok = time.monotonic()
-        self.adopt(server)
         server.state = "idle"
         if server.connect_time < pool.dirty_since:  # RECONNECT/RELOAD came while it logged in
             server.close_needed = True

@@ -993,6 +993,8 @@ cdef class Engine:
         st.sslobj = ctx.wrap_bio(st.incoming, st.outgoing, server_side=server_side, server_hostname=server_hostname)
         st.waiter = self.loop.create_future()
         link.tls = st
+        if not server_side:
+            self._tls_step(link)  # the client speaks first: ClientHello
         return st.waiter
 
     cdef int _tls_step(self, Link link) except -1:
@@ -1003,8 +1005,8 @@ cdef class Engine:
             pass
         except (ssl.SSLError, OSError) as exc:
             self._tls_flush(link)
-            self._close_link(link, ConnectionResetError(f"TLS handshake failed: {exc}"))
-            self._tls_failed(link, f"TLS handshake failed: {exc}")
+            self._close_link(link, ConnectionResetError(str(exc)))
+            self._tls_failed(link, str(exc))
             return 0
         else:
             st.live = True

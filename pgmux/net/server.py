@@ -448,6 +448,15 @@ class ServerConnection(PgConnection):
         if answer == b"S":
             if self.inbox:  # bytes before the handshake: a man in the middle (CVE-2021-23222 class)
                 raise self._login_refused("server sent unencrypted data after SSL response")
+            engine = self.pooler.engine
+            if self.adopted and engine is not None:  # the engine does TLS itself (see Pooler._connect)
+                try:
+                    await engine.start_tls(self, ctx, server_side=False,
+                                           server_hostname=host if ctx.check_hostname else None)
+                except OSError as exc:
+                    raise self._login_refused(f"server TLS handshake failed: {exc}") from exc
+                self.tls = True
+                return
             try:
                 assert self.transport is not None
                 new = await self.pooler.loop.start_tls(
