@@ -86,6 +86,32 @@ cdef inline bint may_deallocate(unsigned char ch) noexcept nogil:
     return ch == 32 or ch == 9 or ch == 10 or ch == 13 or ch == 100 or ch == 68
 
 
+cdef int grow(unsigned char **buf, Py_ssize_t *cap, Py_ssize_t need) except -1:
+    """Make *buf (malloc'd, *cap bytes) hold at least `need` bytes: doubled from MIN_KEEP up,
+    contents kept. Every buffer of the engine grows here."""
+    cdef Py_ssize_t size = cap[0] if cap[0] else MIN_KEEP
+    cdef unsigned char *nb
+    if need <= cap[0]:
+        return 0
+    while size < need:
+        size *= 2
+    nb = <unsigned char *>realloc(buf[0], size)
+    if nb == NULL:
+        raise MemoryError()
+    buf[0] = nb
+    cap[0] = size
+    return 0
+
+
+cdef object carried_to_python(Link link, const unsigned char *p, Py_ssize_t k):
+    """p[0:k] as the front of a new buffer of the Python protocol (buf, mv; keep = k)."""
+    buf = bytearray(MIN_KEEP if MIN_KEEP > 2 * k else 2 * k)
+    buf[:k] = PyBytes_FromStringAndSize(<char *>p, k)
+    link.buf = buf
+    link.mv = memoryview(buf)
+    link.keep = k
+
+
 cdef inline double monotonic() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)   # the clock of Python's time.monotonic()
@@ -313,15 +339,7 @@ cdef class Link:
             memmove(self.obuf, self.obuf + self.ohead, used)
             self.ohead = 0
             self.otail = used
-        if self.otail + n > self.ocap:
-            cap = self.ocap * 2 if self.ocap else MIN_KEEP
-            while cap < used + n:
-                cap *= 2
-            nb = <unsigned char *>realloc(self.obuf, cap)
-            if nb == NULL:
-                raise MemoryError()
-            self.obuf = nb
-            self.ocap = cap
+        grow(&self.obuf, &self.ocap, self.otail + n)
         memcpy(self.obuf + self.otail, p, n)
         self.otail += n
         return 0
@@ -388,15 +406,7 @@ cdef class Link:
             memmove(self.rbuf, p, n)
             self.rkeep = n
             return 0
-        if self.rcap < n:
-            cap = MIN_KEEP
-            while cap < 2 * n:
-                cap *= 2
-            nb = <unsigned char *>realloc(self.rbuf, cap)
-            if nb == NULL:
-                raise MemoryError()
-            self.rbuf = nb
-            self.rcap = cap
+        grow(&self.rbuf, &self.rcap, 2 * n)
         memcpy(self.rbuf, p, n)
         self.rkeep = n
         return 0
@@ -538,12 +548,7 @@ cdef class Link:
         if self.mode == MODE_FAST:
             return
         if k:
-            size = MIN_KEEP if MIN_KEEP > 2 * k else 2 * k
-            buf = bytearray(size)
-            buf[:k] = PyBytes_FromStringAndSize(<char *>self.rbuf, k)
-            self.buf = buf
-            self.mv = memoryview(buf)
-            self.keep = k
+            carried_to_python(self, self.rbuf, k)
             self._keep_bytes(self.rbuf, 0)
         if self.held and self.eng is not None:
             self.eng._unhold(self)
@@ -1048,13 +1053,7 @@ cdef class Engine:
         cdef Py_ssize_t room, keep = link.rkeep, cap
         cdef ssize_t r
         if keep:
-            if link.rcap - keep < MIN_KEEP:
-                cap = link.rcap * 2
-                nb = <unsigned char *>realloc(link.rbuf, cap)
-                if nb == NULL:
-                    raise MemoryError()
-                link.rbuf = nb
-                link.rcap = cap
+            grow(&link.rbuf, &link.rcap, keep + MIN_KEEP)
             base = link.rbuf
             room = link.rcap - keep
             if room > SHARED_SIZE:
@@ -1269,15 +1268,7 @@ cdef class Engine:
         cdef unsigned char *nb
         if n <= 0:
             return 0
-        if self.scratch_len + n > self.scratch_cap:
-            cap = self.scratch_cap * 2 if self.scratch_cap else SHARED_SIZE
-            while cap < self.scratch_len + n:
-                cap *= 2
-            nb = <unsigned char *>realloc(self.scratch, cap)
-            if nb == NULL:
-                raise MemoryError()
-            self.scratch = nb
-            self.scratch_cap = cap
+        grow(&self.scratch, &self.scratch_cap, self.scratch_len + n)
         memcpy(self.scratch + self.scratch_len, p, n)
         self.scratch_len += n
         return 0
@@ -1570,13 +1561,7 @@ cdef class Engine:
         cdef ssize_t r
         cdef unsigned char *nb
         cdef Py_ssize_t cap
-        if c.rcap - c.rkeep < MIN_KEEP:
-            cap = c.rcap * 2 if c.rcap else MIN_KEEP
-            nb = <unsigned char *>realloc(c.rbuf, cap)
-            if nb == NULL:
-                raise MemoryError()
-            c.rbuf = nb
-            c.rcap = cap
+        grow(&c.rbuf, &c.rcap, c.rkeep + MIN_KEEP)
         r = self._recv(c, c.rbuf + c.rkeep, c.rcap - c.rkeep)
         if r > 0:
             c.rkeep += r
@@ -1618,11 +1603,7 @@ cdef class Engine:
             if link.ring_len:
                 link.engine_take_requests(link.ring_take())
         if k:
-            size = MIN_KEEP if MIN_KEEP > 2 * k else 2 * k
-            buf = bytearray(size)
-            buf[:k] = PyBytes_FromStringAndSize(<char *>link.rbuf, k)
-            link.buf = buf
-            link.mv = memoryview(buf)
+            carried_to_python(link, link.rbuf, k)
         link.keep = k
         link.skip = link.rskip
         if link.kind == KIND_SERVER:

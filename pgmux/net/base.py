@@ -191,6 +191,16 @@ class PgConnection(Link, asyncio.BufferedProtocol):
         self.keep = 0
         self.forwarding = False
 
+    def take_over(self, data: bytes, minimum: int) -> None:
+        """`data` (bytes the engine hands to the slow path) at the front of a new buffer of at
+        least `minimum` bytes, nothing kept yet: the caller runs the data path over it."""
+        n = len(data)
+        buf = bytearray(max(minimum, 2 * n))
+        buf[:n] = data
+        self.buf = buf
+        self.mv = memoryview(buf)
+        self.keep = 0
+
     def write(self, data: bytes | memoryview) -> None:
         t = self.transport
         if t is not None and not self.closed:

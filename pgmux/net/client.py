@@ -261,13 +261,8 @@ class ClientConnection(PgConnection):
         the link is on the slow path now, and `data` is everything from that message on. Until
         Pooler.link_fast looks at this client again, the engine links and releases it no more."""
         self.auto = False
-        n = len(data)
-        buf = bytearray(max(CLIENT_BUF_SIZE, 2 * n))
-        buf[:n] = data
-        self.buf = buf
-        self.mv = memoryview(buf)
-        self.keep = 0
-        self.data_path(n)
+        self.take_over(data, CLIENT_BUF_SIZE)
+        self.data_path(len(data))
 
     def forward(self, end: int) -> None:
         """Forward buf[0:end] (the first `keep` bytes held from earlier) to the linked server."""

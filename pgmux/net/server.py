@@ -398,11 +398,7 @@ class ServerConnection(PgConnection):
         that forgets statements): the link is on the slow path now. `data`, from that message on,
         already went to the client (cut-through); the tracked path accounts for it here."""
         n = len(data)
-        buf = bytearray(max(BUF_SIZE, 2 * n))
-        buf[:n] = data
-        self.buf = buf
-        self.mv = memoryview(buf)
-        self.keep = 0
+        self.take_over(data, BUF_SIZE)
         self.skip = 0
         self.sent_prefix = n
         client = self.client
