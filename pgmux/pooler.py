@@ -123,7 +123,7 @@ class Pooler:
         self.on_reload: Callable[[], None] | None = None  # cli.py: reopen the log file with the new settings
         self.shutdown_done: asyncio.Future[None] | None = None  # cli.py: resolved when the process may exit
         # The data path (pgmux/engine): one epoll set per process, registered once in this loop.
-        self.engine: Engine | None = Engine(self.loop)
+        self.engine = Engine(self.loop)
         self.engine.start()
         self.apply_config(config)
 
@@ -774,14 +774,13 @@ class Pooler:
     # ------------------------------------------------------------ the engine (pgmux/engine)
 
     def adopt(self, conn: ClientConnection | ServerConnection) -> None:
-        """Hand a logged-in connection's socket to the engine. TLS links stay on their asyncio
-        transport (the engine does no TLS yet), and so does everything with `engine = off`."""
-        engine = self.engine
+        """Hand a connection's socket to the engine: a client once logged in (or at its SSLRequest,
+        see ClientConnection._start_tls), a server right after its connect. What is not a socket
+        (an in-process harness) or already wrapped in asyncio's TLS stays on its transport."""
         t = conn.transport
-        if (engine is None or conn.adopted or conn.tls or t is None or t.is_closing()
-                or t.get_write_buffer_size()):
+        if conn.adopted or conn.tls or t is None or t.is_closing() or t.get_write_buffer_size():
             return
-        new = engine.adopt(conn, t)
+        new = self.engine.adopt(conn, t)
         if new is not None:
             conn.transport = new
 
@@ -803,7 +802,7 @@ class Pooler:
         engine took over, including the bytes the client sent meanwhile."""
         if client.fast:
             return True
-        if (self.engine is None or not client.adopted or not server.adopted or server.statement_mode
+        if (not client.adopted or not server.adopted or server.statement_mode
                 or client.no_pqexec or client.linking or client.awaiting_quiet or client.closed or server.closed
                 or not server.forwarding or client.server is not server or client.tracking != server.tracking):
             return False

@@ -645,9 +645,7 @@ ENGINE_COLUMNS = columns("sq", "name", "value")
 def show_engine(pooler: Pooler) -> Result:
     """SHOW ENGINE (pgmux): the compiled data path's counters in this process (batches of ready
     sockets, reads, reads done natively, escapes to Python)."""
-    engine = pooler.engine
-    counters = engine.stats() if engine is not None else {}
-    return _rows(ENGINE_COLUMNS, [[name, value] for name, value in counters.items()])
+    return _rows(ENGINE_COLUMNS, [[name, value] for name, value in pooler.engine.stats().items()])
 
 
 def show_help(pooler: Pooler) -> Result:

@@ -22,7 +22,7 @@ from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.ref cimport Py_INCREF, Py_XDECREF
 from libc.errno cimport EAGAIN, EINTR, errno  # (EWOULDBLOCK == EAGAIN on Linux)
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcmp, memcpy, memmove
+from libc.string cimport memcmp, memcpy, memmove, strlen
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close
 
@@ -129,19 +129,23 @@ cdef inline bint is_space(unsigned char ch) noexcept nogil:
     return ch == 32 or ch == 9 or ch == 10 or ch == 13 or ch == 11 or ch == 12
 
 
+cdef inline bint starts_nocase(const unsigned char *p, Py_ssize_t n, const char *word, Py_ssize_t wn) noexcept nogil:
+    """p[0:n] starts with `word` (wn bytes of lower case ASCII), ignoring ASCII case."""
+    cdef Py_ssize_t j
+    if wn > n:
+        return False
+    for j in range(wn):
+        if lower(p[j]) != <unsigned char>word[j]:
+            return False
+    return True
+
+
 cdef bint contains_nocase(const unsigned char *p, Py_ssize_t n, const char *word) noexcept nogil:
     """`word` (lower case ASCII) in p[0:n], ignoring ASCII case."""
-    cdef Py_ssize_t wn = 0, i, j
-    while word[wn]:
-        wn += 1
-    i = 0
-    while i + wn <= n:
-        j = 0
-        while j < wn and lower(p[i + j]) == <unsigned char>word[j]:
-            j += 1
-        if j == wn:
+    cdef Py_ssize_t wn = strlen(word), i
+    for i in range(n - wn + 1):
+        if starts_nocase(p + i, n - i, word, wn):
             return True
-        i += 1
     return False
 
 
@@ -157,24 +161,14 @@ cdef bint maybe_session_state(const unsigned char *q, Py_ssize_t n) noexcept nog
     (one plain statement naming neither advisory locks nor set_config). True sends it to Python,
     which runs the full test."""
     cdef Py_ssize_t head = n if n < 12 else 12
-    cdef Py_ssize_t i = 0, k, wn, end
-    cdef const char *w
+    cdef Py_ssize_t i = 0, k, end
     cdef bint plain = False
     while i < head and is_space(q[i]):
         i += 1
     for k in range(25):
-        w = PLAIN_STARTS[k]
-        wn = 0
-        while w[wn]:
-            wn += 1
-        if head - i >= wn:
+        if starts_nocase(q + i, head - i, PLAIN_STARTS[k], strlen(PLAIN_STARTS[k])):
             plain = True
-            for end in range(wn):
-                if lower(q[i + end]) != <unsigned char>w[end]:
-                    plain = False
-                    break
-            if plain:
-                break
+            break
     if not plain:
         return True
     end = n

@@ -738,17 +738,16 @@ class ClientConnection(PgConnection):
         assert transport is not None
         transport.pause_reading()  # no raw ClientHello may reach the startup reader
         engine = self.pooler.engine
-        if engine is not None:
-            new_transport = engine.adopt(self, transport)
-            if new_transport is not None:
-                self.transport = new_transport
-                new_transport.write(b"S")
-                try:
-                    await engine.start_tls(self, ctx)
-                except OSError as exc:
-                    raise ConnectionLost() from exc
-                self.tls = True
-                return
+        new_transport = engine.adopt(self, transport)
+        if new_transport is not None:  # (None: not a socket, an in-process harness)
+            self.transport = new_transport
+            new_transport.write(b"S")
+            try:
+                await engine.start_tls(self, ctx)
+            except OSError as exc:
+                raise ConnectionLost() from exc
+            self.tls = True
+            return
         transport.write(b"S")
         new = await self.pooler.loop.start_tls(transport, self, ctx, server_side=True)
         if new is None:
@@ -836,7 +835,7 @@ class ClientConnection(PgConnection):
         self.cancel_key = pooler.register_cancel_key(self)
         out.append(m.message(b"K", self.cancel_key))
         out.append(m.ready_for_query(b"I"))
-        pooler.adopt(self)  # from here on the engine owns the socket (not TLS: see Pooler.adopt)
+        pooler.adopt(self)  # from here on the engine owns the socket (a TLS client already is its)
         self.write(b"".join(out))
         self.logged_in = True
         self.pool.clients.add(self)

@@ -186,7 +186,7 @@ class ServerConnection(PgConnection):
                     self.ready(buf[start + 5])
                     ready = True
                 elif typ == _C:
-                    self._command_complete(buf, start, stop_, client)
+                    self._command_complete(buf, start, stop_)
                 elif typ == _S:
                     self._parameter_status(buf, start, stop_, client)
                 else:  # CopyInResponse
@@ -254,7 +254,7 @@ class ServerConnection(PgConnection):
                 self.ready(buf[start + 5])
                 ready = True
             elif typ == _C:
-                self._command_complete(buf, start, stop_, client)
+                self._command_complete(buf, start, stop_)
             elif typ == _G:
                 self._copy_in()
             elif typ == _E:
@@ -303,17 +303,21 @@ class ServerConnection(PgConnection):
     def _parameter_status(self, buf: bytearray, start: int, stop: int, client: ClientConnection) -> None:
         self.engine_parameter_status(bytes(buf[start + 5 : stop]))
 
-    def _command_complete(self, buf: bytes | bytearray, start: int, stop: int, client: ClientConnection) -> None:
+    def _command_complete(self, buf: bytearray, start: int, stop: int) -> None:
+        """CommandComplete on the slow path: the tags that forget prepared statements start with D."""
+        if buf[start + 5] == 68:
+            self.engine_command_complete(bytes(buf[start + 5 : min(stop, start + 20)]))
+
+    def engine_command_complete(self, tag: bytes) -> None:
         """DISCARD ALL or DEALLOCATE ALL: the server forgot every prepared statement, except the
         ones Parsed after it in the same pipeline (still in the tracker's queue). A DEALLOCATE
         pgmux did not send itself may have dropped one of pgmux's PGMUX_<n> (SQL can name them):
-        a server with pgmux's statements is then closed once released."""
-        if buf[start + 5] != 68:  # these tags start with D
-            return
-        tag = bytes(buf[start + 5 : min(stop, start + 20)])
+        a server with pgmux's statements is then closed once released. (The engine calls this for
+        such tags on a fast link; the slow path through _command_complete.)"""
         if tag.startswith(_FORGET_ALL_TAGS):
             self.stmts.clear()
-            client.stmts.clear()
+            if self.client is not None:
+                self.client.stmts.clear()
             if self.tracker.queue:
                 self.tracker.parsed_later()
         elif tag.startswith(b"DEALLOCATE\0") and not self.tracker.own_deallocate() and self.stmts.lru:
@@ -374,11 +378,6 @@ class ServerConnection(PgConnection):
         self.params.set(name, value)
         if self.client is not None:
             self.client.params.set(name, value)
-
-    def engine_command_complete(self, tag: bytes) -> None:
-        """CommandComplete DISCARD ALL / DEALLOCATE ... on a fast link (see _command_complete)."""
-        if self.client is not None:
-            self._command_complete(b"C\0\0\0\0" + tag, 0, 5 + len(tag), self.client)
 
     def engine_transaction_end(self) -> None:
         """A ReadyForQuery with nothing outstanding, on a message boundary (the engine checked),
@@ -444,10 +443,9 @@ class ServerConnection(PgConnection):
         if answer == b"S":
             if self.inbox:  # bytes before the handshake: a man in the middle (CVE-2021-23222 class)
                 raise self._login_refused("server sent unencrypted data after SSL response")
-            engine = self.pooler.engine
-            if self.adopted and engine is not None:  # the engine does TLS itself (see Pooler._connect)
+            if self.adopted:  # the engine does TLS itself (see Pooler._connect)
                 try:
-                    await engine.start_tls(self, ctx, server_side=False,
+                    await self.pooler.engine.start_tls(self, ctx, server_side=False,
                                            server_hostname=host if ctx.check_hostname else None)
                 except OSError as exc:
                     raise self._login_refused(f"server TLS handshake failed: {exc}") from exc
