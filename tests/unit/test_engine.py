@@ -657,18 +657,23 @@ def pump(src: socket.socket, data: bytes, sent: int) -> int:
     return sent
 
 
+def pump_until_paused(pair: Pair, src: socket.socket, data: bytes, sent: int, writer: TLink) -> int:
+    """Keep sending `data` and running the engine until `writer` is told to pause; the new offset."""
+    for _ in range(200):
+        pair.run()
+        sent = pump(src, data, sent)
+        if writer.calls:
+            break
+    return sent
+
+
 def test_back_pressure_pauses_the_server_until_the_client_drains(pair: Pair) -> None:
     pair.c.on_pause = pair.st.pause_reading
     pair.c.on_resume = pair.st.resume_reading
     rows = b"".join(data_row(bytes([65 + i % 26]) * 8000) for i in range(800))  # ~6.4 MB
     stream = rows + complete(b"SELECT 800") + ready()
     pair.client_sends(query("select big"))
-    sent = pump(pair.s_app, stream, 0)
-    for _ in range(200):
-        pair.run()
-        sent = pump(pair.s_app, stream, sent)
-        if pair.c.calls:
-            break
+    sent = pump_until_paused(pair, pair.s_app, stream, pump(pair.s_app, stream, 0), pair.c)
     assert pair.c.names() == ["pause_writing"]
     queued = pair.ct.get_write_buffer_size()
     assert HIGH_WATER < queued <= HIGH_WATER + READ_SIZE
@@ -701,12 +706,7 @@ def test_back_pressure_client_to_server(pair: Pair) -> None:
     pair.s.on_pause = pair.ct.pause_reading
     pair.s.on_resume = pair.ct.resume_reading
     stream = b"".join(msg(b"d", bytes([48 + i % 10]) * 8000) for i in range(800))
-    sent = pump(pair.c_app, stream, 0)
-    for _ in range(200):
-        pair.run()
-        sent = pump(pair.c_app, stream, sent)
-        if pair.s.calls:
-            break
+    sent = pump_until_paused(pair, pair.c_app, stream, pump(pair.c_app, stream, 0), pair.s)
     assert pair.s.names() == ["pause_writing"]
     queued = pair.st.get_write_buffer_size()
     for _ in range(20):
