@@ -154,6 +154,8 @@ class Pooler:
                         server.close("TLS settings changed")
                     for server in pool.active | pool.busy:
                         server.close_needed = True
+        self.engine.qstats.enabled = bool(s.query_stats)
+        self.engine.qstats.configure(int(s.query_stats_max))
         self.tracked: dict[str, str] = tracked_names(list(s.track_extra_parameters))
         self.ignored_params = {p.lower() for p in s.ignore_startup_parameters}
         for pool in self.pools.values():
@@ -749,6 +751,7 @@ class Pooler:
             if stats.histograms:
                 stats.wait_hist[us.bit_length()] += 1
             client.wait_started = 0.0
+            server.note_wait(us)
         diff = None if client.params.same_as(server.params) else client.params.diff(server.params, self.tracked)
         if diff:
             client.linking = True
@@ -795,6 +798,7 @@ class Pooler:
         core.check_delay = float(s.server_check_delay) if s.server_check_query else -1.0
         core.pool_size = pool.limits.pool_size
         core.reserve = bool(pool.limits.reserve_pool_size) or bool(pool.limits.min_pool_size)
+        core.qpool = self.engine.qstats.pool_id(pool.database, pool.user)
 
     def link_fast(self, client: ClientConnection, server: ServerConnection) -> bool:
         """Let the engine forward this link natively, if it can decide every message the link

@@ -314,6 +314,10 @@ _TABLE: tuple[SettingDef, ...] = (
     _def("metrics_listen", "str", "", reloadable=_NO, extension=True, check=check_host_port),
     _def("pin_session_state", "enum", "auto", choices=PIN_SESSION_STATE, extension=True),
     _def("pin_timeout", "float", "0", extension=True),
+    # per-query statistics (SHOW QUERIES, /metrics, the dashboard): on, and how many statements
+    _def("query_stats", "bool", "1", extension=True),
+    _def("query_stats_max", "int", "5000", minimum=1, maximum=1000000, extension=True),
+    _def("query_stats_metrics", "int", "20", minimum=0, maximum=1000, extension=True),
 )
 
 #: Every [pgbouncer] setting by canonical name, in SHOW CONFIG order.

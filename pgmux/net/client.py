@@ -296,11 +296,17 @@ class ClientConnection(PgConnection):
             for typ, start, stop_ in events:
                 if typ in _BDE:  # Bind, Describe, Execute: the server is busy until Sync
                     server.pending_ext = True
+                    if typ == _B:
+                        self.note_bind(server, self.buf, start + 5, min(stop_, end))
+                    elif typ == _E:
+                        server.note_execute()
                 elif typ in (_Q, _F):
-                    if typ == _Q and self._inspect_query(start + 5, stop_ - 1):
-                        fwd = start
-                        interrupt = True
-                        break
+                    if typ == _Q:
+                        if self._inspect_query(start + 5, stop_ - 1):
+                            fwd = start
+                            interrupt = True
+                            break
+                        server.note_query(self.buf, start + 5, stop_ - 1)
                     server.request_sent(typ)
                 elif typ == _SYNC:
                     server.request_sent(_SYNC)
@@ -317,6 +323,7 @@ class ClientConnection(PgConnection):
                 elif typ in _COPY_END:
                     server.copy_end()
                 else:  # Parse
+                    self.note_parse(server, self.buf, start + 5, stop_)
                     if self.pin_mode != "off":
                         self._hint_parse(bytes(self.buf[start + 5 : stop_]))
                     if self.buf[start + 5] != 0:
@@ -496,6 +503,7 @@ class ClientConnection(PgConnection):
                     undo = None
                     if buf[start + 5] in _D_FIRST:
                         replacement, undo = self._rewrite_deallocate(_Q, bytes(buf[start + 5 : stop_]), server)
+                    server.note_query(buf, start + 5, stop_ - 1)
                     server.request_sent(_Q)
                     tracker.request(_Q, PASS, undo)
                 elif typ == _SYNC:
@@ -510,11 +518,16 @@ class ClientConnection(PgConnection):
                     break
                 elif typ == _E:
                     server.pending_ext = True
+                    server.note_execute()
                     tracker.request(_E)
                 elif typ in _COPY_END:
                     server.copy_end()
                 else:
                     server.pending_ext = True
+                    if typ == _P:
+                        self.note_parse(server, buf, start + 5, stop_)
+                    elif typ == _B:
+                        self.note_bind(server, buf, start + 5, stop_)
                     replacement = self._statement_message(typ, bytes(buf[start + 5 : stop_]), server)
                 if replacement is not None:
                     out.append(mv[run:start])
@@ -553,6 +566,7 @@ class ClientConnection(PgConnection):
             return False  # malformed: the data path refuses it once a server is linked
         if not name or name in self.stmts:
             return False
+        self.note_parse(None, buf, 5, parse_end)
         self.stmts[name] = self.pooler.statements.get(tail)
         self.auto = False  # statements to track from now on: links go through Pooler.link_fast
         assert self.pool is not None
