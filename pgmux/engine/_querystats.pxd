@@ -31,8 +31,7 @@ cdef class QueryStats:
     cdef unsigned int next_gen
     cdef QEntry *others           # per pool id: what evicted rows and stale handles added up to
     cdef int n_others
-    cdef unsigned char *norm      # the normalized text of the latest lookup
-    cdef int norm_len
+    cdef unsigned char *norm      # the normalized text of a new row
     cdef list pools               # pool id -> (database, user)
     cdef dict pool_ids
     cdef public bint enabled
