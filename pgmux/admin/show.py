@@ -677,15 +677,17 @@ def fake_show(name: str) -> Result:
 #: SHOW commands answered for pgmux as a whole when workers > 1: the asking worker gathers each
 #: sibling's `worker_part` (plain data, pgmux/workers.py) and `merged_show` adds them up.
 STATS_SHOWS = frozenset({"stats", "stats_totals", "stats_averages", "totals"})
-MERGED_SHOWS = STATS_SHOWS | {"pools", "lists", "databases", "users", "queries"}
+MERGED_SHOWS = STATS_SHOWS | {"pools", "lists", "databases", "users", "queries", "pins"}
 # SHOW LISTS rows that count this worker's objects (summed); the others count names (max).
 _SUMMED_LISTS = frozenset({"free_clients", "used_clients", "login_clients", "free_servers", "used_servers"})
 
 
 #: Not a SHOW: asked of every worker by RESET QUERIES through the same channel (pgmux/workers.py).
 RESET_QUERIES = "reset_queries"
+#: Not a SHOW either: the dashboard's query-time histogram (pgmux/stats/dashboard.py).
+QUERY_HIST = "query_hist"
 #: What a worker answers a sibling's gather with (worker_part).
-GATHERED = MERGED_SHOWS | {RESET_QUERIES}
+GATHERED = MERGED_SHOWS | {RESET_QUERIES, QUERY_HIST}
 
 
 def worker_part(pooler: Pooler, name: str) -> Any:
@@ -701,6 +703,10 @@ def worker_part(pooler: Pooler, name: str) -> Any:
     if name == RESET_QUERIES:
         pooler.engine.qstats.reset()
         return []
+    if name == QUERY_HIST:
+        from pgmux.stats.dashboard import query_histogram
+
+        return query_histogram(pooler)
     return SHOW_FUNCTIONS[name](pooler).rows
 
 
@@ -711,6 +717,8 @@ def merged_show(name: str, parts: list[Any]) -> Result:
         return _merged_stats(name, parts)
     if name == "queries":
         return _rows(QUERIES_COLUMNS, queries.show_rows(queries.merge(parts)))
+    if name == "pins":
+        return _rows(PINS_COLUMNS, sorted((row for part in parts for row in part), key=lambda row: row[5]))
     if name == "pools":
         # cl_* and sv_* summed; maxwait the longest wait of any worker; mode columns as the first.
         return _rows(POOLS_COLUMNS, _merge_rows(parts, 2, range(2, 13), longest=(13, 14)))
