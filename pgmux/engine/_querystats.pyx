@@ -26,6 +26,7 @@ ctypedef struct Norm:
     bint space              # whitespace or a comment since the last token
     bint last_word          # the last token was a word, a number or a placeholder
     int semis               # semicolons not written yet: only written if a token follows
+    bint semi_space         # ... and whether whitespace came before the first of them
 
 
 # Byte classes (bits) and the lower-case table, filled once at import.
@@ -99,14 +100,14 @@ cdef void n_token(Norm *s, const unsigned char *p, Py_ssize_t n, bint word, bint
     """One token: deferred semicolons first, one space where the text had any, then the token.
     The hash sees a separator only between two word-like tokens, so `a=1` and `a = 1` agree."""
     cdef unsigned char semi = 59, sp = 32
-    while s.semis:
-        s.semis -= 1
-        if s.text and s.space and s.len:
+    if s.semis:
+        if s.text and s.semi_space and s.len:
             n_text(s, &sp, 1)
-        s.space = False
-        if s.text:
-            n_text(s, &semi, 1)
-        n_hash(s, &semi, 1, False)
+        while s.semis:
+            s.semis -= 1
+            if s.text:
+                n_text(s, &semi, 1)
+            n_hash(s, &semi, 1, False)
         s.last_word = False
     if s.text:
         if s.space and s.len:
@@ -214,6 +215,7 @@ cdef void normalize_into(Norm *s, const unsigned char *q, Py_ssize_t n, bint tex
     s.space = False
     s.last_word = False
     s.semis = 0
+    s.semi_space = False
     while i < n:
         ch = q[i]
         cls = CLS[ch]
@@ -284,6 +286,9 @@ cdef void normalize_into(Norm *s, const unsigned char *q, Py_ssize_t n, bint tex
             i = skip_number(q, i, n)
             n_param(s)
         elif ch == 59:  # ;
+            if not s.semis:
+                s.semi_space = s.space
+            s.space = False
             s.semis += 1
             i += 1
         else:
