@@ -10,7 +10,8 @@ from pgmux.stats import queries as q
 
 
 @pytest.mark.parametrize(("sql", "text"), [
-    ("SELECT abalance FROM pgbench_accounts WHERE aid = 12345;", "SELECT abalance FROM pgbench_accounts WHERE aid = $1"),
+    ("SELECT abalance FROM pgbench_accounts WHERE aid = 12345;",
+     "SELECT abalance FROM pgbench_accounts WHERE aid = $1"),
     ("select 1, 2.5, .5, 1e10, 3.1E-2", "select $1, $2, $3, $4, $5"),
     ("SELECT 'a''b', E'x\\'y', B'101', X'ff', N'n', U&'d\\0061t'", "SELECT $1, $2, $3, $4, $5, $6"),
     ("SELECT $$a;b$$, $tag$ $$ $tag$", "SELECT $1, $2"),
