@@ -143,10 +143,12 @@ cdef inline bint starts_nocase(const unsigned char *p, Py_ssize_t n, const char 
 
 
 cdef bint contains_nocase(const unsigned char *p, Py_ssize_t n, const char *word) noexcept nogil:
-    """`word` (lower case ASCII) in p[0:n], ignoring ASCII case."""
+    """`word` (lower case ASCII, starting with a letter) in p[0:n], ignoring ASCII case. The first
+    letter is tested with `| 32` (exact for letters), the rest only where it matched."""
     cdef Py_ssize_t wn = strlen(word), i
+    cdef unsigned char first = <unsigned char>word[0]
     for i in range(n - wn + 1):
-        if starts_nocase(p + i, n - i, word, wn):
+        if (p[i] | 32) == first and starts_nocase(p + i + 1, n - i - 1, word + 1, wn - 1):
             return True
     return False
 

@@ -8,25 +8,19 @@ Every index is checked against the text's length before it is read.
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcpy, memset
-
-cdef unsigned long long FNV_OFFSET = 14695981039346656037ULL
-
+from libc.string cimport memcmp, memcpy, memset
 
 # ------------------------------------------------------------------ the normalizer
+#
+# One pass over the text. The hash sees tokens, not bytes: each word (folded to lower case), quoted
+# identifier, punctuation byte or placeholder is mixed in with its kind and length, eight bytes per
+# multiply, so spacing and comments cannot change it and `a=1`, `a = 1` agree. The text (written
+# only for a new row) keeps the first statement's spelling, one space where it had any.
 
 ctypedef struct Norm:
-    unsigned char *out      # the normalized text, up to QS_TEXT_MAX bytes (only when `text` is set)
+    unsigned char *out      # the normalized text, up to QS_TEXT_MAX bytes (only when writing it)
     int len
-    bint text               # write the text (a new row), or only hash (every other lookup)
-    unsigned long long h    # hash of the tokens: words folded to lower case, no spacing
-    unsigned long long acc  # bytes not yet mixed into h (up to 8)
-    int nacc
-    int params              # placeholders written so far
-    bint space              # whitespace or a comment since the last token
-    bint last_word          # the last token was a word, a number or a placeholder
-    int semis               # semicolons not written yet: only written if a token follows
-    bint semi_space         # ... and whether whitespace came before the first of them
+    unsigned long long h    # the fingerprint
 
 
 # Byte classes (bits) and the lower-case table, filled once at import.
@@ -37,14 +31,19 @@ cdef enum:
     C_IDCHAR = 8    # may continue an identifier: C_IDSTART, C_DIGIT or $
 
 cdef unsigned char CLS[256]
-cdef unsigned char LOWER[256]
+
+cdef unsigned long long SEED = 0x243F6A8885A308D3ULL
+cdef unsigned long long K_WORD = 0x1000000000000000ULL
+cdef unsigned long long K_QUOTED = 0x2000000000000000ULL
+cdef unsigned long long K_PUNCT = 0x3000000000000000ULL
+cdef unsigned long long K_PARAM = 0x4000000000000000ULL
+cdef unsigned long long LOW_MASK[9]
 
 
 cdef void fill_tables() noexcept:
     cdef int ch
     for ch in range(256):
         CLS[ch] = 0
-        LOWER[ch] = ch + 32 if 65 <= ch <= 90 else ch
         if ch == 32 or 9 <= ch <= 13:
             CLS[ch] = C_SPACE
         elif 97 <= ch <= 122 or 65 <= ch <= 90 or ch == 95 or ch >= 128:
@@ -53,6 +52,10 @@ cdef void fill_tables() noexcept:
             CLS[ch] = C_DIGIT | C_IDCHAR
         elif ch == 36:
             CLS[ch] = C_IDCHAR
+    LOW_MASK[0] = 0
+    for ch in range(1, 8):
+        LOW_MASK[ch] = (1ULL << (8 * ch)) - 1
+    LOW_MASK[8] = 0xFFFFFFFFFFFFFFFFULL
 
 
 fill_tables()
@@ -66,6 +69,42 @@ cdef inline bint is_ident_char(unsigned char ch) noexcept nogil:
     return (CLS[ch] & C_IDCHAR) != 0
 
 
+cdef inline unsigned long long mix(unsigned long long h) noexcept nogil:
+    h *= 0x9E3779B97F4A7C15ULL
+    return h ^ (h >> 29)
+
+
+cdef inline unsigned long long fold8(unsigned long long x) noexcept nogil:
+    """ASCII A-Z to a-z in eight bytes at once (SWAR); every other byte as it is."""
+    cdef unsigned long long low7 = x & 0x7F7F7F7F7F7F7F7FULL
+    cdef unsigned long long from_a = low7 + 0x3F3F3F3F3F3F3F3FULL  # high bit: byte >= 'A'
+    cdef unsigned long long past_z = low7 + 0x2525252525252525ULL  # high bit: byte > 'Z'
+    return x | (((from_a & ~past_z & ~x) & 0x8080808080808080ULL) >> 2)
+
+
+cdef inline unsigned long long hash_span(unsigned long long h, const unsigned char *p, Py_ssize_t k,
+                                         const unsigned char *end, bint fold, unsigned long long kind) noexcept nogil:
+    """Mix the token p[0:k] (k >= 1, within `end`) into h, eight bytes at a time."""
+    cdef unsigned long long x
+    cdef Py_ssize_t t
+    h = mix(h ^ kind ^ (<unsigned long long>(k & 0xFFFFFF) << 32))
+    while k >= 8:
+        memcpy(&x, p, 8)
+        h = mix(h ^ (fold8(x) if fold else x))
+        p += 8
+        k -= 8
+    if k > 0:
+        if end - p >= 8:  # eight readable bytes: one load, the extra ones masked off
+            memcpy(&x, p, 8)
+            x &= LOW_MASK[k]
+        else:
+            x = 0
+            for t in range(k):
+                x |= (<unsigned long long>p[t]) << (8 * t)
+        h = mix(h ^ (fold8(x) if fold else x))
+    return h
+
+
 cdef inline void n_text(Norm *s, const unsigned char *p, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t room = QS_TEXT_MAX - s.len
     if n > room:
@@ -75,69 +114,19 @@ cdef inline void n_text(Norm *s, const unsigned char *p, Py_ssize_t n) noexcept 
         s.len += <int>n
 
 
-cdef inline unsigned long long mix(unsigned long long h) noexcept nogil:
-    h *= 0x9E3779B97F4A7C15ULL
-    return h ^ (h >> 29)
-
-
-cdef inline void n_hash(Norm *s, const unsigned char *p, Py_ssize_t n, bint fold) noexcept nogil:
-    """Bytes into the hash, eight at a time (one multiply per eight, not one per byte)."""
-    cdef Py_ssize_t i
-    cdef unsigned long long acc = s.acc
-    cdef int k = s.nacc
-    for i in range(n):
-        acc = (acc << 8) | (LOWER[p[i]] if fold else p[i])
-        k += 1
-        if k == 8:
-            s.h = mix(s.h ^ acc)
-            acc = 0
-            k = 0
-    s.acc = acc
-    s.nacc = k
-
-
-cdef void n_token(Norm *s, const unsigned char *p, Py_ssize_t n, bint word, bint fold) noexcept nogil:
-    """One token: deferred semicolons first, one space where the text had any, then the token.
-    The hash sees a separator only between two word-like tokens, so `a=1` and `a = 1` agree."""
-    cdef unsigned char semi = 59, sp = 32
-    if s.semis:
-        if s.text and s.semi_space and s.len:
-            n_text(s, &sp, 1)
-        while s.semis:
-            s.semis -= 1
-            if s.text:
-                n_text(s, &semi, 1)
-            n_hash(s, &semi, 1, False)
-        s.last_word = False
-    if s.text:
-        if s.space and s.len:
-            n_text(s, &sp, 1)
-        n_text(s, p, n)
-    if word and s.last_word:
-        n_hash(s, &sp, 1, False)
-    n_hash(s, p, n, fold)
-    s.last_word = word
-    s.space = False
-
-
-cdef void n_param(Norm *s) noexcept nogil:
-    """A constant or a parameter: `$n`, numbered in order of appearance (hashed as `$`)."""
+cdef void n_param_text(Norm *s, int number) noexcept nogil:
+    """`$number`, the text of a placeholder."""
     cdef unsigned char digits[12]
     cdef unsigned char buf[13]
-    cdef int k = 0, v, i
-    s.params += 1
+    cdef int k = 0, i
     buf[0] = 36
-    n_token(s, buf, 1, True, False)  # hashes "$"
-    if not s.text:
-        return
-    v = s.params
-    while v > 0 and k < 12:
-        digits[k] = 48 + v % 10
-        v //= 10
+    while number > 0 and k < 12:
+        digits[k] = 48 + number % 10
+        number //= 10
         k += 1
     for i in range(k):
         buf[1 + i] = digits[k - 1 - i]
-    n_text(s, buf + 1, k)
+    n_text(s, buf, k + 1)
 
 
 cdef Py_ssize_t skip_string(const unsigned char *q, Py_ssize_t j, Py_ssize_t n, bint backslash) noexcept nogil:
@@ -189,73 +178,96 @@ cdef Py_ssize_t skip_dollar_quote(const unsigned char *q, Py_ssize_t i, Py_ssize
     tl = j + 1 - i  # the tag with both dollars
     k = j + 1
     while k + tl <= n:
-        if q[k] == 36 and memcmp_n(q + k, q + i, tl):
+        if q[k] == 36 and memcmp(q + k, q + i, tl) == 0:
             return k + tl
         k += 1
     return n
 
 
-cdef inline bint memcmp_n(const unsigned char *a, const unsigned char *b, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
-        if a[i] != b[i]:
-            return False
-    return True
+cdef Py_ssize_t skip_comment(const unsigned char *q, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """At `--` or `/*`: the index after the comment (block comments nest, as PostgreSQL's)."""
+    cdef int depth = 1
+    if q[i] == 45:
+        while i < n and q[i] != 10:
+            i += 1
+        return i
+    i += 2
+    while i < n and depth:
+        if q[i] == 47 and i + 1 < n and q[i + 1] == 42:
+            depth += 1
+            i += 2
+        elif q[i] == 42 and i + 1 < n and q[i + 1] == 47:
+            depth -= 1
+            i += 2
+        else:
+            i += 1
+    return i
 
 
 cdef void normalize_into(Norm *s, const unsigned char *q, Py_ssize_t n, bint text) noexcept nogil:
-    cdef Py_ssize_t i = 0, j, depth
+    """The fingerprint of q[0:n] as a normalized statement (s.h), and its text when `text` is set
+    (s.out, s.len). Constants and parameters become $1, $2...; trailing semicolons go."""
+    cdef const unsigned char *end = q + n
+    cdef unsigned long long h = SEED
+    cdef Py_ssize_t i = 0, j
     cdef unsigned char ch, lo, cls
+    cdef bint space = False, semi_space = False, param
+    cdef int semis = 0, params = 0, k
+    cdef unsigned char sp = 32, semi = 59
     s.len = 0
-    s.text = text
-    s.acc = 0
-    s.nacc = 0
-    s.h = FNV_OFFSET
-    s.params = 0
-    s.space = False
-    s.last_word = False
-    s.semis = 0
-    s.semi_space = False
     while i < n:
         ch = q[i]
         cls = CLS[ch]
         if cls & C_SPACE:
-            s.space = True
+            space = True
             i += 1
-        elif cls & C_IDSTART:
+            continue
+        if (ch == 45 and i + 1 < n and q[i + 1] == 45) or (ch == 47 and i + 1 < n and q[i + 1] == 42):
+            i = skip_comment(q, i, n)
+            space = True
+            continue
+        if ch == 59:  # ; written only if a token follows
+            if not semis:
+                semi_space = space
+            space = False
+            semis += 1
+            i += 1
+            continue
+        # a token starts here
+        if semis:
+            for k in range(semis):
+                h = mix(h ^ K_PUNCT ^ 59)
+            if text:
+                if semi_space and s.len:
+                    n_text(s, &sp, 1)
+                for k in range(semis):
+                    n_text(s, &semi, 1)
+            semis = 0
+        if text and space and s.len:
+            n_text(s, &sp, 1)
+        space = False
+        param = False
+        if cls & C_IDSTART:
             j = i + 1
             while j < n and CLS[q[j]] & C_IDCHAR:
                 j += 1
             lo = ch | 32
             if j - i == 1 and j < n and q[j] == 39 and (lo == 101 or lo == 98 or lo == 120 or lo == 110):
-                i = skip_string(q, j + 1, n, lo == 101)  # E'', B'', X'', N''
-                n_param(s)
+                j = skip_string(q, j + 1, n, lo == 101)  # E'', B'', X'', N''
+                param = True
             elif j - i == 1 and lo == 117 and j + 1 < n and q[j] == 38 and q[j + 1] == 39:
-                i = skip_string(q, j + 2, n, False)  # U&''
-                n_param(s)
+                j = skip_string(q, j + 2, n, False)  # U&''
+                param = True
             else:
-                n_token(s, q + i, j - i, True, True)
-                i = j
-        elif ch == 45 and i + 1 < n and q[i + 1] == 45:  # -- comment
-            while i < n and q[i] != 10:
-                i += 1
-            s.space = True
-        elif ch == 47 and i + 1 < n and q[i + 1] == 42:  # /* comment */, nested as PostgreSQL's
-            depth = 1
-            i += 2
-            while i < n and depth:
-                if q[i] == 47 and i + 1 < n and q[i + 1] == 42:
-                    depth += 1
-                    i += 2
-                elif q[i] == 42 and i + 1 < n and q[i + 1] == 47:
-                    depth -= 1
-                    i += 2
-                else:
-                    i += 1
-            s.space = True
+                h = hash_span(h, q + i, j - i, end, True, K_WORD)
+                if text:
+                    n_text(s, q + i, j - i)
+        elif cls & C_DIGIT or (ch == 46 and i + 1 < n and is_digit(q[i + 1])):
+            j = skip_number(q, i, n)
+            param = True
         elif ch == 39:  # 'string'
-            i = skip_string(q, i + 1, n, False)
-            n_param(s)
+            j = skip_string(q, i + 1, n, False)
+            param = True
         elif ch == 34:  # "quoted identifier": kept as written
             j = i + 1
             while j < n:
@@ -268,36 +280,29 @@ cdef void normalize_into(Norm *s, const unsigned char *q, Py_ssize_t n, bint tex
                 j += 1
             if j > n:
                 j = n
-            n_token(s, q + i, j - i, True, False)
-            i = j
-        elif ch == 36:  # $1, $tag$...$tag$, or a lone $
-            if i + 1 < n and is_digit(q[i + 1]):
-                i = skip_digits(q, i + 1, n)
-                n_param(s)
-            else:
-                j = skip_dollar_quote(q, i, n)
-                if j < 0:
-                    n_token(s, q + i, 1, False, False)
-                    i += 1
-                else:
-                    n_param(s)
-                    i = j
-        elif cls & C_DIGIT or (ch == 46 and i + 1 < n and is_digit(q[i + 1])):
-            i = skip_number(q, i, n)
-            n_param(s)
-        elif ch == 59:  # ;
-            if not s.semis:
-                s.semi_space = s.space
-            s.space = False
-            s.semis += 1
-            i += 1
-        else:
-            n_token(s, q + i, 1, False, False)
-            i += 1
-    if s.nacc:
-        s.h = mix(s.h ^ s.acc ^ (<unsigned long long>s.nacc << 59))
-    if s.h < 2:
-        s.h += 2  # 0 marks an "other" row
+            h = hash_span(h, q + i, j - i, end, False, K_QUOTED)
+            if text:
+                n_text(s, q + i, j - i)
+        elif ch == 36 and i + 1 < n and is_digit(q[i + 1]):  # $1
+            j = skip_digits(q, i + 1, n)
+            param = True
+        elif ch == 36 and skip_dollar_quote(q, i, n) >= 0:  # $tag$ ... $tag$
+            j = skip_dollar_quote(q, i, n)
+            param = True
+        else:  # punctuation, one byte a token
+            j = i + 1
+            h = mix(h ^ K_PUNCT ^ ch)
+            if text:
+                n_text(s, q + i, 1)
+        if param:
+            h = mix(h ^ K_PARAM)
+            params += 1
+            if text:
+                n_param_text(s, params)
+        i = j
+    if h < 2:
+        h += 2  # 0 marks an "other" row
+    s.h = h
 
 
 def normalize(data):
