@@ -212,6 +212,7 @@ cdef void normalize_into(Norm *s, const unsigned char *q, Py_ssize_t n, bint tex
     cdef Py_ssize_t i = 0, j
     cdef unsigned char ch, lo, cls
     cdef bint space = False, semi_space = False, param
+    cdef bint operand = False  # the last token can end an operand (a name, a value, `)` or `]`)
     cdef int semis = 0, params = 0, k
     cdef unsigned char sp = 32, semi = 59
     s.len = 0
@@ -265,6 +266,10 @@ cdef void normalize_into(Norm *s, const unsigned char *q, Py_ssize_t n, bint tex
         elif cls & C_DIGIT or (ch == 46 and i + 1 < n and is_digit(q[i + 1])):
             j = skip_number(q, i, n)
             param = True
+        elif (ch == 45 and not operand and i + 1 < n
+              and (is_digit(q[i + 1]) or (q[i + 1] == 46 and i + 2 < n and is_digit(q[i + 2])))):
+            j = skip_number(q, i + 1, n)  # -5 after an operator: one constant, as PostgreSQL folds it
+            param = True
         elif ch == 39:  # 'string'
             j = skip_string(q, i + 1, n, False)
             param = True
@@ -294,6 +299,7 @@ cdef void normalize_into(Norm *s, const unsigned char *q, Py_ssize_t n, bint tex
             h = mix(h ^ K_PUNCT ^ ch)
             if text:
                 n_text(s, q + i, 1)
+        operand = param or ch == 41 or ch == 93 or ch == 34 or (cls & C_IDSTART) != 0
         if param:
             h = mix(h ^ K_PARAM)
             params += 1

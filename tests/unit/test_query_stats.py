@@ -23,6 +23,8 @@ from pgmux.stats import queries as q
     ("", ""),
     ("SELECT 'unterminated", "SELECT $1"),
     ("SELECT $", "SELECT $"),
+    ("UPDATE t SET a = a + -5 WHERE b = -1.5 AND c = x - 1 AND d = (2) -3",
+     "UPDATE t SET a = a + $1 WHERE b = $2 AND c = x - $3 AND d = ($4) -$5"),
 ])
 def test_normalized_text(sql: str, text: str) -> None:
     assert normalize(sql.encode())[1] == text
