@@ -173,6 +173,7 @@ cdef class Link:
     cdef void copy_started(self)
     cdef void copy_end(self)
     cdef QLink *qlink(self) noexcept
+    cdef QLink *qlink_for(self, long long handle) noexcept
     cdef void q_pending(self, long long handle) noexcept
     cdef void q_statement(self, long long handle) noexcept
     cdef int name_query(self, const unsigned char *name, Py_ssize_t n, long long handle) except -1

@@ -585,29 +585,25 @@ cdef class Link:
                 self.q.pending = self.q.statement = -1
         return self.q
 
+    cdef inline QLink *qlink_for(self, long long handle) noexcept:
+        """The QLink to note `handle` in: made for a statement, not for "none" (-1)."""
+        if self.q == NULL and handle < 0:
+            return NULL
+        return self.qlink()
+
     cdef void q_pending(self, long long handle) noexcept:
         """Server: the request being built runs this statement (a QueryStats handle): a Query,
         or an Execute of the statement q_statement() named."""
-        cdef QLink *q = self.q
-        if q == NULL:
-            if handle < 0:
-                return
-            q = self.qlink()
-            if q == NULL:
-                return
-        q.pending = handle
+        cdef QLink *q = self.qlink_for(handle)
+        if q != NULL:
+            q.pending = handle
 
     cdef void q_statement(self, long long handle) noexcept:
         """Server: a Parse or Bind of this statement; it counts once an Execute runs it (a lone
         Parse + Sync, as PQprepare sends, is no call)."""
-        cdef QLink *q = self.q
-        if q == NULL:
-            if handle < 0:
-                return
-            q = self.qlink()
-            if q == NULL:
-                return
-        q.statement = handle
+        cdef QLink *q = self.qlink_for(handle)
+        if q != NULL:
+            q.statement = handle
 
     cdef int name_query(self, const unsigned char *name, Py_ssize_t n, long long handle) except -1:
         """Client: a named Parse; a later Bind of the name runs this statement."""
