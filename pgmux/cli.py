@@ -318,9 +318,11 @@ _SHUTDOWN_WORDS = {"wait_for_clients": "waiting for all clients disconnect",
 
 def _setup_logging(args: argparse.Namespace, settings: Any) -> None:
     """Logging as the command line and the (re)loaded settings ask: -v adds to `verbose`, -q and
-    -d silence stderr, `logfile` is (re)opened."""
+    -d silence stderr, `logfile` is (re)opened, `syslog` (re)connects with syslog_ident and
+    syslog_facility."""
     pglog.setup_logging(verbose=args.verbose + int(settings.verbose), quiet=args.quiet or args.daemon,
-                        logfile=settings.logfile or None)
+                        logfile=settings.logfile or None,
+                        syslog=(settings.syslog_ident, settings.syslog_facility) if settings.syslog else None)
 
 
 def _relog(args: argparse.Namespace, settings: Any) -> None:

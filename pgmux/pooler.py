@@ -90,6 +90,7 @@ def check_config(config: Config) -> None:
 # Startup parameters a client may send besides the tracked ones (PgBouncer's list).
 _ALWAYS_ALLOWED = {"user", "database", "application_name", "replication", "options"}
 _IDLE = ord("I")
+QUERY_WAIT_NOTICE = m.notice_response("No server connection available in postgres backend, client being queued")
 
 
 class Pooler:
@@ -1162,12 +1163,8 @@ class Pooler:
             u = self.config.users.get(pool.user)
             if u is not None and u.query_wait_timeout is not None:
                 wait_timeout = u.query_wait_timeout
-            if wait_timeout:
-                for client in list(pool.waiting):
-                    if not client.closed and now - client.wait_started >= wait_timeout:
-                        pool.remove_waiter(client)
-                        client.waiting = False
-                        client.fail("query_wait_timeout")
+            if wait_timeout or s.query_wait_notify:
+                self._check_waiters(pool, now, wait_timeout)
             idle_timeout = s.server_idle_timeout
             for server in list(pool.idle):
                 if idle_timeout and now - server.last_used >= idle_timeout and (
@@ -1182,7 +1179,11 @@ class Pooler:
                 self._check_linked_timeouts(server, now)
             if pool.waiting or (pool.limits.min_pool_size and pool.clients):
                 self.launch_connects(pool)
-            if db is not None and db.is_autodb and self._autodb_expired(pool, now):
+            unused_for = self._pool_unused_for(pool, now)
+            if unused_for is not None and (
+                (db is not None and db.is_autodb and unused_for >= s.autodb_idle_timeout)
+                or (s.pool_idle_timeout and unused_for >= s.pool_idle_timeout)
+            ):
                 del self.pools[(pool.database, pool.user)]
         client_idle = s.client_idle_timeout
         for client in list(self.clients):
@@ -1206,7 +1207,11 @@ class Pooler:
             return
         s = self.settings
         reason = None
-        if (client.pinned and s.pin_timeout and server.status == _IDLE and not server.outstanding
+        if s.server_fast_close and server.close_needed and server.status == _IDLE and not server.outstanding:
+            # Session mode: a server RECONNECT or RELOAD marked goes at the end of the
+            # transaction rather than of the session, and its client with it.
+            reason = "database configuration changed"
+        elif (client.pinned and s.pin_timeout and server.status == _IDLE and not server.outstanding
                 and now - max(server.last_used, client.request_time) >= s.pin_timeout):
             client.fail(f"pin timeout (pinned for: {client.pinned})")
             return
@@ -1228,14 +1233,34 @@ class Pooler:
             server.close(reason)
             client.fail(reason)
 
-    def _autodb_expired(self, pool: Pool[ServerConnection, ClientConnection], now: float) -> bool:
-        """An auto-database pool with no clients and no servers for autodb_idle_timeout."""
+    @staticmethod
+    def _pool_unused_for(pool: Pool[ServerConnection, ClientConnection], now: float) -> float | None:
+        """How long the pool has had no clients and no servers (None while it has some): an
+        auto-database's pool goes after autodb_idle_timeout, any pool after pool_idle_timeout
+        (PgBouncer #1491). Its statistics go with it, as in PgBouncer."""
         if pool.clients or pool.server_count or pool.waiting:
             pool.empty_since = 0.0
-            return False
+            return None
         if not pool.empty_since:
             pool.empty_since = now
-        return now - pool.empty_since >= self.settings.autodb_idle_timeout
+        return now - pool.empty_since
+
+    def _check_waiters(self, pool: Pool[ServerConnection, ClientConnection], now: float,
+                       wait_timeout: float) -> None:
+        """query_wait_timeout, and query_wait_notify's NOTICE once per client that has waited
+        more than that many whole seconds since it was queued (PgBouncer's per_loop_activate)."""
+        notify = self.settings.query_wait_notify
+        for client in list(pool.waiting):
+            if client.closed:
+                continue
+            waited = now - client.wait_started
+            if wait_timeout and waited >= wait_timeout:
+                pool.remove_waiter(client)
+                client.waiting = False
+                client.fail("query_wait_timeout")
+            elif notify > 0 and int(waited) > notify and client.logged_in and not client.wait_notified:
+                client.wait_notified = True
+                client.write(QUERY_WAIT_NOTICE)
 
     # ------------------------------------------------------------ reload and shutdown
 
