@@ -297,6 +297,9 @@ class Pooler:
     # ------------------------------------------------------------ clients
 
     def next_client_id(self) -> int:
+        """The next socket id: clients and servers draw from one counter, each when its object is
+        made (a client at accept, a server when its connect is launched), as PgBouncer's
+        last_pgsocket_id. SHOW CLIENTS/SERVERS/SOCKETS show it; KILL_CLIENT takes it."""
         self._client_ids += 1
         return self._client_ids
 
@@ -534,7 +537,7 @@ class Pooler:
         if pool.limits.reserve_pool_size and pool.server_count >= pool.limits.pool_size:
             logger.info("%s/%s taking connection from reserve_pool", pool.database, pool.user)
         pool.connecting += 1
-        self.spawn(self._connect(pool))
+        self.spawn(self._connect(pool, self.next_client_id()))
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)
@@ -560,10 +563,11 @@ class Pooler:
             return None, db.port, path
         return host, db.port, None
 
-    async def _connect(self, pool: Pool[ServerConnection, ClientConnection],
+    async def _connect(self, pool: Pool[ServerConnection, ClientConnection], sid: int,
                        deliver: asyncio.Future[ServerConnection] | None = None) -> None:
-        """Open and log in one server of `pool`; it goes to the pool (server_ready), or to
-        `deliver` when given (auth_query borrows it and gives it back)."""
+        """Open and log in one server of `pool`, whose id `sid` was drawn when it was launched;
+        it goes to the pool (server_ready), or to `deliver` when given (auth_query borrows it
+        and gives it back)."""
         db = self.config.find_database(pool.database)
         server: ServerConnection | None = None
         started = time.monotonic()
@@ -574,7 +578,7 @@ class Pooler:
             addr = host or path or ""
 
             def factory() -> ServerConnection:
-                return ServerConnection(self, pool, addr, port)
+                return ServerConnection(self, pool, addr, port, sid)
 
             timeout = self.settings.server_connect_timeout or None
             async with asyncio.timeout(timeout):
@@ -651,7 +655,7 @@ class Pooler:
         if server is None:
             fut: asyncio.Future[ServerConnection] = self.loop.create_future()
             pool.connecting += 1
-            self.spawn(self._connect(pool, fut))
+            self.spawn(self._connect(pool, self.next_client_id(), fut))
             server = await fut
         else:
             pool.server_busy(server)
