@@ -40,7 +40,7 @@ from pgmux.protocol.sessionstate import (
     own_statements_match,
     probe_sql,
 )
-from pgmux.protocol.varcache import set_statement, tracked_names
+from pgmux.protocol.varcache import StartupOptionsError, iter_startup_options, set_statement, tracked_names
 
 if TYPE_CHECKING:
     from pgmux.workers import WorkerShare
@@ -226,32 +226,20 @@ class Pooler:
         return out
 
     def _parse_options(self, value: str) -> dict[str, str]:
-        if "options" in self.ignored_params:
-            return {}
+        """Tracked parameters set in the ``options`` startup parameter (PgBouncer's
+        set_startup_options): others are refused, unless ignore_startup_parameters names them
+        or ``options`` itself, in which case only they are dropped."""
         out: dict[str, str] = {}
-        words = value.split()
-        i = 0
-        while i < len(words):
-            w = words[i]
-            if w == "-c" and i + 1 < len(words):
-                kv = words[i + 1]
-                i += 2
-            elif w.startswith("-c") and len(w) > 2 or w.startswith("--"):
-                kv = w[2:]
-                i += 1
-            else:
-                raise ClientError(
-                    "unsupported options startup parameter: only '-c config=val' and '--config=val' are allowed"
-                )
-            name, sep, val = kv.partition("=")
-            if not sep:
-                raise ClientError(
-                    "unsupported options startup parameter: only '-c config=val' and '--config=val' are allowed"
-                )
-            name = name.replace("-", "_")
-            if name.lower() not in self.tracked:
-                raise ClientError(f"unsupported startup parameter in options: {name}")
-            out[self.tracked[name.lower()]] = val
+        try:
+            for name, val in iter_startup_options(value):
+                canonical = self.tracked.get(name.lower())
+                if canonical is not None:
+                    out[canonical] = val
+                elif name.lower() not in self.ignored_params and "options" not in self.ignored_params:
+                    raise ClientError(f"unsupported startup parameter in options: {name}")
+        except StartupOptionsError:
+            raise ClientError("unsupported options startup parameter: "
+                              "only '-c config=val' and '--config=val' are allowed") from None
         return out
 
     def check_client_limits(self, client: ClientConnection, db: DatabaseEntry, user: str) -> None:
@@ -832,7 +820,11 @@ class Pooler:
 
     async def _sync_params(self, client: ClientConnection, server: ServerConnection,
                            diff: list[tuple[str, str]]) -> None:
-        _, err = await self._own_query(server, set_statement(diff))
+        sql = set_statement(diff)
+        logger.debug("%s varcache_apply: %s", server.log_prefix, sql)  # PgBouncer's debug line
+        _, err = await self._own_query(server, sql)
+        if err is None:
+            client.params.adopt(server.params, [name for name, _ in diff])
         client.linking = False
         if client.closed:
             self._abandon_link(client, server)

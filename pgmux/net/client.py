@@ -715,7 +715,7 @@ class ClientConnection(PgConnection):
         """Read untyped packets until a StartupMessage (answering SSL/GSS requests with N)."""
         while True:
             head = await self.read_exact(4)
-            length = m.startup_packet_length(head)
+            length = m.startup_packet_length(head, self.max_packet_size)
             packet = head + await self.read_exact(length - 4)
             pkt = m.parse_startup_packet(packet)
             if pkt.is_ssl_request or pkt.is_gssenc_request:
