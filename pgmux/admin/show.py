@@ -380,12 +380,9 @@ def _client_row(pooler: Pooler, c: ClientConnection, state: str, clock: _Clock, 
 
 
 def server_id(pooler: Pooler, server: ServerConnection) -> int:
-    """A unique id for a server connection, drawn from the same counter as client ids."""
-    ids = pooler.admin_state().server_ids
-    sid = ids.get(server)
-    if sid is None:
-        sid = ids[server] = pooler.next_client_id()
-    return sid
+    """A server connection's id: drawn from the clients' counter when its connect was launched
+    (Pooler.next_client_id), as PgBouncer numbers every socket."""
+    return server.id
 
 
 def _server_row(pooler: Pooler, sv: ServerConnection, state: str, clock: _Clock, debug: bool) -> list[Value]:

@@ -102,7 +102,7 @@ class ClientConnection(PgConnection):
         "startup_params", "addr", "port", "local_addr", "local_port", "connect_wall", "logged_in", "admitted",
         "limits_counted", "pool_mode", "cancel_key", "login_task", "id", "client_key",
         "lazy_prepare", "pin_mode", "state_hint", "pinned", "pinned_since", "drain_passed", "awaiting_quiet",
-        "authed", "no_pqexec",
+        "authed", "no_pqexec", "wait_notified",
     )
 
     def __init__(self, pooler: Pooler, is_unix: bool = False) -> None:
@@ -154,6 +154,7 @@ class ClientConnection(PgConnection):
         self.stmts: dict[bytes, Statement] = {}  # this client's named statements
         self.no_pqexec = bool(pooler.settings.disable_pqexec)  # simple Query refused (not reloadable)
         self.authed = False  # authenticated: until then the login inbox is capped (LOGIN_INBOX_LIMIT)
+        self.wait_notified = False  # query_wait_notify's NOTICE went out (once per connection, as PgBouncer)
 
     def __repr__(self) -> str:
         return f"C-{id(self):#x}"
@@ -728,7 +729,7 @@ class ClientConnection(PgConnection):
         """Read untyped packets until a StartupMessage (answering SSL/GSS requests with N)."""
         while True:
             head = await self.read_exact(4)
-            length = m.startup_packet_length(head)
+            length = m.startup_packet_length(head, self.max_packet_size)
             packet = head + await self.read_exact(length - 4)
             pkt = m.parse_startup_packet(packet)
             if pkt.is_ssl_request or pkt.is_gssenc_request:
@@ -978,7 +979,10 @@ class ClientConnection(PgConnection):
     async def _auth_scram(self, user: str, stored: str | None) -> None:
         # An unknown user still goes through a full exchange against a throwaway secret, so
         # the failure reads the same as a wrong password.
-        server = ScramServer(stored, user) if stored else ScramServer.mock(user)
+        # Secrets built here (from a plaintext password, or the mock) get scram_iterations.
+        iterations = self.pooler.settings.scram_iterations
+        server = (ScramServer(stored, user, iterations=iterations) if stored
+                  else ScramServer.mock(user, iterations=iterations))
         self.write(m.auth_sasl(["SCRAM-SHA-256"]))
         try:
             mech, data = m.parse_sasl_initial_response(await self._read_password())

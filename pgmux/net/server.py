@@ -59,11 +59,12 @@ class ServerConnection(PgConnection):
     # stmts, tracker, sent_prefix are fields of pgmux.engine.Link.
     __slots__ = (
         "pooler", "pool", "addr", "port", "backend_pid", "backend_key", "login_params", "connect_wall", "tls",
-        "local_addr", "local_port", "_events",
+        "local_addr", "local_port", "_events", "id",
     )
 
-    def __init__(self, pooler: Pooler, pool: Pool, addr: str, port: int) -> None:
+    def __init__(self, pooler: Pooler, pool: Pool, addr: str, port: int, sid: int) -> None:
         super().__init__(loop=pooler.loop)
+        self.id = sid  # from Pooler.next_client_id(), drawn when the connect was launched
         self.pooler = pooler
         self.pool = pool
         self.link_stats = pool.stats  # what the engine counts this server's traffic in

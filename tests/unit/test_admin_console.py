@@ -116,6 +116,7 @@ class FakeServer:
         self.pool = pool
         self.client: Any = None
         self.backend_pid = pid
+        self.id = 1000 + pid  # (a real server draws it from Pooler.next_client_id when launched)
         self.addr, self.port, self.local_addr, self.local_port = "127.0.0.1", 5432, "127.0.0.1", 40000 + pid
         self.connect_wall = time.time()
         self.connect_time = self.request_time = self.last_used = time.monotonic()
