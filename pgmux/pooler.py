@@ -41,6 +41,7 @@ from pgmux.protocol.sessionstate import (
     probe_sql,
 )
 from pgmux.protocol.varcache import StartupOptionsError, iter_startup_options, set_statement, tracked_names
+from pgmux.stats.service import run_stats_timer, start_metrics_listener  # (before `user` drops privileges)
 
 if TYPE_CHECKING:
     from pgmux.workers import WorkerShare
@@ -1315,8 +1316,6 @@ class Pooler:
         if state.started:
             return
         state.started = True
-        from pgmux.stats.service import run_stats_timer, start_metrics_listener
-
         state.tasks.append(self.spawn(run_stats_timer(self)))
         state.metrics_server = await start_metrics_listener(self)
 

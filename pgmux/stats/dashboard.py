@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pgmux.stats.histogram import merge, new_histogram
@@ -27,7 +27,9 @@ TOP_QUERIES = 20
 
 
 def page() -> bytes:
-    return resources.files("pgmux.stats").joinpath("dashboard.html").read_bytes()
+    # read at each request (the file may be edited), with nothing to import: pgmux may run as
+    # `user` by then, who cannot read the interpreter's own modules
+    return (Path(__file__).parent / "dashboard.html").read_bytes()
 
 
 def query_histogram(pooler: Pooler) -> list[int]:
