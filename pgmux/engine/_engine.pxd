@@ -111,6 +111,8 @@ cdef class Link:
     cdef bint closing                 # close once the output queue drained
     cdef bint write_paused_sent       # protocol.pause_writing() was called
     cdef bint lost                    # socket closed; connection_lost scheduled
+    cdef public bint linger           # close gracefully: FIN, then read and drop until the peer closes
+    cdef bint lingering               # a ghost doing so for a closed link (Engine._end_link)
     cdef unsigned char *rbuf          # bytes kept between reads (fast mode), malloc'd on demand
     cdef Py_ssize_t rcap, rkeep
     cdef long long rskip              # body bytes of the current message still to come
@@ -202,6 +204,8 @@ cdef class Engine:
     cdef void _update_events(self, Link link)
     cdef int _flush(self, Link link) except -1
     cdef int _close_link(self, Link link, object exc) except -1
+    cdef int _end_link(self, Link link) except -1
+    cdef int _read_lingering(self, Link link) except -1
     cdef int _on_readable(self, Link link) except -1
     cdef ssize_t _recv(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2
     cdef ssize_t _recv_tls(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2

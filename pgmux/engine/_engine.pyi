@@ -70,6 +70,7 @@ class Link:
     connect_time: float
     wait_started: float
     core: PoolCore | None
+    linger: bool
     query_names: dict[bytes, int] | None
     @property
     def adopted(self) -> bool: ...

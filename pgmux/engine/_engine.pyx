@@ -55,9 +55,11 @@ cdef extern from "sys/epoll.h" nogil:
 cdef extern from "sys/socket.h" nogil:
     ssize_t recv(int sockfd, void *buf, size_t len, int flags)
     ssize_t send(int sockfd, const void *buf, size_t len, int flags)
+    int shutdown(int sockfd, int how)
     enum:
         MSG_NOSIGNAL
         MSG_DONTWAIT
+        SHUT_WR
 
 cdef extern from "string.h" nogil:
     void *memmem(const void *haystack, size_t haystacklen, const void *needle, size_t needlelen)
@@ -70,6 +72,13 @@ cdef enum:
     HOLD_LIMIT = 1 << 20      # bytes kept for a queued client before it is read no more (client.HOLD_LIMIT)
     HIGH_WATER = 65536        # asyncio's defaults: pause_writing above, resume_writing at or below
     LOW_WATER = 16384
+
+# A lingering close (Link.linger): how long what the peer still sends is read and dropped after
+# the last byte and a FIN went out, so that its late bytes meet no RST (which would discard the
+# ErrorResponse pgmux sent before closing, unread, on the peer's side).
+# At most LINGER_BYTES are dropped so: a peer that keeps streaming is reset, as without lingering.
+cdef double LINGER_SECONDS = 2.0
+cdef long long LINGER_BYTES = 65536
 
 
 cdef inline unsigned int be32(const unsigned char *p) noexcept nogil:
@@ -791,7 +800,7 @@ cdef class EngineTransport:
         if link.fd < 0 or link.closing:
             return
         if link.otail == link.ohead:
-            link.eng._close_link(link, None)
+            link.eng._end_link(link)
         else:
             link.closing = True
             link.eng._update_events(link)
@@ -799,6 +808,7 @@ cdef class EngineTransport:
     def abort(self):
         if self.link.fd >= 0:
             self.link.eng._close_link(self.link, None)
+
 
     def get_extra_info(self, name, default=None):
         """Asked for rarely (SHOW CLIENTS, logs): worked out from the fd each time, so that an
@@ -961,23 +971,81 @@ cdef class Engine:
 
     cdef int _close_link(self, Link link, object exc) except -1:
         """Unregister, then close: the fd number may be reused from here on, so the table slot
-        is cleared first and the link keeps fd = -1. connection_lost follows from the loop."""
+        is cleared first and the link keeps fd = -1. connection_lost follows from the loop
+        (not for a ghost: Python was told when its link closed)."""
         cdef int fd = link.fd
+        cdef bint told = link.lingering
         if fd < 0:
             return 0
         epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
         link.fd = -1
         link.closing = False
+        link.lingering = False
         link.ohead = link.otail = 0
         if fd < self.table_size and self.table[fd] == <PyObject *>link:
             self.table[fd] = NULL
             close(fd)
-            self.loop.call_soon(link.connection_lost, exc)
+            if not told:
+                self.loop.call_soon(link.connection_lost, exc)
             Py_XDECREF(<PyObject *>link)  # (the call_soon handle holds the link now)
         else:
             close(fd)
-            self.loop.call_soon(link.connection_lost, exc)
+            if not told:
+                self.loop.call_soon(link.connection_lost, exc)
         return 0
+
+    cdef int _end_link(self, Link link) except -1:
+        """A close whose output went out. A `linger` link sends a FIN and is closed for Python
+        (connection_lost, fd -1); its socket passes to a bare Link of its own (a "ghost": no
+        buffers, no protocol object kept alive) that reads and drops what the peer still sends
+        until the peer closes too, LINGER_BYTES came, or LINGER_SECONDS passed (_linger_over)."""
+        cdef int fd = link.fd
+        cdef Link ghost
+        cdef epoll_event ev
+        if not link.linger or fd < 0 or fd >= self.table_size or self.table[fd] != <PyObject *>link:
+            return self._close_link(link, None)
+        if shutdown(fd, SHUT_WR) != 0:
+            return self._close_link(link, None)
+        ghost = Link.__new__(Link)
+        ghost.eng = self
+        ghost.fd = fd
+        ghost.lingering = True
+        ghost.rskip = LINGER_BYTES  # (a ghost parses nothing: this is its budget of bytes to drop)
+        self.next_gen += 1
+        ghost.gen = self.next_gen
+        ev.events = EPOLLIN
+        ev.data.u64 = (<unsigned long long>ghost.gen << 32) | <unsigned int>fd
+        if epoll_ctl(self.epfd, EPOLL_CTL_MOD, fd, &ev) != 0:
+            return self._close_link(link, None)
+        ghost.registered = EPOLLIN
+        Py_INCREF(ghost)
+        self.table[fd] = <PyObject *>ghost
+        link.fd = -1
+        link.closing = False
+        link.ohead = link.otail = 0
+        self.loop.call_soon(link.connection_lost, None)
+        self.loop.call_later(LINGER_SECONDS, self._linger_over, ghost, ghost.gen)
+        Py_XDECREF(<PyObject *>link)  # the table's reference (the caller and call_soon hold others)
+        return 0
+
+    def _linger_over(self, Link link, unsigned int gen):
+        if link.lingering and link.gen == gen:
+            self._close_link(link, None)
+
+    cdef int _read_lingering(self, Link link) except -1:
+        cdef ssize_t r
+        while True:
+            r = recv(link.fd, self.shared, SHARED_SIZE, MSG_DONTWAIT)
+            if r > 0:
+                link.rskip -= r
+                if link.rskip < 0:
+                    return self._close_link(link, None)  # still streaming: reset it
+                continue
+            if r < 0 and errno == EINTR:
+                continue
+            if r < 0 and errno == EAGAIN:
+                return 0
+            return self._close_link(link, None)  # EOF or an error: done
 
     cdef int _flush(self, Link link) except -1:
         cdef ssize_t r
@@ -1000,7 +1068,7 @@ cdef class Engine:
                 link.obuf = NULL
                 link.ocap = 0
             if link.closing:
-                self._close_link(link, None)
+                self._end_link(link)
                 return 0
         self._update_events(link)
         if link.write_paused_sent and link.otail - link.ohead <= LOW_WATER:
@@ -1072,6 +1140,8 @@ cdef class Engine:
     cdef int _on_readable(self, Link link) except -1:
         self.reads += 1
         cdef ssize_t got
+        if link.lingering:
+            return self._read_lingering(link)
         if link.tls is not None and not (<TlsState>link.tls).live:
             got = self._recv_tls(link, self.tlsplain, SHARED_SIZE)  # the handshake's next step
             if got > 0:  # the first plaintext came with the handshake's last bytes

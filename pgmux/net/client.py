@@ -108,6 +108,7 @@ class ClientConnection(PgConnection):
     def __init__(self, pooler: Pooler, is_unix: bool = False) -> None:
         super().__init__(0, pooler.loop)  # reads go to SharedReadBuffer; owned only while bytes are kept
         self.max_packet_size = pooler.settings.max_packet_size or 0x7FFFFFFF
+        self.linger = True  # an ErrorResponse before a close must reach the client (Engine._end_link)
         self.pooler = pooler
         self.login_expired = False  # client_login_timeout cancelled the login
         self.is_unix = is_unix

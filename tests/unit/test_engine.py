@@ -80,9 +80,18 @@ class FakeLoop:
         self.ready: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
         self.errors: list[dict[str, Any]] = []
         self.readers: dict[int, Callable[[], None]] = {}
+        self.timers: list[tuple[float, Callable[..., Any], tuple[Any, ...]]] = []
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         self.ready.append((fn, args))
+
+    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> None:
+        self.timers.append((delay, fn, args))
+
+    def fire_timers(self) -> None:
+        timers, self.timers = self.timers, []
+        for _delay, fn, args in timers:
+            fn(*args)
 
     def call_exception_handler(self, context: dict[str, Any]) -> None:
         self.errors.append(context)
@@ -803,6 +812,54 @@ def test_close_idle_close_is_immediate(pair: Pair) -> None:
     assert pair.c_app.recv(10) == b""
     pair.loop.drain()
     assert pair.c.calls == [("connection_lost", None)]
+
+
+def test_close_lingering_reads_until_the_peer_closes(pair: Pair) -> None:
+    """A client link closed after an error (linger): FIN after the error, Python told at once,
+    what the client still sends is dropped (no reset that would discard the unread error), the
+    socket closes when the client closes."""
+    pair.eng.unlink(pair.c)
+    pair.c.linger = True
+    error = msg(b"E", b"SFATAL\0C08P01\0Mbye\0\0")
+    pair.ct.write(error)
+    pair.ct.close()
+    assert pair.ct.is_closing() and fd_is_open(pair.c_fd)
+    pair.loop.drain()
+    assert pair.c.calls == [("connection_lost", None)]
+    pair.ct.write(b"more")  # Python may still write: nothing goes out after the FIN
+    pair.c_app.sendall(query("select 1"))  # the client's late request
+    pair.run()
+    assert fd_is_open(pair.c_fd) and pair.to_server() == b""
+    assert pair.c_app.recv(1024) == error and pair.c_app.recv(1024) == b""  # the error, then EOF
+    pair.c_app.close()
+    pair.run()
+    pair.loop.drain()
+    assert not fd_is_open(pair.c_fd) and pair.c.calls == [("connection_lost", None)]
+    pair.loop.fire_timers()  # the linger timeout after the fact: nothing happens
+    assert pair.c.calls == [("connection_lost", None)]
+
+
+def test_close_lingering_resets_a_peer_that_keeps_sending(pair: Pair) -> None:
+    pair.eng.unlink(pair.c)
+    pair.c.linger = True
+    pair.ct.close()
+    sent = 0
+    for _ in range(100):
+        sent = pump(pair.c_app, b"x" * (1 << 20), sent)
+        pair.run()
+        if not fd_is_open(pair.c_fd):
+            break
+    assert not fd_is_open(pair.c_fd) and sent < (1 << 20)  # closed after about 64 KiB
+
+
+def test_close_lingering_ends_after_its_timeout(pair: Pair) -> None:
+    pair.eng.unlink(pair.c)
+    pair.c.linger = True
+    pair.ct.close()
+    assert fd_is_open(pair.c_fd) and len(pair.loop.timers) == 1 and pair.loop.timers[0][0] == 2.0
+    pair.loop.fire_timers()  # the client never closed
+    pair.loop.drain()
+    assert not fd_is_open(pair.c_fd) and pair.c.calls == [("connection_lost", None)]
 
 
 def test_close_fd_reused_in_the_same_batch_gets_no_stale_event(make_pair: Callable[..., Pair]) -> None:
