@@ -14,6 +14,7 @@ from pgmux import __version__
 from pgmux import log as pglog
 from pgmux.auth import AuthFileError
 from pgmux.config import Config, ConfigError, load_config
+from pgmux.net import systemd
 
 if TYPE_CHECKING:
     from pgmux.workers import WorkerContext
@@ -267,6 +268,8 @@ async def serve(args: argparse.Namespace, config: Config, worker: WorkerContext 
     where = f" (worker {worker.index + 1} of {worker.count})" if worker is not None else ""
     logger.info("pgmux %s listening on %s port %s%s", __import__("pgmux").__version__, listen,
                 config.settings.listen_port, where)
+    if worker is None:
+        systemd.notify_ready()  # with workers, the supervisor says it once all are started
     if share is not None:
         share.start()
     janitor = loop.create_task(_janitor(pooler))

@@ -781,7 +781,7 @@ class ClientConnection(PgConnection):
         if settings.log_connections:
             pglog.logger.info("%s login attempt: db=%s user=%s tls=%s", self.log_prefix, self.dbname, user,
                               tls_describe(self.transport))
-        if pooler.shutting_down:
+        if pooler.shutting_down and not pooler.draining():
             raise ClientError("pooler is shutting down")
         db = pooler.config.find_database(self.dbname)
         if self.dbname == "pgbouncer":

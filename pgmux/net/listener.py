@@ -12,6 +12,13 @@ socket is in use, cannot continue`) instead of being replaced, a stale one is re
 that cannot be set up (missing unix_socket_dir, unknown unix_socket_group, ...) is a warning and
 TCP is served without it. The file gets unix_socket_mode and unix_socket_group. Accepted TCP
 connections get the tcp_* options (pgmux/net/sockopts.py).
+
+Sockets passed by a service manager (systemd socket activation, pgmux/net/systemd.py) replace what
+they cover: inherited TCP sockets replace listen_addr, an inherited Unix socket replaces
+unix_socket_dir (each with PgBouncer's warning when the setting is set too). Unlike PgBouncer, a
+process given only TCP sockets still binds its own unix_socket_dir: that is the address its peers
+forward cancel requests to (`[peers]`), which the shared port cannot be. With workers, every
+worker serves the inherited sockets (one accept queue for all of them).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from pgmux.config.settings import unsupported_warnings
 from pgmux.log import logger
 from pgmux.net.client import ClientConnection
 from pgmux.net.sockopts import apply_tcp_options
+from pgmux.net.systemd import listen_fds
 
 if TYPE_CHECKING:
     from pgmux.pooler import Pooler
@@ -58,11 +66,13 @@ def log_unsupported_settings(settings: Any) -> None:
 
 @dataclass
 class BoundSockets:
-    """Sockets bound before fork: `tcp[i]` are worker i's own, `unix` is shared by all."""
+    """Sockets bound before fork: `tcp[i]` are worker i's own, `unix` and `inherited` (passed by
+    the service manager) are shared by all."""
 
     tcp: list[list[socket.socket]] = field(default_factory=list)
     unix: socket.socket | None = None
     unix_path: str | None = None  # a filesystem path to unlink at exit (None: abstract or none)
+    inherited: list[socket.socket] = field(default_factory=list)
 
     def keep_only(self, index: int) -> None:
         """In worker `index`: close the other workers' TCP sockets, so a socket is really closed
@@ -76,6 +86,8 @@ class BoundSockets:
         for socks in self.tcp:
             for sock in socks:
                 sock.close()
+        for sock in self.inherited:
+            sock.close()
 
     def close_all(self) -> None:
         self.close_tcp()
@@ -86,7 +98,10 @@ class BoundSockets:
 async def start_listeners(pooler: Pooler, bound: BoundSockets | None = None,
                           index: int = 0) -> list[asyncio.AbstractServer]:
     """Bind every configured address; raises OSError (with the address) when one cannot be bound.
-    A worker passes the sockets its supervisor bound (`bound`, its `index`) instead."""
+    A worker passes the sockets its supervisor bound (`bound`, its `index`) instead; sockets
+    passed by a service manager are served instead of listen_addr (module docstring)."""
+    if bound is None and listen_fds():
+        bound = bind_worker_sockets(pooler.settings, 1)
     if bound is not None:
         return await _serve_bound(pooler, bound, index)
     s = pooler.settings
@@ -118,8 +133,12 @@ async def _serve_bound(pooler: Pooler, bound: BoundSockets, index: int) -> list[
     loop = asyncio.get_running_loop()
     backlog = pooler.settings.listen_backlog
     servers: list[asyncio.AbstractServer] = []
-    for sock in bound.tcp[index]:
-        servers.append(await loop.create_server(lambda: TcpClientConnection(pooler), sock=sock, backlog=backlog))
+    for sock in [*bound.tcp[index], *bound.inherited]:
+        if sock.family == socket.AF_UNIX:
+            servers.append(await loop.create_unix_server(lambda: ClientConnection(pooler, is_unix=True),
+                                                         sock=sock, backlog=backlog))
+        else:
+            servers.append(await loop.create_server(lambda: TcpClientConnection(pooler), sock=sock, backlog=backlog))
     if bound.unix is not None:
         servers.append(await loop.create_unix_server(lambda: ClientConnection(pooler, is_unix=True),
                                                      sock=bound.unix, backlog=backlog))
@@ -128,11 +147,20 @@ async def _serve_bound(pooler: Pooler, bound: BoundSockets, index: int) -> list[
 
 def bind_worker_sockets(settings: Any, workers: int) -> BoundSockets:
     """Bind the listening sockets of `workers` processes (see the module docstring); raises
-    OSError naming the address, after closing what was bound."""
+    OSError naming the address, after closing what was bound. Sockets passed by a service
+    manager are used instead of binding what they cover."""
     log_unsupported_settings(settings)
-    bound = BoundSockets()
+    bound = BoundSockets(inherited=list(listen_fds()))
+    inherited_unix = any(sock.family == socket.AF_UNIX for sock in bound.inherited)
+    addrs = [a.strip() for a in settings.listen_addr if a.strip()]
+    if bound.inherited and addrs:
+        logger.warning("sockets passed from service manager, listen_addr ignored")  # PgBouncer's words
+        addrs = []
+    socket_dir = settings.unix_socket_dir
+    if inherited_unix and socket_dir:
+        logger.warning("sockets passed from service manager, unix_socket_dir ignored")
+        socket_dir = ""
     try:
-        addrs = [a.strip() for a in settings.listen_addr if a.strip()]
         for index in range(workers):
             socks: list[socket.socket] = []
             bound.tcp.append(socks)
@@ -140,10 +168,9 @@ def bind_worker_sockets(settings: Any, workers: int) -> BoundSockets:
                 # Without so_reuseport a port someone else listens on is refused, as with one process.
                 exclusive = index == 0 and not settings.so_reuseport
                 socks.extend(_bind_tcp(addr, settings.listen_port, settings.listen_backlog, exclusive))
-        socket_dir = settings.unix_socket_dir
         if socket_dir:
             bound.unix, bound.unix_path = _bind_unix(socket_dir, settings)
-        if not bound.unix and not addrs:
+        if not bound.unix and not addrs and not bound.inherited:
             raise OSError("nothing to listen on: set listen_addr or unix_socket_dir")
     except BaseException:
         bound.close_all()
