@@ -13,12 +13,14 @@ that cannot be set up (missing unix_socket_dir, unknown unix_socket_group, ...) 
 TCP is served without it. The file gets unix_socket_mode and unix_socket_group. Accepted TCP
 connections get the tcp_* options (pgmux/net/sockopts.py).
 
-Sockets passed by a service manager (systemd socket activation, pgmux/net/systemd.py) replace what
-they cover: inherited TCP sockets replace listen_addr, an inherited Unix socket replaces
-unix_socket_dir (each with PgBouncer's warning when the setting is set too). Unlike PgBouncer, a
-process given only TCP sockets still binds its own unix_socket_dir: that is the address its peers
-forward cancel requests to (`[peers]`), which the shared port cannot be. With workers, every
-worker serves the inherited sockets (one accept queue for all of them).
+Sockets passed by a service manager (systemd socket activation, pgmux/net/systemd.py) are served
+first. PgBouncer then ignores listen_addr and unix_socket_dir; pgmux ignores only what the
+inherited sockets cover: an inherited Unix socket replaces unix_socket_dir, and a listen_addr
+address the service manager already holds (EADDRINUSE, e.g. ListenStream=6432 with
+listen_addr = *) is skipped, each with PgBouncer's warning. Anything else is still bound, because
+a process sharing one port with others needs an address of its own where its peers can forward
+cancel requests (`[peers]`): its own Unix socket on one machine, its own TCP address across
+machines. With workers, every worker serves the inherited sockets (one accept queue for all).
 """
 
 from __future__ import annotations
@@ -153,21 +155,25 @@ def bind_worker_sockets(settings: Any, workers: int) -> BoundSockets:
     bound = BoundSockets(inherited=list(listen_fds()))
     inherited_unix = any(sock.family == socket.AF_UNIX for sock in bound.inherited)
     addrs = [a.strip() for a in settings.listen_addr if a.strip()]
-    if bound.inherited and addrs:
-        logger.warning("sockets passed from service manager, listen_addr ignored")  # PgBouncer's words
-        addrs = []
     socket_dir = settings.unix_socket_dir
     if inherited_unix and socket_dir:
-        logger.warning("sockets passed from service manager, unix_socket_dir ignored")
+        logger.warning("sockets passed from service manager, unix_socket_dir ignored")  # PgBouncer's words
         socket_dir = ""
     try:
         for index in range(workers):
             socks: list[socket.socket] = []
             bound.tcp.append(socks)
-            for addr in addrs:
+            for addr in list(addrs):
                 # Without so_reuseport a port someone else listens on is refused, as with one process.
                 exclusive = index == 0 and not settings.so_reuseport
-                socks.extend(_bind_tcp(addr, settings.listen_port, settings.listen_backlog, exclusive))
+                try:
+                    socks.extend(_bind_tcp(addr, settings.listen_port, settings.listen_backlog, exclusive))
+                except OSError as exc:
+                    if not bound.inherited or exc.errno != errno.EADDRINUSE:
+                        raise
+                    # The service manager holds it (e.g. ListenStream=6432 and listen_addr = *).
+                    logger.warning("sockets passed from service manager, listen_addr %s ignored", addr)
+                    addrs.remove(addr)
         if socket_dir:
             bound.unix, bound.unix_path = _bind_unix(socket_dir, settings)
         if not bound.unix and not addrs and not bound.inherited:
