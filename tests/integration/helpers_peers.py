@@ -95,10 +95,12 @@ def peer_group(pooler: PoolerFactory, cluster: TempCluster, holder: SocketHolder
     return procs
 
 
-def admin(p: PoolerProcess, sql: str) -> None:
-    """Run a console command on this very process, over its own Unix socket."""
-    subprocess.run(["psql", "-X", "-q", "-h", str(p.unix_dir), "-p", str(p.port), "-U", "postgres",
-                    "-d", "pgbouncer", "-c", sql], check=True, capture_output=True, text=True, timeout=10)
+def admin(p: PoolerProcess, sql: str) -> list[list[str]]:
+    """Run a console command on this very process, over its own Unix socket; its rows."""
+    out = subprocess.run(["psql", "-X", "-q", "-At", "-F", "|", "-h", str(p.unix_dir), "-p", str(p.port),
+                          "-U", "postgres", "-d", "pgbouncer", "-c", sql],
+                         check=True, capture_output=True, text=True, timeout=10).stdout
+    return [line.split("|") for line in out.splitlines()]
 
 
 def wait_backends(cluster: TempCluster, query: str, n: int, timeout: float = 10.0) -> None:

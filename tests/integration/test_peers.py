@@ -125,10 +125,8 @@ def test_cancels_through_the_shared_port_reach_every_query(pooler: PoolerFactory
     finally:
         for conn in conns:
             conn.close()
-    if hosts is not None:  # the peers were reached over TCP, from one namespace to the other
-        forwarded = sum(p.log_text().count("forwarding cancellation request to peer") for p in procs)
-        assert "cancel request failed" not in procs[0].log_text() + procs[1].log_text()
-        assert forwarded == sum(1 for p in procs for _ in p.log_pids("forwarding cancellation"))
+    for p in procs:  # a forward that failed (peer unreachable) would have left its query running
+        assert "cancel request failed" not in p.log_text()
 
 
 def raw_clients(holder: SocketHolder) -> dict[int, RawConn]:

@@ -1,0 +1,92 @@
+"""A rolling restart behind one inherited socket loses nothing.
+
+Two socket-activated pgmux processes serve the holder's port (systemd's role) while
+`pgbench -C -S -c 8 -T 12` connects anew for every transaction through it. Both are replaced one at
+a time, as `systemctl restart pgmux@N` or a Kubernetes rollout does: a third process starts on the
+same socket, the first gets `SHUTDOWN WAIT_FOR_CLIENTS` (it stops accepting, the connections still
+queued on the shared socket go to the others, its own clients finish, it exits), then a fourth
+starts and the second gets the same. pgbench must see no failed transaction and no connection
+error, and both old processes must exit.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from helpers_peers import Hosts, PoolerFactory, admin, peer_group, two_hosts
+from helpers_tx import parse_bench, pgbench_cmd
+from pgwire import RawConn
+
+from pgmux.testing.activation import ActivatedPooler, SocketHolder
+from pgmux.testing.cluster import TempCluster, make_dsn, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.pgmux_only]
+
+
+@pytest.fixture(params=["one-host", "two-namespaces"])
+def hosts(request: pytest.FixtureRequest) -> Iterator[Hosts | None]:
+    if request.param == "one-host":
+        yield None
+        return
+    with two_hosts() as h:
+        yield h
+
+
+def logins(p: ActivatedPooler) -> int:
+    return p.log_text().count("login attempt")
+
+
+def replace(old: ActivatedPooler, new: ActivatedPooler) -> None:
+    """Start `new` on the shared socket (READY=1), wait until it takes connections, then drain `old`."""
+    new.start()
+    wait_for(lambda: logins(new) > 0, 10, what="the new process to take connections")
+    admin(old, "SHUTDOWN WAIT_FOR_CLIENTS")
+    assert old.wait(15) == 0, old.log_text()[-2000:]
+
+
+def test_rolling_restart_under_pgbench_loses_nothing(pooler: PoolerFactory, cluster: TempCluster,
+                                                     pgbench_tables: None, hosts: Hosts | None) -> None:
+    with SocketHolder() as holder:
+        procs = peer_group(pooler, cluster, holder, 4, hosts=hosts, default_pool_size=8)
+        procs[0].start()
+        procs[1].start()
+        dsn = make_dsn(host=holder.host, port=holder.port, user="md5user", dbname="testdb", connect_timeout=10)
+        bench = subprocess.Popen(pgbench_cmd(dsn, "-C", "-S", "-c", "8", "-T", "12"),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: logins(procs[0]) + logins(procs[1]) > 50, 10, what="pgbench to be running")
+            replace(procs[0], procs[2])
+            replace(procs[1], procs[3])
+            out, err = bench.communicate(timeout=60)
+        finally:
+            if bench.poll() is None:
+                bench.kill()
+                bench.communicate()
+    res = parse_bench((bench.returncode, out, err))
+    assert res.returncode == 0, res.describe()
+    assert res.failed in (0, None) and res.processed, res.describe()
+    assert "connection" not in err.lower() and "error" not in err.lower(), res.describe()
+    for old in procs[:2]:
+        assert "shutdown complete" in old.log_text()
+    for new in procs[2:]:
+        assert new.is_running()
+
+
+def test_wait_for_clients_serves_a_client_accepted_before_it(pooler: PoolerFactory) -> None:
+    """A connection the old process accepted just before SHUTDOWN WAIT_FOR_CLIENTS (its startup
+    packet not even sent yet) is served in full, and the process exits when it leaves: in a rolling
+    restart that client would otherwise get "pooler is shutting down"."""
+    p = pooler(pool_mode="transaction", auth_type="trust")
+    client = RawConn(p.host, p.port)
+    try:
+        # accepted: the console's own connection and this one
+        wait_for(lambda: dict(admin(p, "SHOW LISTS")).get("used_clients") == "2", 5, what="the accept")
+        admin(p, "SHUTDOWN WAIT_FOR_CLIENTS")
+        client.login("trustuser", "testdb")
+        assert client.simple_query("SELECT 41 + 1") == [("42",)]
+        assert p.is_running()
+    finally:
+        client.close()
+    assert p.wait(10) == 0
