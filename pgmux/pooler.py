@@ -25,7 +25,7 @@ from pgmux.engine import LAZY_PREPARE, PIN_HINTS, SESSION, TRACKED, Engine
 from pgmux.net import peers, systemd
 from pgmux.net.base import ConnectionLost
 from pgmux.net.client import ClientConnection, ClientError
-from pgmux.net.listener import log_unsupported_settings
+from pgmux.net.listener import log_unsupported_settings, stop_listening
 from pgmux.net.server import ServerConnection, ServerLoginError
 from pgmux.net.sockopts import apply_tcp_options
 from pgmux.net.tls import TlsConfigError, build_contexts
@@ -1254,8 +1254,7 @@ class Pooler:
         self.shutting_down = True
         for pool in self.pools.values():
             self._configure_core(pool)  # every release goes through server_ready now
-        for listener in self.listeners:
-            listener.close()
+        stop_listening(self, self.listeners)
         self._check_shutdown()
 
     def draining(self) -> bool:

@@ -30,6 +30,7 @@ import errno
 import grp
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,13 @@ class TcpClientConnection(ClientConnection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         apply_tcp_options(transport.get_extra_info("socket"), self.pooler.settings)
         super().connection_made(transport)
+
+
+def client_factory(pooler: Pooler, unix: bool) -> Callable[[], ClientConnection]:
+    """The protocol factory of a listener: Unix-socket or TCP clients."""
+    if unix:
+        return lambda: ClientConnection(pooler, is_unix=True)
+    return lambda: TcpClientConnection(pooler)
 
 
 def log_unsupported_settings(settings: Any) -> None:
@@ -115,7 +123,7 @@ async def start_listeners(pooler: Pooler, bound: BoundSockets | None = None,
         host = None if addr == "*" else addr
         try:
             srv = await loop.create_server(
-                lambda: TcpClientConnection(pooler), host, s.listen_port,
+                client_factory(pooler, False), host, s.listen_port,
                 reuse_address=True, reuse_port=bool(s.so_reuseport) or None, backlog=s.listen_backlog,
             )
         except OSError as exc:
@@ -124,8 +132,8 @@ async def start_listeners(pooler: Pooler, bound: BoundSockets | None = None,
     if s.unix_socket_dir:
         sock, _ = _bind_unix(s.unix_socket_dir, s)
         if sock is not None:
-            servers.append(await loop.create_unix_server(lambda: ClientConnection(pooler, is_unix=True),
-                                                         sock=sock, backlog=s.listen_backlog))
+            servers.append(await loop.create_unix_server(client_factory(pooler, True), sock=sock,
+                                                         backlog=s.listen_backlog))
     if not servers:
         raise OSError("nothing to listen on: set listen_addr or unix_socket_dir")
     return servers
@@ -135,16 +143,60 @@ async def _serve_bound(pooler: Pooler, bound: BoundSockets, index: int) -> list[
     loop = asyncio.get_running_loop()
     backlog = pooler.settings.listen_backlog
     servers: list[asyncio.AbstractServer] = []
-    for sock in [*bound.tcp[index], *bound.inherited]:
+    for sock in [*bound.tcp[index], *bound.inherited, *([bound.unix] if bound.unix is not None else [])]:
         if sock.family == socket.AF_UNIX:
-            servers.append(await loop.create_unix_server(lambda: ClientConnection(pooler, is_unix=True),
-                                                         sock=sock, backlog=backlog))
+            servers.append(await loop.create_unix_server(client_factory(pooler, True), sock=sock, backlog=backlog))
         else:
-            servers.append(await loop.create_server(lambda: TcpClientConnection(pooler), sock=sock, backlog=backlog))
-    if bound.unix is not None:
-        servers.append(await loop.create_unix_server(lambda: ClientConnection(pooler, is_unix=True),
-                                                     sock=bound.unix, backlog=backlog))
+            servers.append(await loop.create_server(client_factory(pooler, False), sock=sock, backlog=backlog))
     return servers
+
+
+def stop_listening(pooler: Pooler, servers: list[asyncio.AbstractServer]) -> None:
+    """Stop accepting (a shutdown). A socket of this process's own is closed only after what is
+    queued on it was accepted, so those clients are served (a rolling restart drains them) instead
+    of being reset by the close; a socket passed by the service manager keeps its queue for the
+    other processes sharing it, so nothing is taken from it."""
+    inherited = {sock.fileno() for sock in listen_fds()}
+    for srv in servers:
+        for listening in getattr(srv, "sockets", None) or ():  # asyncio.Server and uvloop's have it
+            fd = listening.fileno()
+            if fd >= 0 and fd not in inherited:
+                _accept_queued(pooler, fd)
+        srv.close()
+    if pooler.settings.so_reuseport and _sysctl("net/ipv4/tcp_migrate_req") == "0":
+        # SO_REUSEPORT gives each process a queue of its own: what the kernel puts on ours between
+        # the last accept above and the close is reset, unless it may move it to a sibling.
+        logger.warning("so_reuseport: net.ipv4.tcp_migrate_req is 0, so connections that reach this "
+                       "process's socket as it closes are reset; set it to 1 (Linux 5.14+) for rolling "
+                       "restarts that lose nothing")
+
+
+def _accept_queued(pooler: Pooler, fd: int) -> None:
+    listening = socket.socket(fileno=os.dup(fd))
+    listening.setblocking(False)
+    unix = listening.family == socket.AF_UNIX
+    try:
+        while True:
+            try:
+                conn, _addr = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # ECONNABORTED: that one left already; EMFILE: nothing more to do
+                if exc.errno == errno.ECONNABORTED:
+                    continue
+                logger.warning("accepting queued connections at shutdown: %s", exc.strerror or exc)
+                return
+            pooler.spawn(pooler.loop.connect_accepted_socket(client_factory(pooler, unix), conn))
+    finally:
+        listening.close()
+
+
+def _sysctl(name: str) -> str | None:
+    try:
+        with open(f"/proc/sys/{name}") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def bind_worker_sockets(settings: Any, workers: int) -> BoundSockets:

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from pgmux.testing.cluster import PoolerProcess
+from pgmux.testing.cluster import PoolerProcess, ini_get
 
 # What systemd does between fork and exec: the socket at fd 3, then LISTEN_FDS and LISTEN_PID (the
 # pid of the process about to exec, so the pooler's own).
@@ -69,6 +69,10 @@ class ActivatedPooler(PoolerProcess):
     @property
     def host(self) -> str:
         return str(self.holder.host)
+
+    @property
+    def peer_id(self) -> int:
+        return int(ini_get(self.ini_text, "peer_id") or 0)
 
     def command(self) -> list[str]:
         wrapped = [sys.executable, "-c", _ACTIVATE, *super().command()]

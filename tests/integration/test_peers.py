@@ -9,8 +9,9 @@ section naming both. Which process issued a key is read from the key itself (byt
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -47,21 +48,20 @@ def hosts(request: pytest.FixtureRequest) -> Iterator[Hosts | None]:
         yield h
 
 
-def connect_until_both(holder: SocketHolder, n: int) -> list[Any]:
-    """`n` connections through the shared port, with clients of both processes among them (the
-    kernel gives each connection to whichever process accepts first)."""
-    conns: list[Any] = []
-    for _ in range(10 * n):
-        conns.append(psycopg.connect(host=holder.host, port=holder.port, user="trustuser", dbname="testdb",
-                                     autocommit=True, connect_timeout=10))
-        if len(conns) >= n and {key_peer(c.info.backend_pid) for c in conns[-n:]} == {1, 2}:
-            for c in conns[:-n]:
-                c.close()
-            return conns[-n:]
-    owners = sorted(key_peer(c.info.backend_pid) for c in conns)
-    for c in conns:
-        c.close()
-    raise AssertionError(f"{len(conns)} connections all went to one process: peers {owners}")
+@contextlib.contextmanager
+def only(running: ActivatedPooler, stopped: ActivatedPooler) -> Iterator[None]:
+    """While the body runs, `stopped` is SIGSTOPped: every connection to the shared port goes to
+    `running` (the kernel otherwise picks whichever process accepts first, not evenly)."""
+    stopped.signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        stopped.signal(signal.SIGCONT)
+
+
+def connect(holder: SocketHolder) -> Any:
+    return psycopg.connect(host=holder.host, port=holder.port, user="trustuser", dbname="testdb",
+                           autocommit=True, connect_timeout=10)
 
 
 def test_activated_processes_share_one_port_and_notify(pooler: PoolerFactory, cluster: TempCluster,
@@ -69,7 +69,10 @@ def test_activated_processes_share_one_port_and_notify(pooler: PoolerFactory, cl
     procs = peer_group(pooler, cluster, holder, 2)
     for p in procs:
         p.start()
-    conns = connect_until_both(holder, 4)
+    conns = []
+    for running, stopped in (procs, procs[::-1]):
+        with only(running, stopped):
+            conns += [connect(holder) for _ in range(2)]
     try:
         for conn in conns:
             assert conn.execute("SELECT 1").fetchone() == (1,)
@@ -93,59 +96,56 @@ def test_activated_processes_share_one_port_and_notify(pooler: PoolerFactory, cl
 
 def test_cancels_through_the_shared_port_reach_every_query(pooler: PoolerFactory, cluster: TempCluster,
                                                            holder: SocketHolder, hosts: Hosts | None) -> None:
-    """12 queries through the shared port, split over two processes; cancel requests through the same
-    port land on either process, and every query is cancelled within 3 s."""
+    """12 queries through the shared port, 6 on each process; every cancel request, also through the
+    shared port, lands on the process that did not issue its key (the owner is SIGSTOPped while it is
+    sent) and is forwarded to its peer; all 12 queries are cancelled within 3 s."""
     procs = peer_group(pooler, cluster, holder, 2, hosts=hosts, default_pool_size=12)
     for p in procs:
         p.start()
-    conns = connect_until_both(holder, 12)
+    conns: dict[int, list[Any]] = {}
+    for running, stopped in (procs, procs[::-1]):
+        with only(running, stopped):
+            conns[running.peer_id] = [connect(holder) for _ in range(6)]
+    everyone = conns[1] + conns[2]
     outcome: dict[int, BaseException | None] = {}
 
     def run(i: int) -> None:
         try:
-            conns[i].execute(SLEEP)
+            everyone[i].execute(SLEEP)
             outcome[i] = None
         except BaseException as exc:  # noqa: BLE001 - recorded and checked below
             outcome[i] = exc
 
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(conns))]
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(everyone))]
     try:
+        assert {peer: {key_peer(c.info.backend_pid) for c in cs} for peer, cs in conns.items()} == {1: {1}, 2: {2}}
         for t in threads:
             t.start()
-        wait_backends(cluster, SLEEP, len(conns))
+        wait_backends(cluster, SLEEP, len(everyone))
         started = time.monotonic()
-        for conn in conns:
-            conn.cancel()  # a new connection to holder.host:holder.port (libpq's PQcancel)
+        for owner, other in (procs, procs[::-1]):
+            with only(other, owner):
+                for conn in conns[owner.peer_id]:
+                    conn.cancel()  # a new connection to holder.host:holder.port (libpq's PQcancel)
         for t in threads:
             t.join(max(0.0, started + 3.0 - time.monotonic()))
         elapsed = time.monotonic() - started
-        assert len(outcome) == len(conns), f"{len(conns) - len(outcome)} queries not cancelled after {elapsed:.1f}s"
+        assert len(outcome) == len(everyone), f"{len(everyone) - len(outcome)} still running after {elapsed:.1f}s"
         assert all(isinstance(e, errors.QueryCanceled) for e in outcome.values()), outcome
         assert elapsed < 3.0
     finally:
-        for conn in conns:
+        for conn in everyone:
             conn.close()
-    for p in procs:  # a forward that failed (peer unreachable) would have left its query running
-        assert "cancel request failed" not in p.log_text()
+    for owner, other in (procs, procs[::-1]):
+        assert other.log_text().count(f"forwarding cancellation request to peer {owner.peer_id}") == 6
+        assert "cancel request failed" not in other.log_text()
 
 
-def raw_clients(holder: SocketHolder) -> dict[int, RawConn]:
-    """One raw protocol client of each process (peer_id -> client), through the shared port."""
-    found: dict[int, RawConn] = {}
-    for _ in range(40):
+def raw_client_of(holder: SocketHolder, owner: ActivatedPooler, other: ActivatedPooler) -> RawConn:
+    with only(owner, other):
         c = RawConn(holder.host, holder.port)
-        c.login("trustuser", "testdb")
-        assert c.backend_key is not None
-        owner = key_peer(c.backend_key[0])
-        if owner in found:
-            c.close()
-        else:
-            found[owner] = c
-        if len(found) == 2:
-            return found
-    for c in found.values():
-        c.close()
-    raise AssertionError(f"40 connections all went to peers {set(found)}")
+    c.login("trustuser", "testdb")
+    return c
 
 
 def send_cancel_unix(p: ActivatedPooler, key: tuple[int, int]) -> None:
@@ -157,65 +157,28 @@ def send_cancel_unix(p: ActivatedPooler, key: tuple[int, int]) -> None:
         s.recv(1)  # the pooler closes once it has taken the request
 
 
-def test_cancel_sent_to_the_other_process_is_forwarded(pooler: PoolerFactory, cluster: TempCluster,
-                                                       holder: SocketHolder) -> None:
-    """Deterministic: each process gets the cancel for the other's client, on its own Unix socket."""
-    procs = peer_group(pooler, cluster, holder, 2)
-    for p in procs:
-        p.start()
-    clients = raw_clients(holder)
-    try:
-        for c in clients.values():
-            c.send(message(b"Q", SLEEP.encode() + b"\0"))
-        wait_backends(cluster, SLEEP, 2)
-        for owner, c in clients.items():
-            other = procs[2 - owner]  # peer 1 -> procs[1], peer 2 -> procs[0]
-            assert c.backend_key is not None
-            send_cancel_unix(other, c.backend_key)
-        for owner, c in clients.items():
-            assert _read_error(c) == "57014", f"the query of peer {owner}'s client was not cancelled"
-            assert f"forwarding cancellation request to peer {owner}" in procs[2 - owner].log_text()
-    finally:
-        for c in clients.values():
-            c.close()
-
-
-def _read_error(c: RawConn) -> str:
-    """The SQLSTATE of the ErrorResponse the running query ends with."""
-    from pgmux.protocol.messages import parse_error_fields
-
-    deadline = time.monotonic() + 3.0
-    while time.monotonic() < deadline:
-        kind, body = c.read_message()
-        if kind == b"E":
-            return str(parse_error_fields(body).get("C"))
-    return "no error within 3 s"
-
-
 def test_forwarding_stops_at_an_exhausted_ttl_and_an_unknown_peer(pooler: PoolerFactory, cluster: TempCluster,
                                                                  holder: SocketHolder) -> None:
     procs = peer_group(pooler, cluster, holder, 2)
     for p in procs:
         p.start()
-    clients = raw_clients(holder)
+    c = raw_client_of(holder, procs[0], procs[1])
     try:
-        c = clients[1]
         assert c.backend_key is not None
         pid, secret = c.backend_key
-        no_ttl = secret & ~3  # the TTL: the two low bits of the key's last byte
-        c.send(message(b"Q", b"SELECT pg_sleep(0.5)\0"))
-        wait_backends(cluster, "SELECT pg_sleep(0.5)", 1)
-        send_cancel_unix(procs[1], (pid, no_ttl))  # to peer 2, with no hop left
-        unknown = struct.unpack("!i", bytes([0, 99, 0, 1]))[0]  # peer_id 99, not in [peers]
+        assert key_peer(pid) == 1
+        c.send(message(b"Q", b"SELECT pg_sleep(1.5)\0"))
+        wait_backends(cluster, "SELECT pg_sleep(1.5)", 1)
+        send_cancel_unix(procs[1], (pid, secret & ~3))  # to peer 2, with no hop left (TTL: 2 low bits)
+        unknown = int.from_bytes(bytes([0, 99, 0, 1]), "big")  # peer_id 99, not in [peers]
         send_cancel_unix(procs[1], (unknown, secret))
         kind, _ = c.read_message()
         while kind not in (b"E", b"Z"):
             kind, _ = c.read_message()
         assert kind == b"Z"  # the query ran to its end: nothing was forwarded
-        log = procs[1].log_text()
         wait_for(lambda: "could not find peer to forward request to (peer_id 99)" in procs[1].log_text(), 3)
+        log = procs[1].log_text()
         assert "failed to forward cancel request because its TTL was exhausted" in log
-        assert "forwarding cancellation request" not in procs[1].log_text()
+        assert "forwarding cancellation request" not in log
     finally:
-        for c in clients.values():
-            c.close()
+        c.close()
