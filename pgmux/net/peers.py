@@ -14,12 +14,20 @@ A CancelRequest whose key names another peer is sent on to that peer with the TT
 matched with the TTL bits set back to 3. A peer is reached at `host` (a directory for its Unix
 socket `.s.PGSQL.<port>`, `@name` for an abstract one, else a TCP host) and `port`; at most
 `pool_size` requests (default_pool_size when unset) are in flight to it at once, the others wait,
-and each gives up after cancel_wait_timeout. What is in flight per peer is kept for SHOW PEER_POOLS.
+and each gives up after cancel_wait_timeout. What is in flight per peer is kept in
+`PeerForwarder.pools` (the figures of SHOW PEER_POOLS).
+
+pgmux adds one thing: a `* = host=...` line, for poolers that come and go (a Kubernetes
+Deployment). A key whose peer is not listed is sent to every address of those hosts (a headless
+Service's name resolves to every pod) with its TTL at 0: the process that issued it acts on it, the
+others drop it, so no request travels further.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -54,14 +62,27 @@ def as_issued(key: bytes) -> bytes:
     return key[:7] + bytes([key[7] | CANCELLATION_TTL_MASK])
 
 
-def peer_address(peer: PeerEntry) -> tuple[str, int | None]:
-    """(path, None) for a Unix socket (a directory, or @name for an abstract one), else (host, port)."""
-    host = peer.host or ""
-    if host.startswith("/"):
-        return f"{host.rstrip('/')}/.s.PGSQL.{peer.port}", None
-    if host.startswith("@"):
-        return f"\0{host[1:].rstrip('/')}/.s.PGSQL.{peer.port}", None
-    return host, peer.port
+async def peer_addresses(peer: PeerEntry, every: bool) -> list[tuple[str, int | None]]:
+    """Where a peer is reached: (path, None) for a Unix socket (a directory, or @name for an
+    abstract one), else (address, port). `host` may list several hosts, comma-separated; a host
+    name stands for the first of its addresses, or all of them when `every` is set (the `*` peer:
+    a headless Service's name resolves to every pod)."""
+    found: list[tuple[str, int | None]] = []
+    loop = asyncio.get_running_loop()
+    for host in (h.strip() for h in (peer.host or "").split(",") if h.strip()):
+        if host.startswith("/"):
+            found.append((f"{host.rstrip('/')}/.s.PGSQL.{peer.port}", None))
+        elif host.startswith("@"):
+            found.append((f"\0{host[1:].rstrip('/')}/.s.PGSQL.{peer.port}", None))
+        else:
+            try:
+                infos = await loop.getaddrinfo(host, peer.port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                logger.warning("peer host %s: %s", host, exc.strerror or exc)
+                continue
+            addrs = list(dict.fromkeys(str(info[4][0]) for info in infos))
+            found += [(addr, peer.port) for addr in (addrs if every else addrs[:1])]
+    return found
 
 
 @dataclass
@@ -96,26 +117,33 @@ class PeerForwarder:
         return None if peer_id == me else peer_id
 
     def forward(self, key: bytes, peer_id: int) -> None:
-        """Send the request to `peer_id` with the TTL lowered, in the background."""
+        """Send the request to `peer_id` with the TTL lowered, in the background. A peer_id not
+        in [peers] goes to every address of the `*` entry, if there is one, with the TTL at 0: only
+        the process that issued the key acts on it, the others drop it."""
         if key_ttl(key) == 0:
             logger.info("failed to forward cancel request because its TTL was exhausted")
             return
-        peer = self.pooler.config.peers.get(peer_id)
-        if peer is None:
-            logger.info("could not find peer to forward request to (peer_id %d)", peer_id)
-            return
+        peers = self.pooler.config.peers
+        peer = peers.get(peer_id) if peer_id else None
+        if peer is not None:
+            forwarded = key[:7] + bytes([key[7] - 1])
+        else:
+            peer = peers.get(0)
+            if peer is None:
+                logger.info("could not find peer to forward request to (peer_id %d)", peer_id)
+                return
+            forwarded = key[:7] + bytes([key[7] & ~CANCELLATION_TTL_MASK])
         limit = peer.pool_size if peer.pool_size is not None else self.pooler.settings.default_pool_size
-        pool = self.pools.get(peer_id)
+        pool = self.pools.get(peer.peer_id)
         if pool is None or pool.limit != limit:
-            pool = self.pools[peer_id] = PeerPool(peer_id, limit)
-        if logger.isEnabledFor(10):
-            logger.debug("forwarding cancellation request to peer %d", peer_id)
-        forwarded = key[:7] + bytes([key[7] - 1])
+            pool = self.pools[peer.peer_id] = PeerPool(peer.peer_id, limit)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("forwarding cancellation request to peer %d%s", peer_id, "" if peer.peer_id else " (via *)")
         self.pooler.spawn(self._send(pool, peer, forwarded))
 
     async def _send(self, pool: PeerPool, peer: PeerEntry, key: bytes) -> None:
-        pid, secret = int.from_bytes(key[:4], "big", signed=True), int.from_bytes(key[4:], "big", signed=True)
-        where, port = peer_address(peer)
+        packet = m.cancel_request(int.from_bytes(key[:4], "big", signed=True),
+                                  int.from_bytes(key[4:], "big", signed=True))
         pool.waiting += 1
         try:
             await pool.slots.acquire()
@@ -123,22 +151,29 @@ class PeerForwarder:
             pool.waiting -= 1
         try:
             async with asyncio.timeout(self.pooler.settings.cancel_wait_timeout or None):
-                pool.login += 1
-                try:
-                    reader, writer = await open_stream(where, port)
-                finally:
-                    pool.login -= 1
-                pool.active += 1
-                try:
-                    await send_until_closed(reader, writer, m.cancel_request(pid, secret))
-                finally:
-                    pool.active -= 1
-        except (OSError, TimeoutError) as exc:
-            reason = "cancel_wait_timeout" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
-            address = where.lstrip("\0") if port is None else f"{where}:{port}"
-            logger.warning("peer-%d@%s: cancel request failed: %s", peer.peer_id, address, reason)
+                addresses = await peer_addresses(peer, every=not peer.peer_id)
+                await asyncio.gather(*(self._send_to(pool, peer, where, port, packet) for where, port in addresses))
+        except TimeoutError:
+            logger.warning("peer-%s: cancel request failed: cancel_wait_timeout", peer.peer_id or "*")
         finally:
             pool.slots.release()
+
+    async def _send_to(self, pool: PeerPool, peer: PeerEntry, where: str, port: int | None, packet: bytes) -> None:
+        try:
+            pool.login += 1
+            try:
+                reader, writer = await open_stream(where, port)
+            finally:
+                pool.login -= 1
+            pool.active += 1
+            try:
+                await send_until_closed(reader, writer, packet)
+            finally:
+                pool.active -= 1
+        except OSError as exc:
+            address = where.lstrip("\0") if port is None else f"{where}:{port}"
+            logger.warning("peer-%s@%s: cancel request failed: %s", peer.peer_id or "*", address,
+                           exc.strerror or exc)
 
 
 async def open_stream(addr: str, port: int | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -69,10 +69,11 @@ def two_hosts() -> Iterator[Hosts]:
 
 
 def peer_group(pooler: PoolerFactory, cluster: TempCluster, holder: SocketHolder, count: int,
-               hosts: Hosts | None = None, **extra: object) -> list[ActivatedPooler]:
+               hosts: Hosts | None = None, wildcard: bool = False, **extra: object) -> list[ActivatedPooler]:
     """`count` pgmux processes (peer_id 1..count, unstarted) serving `holder`'s port in
     transaction mode. Without `hosts` each is known to its peers by its Unix socket; with it,
-    process i runs in namespace i % 2, listens on that namespace's address and is known by it."""
+    process i runs in namespace i % 2, listens on that namespace's address and is known by it.
+    `wildcard`: [peers] has only a `*` line listing every process, as with a headless Service."""
     procs: list[ActivatedPooler] = []
     # From a namespace of its own, PostgreSQL is reached on its Unix socket.
     db_host = cluster.socket_dir if hosts is not None else "{host}"
@@ -86,10 +87,12 @@ def peer_group(pooler: PoolerFactory, cluster: TempCluster, holder: SocketHolder
         p.holder = holder
         p.netns = hosts.names[i % 2] if hosts is not None else None
         procs.append(p)
+    where = [hosts.addrs[i % 2] if hosts is not None else p.workdir for i, p in enumerate(procs)]
     lines = ["", "[peers]"]
-    for i, p in enumerate(procs):
-        where = hosts.addrs[i % 2] if hosts is not None else p.workdir
-        lines.append(f"{i + 1} = host={where} port={holder.port}")
+    if wildcard:
+        lines.append(f"* = host={','.join(where)} port={holder.port}")
+    else:
+        lines += [f"{i + 1} = host={w} port={holder.port}" for i, w in enumerate(where)]
     for p in procs:
         p.rewrite_config(p.ini_text + "\n".join(lines) + "\n")
     return procs

@@ -21,7 +21,7 @@ import pytest
 from helpers_peers import Hosts, PoolerFactory, key_peer, peer_group, two_hosts, wait_backends
 from pgwire import RawConn
 
-from pgmux.protocol.messages import cancel_request, message
+from pgmux.protocol.messages import cancel_request, message, parse_error_fields
 from pgmux.testing.activation import ActivatedPooler, SocketHolder
 from pgmux.testing.cluster import TempCluster, wait_for
 
@@ -182,3 +182,29 @@ def test_forwarding_stops_at_an_exhausted_ttl_and_an_unknown_peer(pooler: Pooler
         assert "forwarding cancellation request" not in log
     finally:
         c.close()
+
+
+def test_peers_not_listed_are_reached_through_the_wildcard_entry(pooler: PoolerFactory, cluster: TempCluster,
+                                                                 holder: SocketHolder) -> None:
+    """`* = host=a,b`: a key whose peer is not listed goes to every address there with no hop left,
+    so only the process that issued it acts on it (the Kubernetes recipe: a headless Service)."""
+    procs = peer_group(pooler, cluster, holder, 2, wildcard=True)
+    for p in procs:
+        p.start()
+    c = raw_client_of(holder, procs[0], procs[1])
+    try:
+        assert c.backend_key is not None
+        c.send(message(b"Q", SLEEP.encode() + b"\0"))
+        wait_backends(cluster, SLEEP, 1)
+        started = time.monotonic()
+        send_cancel_unix(procs[1], c.backend_key)  # the wrong process
+        kind, body = c.read_message()
+        while kind not in (b"E", b"Z"):
+            kind, body = c.read_message()
+        assert kind == b"E" and parse_error_fields(body).get("C") == "57014"
+        assert time.monotonic() - started < 3.0
+    finally:
+        c.close()
+    assert "forwarding cancellation request to peer 1 (via *)" in procs[1].log_text()
+    # the copy that came back to the sender itself was dropped there
+    wait_for(lambda: "TTL was exhausted" in procs[1].log_text(), 3)
