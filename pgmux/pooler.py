@@ -1254,7 +1254,8 @@ class Pooler:
         self.shutting_down = True
         for pool in self.pools.values():
             self._configure_core(pool)  # every release goes through server_ready now
-        stop_listening(self, self.listeners)
+        listeners, self.listeners = self.listeners, []
+        stop_listening(self, listeners)
         self._check_shutdown()
 
     def draining(self) -> bool:

@@ -61,11 +61,24 @@ class TcpClientConnection(ClientConnection):
         super().connection_made(transport)
 
 
-def client_factory(pooler: Pooler, unix: bool) -> Callable[[], ClientConnection]:
-    """The protocol factory of a listener: Unix-socket or TCP clients."""
+class CancelOnlyClient(ClientConnection):
+    __slots__ = ()
+    cancel_only = True
+
+
+class TcpCancelOnlyClient(TcpClientConnection):
+    __slots__ = ()
+    cancel_only = True
+
+
+def client_factory(pooler: Pooler, unix: bool, cancel_only: bool = False) -> Callable[[], ClientConnection]:
+    """The protocol factory of a listener: Unix-socket or TCP clients (cancel_only: see
+    stop_listening)."""
     if unix:
-        return lambda: ClientConnection(pooler, is_unix=True)
-    return lambda: TcpClientConnection(pooler)
+        cls = CancelOnlyClient if cancel_only else ClientConnection
+        return lambda: cls(pooler, is_unix=True)
+    tcp = TcpCancelOnlyClient if cancel_only else TcpClientConnection
+    return lambda: tcp(pooler)
 
 
 def log_unsupported_settings(settings: Any) -> None:
@@ -155,14 +168,30 @@ def stop_listening(pooler: Pooler, servers: list[asyncio.AbstractServer]) -> Non
     """Stop accepting (a shutdown). A socket of this process's own is closed only after what is
     queued on it was accepted, so those clients are served (a rolling restart drains them) instead
     of being reset by the close; a socket passed by the service manager keeps its queue for the
-    other processes sharing it, so nothing is taken from it."""
-    inherited = {sock.fileno() for sock in listen_fds()}
+    other processes sharing it, so nothing is taken from it.
+
+    With peers, a WAIT_FOR_CLIENTS drain keeps this process's own Unix socket (and its own TCP
+    socket, unless so_reuseport shares the port) open for the cancel requests its peers forward
+    for the clients it still serves; a login there is refused ("pooler is shutting down")."""
+    # By inode: the event loop may serve a dup of the inherited fd (uvloop does).
+    inherited = {os.fstat(sock.fileno()).st_ino for sock in listen_fds()}
+    keep = bool(pooler.settings.peer_id) and pooler.draining()
+    kept: list[socket.socket] = []
     for srv in servers:
         for listening in getattr(srv, "sockets", None) or ():  # asyncio.Server and uvloop's have it
             fd = listening.fileno()
-            if fd >= 0 and fd not in inherited:
-                _accept_queued(pooler, fd)
+            if fd < 0 or os.fstat(fd).st_ino in inherited:
+                continue
+            sock = socket.socket(fileno=os.dup(fd))
+            sock.setblocking(False)
+            _accept_queued(pooler, sock)
+            if keep and (sock.family == socket.AF_UNIX or not pooler.settings.so_reuseport):
+                kept.append(sock)
+            else:
+                sock.close()
         srv.close()
+    if kept:
+        pooler.spawn(_serve_cancels_only(pooler, kept))
     if pooler.settings.so_reuseport and _sysctl("net/ipv4/tcp_migrate_req") == "0":
         # SO_REUSEPORT gives each process a queue of its own: what the kernel puts on ours between
         # the last accept above and the close is reset, unless it may move it to a sibling.
@@ -171,24 +200,34 @@ def stop_listening(pooler: Pooler, servers: list[asyncio.AbstractServer]) -> Non
                        "restarts that lose nothing")
 
 
-def _accept_queued(pooler: Pooler, fd: int) -> None:
-    listening = socket.socket(fileno=os.dup(fd))
-    listening.setblocking(False)
+async def _serve_cancels_only(pooler: Pooler, socks: list[socket.socket]) -> None:
+    loop = pooler.loop
+    for sock in socks:
+        unix = sock.family == socket.AF_UNIX
+        factory = client_factory(pooler, unix, cancel_only=True)
+        if unix:
+            server = await loop.create_unix_server(factory, sock=sock)
+        else:
+            server = await loop.create_server(factory, sock=sock)
+        pooler.listeners.append(server)
+        where = sock.getsockname()
+        logger.info("accepting only cancel requests on %s while clients finish",
+                    f"unix:{where}" if unix else f"{where[0]}:{where[1]}")
+
+
+def _accept_queued(pooler: Pooler, listening: socket.socket) -> None:
     unix = listening.family == socket.AF_UNIX
-    try:
-        while True:
-            try:
-                conn, _addr = listening.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # ECONNABORTED: that one left already; EMFILE: nothing more to do
-                if exc.errno == errno.ECONNABORTED:
-                    continue
-                logger.warning("accepting queued connections at shutdown: %s", exc.strerror or exc)
-                return
-            pooler.spawn(pooler.loop.connect_accepted_socket(client_factory(pooler, unix), conn))
-    finally:
-        listening.close()
+    while True:
+        try:
+            conn, _addr = listening.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # ECONNABORTED: that one left already; EMFILE: nothing more to do
+            if exc.errno == errno.ECONNABORTED:
+                continue
+            logger.warning("accepting queued connections at shutdown: %s", exc.strerror or exc)
+            return
+        pooler.spawn(pooler.loop.connect_accepted_socket(client_factory(pooler, unix), conn))
 
 
 def _sysctl(name: str) -> str | None:

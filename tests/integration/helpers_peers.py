@@ -10,13 +10,17 @@ their own (one "machine" each, joined by a veth pair).
 from __future__ import annotations
 
 import contextlib
+import signal
+import socket
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
+from pgwire import RawConn
 
+from pgmux.protocol.messages import cancel_request, parse_error_fields
 from pgmux.testing.activation import ActivatedPooler, SocketHolder
 from pgmux.testing.cluster import PoolerProcess, TempCluster, wait_for
 
@@ -110,3 +114,40 @@ def wait_backends(cluster: TempCluster, query: str, n: int, timeout: float = 10.
     """Until `n` backends are running `query` (so a cancel has something to stop)."""
     sql = "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = %s"
     wait_for(lambda: int(cluster.execute(sql, params=[query])[0][0]) >= n, timeout, what=f"{n} x {query}")
+
+
+@contextlib.contextmanager
+def only(running: ActivatedPooler, stopped: ActivatedPooler) -> Iterator[None]:
+    """While the body runs, `stopped` is SIGSTOPped: every connection to the shared port goes to
+    `running` (the kernel otherwise gives it to whichever process accepts first, not evenly)."""
+    stopped.signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        stopped.signal(signal.SIGCONT)
+
+
+def raw_client_of(holder: SocketHolder, owner: ActivatedPooler, other: ActivatedPooler) -> RawConn:
+    """A raw protocol client that `owner` accepted on the shared port, logged in."""
+    with only(owner, other):
+        c = RawConn(holder.host, holder.port)
+    c.login("trustuser", "testdb")
+    return c
+
+
+def send_cancel(where: str | tuple[str, int], key: tuple[int, int]) -> None:
+    """A CancelRequest to a Unix socket path or a TCP (host, port); returns once the pooler closed."""
+    family = socket.AF_UNIX if isinstance(where, str) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(where)
+        s.sendall(cancel_request(*key))
+        s.recv(1)
+
+
+def query_end(c: RawConn) -> str:
+    """How the query running on `c` ends: the SQLSTATE of its error, or "ok"."""
+    kind, body = c.read_message()
+    while kind not in (b"E", b"Z"):
+        kind, body = c.read_message()
+    return str(parse_error_fields(body).get("C")) if kind == b"E" else "ok"

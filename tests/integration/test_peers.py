@@ -9,20 +9,27 @@ section naming both. Which process issued a key is read from the key itself (byt
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers_peers import Hosts, PoolerFactory, key_peer, peer_group, two_hosts, wait_backends
-from pgwire import RawConn
+from helpers_peers import (
+    Hosts,
+    PoolerFactory,
+    key_peer,
+    only,
+    peer_group,
+    query_end,
+    raw_client_of,
+    send_cancel,
+    two_hosts,
+    wait_backends,
+)
 
-from pgmux.protocol.messages import cancel_request, message, parse_error_fields
-from pgmux.testing.activation import ActivatedPooler, SocketHolder
+from pgmux.protocol.messages import message
+from pgmux.testing.activation import SocketHolder
 from pgmux.testing.cluster import TempCluster, wait_for
 
 psycopg = pytest.importorskip("psycopg")
@@ -46,17 +53,6 @@ def hosts(request: pytest.FixtureRequest) -> Iterator[Hosts | None]:
         return
     with two_hosts() as h:
         yield h
-
-
-@contextlib.contextmanager
-def only(running: ActivatedPooler, stopped: ActivatedPooler) -> Iterator[None]:
-    """While the body runs, `stopped` is SIGSTOPped: every connection to the shared port goes to
-    `running` (the kernel otherwise picks whichever process accepts first, not evenly)."""
-    stopped.signal(signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        stopped.signal(signal.SIGCONT)
 
 
 def connect(holder: SocketHolder) -> Any:
@@ -141,22 +137,6 @@ def test_cancels_through_the_shared_port_reach_every_query(pooler: PoolerFactory
         assert "cancel request failed" not in other.log_text()
 
 
-def raw_client_of(holder: SocketHolder, owner: ActivatedPooler, other: ActivatedPooler) -> RawConn:
-    with only(owner, other):
-        c = RawConn(holder.host, holder.port)
-    c.login("trustuser", "testdb")
-    return c
-
-
-def send_cancel_unix(p: ActivatedPooler, key: tuple[int, int]) -> None:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
-        assert p.unix_socket_path is not None
-        s.connect(p.unix_socket_path)
-        s.sendall(cancel_request(*key))
-        s.recv(1)  # the pooler closes once it has taken the request
-
-
 def test_forwarding_stops_at_an_exhausted_ttl_and_an_unknown_peer(pooler: PoolerFactory, cluster: TempCluster,
                                                                  holder: SocketHolder) -> None:
     procs = peer_group(pooler, cluster, holder, 2)
@@ -169,13 +149,11 @@ def test_forwarding_stops_at_an_exhausted_ttl_and_an_unknown_peer(pooler: Pooler
         assert key_peer(pid) == 1
         c.send(message(b"Q", b"SELECT pg_sleep(1.5)\0"))
         wait_backends(cluster, "SELECT pg_sleep(1.5)", 1)
-        send_cancel_unix(procs[1], (pid, secret & ~3))  # to peer 2, with no hop left (TTL: 2 low bits)
+        assert procs[1].unix_socket_path is not None
+        send_cancel(procs[1].unix_socket_path, (pid, secret & ~3))  # to peer 2, no hop left (TTL: 2 low bits)
         unknown = int.from_bytes(bytes([0, 99, 0, 1]), "big")  # peer_id 99, not in [peers]
-        send_cancel_unix(procs[1], (unknown, secret))
-        kind, _ = c.read_message()
-        while kind not in (b"E", b"Z"):
-            kind, _ = c.read_message()
-        assert kind == b"Z"  # the query ran to its end: nothing was forwarded
+        send_cancel(procs[1].unix_socket_path, (unknown, secret))
+        assert query_end(c) == "ok"  # the query ran to its end: nothing was forwarded
         wait_for(lambda: "could not find peer to forward request to (peer_id 99)" in procs[1].log_text(), 3)
         log = procs[1].log_text()
         assert "failed to forward cancel request because its TTL was exhausted" in log
@@ -197,11 +175,9 @@ def test_peers_not_listed_are_reached_through_the_wildcard_entry(pooler: PoolerF
         c.send(message(b"Q", SLEEP.encode() + b"\0"))
         wait_backends(cluster, SLEEP, 1)
         started = time.monotonic()
-        send_cancel_unix(procs[1], c.backend_key)  # the wrong process
-        kind, body = c.read_message()
-        while kind not in (b"E", b"Z"):
-            kind, body = c.read_message()
-        assert kind == b"E" and parse_error_fields(body).get("C") == "57014"
+        assert procs[1].unix_socket_path is not None
+        send_cancel(procs[1].unix_socket_path, c.backend_key)  # the wrong process
+        assert query_end(c) == "57014"
         assert time.monotonic() - started < 3.0
     finally:
         c.close()

@@ -15,10 +15,21 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from helpers_peers import Hosts, PoolerFactory, admin, peer_group, two_hosts
+from helpers_peers import (
+    Hosts,
+    PoolerFactory,
+    admin,
+    peer_group,
+    query_end,
+    raw_client_of,
+    send_cancel,
+    two_hosts,
+    wait_backends,
+)
 from helpers_tx import parse_bench, pgbench_cmd
 from pgwire import RawConn
 
+from pgmux.protocol.messages import message
 from pgmux.testing.activation import ActivatedPooler, SocketHolder
 from pgmux.testing.cluster import TempCluster, make_dsn, wait_for
 
@@ -90,3 +101,32 @@ def test_wait_for_clients_serves_a_client_accepted_before_it(pooler: PoolerFacto
     finally:
         client.close()
     assert p.wait(10) == 0
+
+
+def test_cancel_reaches_a_process_that_is_draining(pooler: PoolerFactory, cluster: TempCluster) -> None:
+    """While the old process finishes its clients, it no longer accepts on the shared port, so their
+    cancel requests land on its peer, which forwards them to the old process's own Unix socket:
+    that stays open for cancel requests (and refuses logins) until the old process exits."""
+    sleep = "SELECT pg_sleep(60)"
+    with SocketHolder() as holder:
+        procs = peer_group(pooler, cluster, holder, 2)
+        for p in procs:
+            p.start()
+        c = raw_client_of(holder, procs[0], procs[1])
+        try:
+            c.send(message(b"Q", sleep.encode() + b"\0"))
+            wait_backends(cluster, sleep, 1)
+            admin(procs[0], "SHUTDOWN WAIT_FOR_CLIENTS")
+            wait_for(lambda: "accepting only cancel requests" in procs[0].log_text(), 5)
+            assert c.backend_key is not None
+            send_cancel((holder.host, holder.port), c.backend_key)
+            assert query_end(c) == "57014"
+            assert "forwarding cancellation request to peer 1" in procs[1].log_text()
+            refused = subprocess.run(["psql", "-X", "-h", str(procs[0].unix_dir), "-p", str(holder.port),
+                                      "-U", "trustuser", "-d", "testdb", "-c", "SELECT 1"],
+                                     capture_output=True, text=True, timeout=10)
+            assert refused.returncode != 0 and "pooler is shutting down" in refused.stderr
+            assert procs[0].is_running()
+        finally:
+            c.close()
+        assert procs[0].wait(10) == 0
