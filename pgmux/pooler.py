@@ -1106,16 +1106,21 @@ class Pooler:
         """Route a CancelRequest to the server the client is linked to, over a new connection;
         a key another pooler process issued goes to that peer, or to the worker that issued it."""
         k = pid.to_bytes(4, "big", signed=True) + key.to_bytes(4, "big", signed=True)
+        issued = k
         if self.settings.peer_id:
             owner = self.peers.owner(k)
             if owner is not None:
                 self.peers.forward(k, owner)
                 return
-            k = peers.as_issued(k)
+            issued = peers.as_issued(k)  # the TTL travels on to a worker, for the check below
         if self.shared is not None and self.shared.forward_cancel(k):
             return  # another worker's client: that worker handles it
-        client = self.cancel_keys.get(k)
+        client = self.cancel_keys.get(issued)
         if client is None:
+            if self.settings.peer_id and 0 in self.config.peers and peers.key_ttl(k):
+                # With a `*` peer, processes may share a peer_id (pods of a Deployment): ask them all.
+                self.peers.forward(k, 0)
+                return
             logger.info("failed cancel request: no such client")
             return
         server = client.server

@@ -18,9 +18,10 @@ and each gives up after cancel_wait_timeout. What is in flight per peer is kept 
 `PeerForwarder.pools` (the figures of SHOW PEER_POOLS).
 
 pgmux adds one thing: a `* = host=...` line, for poolers that come and go (a Kubernetes
-Deployment). A key whose peer is not listed is sent to every address of those hosts (a headless
-Service's name resolves to every pod) with its TTL at 0: the process that issued it acts on it, the
-others drop it, so no request travels further.
+Deployment). A key whose peer is not listed, or that names this process but no client of it (pods of a
+Deployment may share one peer_id), is sent to every address of those hosts (a headless Service's
+name resolves to every pod) with its TTL at 0: the process that issued it acts on it, the others
+drop it, so no request travels further.
 """
 
 from __future__ import annotations
@@ -138,7 +139,9 @@ class PeerForwarder:
         if pool is None or pool.limit != limit:
             pool = self.pools[peer.peer_id] = PeerPool(peer.peer_id, limit)
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("forwarding cancellation request to peer %d%s", peer_id, "" if peer.peer_id else " (via *)")
+            logger.debug("forwarding cancellation request to %s", f"peer {peer_id}" if peer.peer_id else
+                         f"every peer of * (peer {peer_id} not listed)" if peer_id else
+                         "every peer of * (no such client here)")
         self.pooler.spawn(self._send(pool, peer, forwarded))
 
     async def _send(self, pool: PeerPool, peer: PeerEntry, key: bytes) -> None:

@@ -129,9 +129,9 @@ def only(running: ActivatedPooler, stopped: ActivatedPooler) -> Iterator[None]:
 
 def raw_client_of(holder: SocketHolder, owner: ActivatedPooler, other: ActivatedPooler) -> RawConn:
     """A raw protocol client that `owner` accepted on the shared port, logged in."""
-    with only(owner, other):
+    with only(owner, other):  # the login too: a connection is only queued until a process accepts it
         c = RawConn(holder.host, holder.port)
-    c.login("trustuser", "testdb")
+        c.login("trustuser", "testdb")
     return c
 
 

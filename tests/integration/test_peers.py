@@ -162,11 +162,14 @@ def test_forwarding_stops_at_an_exhausted_ttl_and_an_unknown_peer(pooler: Pooler
         c.close()
 
 
-def test_peers_not_listed_are_reached_through_the_wildcard_entry(pooler: PoolerFactory, cluster: TempCluster,
-                                                                 holder: SocketHolder) -> None:
-    """`* = host=a,b`: a key whose peer is not listed goes to every address there with no hop left,
-    so only the process that issued it acts on it (the Kubernetes recipe: a headless Service)."""
-    procs = peer_group(pooler, cluster, holder, 2, wildcard=True)
+@pytest.mark.parametrize("peer_ids", ["distinct", "shared"])
+def test_wildcard_peer_entry_reaches_the_owner(pooler: PoolerFactory, cluster: TempCluster,
+                                              holder: SocketHolder, peer_ids: str) -> None:
+    """`* = host=a,b` (the Kubernetes recipe: a headless Service): a key whose peer is not listed,
+    or that names this process's own peer_id but none of its clients (pods sharing one peer_id),
+    goes to every address there with no hop left, so only the process that issued it acts on it."""
+    extra = {"peer_id": 1} if peer_ids == "shared" else {}
+    procs = peer_group(pooler, cluster, holder, 2, wildcard=True, **extra)
     for p in procs:
         p.start()
     c = raw_client_of(holder, procs[0], procs[1])
@@ -181,6 +184,9 @@ def test_peers_not_listed_are_reached_through_the_wildcard_entry(pooler: PoolerF
         assert time.monotonic() - started < 3.0
     finally:
         c.close()
-    assert "forwarding cancellation request to peer 1 (via *)" in procs[1].log_text()
-    # the copy that came back to the sender itself was dropped there
-    wait_for(lambda: "TTL was exhausted" in procs[1].log_text(), 3)
+    why = "peer 1 not listed" if peer_ids == "distinct" else "no such client here"
+    assert f"forwarding cancellation request to every peer of * ({why})" in procs[1].log_text()
+    # the copy that came back to the sender itself was dropped there, not sent round again
+    wait_for(lambda: ("TTL was exhausted" if peer_ids == "distinct" else "failed cancel request: no such client")
+             in procs[1].log_text(), 3)
+    assert procs[1].log_text().count("forwarding cancellation request") == 1
