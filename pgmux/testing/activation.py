@@ -55,9 +55,11 @@ class SocketHolder:
 
 
 class ActivatedPooler(PoolerProcess):
-    """pgmux started with the holder's socket (set `holder`, and `netns` if wanted, before start())."""
+    """pgmux started with the holder's socket (set `holder`, and `netns` if wanted, before start()).
+    With `holder = None` it binds its own port, but is still started and awaited like a
+    `Type=notify` service (the port may be another namespace's, or shared with so_reuseport)."""
 
-    holder: SocketHolder
+    holder: SocketHolder | None = None
     netns: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -68,24 +70,27 @@ class ActivatedPooler(PoolerProcess):
 
     @property
     def host(self) -> str:
-        return str(self.holder.host)
+        return str(self.holder.host) if self.holder is not None else super().host
 
     @property
     def peer_id(self) -> int:
         return int(ini_get(self.ini_text, "peer_id") or 0)
 
     def command(self) -> list[str]:
-        wrapped = [sys.executable, "-c", _ACTIVATE, *super().command()]
-        return ["ip", "netns", "exec", self.netns, *wrapped] if self.netns else wrapped
+        command = super().command()
+        if self.holder is not None:
+            command = [sys.executable, "-c", _ACTIVATE, *command]
+        return ["ip", "netns", "exec", self.netns, *command] if self.netns else command
 
     def env(self) -> dict[str, str]:
         env = super().env()
-        env["PGMUX_TEST_FD"] = str(self.holder.fileno())
+        if self.holder is not None:
+            env["PGMUX_TEST_FD"] = str(self.holder.fileno())
         env["NOTIFY_SOCKET"] = self._notify_path()
         return env
 
     def popen_kwargs(self) -> dict[str, Any]:
-        return {"pass_fds": (self.holder.fileno(),)}
+        return {"pass_fds": (self.holder.fileno(),)} if self.holder is not None else {}
 
     def _notify_path(self) -> str:
         path = os.path.join(self.workdir, "notify.sock")

@@ -72,31 +72,34 @@ def two_hosts() -> Iterator[Hosts]:
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
 
 
-def peer_group(pooler: PoolerFactory, cluster: TempCluster, holder: SocketHolder, count: int,
-               hosts: Hosts | None = None, wildcard: bool = False, **extra: object) -> list[ActivatedPooler]:
+def peer_group(pooler: PoolerFactory, cluster: TempCluster, holder: SocketHolder | None, count: int,
+               hosts: Hosts | None = None, wildcard: bool = False, netns: str | None = None,
+               port: int | None = None, **extra: object) -> list[ActivatedPooler]:
     """`count` pgmux processes (peer_id 1..count, unstarted) serving `holder`'s port in
     transaction mode. Without `hosts` each is known to its peers by its Unix socket; with it,
     process i runs in namespace i % 2, listens on that namespace's address and is known by it.
-    `wildcard`: [peers] has only a `*` line listing every process, as with a headless Service."""
+    `wildcard`: [peers] has only a `*` line listing every process, as with a headless Service.
+    Without a holder they bind `port` themselves (e.g. so_reuseport), all in namespace `netns`."""
     procs: list[ActivatedPooler] = []
+    port = holder.port if holder is not None else port
     # From a namespace of its own, PostgreSQL is reached on its Unix socket.
-    db_host = cluster.socket_dir if hosts is not None else "{host}"
+    db_host = cluster.socket_dir if hosts is not None or netns is not None else "{host}"
     for i in range(count):
-        settings: dict[str, object] = {"listen_port": holder.port, "peer_id": i + 1, **extra}
+        settings: dict[str, object] = {"listen_port": port, "peer_id": i + 1, **extra}
         if hosts is not None:
             settings["listen_addr"] = hosts.addrs[i % 2]
         p = pooler(process_class=ActivatedPooler, start=False, pool_mode="transaction", auth_type="trust",
                    databases={"testdb": f"host={db_host} port={{port}} dbname=testdb"}, extra=settings)
         assert isinstance(p, ActivatedPooler)
         p.holder = holder
-        p.netns = hosts.names[i % 2] if hosts is not None else None
+        p.netns = hosts.names[i % 2] if hosts is not None else netns
         procs.append(p)
     where = [hosts.addrs[i % 2] if hosts is not None else p.workdir for i, p in enumerate(procs)]
     lines = ["", "[peers]"]
     if wildcard:
-        lines.append(f"* = host={','.join(where)} port={holder.port}")
+        lines.append(f"* = host={','.join(where)} port={port}")
     else:
-        lines += [f"{i + 1} = host={w} port={holder.port}" for i, w in enumerate(where)]
+        lines += [f"{i + 1} = host={w} port={port}" for i, w in enumerate(where)]
     for p in procs:
         p.rewrite_config(p.ini_text + "\n".join(lines) + "\n")
     return procs

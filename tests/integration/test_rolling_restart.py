@@ -11,12 +11,13 @@ error, and both old processes must exit.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 from helpers_peers import (
-    Hosts,
     PoolerFactory,
     admin,
     peer_group,
@@ -31,18 +32,40 @@ from pgwire import RawConn
 
 from pgmux.protocol.messages import message
 from pgmux.testing.activation import ActivatedPooler, SocketHolder
-from pgmux.testing.cluster import TempCluster, make_dsn, wait_for
+from pgmux.testing.cluster import TempCluster, free_port, make_dsn, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.pgmux_only]
 
 
-@pytest.fixture(params=["one-host", "two-namespaces"])
-def hosts(request: pytest.FixtureRequest) -> Iterator[Hosts | None]:
-    if request.param == "one-host":
-        yield None
-        return
-    with two_hosts() as h:
-        yield h
+@dataclass
+class Setup:
+    """Four processes (two running at first, two to replace them), and how to reach their port."""
+
+    procs: list[ActivatedPooler]
+    host: str
+    port: int
+    netns: str | None = None  # where clients must run from (so_reuseport binds in a namespace)
+
+
+@pytest.fixture(params=["one-host", "two-namespaces", "so_reuseport"])
+def setup(request: pytest.FixtureRequest, pooler: PoolerFactory, cluster: TempCluster) -> Iterator[Setup]:
+    """one-host / two-namespaces: a SocketHolder's inherited socket, the processes in one or two
+    network namespaces. so_reuseport: no inherited socket; every process binds the port itself, in
+    a namespace of its own where the test may set net.ipv4.tcp_migrate_req = 1, as docs/deploy.md
+    says to."""
+    with contextlib.ExitStack() as stack:
+        if request.param == "so_reuseport":
+            ns = stack.enter_context(two_hosts()).names[0]
+            subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.tcp_migrate_req=1"], check=True)
+            port = free_port()
+            procs = peer_group(pooler, cluster, None, 4, netns=ns, port=port, default_pool_size=8,
+                               so_reuseport=1, listen_addr="127.0.0.1")
+            yield Setup(procs, "127.0.0.1", port, ns)
+            return
+        hosts = stack.enter_context(two_hosts()) if request.param == "two-namespaces" else None
+        holder = stack.enter_context(SocketHolder())
+        procs = peer_group(pooler, cluster, holder, 4, hosts=hosts, default_pool_size=8)
+        yield Setup(procs, holder.host, holder.port)
 
 
 def logins(p: ActivatedPooler) -> int:
@@ -50,36 +73,37 @@ def logins(p: ActivatedPooler) -> int:
 
 
 def replace(old: ActivatedPooler, new: ActivatedPooler) -> None:
-    """Start `new` on the shared socket and, once it said READY=1, drain `old`."""
+    """Start `new` on the same port and, once it said READY=1, drain `old`."""
     new.start()
     admin(old, "SHUTDOWN WAIT_FOR_CLIENTS")
     assert old.wait(15) == 0, old.log_text()[-2000:]
 
 
-def test_rolling_restart_under_pgbench_loses_nothing(pooler: PoolerFactory, cluster: TempCluster,
-                                                     pgbench_tables: None, hosts: Hosts | None) -> None:
-    with SocketHolder() as holder:
-        procs = peer_group(pooler, cluster, holder, 4, hosts=hosts, default_pool_size=8)
-        procs[0].start()
-        procs[1].start()
-        dsn = make_dsn(host=holder.host, port=holder.port, user="md5user", dbname="testdb", connect_timeout=10)
-        bench = subprocess.Popen(pgbench_cmd(dsn, "-C", "-S", "-c", "8", "-T", "12"),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            wait_for(lambda: logins(procs[0]) + logins(procs[1]) > 50, 10, what="pgbench to be running")
-            replace(procs[0], procs[2])
-            replace(procs[1], procs[3])
-            out, err = bench.communicate(timeout=60)
-        finally:
-            if bench.poll() is None:
-                bench.kill()
-                bench.communicate()
+def test_rolling_restart_under_pgbench_loses_nothing(setup: Setup, pgbench_tables: None) -> None:
+    procs = setup.procs
+    procs[0].start()
+    procs[1].start()
+    dsn = make_dsn(host=setup.host, port=setup.port, user="md5user", dbname="testdb", connect_timeout=10)
+    command = pgbench_cmd(dsn, "-C", "-S", "-c", "8", "-T", "12")
+    if setup.netns:
+        command = ["ip", "netns", "exec", setup.netns, *command]
+    bench = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: logins(procs[0]) + logins(procs[1]) > 50, 10, what="pgbench to be running")
+        replace(procs[0], procs[2])
+        replace(procs[1], procs[3])
+        out, err = bench.communicate(timeout=60)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.communicate()
     res = parse_bench((bench.returncode, out, err))
     assert res.returncode == 0, res.describe()
     assert res.failed in (0, None) and res.processed, res.describe()
     assert "connection" not in err.lower() and "error" not in err.lower(), res.describe()
     for old in procs[:2]:
         assert "shutdown complete" in old.log_text()
+        assert "tcp_migrate_req is 0" not in old.log_text()
     assert all(new.is_running() for new in procs[2:])
     # Once the old ones were gone, pgbench still ran (-T 12) and the new ones served it.
     assert logins(procs[2]) + logins(procs[3]) > 0
