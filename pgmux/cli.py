@@ -264,10 +264,11 @@ async def serve(args: argparse.Namespace, config: Config, worker: WorkerContext 
     loop.add_signal_handler(signal.SIGINT, shutdown, "SIGINT", "wait_for_servers")
     loop.add_signal_handler(signal.SIGTERM, shutdown, "SIGTERM", "wait_for_clients")
     loop.add_signal_handler(signal.SIGQUIT, shutdown, "SIGQUIT", "immediate")
-    listen = ", ".join(config.settings.listen_addr) or "(unix only)"
+    listen = f"{', '.join(config.settings.listen_addr) or '(unix only)'} port {config.settings.listen_port}"
+    if systemd.listen_fds():
+        listen = ", ".join(systemd.describe(sock) for sock in systemd.listen_fds()) + " (from service manager)"
     where = f" (worker {worker.index + 1} of {worker.count})" if worker is not None else ""
-    logger.info("pgmux %s listening on %s port %s%s", __import__("pgmux").__version__, listen,
-                config.settings.listen_port, where)
+    logger.info("pgmux %s listening on %s%s", __import__("pgmux").__version__, listen, where)
     if worker is None:
         systemd.notify_ready()  # with workers, the supervisor says it once all are started
     if share is not None:

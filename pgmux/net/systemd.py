@@ -62,6 +62,17 @@ def listen_fds() -> list[socket.socket]:
     return _inherited
 
 
+def describe(sock: socket.socket) -> str:
+    """`host:port` or `unix:path` of a listening socket, for log lines."""
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return f"fd {sock.fileno()}"
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{name.decode(errors='replace') if isinstance(name, bytes) else name}"
+    return f"[{name[0]}]:{name[1]}" if sock.family == socket.AF_INET6 else f"{name[0]}:{name[1]}"
+
+
 def _address() -> str | None:
     global _notify_address, _notify_read
     if not _notify_read:
