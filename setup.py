@@ -1,6 +1,7 @@
 """Compiled parts of pgmux, built by `pip install .` (Cython and a C compiler are build requirements).
 
 - pgmux.engine._engine: the data path (an epoll set of its own, C buffers, framing, link state). Required.
+- pgmux.engine._querystats: per-query statistics (normalizer, bounded table) the engine adds to. Required.
 - pgmux.protocol._scan: the compiled twin of the header walker the slow path uses. Optional: without it
   pgmux uses the pure-Python walker (pgmux/protocol/scanner.py), which is the reference anyway.
 
@@ -20,7 +21,7 @@ class BuildExt(build_ext):
         try:
             super().build_extension(ext)
         except Exception as exc:  # noqa: BLE001
-            if ext.name == "pgmux.engine._engine":
+            if ext.name.startswith("pgmux.engine."):
                 raise
             print(f"pgmux: optional extension {ext.name} not built ({exc})")
 
@@ -36,6 +37,8 @@ def extensions() -> list:
             link.append("-fsanitize=fuzzer-no-link")
     exts = [
         Extension("pgmux.engine._engine", ["pgmux/engine/_engine.pyx"], extra_compile_args=args,
+                  extra_link_args=link),
+        Extension("pgmux.engine._querystats", ["pgmux/engine/_querystats.pyx"], extra_compile_args=args,
                   extra_link_args=link),
         Extension("pgmux.protocol._scan", ["pgmux/protocol/_scan.pyx"]),
     ]

@@ -122,7 +122,7 @@ log_disconnections = 0
     pool.params = {}
     server_list = []
     for _ in range(servers):
-        s = ServerConnection(pooler, pool, "127.0.0.1", 5432)
+        s = ServerConnection(pooler, pool, "127.0.0.1", 5432, pooler.next_client_id())
         s.connection_made(CountingTransport())  # type: ignore[arg-type]
         s.state = "idle"
         server_list.append(s)

@@ -282,6 +282,24 @@ def prepared_table(s: Summary) -> str | None:
     return md_table(headers, rows)
 
 
+QUERY_STATS_GOAL = 1.03  # issue "per-query statistics": at most 3% more pooler CPU per transaction
+
+
+def query_stats_cost(s: Summary) -> str | None:
+    """One line: pgmux's CPU per transaction on -S, 50 clients with query_stats on (select-c50) over the
+    same process with it off (select-c50-nostats), runs paired by repetition."""
+    r = s.ratio("select-c50", "cpu_us", num="pgmux", den="pgmux", den_workload="select-c50-nostats")
+    if r is None:
+        return None
+    tps = s.ratio("select-c50", "tps", num="pgmux", den="pgmux", den_workload="select-c50-nostats")
+    met = "met" if r <= QUERY_STATS_GOAL else "**not met**"
+    return (
+        f"`-S`, 50 clients through pgmux, `query_stats = 1` (the default) against `query_stats = 0` in the same "
+        f"process (SET on its console just before): pooler CPU per transaction **{f_ratio(r)}**, TPS {f_ratio(tps)}. "
+        f"Goal: at most {QUERY_STATS_GOAL:.2f}x ({met})."
+    )
+
+
 def prepared_goal(s: Summary) -> str | None:
     """One line: `-M prepared` TPS / `-M extended` TPS through pgmux (and pgmux ×2), each pair from the same
     repetition, against the goal of issue "The engine", with direct PostgreSQL's ratio beside it."""

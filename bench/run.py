@@ -533,7 +533,26 @@ class Bench:
                 check=False,
             )
 
+    def console(self, target: str, commands: tuple[str, ...], tls: bool = False) -> None:
+        """Run console commands on a pooler (as its own Unix user, admin by peer credentials)."""
+        import psycopg
+
+        proc = (self.tls_poolers if tls else self.poolers)[target]
+        with psycopg.connect(proc.unix_dsn("pgbouncer", dbname="pgbouncer"), autocommit=True) as conn:
+            for command in commands:
+                conn.execute(command.encode(), prepare=False)
+
     def run_one(self, w: Workload, target: str, rep: int) -> RunResult:
+        if w.console and target != "direct":
+            self.ensure_running(target, tls=w.tls)
+            self.console(target, w.console, w.tls)
+        try:
+            return self._run_pgbench(w, target, rep)
+        finally:
+            if w.console_after and target != "direct":
+                self.console(target, w.console_after, w.tls)
+
+    def _run_pgbench(self, w: Workload, target: str, rep: int) -> RunResult:
         pid = None
         if target != "direct":
             pid = self.ensure_running(target, tls=w.tls).pid
@@ -694,6 +713,9 @@ class Bench:
             goal = report.prepared_goal(s)
             if goal:
                 out += [goal, ""]
+        stats_cost = report.query_stats_cost(s)
+        if stats_cost:
+            out += ["## What per-query statistics cost", "", stats_cost, ""]
         out += ["## Latency", "", report.latency_table(s), ""]
         if any(w.kind == "idle" for w in self.workloads):
             out += [f"## {self.args.idle_clients:,} idle clients", "", report.idle_table(s), ""]

@@ -25,6 +25,8 @@ class Workload:
     tls: bool = False  # PGSSLMODE=require, against the TLS instances of the poolers (client_tls_sslmode=require)
     note: str = ""
     gate: dict[str, float] = field(default_factory=dict, hash=False, compare=False)  # issue 8 goals
+    console: tuple[str, ...] = ()  # console commands before the run (pgmux targets), ...
+    console_after: tuple[str, ...] = ()  # ... and after it
 
 
 def pgbench_workloads() -> list[Workload]:
@@ -34,6 +36,15 @@ def pgbench_workloads() -> list[Workload]:
     return [
         Workload("select-c1", "-S, 1 client", S(1), clients=1),
         Workload("select-c50", "-S, 50 clients", S(50), gate={"tps": 1.0, "cpu": 1.0}),
+        Workload(
+            "select-c50-nostats",
+            "-S, 50 clients, query_stats off",
+            S(50),
+            targets=("pgmux",),
+            console=("SET query_stats = 0",),
+            console_after=("SET query_stats = 1",),
+            note="the same pgmux process with per-query statistics turned off (SET on its console)",
+        ),
         Workload("select-c500", "-S, 500 clients", S(500), clients=500, gate={"tps": 1.0, "cpu": 1.0}),
         Workload(
             "select-tls",

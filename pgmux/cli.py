@@ -213,13 +213,32 @@ def _run_loop(args: argparse.Namespace, config: Config, worker: WorkerContext | 
         return runner.run(serve(args, config, worker))
 
 
+#: The signals serve() handles (as PgBouncer's signal_setup()).
+HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
+
+
 async def serve(args: argparse.Namespace, config: Config, worker: WorkerContext | None = None) -> int:
-    from pgmux.net.listener import start_listeners
     from pgmux.pooler import Pooler
 
-    loop = asyncio.get_running_loop()
     pooler = Pooler(config)
     share = worker.prepare(pooler) if worker is not None else None
+    # PgBouncer sets its signal handlers before it listens: once a client can connect, SIGHUP
+    # reloads rather than killing the process. Ours are set once the pooler is ready, so the
+    # signals stay blocked until then and pending ones are delivered at that point. (A worker's
+    # are blocked since the fork; WorkerShare.start() restores its mask.)
+    saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS) if worker is None else None
+    try:
+        return await _serve(args, config, worker, pooler, share)
+    finally:
+        if saved_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
+
+
+async def _serve(args: argparse.Namespace, config: Config, worker: WorkerContext | None, pooler: Any,
+                 share: Any) -> int:
+    from pgmux.net.listener import start_listeners
+
+    loop = asyncio.get_running_loop()
     try:
         if worker is not None:
             pooler.listeners = await start_listeners(pooler, worker.bound, worker.index)
@@ -264,6 +283,8 @@ async def serve(args: argparse.Namespace, config: Config, worker: WorkerContext 
     loop.add_signal_handler(signal.SIGINT, shutdown, "SIGINT", "wait_for_servers")
     loop.add_signal_handler(signal.SIGTERM, shutdown, "SIGTERM", "wait_for_clients")
     loop.add_signal_handler(signal.SIGQUIT, shutdown, "SIGQUIT", "immediate")
+    if worker is None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     listen = f"{', '.join(config.settings.listen_addr) or '(unix only)'} port {config.settings.listen_port}"
     if systemd.listen_fds():
         listen = ", ".join(systemd.describe(sock) for sock in systemd.listen_fds()) + " (from service manager)"
@@ -301,9 +322,11 @@ _SHUTDOWN_WORDS = {"wait_for_clients": "waiting for all clients disconnect",
 
 def _setup_logging(args: argparse.Namespace, settings: Any) -> None:
     """Logging as the command line and the (re)loaded settings ask: -v adds to `verbose`, -q and
-    -d silence stderr, `logfile` is (re)opened."""
+    -d silence stderr, `logfile` is (re)opened, `syslog` (re)connects with syslog_ident and
+    syslog_facility."""
     pglog.setup_logging(verbose=args.verbose + int(settings.verbose), quiet=args.quiet or args.daemon,
-                        logfile=settings.logfile or None)
+                        logfile=settings.logfile or None,
+                        syslog=(settings.syslog_ident, settings.syslog_facility) if settings.syslog else None)
 
 
 def _relog(args: argparse.Namespace, settings: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import time
 
@@ -51,14 +52,72 @@ class LogfileError(Exception):
         super().__init__(f"Cannot open logfile: '{path}': {self.reason}")
 
 
+#: syslog_facility names PgBouncer knows (libusual's facility_names); any other name means daemon.
+SYSLOG_FACILITIES = {"auth": 4, "authpriv": 10, "daemon": 3, "user": 1,
+                     **{f"local{i}": 16 + i for i in range(8)}}
+#: syslog severities of our levels, as libusual maps them (FATAL is LOG_CRIT, LOG is LOG_INFO).
+_SYSLOG_SEVERITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6}
+SYSLOG_PATH = "/dev/log"
+
+
+class SyslogHandler(logging.Handler):
+    """What PgBouncer's ``syslog = 1`` does through glibc: ``openlog(ident, LOG_PID, facility)``
+    and ``syslog(prio, "%s", msg)``, that is one datagram per line to /dev/log reading
+    ``<PRI>Mmm dd HH:MM:SS ident[pid]: message``. The message is the line without the time, pid
+    and level (syslog has its own); DEBUG lines stay out, as PgBouncer's syslog level is LOG.
+    Nothing listening on /dev/log is not an error: the line is dropped, as glibc drops it."""
+
+    def __init__(self, ident: str, facility: str, path: str = SYSLOG_PATH) -> None:
+        super().__init__(logging.INFO)
+        self.ident = ident
+        self.facility = SYSLOG_FACILITIES.get(facility, SYSLOG_FACILITIES["daemon"])
+        self.path = path
+        self.sock: socket.socket | None = None
+
+    def _send(self, data: bytes) -> None:
+        if self.sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.setblocking(False)  # a full syslog queue drops lines rather than stalling the pooler
+            try:
+                sock.connect(self.path)
+            except OSError:
+                sock.close()
+                raise
+            self.sock = sock
+        self.sock.send(data)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        severity = _SYSLOG_SEVERITY.get(record.levelno, 6)
+        stamp = time.strftime("%b %e %H:%M:%S", time.localtime(record.created))  # glibc's "%h %e %T"
+        text = record.getMessage().replace("\n", "\n\t")
+        data = f"<{self.facility * 8 + severity}>{stamp} {self.ident}[{os.getpid()}]: {text}".encode()
+        for _attempt in range(2):  # once more on a fresh socket: syslogd may have restarted
+            try:
+                self._send(data)
+                return
+            except OSError:
+                self.close_socket()
+
+    def close_socket(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def close(self) -> None:
+        self.close_socket()
+        super().close()
+
+
 def format_line(level: int, message: str) -> str:
     """One log line as the handlers would write it, for messages printed before logging works."""
     record = logging.LogRecord(logger.name, level, __file__, 0, message, None, None)
     return PgBouncerFormatter().format(record)
 
 
-def setup_logging(*, verbose: int = 0, quiet: bool = False, logfile: str | None = None) -> None:
-    """(Re)configure handlers: stderr unless quiet, plus the logfile if set (reopened on reload).
+def setup_logging(*, verbose: int = 0, quiet: bool = False, logfile: str | None = None,
+                  syslog: tuple[str, str] | None = None) -> None:
+    """(Re)configure handlers: stderr unless quiet, plus the logfile if set (reopened on reload),
+    plus syslog if ``syslog`` is (ident, facility).
 
     The new handlers are made before the old ones go: if the logfile cannot be opened this raises
     LogfileError and changes nothing, so the old handlers (and the old logfile) keep logging."""
@@ -76,6 +135,8 @@ def setup_logging(*, verbose: int = 0, quiet: bool = False, logfile: str | None 
             raise LogfileError(logfile, exc) from None
         fh.setFormatter(fmt)
         new.append(fh)
+    if syslog is not None:
+        new.append(SyslogHandler(*syslog))
     for h in _handlers:
         logger.removeHandler(h)
         h.close()

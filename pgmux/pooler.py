@@ -41,7 +41,8 @@ from pgmux.protocol.sessionstate import (
     own_statements_match,
     probe_sql,
 )
-from pgmux.protocol.varcache import set_statement, tracked_names
+from pgmux.protocol.varcache import StartupOptionsError, iter_startup_options, set_statement, tracked_names
+from pgmux.stats.service import run_stats_timer, start_metrics_listener  # (before `user` drops privileges)
 
 if TYPE_CHECKING:
     from pgmux.workers import WorkerShare
@@ -91,6 +92,7 @@ def check_config(config: Config) -> None:
 # Startup parameters a client may send besides the tracked ones (PgBouncer's list).
 _ALWAYS_ALLOWED = {"user", "database", "application_name", "replication", "options"}
 _IDLE = ord("I")
+QUERY_WAIT_NOTICE = m.notice_response("No server connection available in postgres backend, client being queued")
 
 
 class Pooler:
@@ -156,6 +158,8 @@ class Pooler:
                         server.close("TLS settings changed")
                     for server in pool.active | pool.busy:
                         server.close_needed = True
+        self.engine.qstats.enabled = bool(s.query_stats)
+        self.engine.qstats.configure(int(s.query_stats_max))
         self.tracked: dict[str, str] = tracked_names(list(s.track_extra_parameters))
         self.ignored_params = {p.lower() for p in s.ignore_startup_parameters}
         for pool in self.pools.values():
@@ -227,32 +231,20 @@ class Pooler:
         return out
 
     def _parse_options(self, value: str) -> dict[str, str]:
-        if "options" in self.ignored_params:
-            return {}
+        """Tracked parameters set in the ``options`` startup parameter (PgBouncer's
+        set_startup_options): others are refused, unless ignore_startup_parameters names them
+        or ``options`` itself, in which case only they are dropped."""
         out: dict[str, str] = {}
-        words = value.split()
-        i = 0
-        while i < len(words):
-            w = words[i]
-            if w == "-c" and i + 1 < len(words):
-                kv = words[i + 1]
-                i += 2
-            elif w.startswith("-c") and len(w) > 2 or w.startswith("--"):
-                kv = w[2:]
-                i += 1
-            else:
-                raise ClientError(
-                    "unsupported options startup parameter: only '-c config=val' and '--config=val' are allowed"
-                )
-            name, sep, val = kv.partition("=")
-            if not sep:
-                raise ClientError(
-                    "unsupported options startup parameter: only '-c config=val' and '--config=val' are allowed"
-                )
-            name = name.replace("-", "_")
-            if name.lower() not in self.tracked:
-                raise ClientError(f"unsupported startup parameter in options: {name}")
-            out[self.tracked[name.lower()]] = val
+        try:
+            for name, val in iter_startup_options(value):
+                canonical = self.tracked.get(name.lower())
+                if canonical is not None:
+                    out[canonical] = val
+                elif name.lower() not in self.ignored_params and "options" not in self.ignored_params:
+                    raise ClientError(f"unsupported startup parameter in options: {name}")
+        except StartupOptionsError:
+            raise ClientError("unsupported options startup parameter: "
+                              "only '-c config=val' and '--config=val' are allowed") from None
         return out
 
     def check_client_limits(self, client: ClientConnection, db: DatabaseEntry, user: str) -> None:
@@ -298,6 +290,9 @@ class Pooler:
     # ------------------------------------------------------------ clients
 
     def next_client_id(self) -> int:
+        """The next socket id: clients and servers draw from one counter, each when its object is
+        made (a client at accept, a server when its connect is launched), as PgBouncer's
+        last_pgsocket_id. SHOW CLIENTS/SERVERS/SOCKETS show it; KILL_CLIENT takes it."""
         self._client_ids += 1
         return self._client_ids
 
@@ -537,7 +532,7 @@ class Pooler:
         if pool.limits.reserve_pool_size and pool.server_count >= pool.limits.pool_size:
             logger.info("%s/%s taking connection from reserve_pool", pool.database, pool.user)
         pool.connecting += 1
-        self.spawn(self._connect(pool))
+        self.spawn(self._connect(pool, self.next_client_id()))
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)
@@ -563,10 +558,11 @@ class Pooler:
             return None, db.port, path
         return host, db.port, None
 
-    async def _connect(self, pool: Pool[ServerConnection, ClientConnection],
+    async def _connect(self, pool: Pool[ServerConnection, ClientConnection], sid: int,
                        deliver: asyncio.Future[ServerConnection] | None = None) -> None:
-        """Open and log in one server of `pool`; it goes to the pool (server_ready), or to
-        `deliver` when given (auth_query borrows it and gives it back)."""
+        """Open and log in one server of `pool`, whose id `sid` was drawn when it was launched;
+        it goes to the pool (server_ready), or to `deliver` when given (auth_query borrows it
+        and gives it back)."""
         db = self.config.find_database(pool.database)
         server: ServerConnection | None = None
         started = time.monotonic()
@@ -577,7 +573,7 @@ class Pooler:
             addr = host or path or ""
 
             def factory() -> ServerConnection:
-                return ServerConnection(self, pool, addr, port)
+                return ServerConnection(self, pool, addr, port, sid)
 
             timeout = self.settings.server_connect_timeout or None
             async with asyncio.timeout(timeout):
@@ -654,7 +650,7 @@ class Pooler:
         if server is None:
             fut: asyncio.Future[ServerConnection] = self.loop.create_future()
             pool.connecting += 1
-            self.spawn(self._connect(pool, fut))
+            self.spawn(self._connect(pool, self.next_client_id(), fut))
             server = await fut
         else:
             pool.server_busy(server)
@@ -753,6 +749,7 @@ class Pooler:
             if stats.histograms:
                 stats.wait_hist[us.bit_length()] += 1
             client.wait_started = 0.0
+            server.note_wait(us)
         diff = None if client.params.same_as(server.params) else client.params.diff(server.params, self.tracked)
         if diff:
             client.linking = True
@@ -799,6 +796,7 @@ class Pooler:
         core.check_delay = float(s.server_check_delay) if s.server_check_query else -1.0
         core.pool_size = pool.limits.pool_size
         core.reserve = bool(pool.limits.reserve_pool_size) or bool(pool.limits.min_pool_size)
+        core.qpool = self.engine.qstats.pool_id(pool.database, pool.user)
 
     def link_fast(self, client: ClientConnection, server: ServerConnection) -> bool:
         """Let the engine forward this link natively, if it can decide every message the link
@@ -831,7 +829,11 @@ class Pooler:
 
     async def _sync_params(self, client: ClientConnection, server: ServerConnection,
                            diff: list[tuple[str, str]]) -> None:
-        _, err = await self._own_query(server, set_statement(diff))
+        sql = set_statement(diff)
+        logger.debug("%s varcache_apply: %s", server.log_prefix, sql)  # PgBouncer's debug line
+        _, err = await self._own_query(server, sql)
+        if err is None:
+            client.params.adopt(server.params, [name for name, _ in diff])
         client.linking = False
         if client.closed:
             self._abandon_link(client, server)
@@ -1173,12 +1175,8 @@ class Pooler:
             u = self.config.users.get(pool.user)
             if u is not None and u.query_wait_timeout is not None:
                 wait_timeout = u.query_wait_timeout
-            if wait_timeout:
-                for client in list(pool.waiting):
-                    if not client.closed and now - client.wait_started >= wait_timeout:
-                        pool.remove_waiter(client)
-                        client.waiting = False
-                        client.fail("query_wait_timeout")
+            if wait_timeout or s.query_wait_notify:
+                self._check_waiters(pool, now, wait_timeout)
             idle_timeout = s.server_idle_timeout
             for server in list(pool.idle):
                 if idle_timeout and now - server.last_used >= idle_timeout and (
@@ -1193,7 +1191,11 @@ class Pooler:
                 self._check_linked_timeouts(server, now)
             if pool.waiting or (pool.limits.min_pool_size and pool.clients):
                 self.launch_connects(pool)
-            if db is not None and db.is_autodb and self._autodb_expired(pool, now):
+            unused_for = self._pool_unused_for(pool, now)
+            if unused_for is not None and (
+                (db is not None and db.is_autodb and unused_for >= s.autodb_idle_timeout)
+                or (s.pool_idle_timeout and unused_for >= s.pool_idle_timeout)
+            ):
                 del self.pools[(pool.database, pool.user)]
         client_idle = s.client_idle_timeout
         for client in list(self.clients):
@@ -1217,7 +1219,11 @@ class Pooler:
             return
         s = self.settings
         reason = None
-        if (client.pinned and s.pin_timeout and server.status == _IDLE and not server.outstanding
+        if s.server_fast_close and server.close_needed and server.status == _IDLE and not server.outstanding:
+            # Session mode: a server RECONNECT or RELOAD marked goes at the end of the
+            # transaction rather than of the session, and its client with it.
+            reason = "database configuration changed"
+        elif (client.pinned and s.pin_timeout and server.status == _IDLE and not server.outstanding
                 and now - max(server.last_used, client.request_time) >= s.pin_timeout):
             client.fail(f"pin timeout (pinned for: {client.pinned})")
             return
@@ -1239,14 +1245,34 @@ class Pooler:
             server.close(reason)
             client.fail(reason)
 
-    def _autodb_expired(self, pool: Pool[ServerConnection, ClientConnection], now: float) -> bool:
-        """An auto-database pool with no clients and no servers for autodb_idle_timeout."""
+    @staticmethod
+    def _pool_unused_for(pool: Pool[ServerConnection, ClientConnection], now: float) -> float | None:
+        """How long the pool has had no clients and no servers (None while it has some): an
+        auto-database's pool goes after autodb_idle_timeout, any pool after pool_idle_timeout
+        (PgBouncer #1491). Its statistics go with it, as in PgBouncer."""
         if pool.clients or pool.server_count or pool.waiting:
             pool.empty_since = 0.0
-            return False
+            return None
         if not pool.empty_since:
             pool.empty_since = now
-        return now - pool.empty_since >= self.settings.autodb_idle_timeout
+        return now - pool.empty_since
+
+    def _check_waiters(self, pool: Pool[ServerConnection, ClientConnection], now: float,
+                       wait_timeout: float) -> None:
+        """query_wait_timeout, and query_wait_notify's NOTICE once per client that has waited
+        more than that many whole seconds since it was queued (PgBouncer's per_loop_activate)."""
+        notify = self.settings.query_wait_notify
+        for client in list(pool.waiting):
+            if client.closed:
+                continue
+            waited = now - client.wait_started
+            if wait_timeout and waited >= wait_timeout:
+                pool.remove_waiter(client)
+                client.waiting = False
+                client.fail("query_wait_timeout")
+            elif notify > 0 and int(waited) > notify and client.logged_in and not client.wait_notified:
+                client.wait_notified = True
+                client.write(QUERY_WAIT_NOTICE)
 
     # ------------------------------------------------------------ reload and shutdown
 
@@ -1311,8 +1337,6 @@ class Pooler:
         if state.started:
             return
         state.started = True
-        from pgmux.stats.service import run_stats_timer, start_metrics_listener
-
         state.tasks.append(self.spawn(run_stats_timer(self)))
         state.metrics_server = await start_metrics_listener(self)
 

@@ -449,7 +449,7 @@ class WorkerShare:
         """A sibling's merged SHOW asks for this worker's part: send it back in pieces."""
         from pgmux.admin import show
 
-        if what not in show.MERGED_SHOWS or not 0 <= asker < self.ctx.count or asker == self.index:
+        if what not in show.GATHERED or not 0 <= asker < self.ctx.count or asker == self.index:
             return
         try:
             payload = json.dumps(show.worker_part(self.pooler, what), separators=(",", ":")).encode()

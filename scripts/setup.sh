@@ -3,6 +3,7 @@
 #   - PostgreSQL server binaries, psql and pgbench (the tests start a throwaway cluster)
 #   - PgBouncer, the oracle the tests can also run against (optional: failure is only a warning)
 #   - a C compiler and Python's headers (pgmux's engine is Cython, compiled by pip install)
+#   - Chromium (Debian's), which the dashboard's browser test drives through Playwright
 #   - pgmux itself, editable, with its test extras
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,12 @@ if ! command -v cc >/dev/null 2>&1 || ! python3 -c 'import sysconfig, os, sys; s
     apt_install gcc python3-dev
 fi
 
+# The dashboard's end-to-end test drives Debian's Chromium with Playwright (tests/integration/test_dashboard.py).
+if ! command -v chromium >/dev/null 2>&1; then
+    echo "setup: installing Chromium (the dashboard's browser test)"
+    apt_install chromium
+fi
+
 if ! python3 -m pip --version >/dev/null 2>&1; then
     echo "setup: installing pip"
     apt_install python3-pip
@@ -52,7 +59,7 @@ export PIP_BREAK_SYSTEM_PACKAGES=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 if ! python3 -m pip install -q -e '.[test]'; then
     # offline or index trouble: fine if everything is already importable
-    if python3 -c 'import pgmux, psycopg, asyncpg, psycopg2, pytest, pytest_asyncio, pytest_timeout, hypothesis' \
+    if python3 -c 'import pgmux, psycopg, asyncpg, psycopg2, pytest, pytest_asyncio, pytest_timeout, hypothesis, playwright' \
         && { command -v ruff >/dev/null 2>&1 || python3 -m ruff --version >/dev/null 2>&1; }; then
         echo "setup: WARNING: pip install failed, using the packages already installed" >&2
     else

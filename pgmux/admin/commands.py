@@ -35,7 +35,7 @@ _VAL_MAX = 256
 
 #: Every command word, lower case (`select` is routed like `show`).
 COMMANDS = (
-    "disable", "enable", "kill", "kill_client", "pause", "reconnect", "reload", "resume",
+    "disable", "enable", "kill", "kill_client", "pause", "reconnect", "reload", "reset", "resume",
     "select", "show", "shutdown", "suspend", "wait_close",
 )
 

@@ -104,6 +104,14 @@ async def execute(pooler: Pooler, session: ConsoleSession, cmd: Command,
         return Result("RELOAD")
     if name == "resume":
         return _resume(pooler, arg)
+    if name == "reset":  # pgmux: RESET QUERIES
+        if arg.lower() != "queries":
+            raise syntax_error(cmd.query)
+        logger.info("RESET QUERIES command issued")
+        pooler.engine.qstats.reset()
+        if pooler.shared is not None:
+            await pooler.shared.gather(show.RESET_QUERIES)
+        return Result("RESET")
     if name == "suspend":
         if state.pause_mode != P_NONE:
             raise AdminError("already suspended/paused")

@@ -24,7 +24,7 @@ from pgmux.admin.state import ADMIN_DB, ADMIN_USER, P_PAUSE, P_SUSPEND
 from pgmux.net.base import BUF_SIZE
 from pgmux.net.tls import describe as tls_describe
 from pgmux.protocol import messages as m
-from pgmux.stats import counters
+from pgmux.stats import counters, queries
 
 if TYPE_CHECKING:
     from pgmux.config import DatabaseEntry
@@ -43,8 +43,9 @@ HELP_DETAIL = (
     "\tSHOW PEERS|PEER_POOLS\n"
     "\tSHOW FDS|SOCKETS|ACTIVE_SOCKETS|LISTS|MEM|STATE\n"
     "\tSHOW DNS_HOSTS|DNS_ZONES\n"
-    "\tSHOW PINS|ENGINE (pgmux)\n"
+    "\tSHOW PINS|ENGINE|QUERIES (pgmux)\n"
     "\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS\n"
+    "\tRESET QUERIES (pgmux)\n"
     "\tSET key = arg\n"
     "\tRELOAD\n"
     "\tPAUSE [<db>]\n"
@@ -379,12 +380,9 @@ def _client_row(pooler: Pooler, c: ClientConnection, state: str, clock: _Clock, 
 
 
 def server_id(pooler: Pooler, server: ServerConnection) -> int:
-    """A unique id for a server connection, drawn from the same counter as client ids."""
-    ids = pooler.admin_state().server_ids
-    sid = ids.get(server)
-    if sid is None:
-        sid = ids[server] = pooler.next_client_id()
-    return sid
+    """A server connection's id: drawn from the clients' counter when its connect was launched
+    (Pooler.next_client_id), as PgBouncer numbers every socket."""
+    return server.id
 
 
 def _server_row(pooler: Pooler, sv: ServerConnection, state: str, clock: _Clock, debug: bool) -> list[Value]:
@@ -640,12 +638,19 @@ def show_pins(pooler: Pooler) -> Result:
 
 
 ENGINE_COLUMNS = columns("sq", "name", "value")
+QUERIES_COLUMNS = columns("".join(t for _, t in queries.QUERIES_COLUMNS_SPEC),
+                          *(n for n, _ in queries.QUERIES_COLUMNS_SPEC))
 
 
 def show_engine(pooler: Pooler) -> Result:
     """SHOW ENGINE (pgmux): the compiled data path's counters in this process (batches of ready
     sockets, reads, reads done natively, escapes to Python)."""
     return _rows(ENGINE_COLUMNS, [[name, value] for name, value in pooler.engine.stats().items()])
+
+
+def show_queries(pooler: Pooler) -> Result:
+    """SHOW QUERIES (pgmux): per (database, user, normalized statement), the most total time first."""
+    return _rows(QUERIES_COLUMNS, queries.show_rows(pooler.engine.qstats.export()))
 
 
 def show_help(pooler: Pooler) -> Result:
@@ -669,9 +674,17 @@ def fake_show(name: str) -> Result:
 #: SHOW commands answered for pgmux as a whole when workers > 1: the asking worker gathers each
 #: sibling's `worker_part` (plain data, pgmux/workers.py) and `merged_show` adds them up.
 STATS_SHOWS = frozenset({"stats", "stats_totals", "stats_averages", "totals"})
-MERGED_SHOWS = STATS_SHOWS | {"pools", "lists", "databases", "users"}
+MERGED_SHOWS = STATS_SHOWS | {"pools", "lists", "databases", "users", "queries", "pins"}
 # SHOW LISTS rows that count this worker's objects (summed); the others count names (max).
 _SUMMED_LISTS = frozenset({"free_clients", "used_clients", "login_clients", "free_servers", "used_servers"})
+
+
+#: Not a SHOW: asked of every worker by RESET QUERIES through the same channel (pgmux/workers.py).
+RESET_QUERIES = "reset_queries"
+#: Not a SHOW either: the dashboard's query-time histogram (pgmux/stats/dashboard.py).
+QUERY_HIST = "query_hist"
+#: What a worker answers a sibling's gather with (worker_part).
+GATHERED = MERGED_SHOWS | {RESET_QUERIES, QUERY_HIST}
 
 
 def worker_part(pooler: Pooler, name: str) -> Any:
@@ -682,6 +695,15 @@ def worker_part(pooler: Pooler, name: str) -> Any:
         dbs = counters.group_by_database(stat_sources(pooler), tracker)
         return {"dur": counters.now_us() - tracker.old_stamp,
                 "dbs": [[db, list(cur), list(old)] for db, cur, old in dbs]}
+    if name == "queries":
+        return queries.worker_part(pooler.engine.qstats.export(hist=True))
+    if name == RESET_QUERIES:
+        pooler.engine.qstats.reset()
+        return []
+    if name == QUERY_HIST:
+        from pgmux.stats.dashboard import query_histogram
+
+        return query_histogram(pooler)
     return SHOW_FUNCTIONS[name](pooler).rows
 
 
@@ -690,6 +712,10 @@ def merged_show(name: str, parts: list[Any]) -> Result:
     same columns and row order as one worker's answer, counts summed per row."""
     if name in STATS_SHOWS:
         return _merged_stats(name, parts)
+    if name == "queries":
+        return _rows(QUERIES_COLUMNS, queries.show_rows(queries.merge(parts)))
+    if name == "pins":
+        return _rows(PINS_COLUMNS, sorted((row for part in parts for row in part), key=lambda row: row[5]))
     if name == "pools":
         # cl_* and sv_* summed; maxwait the longest wait of any worker; mode columns as the first.
         return _rows(POOLS_COLUMNS, _merge_rows(parts, 2, range(2, 13), longest=(13, 14)))
@@ -772,4 +798,5 @@ SHOW_FUNCTIONS: dict[str, Callable[[Pooler], Result]] = {
     "state": show_state,
     "pins": show_pins,
     "engine": show_engine,
+    "queries": show_queries,
 }

@@ -50,8 +50,6 @@ class AdminState:
     pause_marked: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
     # Transports whose reading SUSPEND stopped.
     suspended: list[asyncio.BaseTransport] = field(default_factory=list)
-    # Ids for server connections in SHOW SERVERS (clients have theirs from the pooler).
-    server_ids: weakref.WeakKeyDictionary[Any, int] = field(default_factory=weakref.WeakKeyDictionary)
     started: bool = False
     metrics_server: asyncio.AbstractServer | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)

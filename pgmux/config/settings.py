@@ -262,13 +262,13 @@ _TABLE: tuple[SettingDef, ...] = (
     _def("pool_idle_timeout", "float", "0"),
     _def("pool_mode", "enum", "session", choices=POOL_MODES),
     _def("query_timeout", "float", "0"),
-    _def("query_wait_notify", "int", "5"),  # whole seconds (CF_INT in PgBouncer)
+    _def("query_wait_notify", "int", "5", minimum=0),  # whole seconds (CF_INT in PgBouncer)
     _def("query_wait_timeout", "float", "120"),
     _def("reserve_pool_size", "int", "0"),
     _def("reserve_pool_timeout", "float", "5"),
     _def("resolv_conf", "str", "", reloadable=_NO),
     _def("sbuf_loopcnt", "int", "5"),
-    _def("scram_iterations", "int", "4096"),
+    _def("scram_iterations", "int", "4096", minimum=1),  # PBKDF2 needs at least one round
     _def("server_check_delay", "float", "30"),
     _def("server_check_query", "str", "<empty>"),
     _def("server_connect_timeout", "float", "15"),
@@ -314,6 +314,10 @@ _TABLE: tuple[SettingDef, ...] = (
     _def("metrics_listen", "str", "", reloadable=_NO, extension=True, check=check_host_port),
     _def("pin_session_state", "enum", "auto", choices=PIN_SESSION_STATE, extension=True),
     _def("pin_timeout", "float", "0", extension=True),
+    # per-query statistics (SHOW QUERIES, /metrics, the dashboard): on, and how many statements
+    _def("query_stats", "bool", "1", extension=True),
+    _def("query_stats_max", "int", "5000", minimum=1, maximum=1000000, extension=True),
+    _def("query_stats_metrics", "int", "20", minimum=0, maximum=1000, extension=True),
 )
 
 #: Every [pgbouncer] setting by canonical name, in SHOW CONFIG order.
@@ -329,13 +333,6 @@ for _d in _TABLE:
 #: non-default value gets a warning at start (unsupported_warnings()). README lists them.
 UNSUPPORTED_SETTINGS: tuple[str, ...] = (
     "login_notify_message",
-    "pool_idle_timeout",
-    "query_wait_notify",
-    "scram_iterations",
-    "server_fast_close",
-    "syslog",
-    "syslog_facility",
-    "syslog_ident",
 )
 
 

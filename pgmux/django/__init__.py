@@ -8,9 +8,9 @@
 pgmux's core never imports this package.
 """
 
-from pgmux.django.settings import database, direct, pgmux_options
+from pgmux.django.settings import dashboard_url, database, direct, pgmux_options
 
-__all__ = ["database", "direct", "pgmux_options", "post_fork"]
+__all__ = ["dashboard_url", "database", "direct", "pgmux_options", "post_fork"]
 
 
 def post_fork(server: object = None, worker: object = None) -> None:

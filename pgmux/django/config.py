@@ -21,7 +21,8 @@ from pgmux.django.settings import pgmux_options
 __all__ = ["GeneratedConfig", "ConfigError", "build_config", "pooled_aliases"]
 
 #: pgmux-only ``[pgbouncer]`` keys, left out of a config meant for PgBouncer.
-PGMUX_ONLY_KEYS = ("pin_session_state", "pin_timeout", "workers", "metrics_listen", "max_prepared_statements")
+PGMUX_ONLY_KEYS = ("pin_session_state", "pin_timeout", "workers", "metrics_listen", "max_prepared_statements",
+                   "query_stats", "query_stats_max", "query_stats_metrics")
 _SIMPLE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 

@@ -14,7 +14,7 @@ from pgmux.django.settings import pgmux_options
 __all__ = ["ConsoleError", "console_params", "show", "pool_rows"]
 
 SHOW_WHAT = ("pools", "clients", "servers", "stats", "databases", "config", "lists", "version", "users",
-             "totals", "mem", "state")
+             "totals", "mem", "state", "queries", "pins")  # (queries, pins: pgmux's)
 
 
 #: libpq connection keys copied from the entry's OPTIONS to the console connection

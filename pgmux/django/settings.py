@@ -17,6 +17,7 @@ parameter (and then refused by libpq). Keys of ``"PGMUX"`` (all optional):
 ``admin_user``/``admin_password``  console credentials (default: USER/PASSWORD, made a ``stats_users`` member)
 ``health``                    ``{"max_wait": seconds}``: the health view answers 503 beyond this wait
 ``asgi``                      True when served by an ASGI server (checked against ``CONN_MAX_AGE``)
+``dashboard``                 URL of the pooler's live dashboard (default: from ``settings["metrics_listen"]``)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["POOL_MODES", "PIN_MODES", "database", "direct", "pgmux_options"]
+__all__ = ["POOL_MODES", "PIN_MODES", "dashboard_url", "database", "direct", "pgmux_options"]
 
 POOL_MODES = ("session", "transaction", "statement")
 PIN_MODES = ("auto", "off", "refuse")
@@ -44,6 +45,7 @@ PGMUX_DEFAULTS: dict[str, Any] = {
     "admin_password": None,
     "health": {"max_wait": 5.0},
     "asgi": False,
+    "dashboard": None,
 }
 
 #: psycopg's own default, used when prepared statements are asked for.
@@ -88,6 +90,7 @@ def database(
     admin_user: str | None = None,
     admin_password: str | None = None,
     pooler: str = "pgmux",
+    dashboard_port: int | None = None,
     **entry: Any,
 ) -> dict[str, Any]:
     """A ``DATABASES`` entry for database ``name`` reached through the pooler at ``host:port``.
@@ -108,6 +111,8 @@ def database(
       where each request runs in its own thread and persistent connections pile up (Django ticket #33497).
     * ``OPTIONS["application_name"]``: one fixed name, which the pooler tracks; a name per process would
       cost a ``SET`` each time a transaction lands on a server last used by another process.
+    * ``dashboard_port``: the pooler (pgmux) serves its live dashboard and /metrics there
+      (``metrics_listen``, on the pooler's host); ``manage.py pgmux_stats`` and the health view link to it.
 
     Any other keyword (``TIME_ZONE``, ``ATOMIC_REQUESTS``, ``TEST`` ...) is copied into the entry.
     """
@@ -136,6 +141,13 @@ def database(
         conn_max_age = 0 if asgi else 60
     if health_checks is None:
         health_checks = conn_max_age != 0
+    pool_settings = dict(pool_settings or {})
+    dashboard = None
+    if dashboard_port is not None:
+        if pooler != "pgmux":
+            raise ValueError("dashboard_port: the dashboard is pgmux's (pooler='pgbouncer' has none)")
+        pool_settings["metrics_listen"] = f"{host}:{int(dashboard_port)}"
+        dashboard = f"http://{host}:{int(dashboard_port)}/"
 
     result: dict[str, Any] = {
         "ENGINE": "django.db.backends.postgresql",
@@ -154,15 +166,33 @@ def database(
             "max_prepared_statements": max_prepared_statements,
             "pooler": pooler,
             "server": {"host": server_host, "port": int(server_port)},
-            "settings": dict(pool_settings or {}),
+            "settings": pool_settings,
             "database": dict(database_settings or {}),
             "admin_user": admin_user,
             "admin_password": admin_password,
             "asgi": asgi,
+            "dashboard": dashboard,
         },
     }
     result.update(entry)
     return result
+
+
+def dashboard_url(entry: Mapping[str, Any]) -> str | None:
+    """The URL of the live dashboard of the pgmux behind ``entry`` (PGMUX["dashboard"], else from its
+    ``metrics_listen`` setting), or None when it has none."""
+    opts = pgmux_options(entry)
+    if opts is None or opts["pooler"] != "pgmux":
+        return None
+    if opts.get("dashboard"):
+        return str(opts["dashboard"])
+    listen = str((opts.get("settings") or {}).get("metrics_listen") or "")
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    if host in ("", "*", "0.0.0.0", "::", "[::]"):
+        host = str(entry.get("HOST") or "127.0.0.1")
+    return f"http://{host}:{port}/"
 
 
 def direct(entry: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
 from pgmux.django import console
-from pgmux.django.settings import pgmux_options
+from pgmux.django.settings import dashboard_url, pgmux_options
 
 __all__ = ["health", "metrics", "health_report", "metrics_report"]
 
@@ -50,6 +50,9 @@ def health_report(aliases: Iterable[str] | None = None) -> tuple[bool, dict[str,
         opts = pgmux_options(entry) or {}
         limit = float((opts.get("health") or {}).get("max_wait", 5.0))
         item: dict[str, Any] = {"pooler": f"{entry.get('HOST')}:{entry.get('PORT')}", "max_wait_limit": limit}
+        url = dashboard_url(entry)
+        if url:
+            item["dashboard"] = url
         item["ok"] = True
         # the console first: when clients already wait too long, do not queue one more behind them
         try:

@@ -28,6 +28,8 @@
 
 from cpython.ref cimport PyObject
 
+from pgmux.engine._querystats cimport QueryStats
+
 
 cdef enum LinkMode:
     MODE_SLOW = 0
@@ -43,6 +45,22 @@ cdef enum ClientFlag:
     CF_LAZY_PREPARE = 2    # a named Parse may start prepared-statement tracking: it escapes
     CF_SESSION = 4         # session pooling: no transaction-end callback
     CF_TRACKED = 8         # prepared statements tracked: names rewritten, requests recorded (ring)
+
+cdef enum:
+    QRING = 16             # requests in flight whose per-query statistics a server link keeps
+
+# Per-query statistics of a server link (malloc'd at its first statement): the request being
+# built (Parse/Bind/Query seen, Sync not yet), then one entry per request in flight, in the order
+# their ReadyForQuery will come, kept aligned with `outstanding`.
+ctypedef struct QLink:
+    long long pending          # QueryStats handle of the request being built, -1: none
+    long long statement        # ... of the latest Parse or Bind (an Execute makes it `pending`)
+    long long rows             # rows of the CommandCompletes of the request at the front
+    long long wait_us          # the linked client's wait for this server, for its next statement
+    bint error                 # an ErrorResponse answered the request at the front
+    int head, len
+    long long handles[QRING]
+    double started[QRING]
 
 
 cdef class PoolStats:
@@ -66,6 +84,7 @@ cdef class PoolCore:
     cdef public double check_delay    # server_check_delay when server_check_query is set, else -1
     cdef public int pool_size         # the pool's size: below it, a queued client asks for a new server
     cdef public bint reserve          # reserve_pool_size is set: always ask (Pooler.launch_connects decides)
+    cdef public int qpool             # QueryStats.pool_id of the pool, -1: no per-query statistics
     cdef object idle_append, idle_pop, idle_popleft, waiting_popleft, waiting_appendleft
 
 
@@ -102,6 +121,9 @@ cdef class Link:
     cdef bint tracked_fast
     cdef Link peer                    # fast mode: the other side of the link
     cdef object tls                   # TlsState: a TLS link (ssl.SSLObject over MemoryBIOs), else None
+    cdef QLink *q                     # server: per-query statistics of the requests in flight
+    cdef long long q_unnamed          # client: QueryStats handle of its unnamed statement's text
+    cdef public object query_names    # client: {statement name: QueryStats handle}, made on demand
     # ---- link state (server side), read and written by Python too
     cdef public int outstanding       # Query/Sync/FunctionCall not yet answered by ReadyForQuery
     cdef public bint pending_ext      # extended-protocol messages since the last Sync
@@ -150,6 +172,12 @@ cdef class Link:
     cdef void ready_for_query(self, int status, double now)
     cdef void copy_started(self)
     cdef void copy_end(self)
+    cdef QLink *qlink(self) noexcept
+    cdef QLink *qlink_for(self, long long handle) noexcept
+    cdef void q_pending(self, long long handle) noexcept
+    cdef void q_statement(self, long long handle) noexcept
+    cdef int name_query(self, const unsigned char *name, Py_ssize_t n, long long handle) except -1
+    cdef long long bind_query(self, const unsigned char *body, Py_ssize_t blen) except? -2
 
 
 cdef class Engine:
@@ -166,6 +194,7 @@ cdef class Engine:
     cdef unsigned char *scratch       # a tracked client's output with names rewritten, sent at once
     cdef Py_ssize_t scratch_cap, scratch_len
     cdef list paused_now              # links whose pause_writing() is due once the walk is over
+    cdef public QueryStats qstats     # per-query statistics (query_stats, SHOW QUERIES)
 
     cdef int _register(self, Link link) except -1
     cdef int _run_batch(self, void *events, int n) except -1

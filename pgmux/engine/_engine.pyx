@@ -21,10 +21,12 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.ref cimport Py_INCREF, Py_XDECREF
 from libc.errno cimport EAGAIN, EINTR, errno  # (EWOULDBLOCK == EAGAIN on Linux)
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memmove, strlen
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close
+
+from pgmux.engine._querystats cimport QueryStats
 
 
 cdef extern from "sys/epoll.h" nogil:
@@ -141,10 +143,12 @@ cdef inline bint starts_nocase(const unsigned char *p, Py_ssize_t n, const char 
 
 
 cdef bint contains_nocase(const unsigned char *p, Py_ssize_t n, const char *word) noexcept nogil:
-    """`word` (lower case ASCII) in p[0:n], ignoring ASCII case."""
+    """`word` (lower case ASCII, starting with a letter) in p[0:n], ignoring ASCII case. The first
+    letter is tested with `| 32` (exact for letters), the rest only where it matched."""
     cdef Py_ssize_t wn = strlen(word), i
+    cdef unsigned char first = <unsigned char>word[0]
     for i in range(n - wn + 1):
-        if starts_nocase(p + i, n - i, word, wn):
+        if (p[i] | 32) == first and starts_nocase(p + i + 1, n - i - 1, word + 1, wn - 1):
             return True
     return False
 
@@ -195,6 +199,22 @@ cdef inline Py_ssize_t cstr_len(const unsigned char *p, Py_ssize_t n) noexcept n
     return -1
 
 
+cdef long long tag_rows(const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    """The row count that ends a CommandComplete tag ("SELECT 5", "INSERT 0 5"), else 0."""
+    cdef Py_ssize_t end = n, i, k
+    cdef long long v = 0
+    while end > 0 and p[end - 1] == 0:
+        end -= 1
+    i = end
+    while i > 0 and 48 <= p[i - 1] <= 57:
+        i -= 1
+    if i == end or i == 0 or p[i - 1] != 32 or end - i > 18:
+        return 0
+    for k in range(i, end):
+        v = v * 10 + (p[k] - 48)
+    return v
+
+
 cdef inline bint reserved_name(const unsigned char *p, Py_ssize_t n) noexcept nogil:
     return n >= 6 and memcmp(p, b"PGMUX_", 6) == 0
 
@@ -241,6 +261,7 @@ cdef class PoolCore:
         self.waiting = waiting
         self.stats = stats
         self.enabled = True
+        self.qpool = -1
         self.lifetime = 0.0
         self.check_delay = -1.0
         self.idle_append = idle.append
@@ -298,6 +319,7 @@ cdef class Link:
         self.fd = -1
         self.status = 73  # 'I'
         self.max_packet_size = 0x7FFFFFFF
+        self.q_unnamed = -1
 
     def __dealloc__(self):
         if self.rbuf != NULL:
@@ -306,6 +328,8 @@ cdef class Link:
             free(self.obuf)
         if self.ring != NULL:
             free(self.ring)
+        if self.q != NULL:
+            free(self.q)
 
     # ------------------------------------------------------------ read-only views for Python
 
@@ -460,7 +484,26 @@ cdef class Link:
 
     cdef void note_request(self, int kind, double now):
         """The client sent a Query, FunctionCall or Sync (`kind`): one more ReadyForQuery to wait
-        for, the latest request's kind (COPY IN accounting), the query and transaction timers."""
+        for, the latest request's kind (COPY IN accounting), the query and transaction timers,
+        and the statement it runs for per-query statistics (`q.pending`)."""
+        cdef QLink *q = self.q
+        cdef int i
+        if q != NULL:
+            while q.len > self.outstanding:  # realign after requests that got no ReadyForQuery
+                q.head = (q.head + 1) % QRING
+                q.len -= 1
+            if q.len == QRING:  # more in flight than kept: the oldest is not counted
+                q.head = (q.head + 1) % QRING
+                q.len -= 1
+            while q.len < self.outstanding and q.len < QRING - 1:  # in flight before q existed
+                i = (q.head + q.len) % QRING
+                q.handles[i] = -1
+                q.len += 1
+            i = (q.head + q.len) % QRING
+            q.handles[i] = q.pending
+            q.started[i] = now
+            q.len += 1
+            q.pending = -1
         self.outstanding += 1
         self.last_start = kind
         if not self.query_start:
@@ -474,6 +517,20 @@ cdef class Link:
         cdef PoolStats stats = self.link_stats
         cdef long long us
         cdef double started = self.query_start
+        cdef QLink *q = self.q
+        if q != NULL:
+            if q.len:
+                if q.handles[q.head] >= 0 and self.eng is not None and self.core is not None:
+                    self.eng.qstats.record(q.handles[q.head], self.core.qpool,
+                                           <long long>((now - q.started[q.head]) * 1000000), q.rows, q.error,
+                                           q.wait_us)
+                    q.wait_us = 0
+                q.head = (q.head + 1) % QRING
+                q.len -= 1
+            q.rows = 0
+            q.error = False
+            if self.outstanding <= 1:
+                q.len = 0
         if self.outstanding:
             self.outstanding -= 1
         if stats is not None:
@@ -518,6 +575,137 @@ cdef class Link:
         if self.copy_in > 0:
             self.outstanding = self.copy_base
         self.copy_in = -1 if self.copy_in == 0 else 0
+
+    # ------------------------------------------------------------ per-query statistics
+
+    cdef QLink *qlink(self) noexcept:
+        if self.q == NULL:
+            self.q = <QLink *>calloc(1, sizeof(QLink))
+            if self.q != NULL:
+                self.q.pending = self.q.statement = -1
+        return self.q
+
+    cdef inline QLink *qlink_for(self, long long handle) noexcept:
+        """The QLink to note `handle` in: made for a statement, not for "none" (-1)."""
+        if self.q == NULL and handle < 0:
+            return NULL
+        return self.qlink()
+
+    cdef void q_pending(self, long long handle) noexcept:
+        """Server: the request being built runs this statement (a QueryStats handle): a Query,
+        or an Execute of the statement q_statement() named."""
+        cdef QLink *q = self.qlink_for(handle)
+        if q != NULL:
+            q.pending = handle
+
+    cdef void q_statement(self, long long handle) noexcept:
+        """Server: a Parse or Bind of this statement; it counts once an Execute runs it (a lone
+        Parse + Sync, as PQprepare sends, is no call)."""
+        cdef QLink *q = self.qlink_for(handle)
+        if q != NULL:
+            q.statement = handle
+
+    cdef int name_query(self, const unsigned char *name, Py_ssize_t n, long long handle) except -1:
+        """Client: a named Parse; a later Bind of the name runs this statement."""
+        names = self.query_names
+        if names is None:
+            names = self.query_names = {}
+        elif len(names) >= 1000:  # a client that never reuses its names: keep it bounded
+            names.clear()
+        names[PyBytes_FromStringAndSize(<char *>name, n)] = handle
+        return 0
+
+    cdef long long bind_query(self, const unsigned char *body, Py_ssize_t blen) except? -2:
+        """Client: the statement a Bind body (maybe cut short) runs: its named one, else the
+        unnamed statement's."""
+        cdef Py_ssize_t name_pos, name_len
+        name_pos = cstr_len(body, blen)
+        if name_pos < 0:
+            return self.q_unnamed
+        name_pos += 1
+        name_len = cstr_len(body + name_pos, blen - name_pos)
+        if name_len <= 0:
+            return self.q_unnamed
+        if self.query_names is None:
+            return -1
+        return self.query_names.get(PyBytes_FromStringAndSize(<char *>body + name_pos, name_len), -1)
+
+    def note_query(self, const unsigned char[::1] buf, Py_ssize_t start, Py_ssize_t stop):
+        """Server, Python's paths: the client's Query text is buf[start:stop]."""
+        cdef QueryStats qs = self.eng.qstats if self.eng is not None else None
+        if qs is None or not qs.enabled or self.core is None or self.core.qpool < 0:
+            return
+        stop = min(stop, buf.shape[0])
+        if 0 <= start < stop:
+            self.q_pending(qs.lookup(self.core.qpool, &buf[start], stop - start))
+        else:
+            self.q_pending(qs.lookup(self.core.qpool, <const unsigned char *>b"", 0))
+
+    def note_parse(self, Link server, const unsigned char[::1] buf, Py_ssize_t start, Py_ssize_t stop):
+        """Client, Python's paths: a Parse whose body is buf[start:stop], going to `server` (None:
+        answered by pgmux, as a lone Parse is before any server is linked)."""
+        cdef QueryStats qs = self.eng.qstats if self.eng is not None else None
+        cdef Py_ssize_t tl, nl
+        cdef long long h
+        stop = min(stop, buf.shape[0])
+        if qs is None or not qs.enabled or self.core is None or self.core.qpool < 0 or not 0 <= start < stop:
+            return
+        tl = cstr_len(&buf[start], stop - start)
+        if tl < 0:
+            return
+        nl = cstr_len(&buf[start] + tl + 1, stop - start - tl - 1)
+        if nl < 0:
+            return
+        h = qs.lookup(self.core.qpool, &buf[start] + tl + 1, nl)
+        if server is not None:
+            server.q_statement(h)
+        if tl:
+            self.name_query(&buf[start], tl, h)
+        else:
+            self.q_unnamed = h
+
+    def note_bind(self, Link server, const unsigned char[::1] buf, Py_ssize_t start, Py_ssize_t stop):
+        """Client, Python's paths: a Bind whose body is buf[start:stop] (perhaps cut short)."""
+        stop = min(stop, buf.shape[0])
+        if server.q == NULL and (server.eng is None or not server.eng.qstats.enabled):
+            return
+        if 0 <= start < stop:
+            server.q_statement(self.bind_query(&buf[start], stop - start))
+        else:
+            server.q_statement(self.q_unnamed)
+
+    def note_execute(self):
+        """Server, Python's paths: an Execute runs the statement of the latest Parse or Bind."""
+        if self.q != NULL:
+            self.q.pending = self.q.statement
+
+    def note_rows(self, const unsigned char[::1] buf, Py_ssize_t start, Py_ssize_t stop):
+        """Server, Python's paths: a CommandComplete tag in buf[start:stop]."""
+        stop = min(stop, buf.shape[0])
+        if self.q != NULL and 0 <= start < stop:
+            self.q.rows += tag_rows(&buf[start], stop - start)
+
+    def note_error(self):
+        """Server, Python's paths: an ErrorResponse for the request at the front."""
+        if self.q != NULL:
+            self.q.error = True
+
+    @property
+    def query_ring(self):
+        """Server: (handle of the request being built, handles of the requests in flight), or None
+        before its first statement (for tests)."""
+        cdef QLink *q = self.q
+        if q == NULL:
+            return None
+        return q.pending, [q.handles[(q.head + i) % QRING] for i in range(q.len)]
+
+    def note_wait(self, long long us):
+        """Server: its new client waited `us` for it; counted with the client's next statement."""
+        cdef QLink *q
+        if self.eng is not None and self.eng.qstats.enabled:
+            q = self.qlink()
+            if q != NULL:
+                q.wait_us = us
 
     # The same changes for Python's own paths (slow links, pgmux's queries): one implementation.
 
@@ -658,6 +846,7 @@ cdef class Engine:
             raise MemoryError()
         self.next_gen = 1
         self.paused_now = []
+        self.qstats = QueryStats(5000)
 
     def __dealloc__(self):
         cdef int i
@@ -1079,6 +1268,9 @@ cdef class Engine:
         cdef const unsigned char *body
         cdef long long skip = c.rskip
         cdef object stmts = None, lru = None
+        cdef QueryStats qs = self.qstats
+        cdef int qpool = s.core.qpool if qs.enabled and s.core is not None else -1
+        cdef long long qh
         if skip:
             if skip >= end:
                 c.rskip = skip - end
@@ -1109,6 +1301,8 @@ cdef class Engine:
                 if nxt > end:  # decided on the whole message
                     stop = pos
                     break
+            if typ == 66 and qpool >= 0:  # the statement it runs (its name, when whole here)
+                s.q_statement(c.bind_query(body, <Py_ssize_t>ln - 4 if nxt <= end else end - pos - 5))
             if typ == 66 or typ == 68:  # Bind, Describe: busy until Sync
                 if tracked:
                     tl = self._statement_ref(c, s, b, pos, ln, typ, stmts, lru, run)
@@ -1122,6 +1316,8 @@ cdef class Engine:
                     s.ring_push(typ)
                 s.pending_ext = True
             elif typ == 69:  # Execute
+                if s.q != NULL:
+                    s.q.pending = s.q.statement
                 if tracked:
                     s.ring_push(69)
                 s.pending_ext = True
@@ -1134,6 +1330,8 @@ cdef class Engine:
                     escape = True
                     stop = pos
                     break
+                if qpool >= 0:
+                    s.q_pending(qs.lookup(qpool, body, tl))
                 s.note_request(81, self.now)
                 if tracked:
                     s.ring_push(81)
@@ -1143,6 +1341,7 @@ cdef class Engine:
                 if tracked:
                     s.ring_push(83)
             elif typ == 70:  # FunctionCall
+                s.q_pending(-1)
                 s.note_request(70, self.now)
                 if tracked:
                     s.ring_push(70)
@@ -1152,12 +1351,21 @@ cdef class Engine:
                     escape = True  # malformed: Python decides
                 elif tl > 0 and (flags & (CF_LAZY_PREPARE | CF_PIN_HINTS | CF_TRACKED) or reserved_name(body, tl)):
                     escape = True  # a named Parse: tracking or pinning starts, or a reserved name
-                elif flags & (CF_PIN_HINTS | CF_TRACKED):
+                elif flags & (CF_PIN_HINTS | CF_TRACKED) or qpool >= 0:
                     nl = cstr_len(body + tl + 1, <Py_ssize_t>ln - 5 - tl)
-                    if nl < 0 or ((flags & CF_PIN_HINTS) and maybe_session_state(body + tl + 1, nl)):
+                    if nl < 0:
+                        escape = (flags & (CF_PIN_HINTS | CF_TRACKED)) != 0
+                    elif (flags & CF_PIN_HINTS) and maybe_session_state(body + tl + 1, nl):
                         escape = True
                     elif tracked and nl and may_deallocate(body[tl + 1]):
                         escape = True  # SQL DEALLOCATE in an unnamed Parse: Python rewrites it
+                    elif qpool >= 0:
+                        qh = qs.lookup(qpool, body + tl + 1, nl)
+                        s.q_statement(qh)
+                        if tl:
+                            c.name_query(body, tl, qh)
+                        else:
+                            c.q_unnamed = qh
                 if escape:
                     stop = pos
                     break
@@ -1334,9 +1542,11 @@ cdef class Engine:
                     if hooks is None:
                         hooks = []
                     hooks.append((s.engine_parameter_status, PyBytes_FromStringAndSize(<char *>b + pos + 5, ln - 4)))
-                elif ln >= 5 and b[pos + 5] == 68:  # tags starting with D: DISCARD ALL, DEALLOCATE
-                    if ((ln - 4 >= 11 and memcmp(b + pos + 5, b"DISCARD ALL", 11) == 0)
-                            or (ln - 4 >= 10 and memcmp(b + pos + 5, b"DEALLOCATE", 10) == 0)):
+                elif ln >= 5:  # CommandComplete
+                    if s.q != NULL:  # rows, for per-query statistics
+                        s.q.rows += tag_rows(b + pos + 5, <Py_ssize_t>ln - 4)
+                    if b[pos + 5] == 68 and ((ln - 4 >= 11 and memcmp(b + pos + 5, b"DISCARD ALL", 11) == 0)
+                                             or (ln - 4 >= 10 and memcmp(b + pos + 5, b"DEALLOCATE", 10) == 0)):
                         if tracked:  # forgets prepared statements: ResponseTracker's business
                             escape = True
                             stop = pos
@@ -1345,6 +1555,9 @@ cdef class Engine:
                             hooks = []
                         hooks.append((s.engine_command_complete,
                                       PyBytes_FromStringAndSize(<char *>b + pos + 5, ln - 4)))
+            elif typ == 69:  # ErrorResponse (untracked: tracked ones escaped above)
+                if s.q != NULL:
+                    s.q.error = True
             elif typ == 71:  # CopyInResponse
                 if tracked and s.copy_in >= 0:
                     s.ring_drop_syncs()
@@ -1460,6 +1673,7 @@ cdef class Engine:
         cdef PoolStats stats = s.core.stats
         cdef long long us
         cdef bint tracked
+        cdef QLink *q
         c.server = s
         s.client = c
         s.state = S_ACTIVE
@@ -1470,6 +1684,10 @@ cdef class Engine:
             if stats.histograms:
                 observe(stats.wait_hist, us)
             c.wait_started = 0.0
+            if self.qstats.enabled:
+                q = s.qlink()
+                if q != NULL:
+                    q.wait_us = us
         tracked = (c.flags & CF_TRACKED) != 0
         c.tracking = tracked
         s.tracking = tracked

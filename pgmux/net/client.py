@@ -102,7 +102,7 @@ class ClientConnection(PgConnection):
         "startup_params", "addr", "port", "local_addr", "local_port", "connect_wall", "logged_in", "admitted",
         "limits_counted", "pool_mode", "cancel_key", "login_task", "id", "client_key",
         "lazy_prepare", "pin_mode", "state_hint", "pinned", "pinned_since", "drain_passed", "awaiting_quiet",
-        "authed", "no_pqexec",
+        "authed", "no_pqexec", "wait_notified",
     )
     # Accepted on a socket kept open during a WAIT_FOR_CLIENTS drain for its peers' cancel
     # requests (pgmux/net/listener.py): a login is refused.
@@ -157,6 +157,7 @@ class ClientConnection(PgConnection):
         self.stmts: dict[bytes, Statement] = {}  # this client's named statements
         self.no_pqexec = bool(pooler.settings.disable_pqexec)  # simple Query refused (not reloadable)
         self.authed = False  # authenticated: until then the login inbox is capped (LOGIN_INBOX_LIMIT)
+        self.wait_notified = False  # query_wait_notify's NOTICE went out (once per connection, as PgBouncer)
 
     def __repr__(self) -> str:
         return f"C-{id(self):#x}"
@@ -299,11 +300,17 @@ class ClientConnection(PgConnection):
             for typ, start, stop_ in events:
                 if typ in _BDE:  # Bind, Describe, Execute: the server is busy until Sync
                     server.pending_ext = True
+                    if typ == _B:
+                        self.note_bind(server, self.buf, start + 5, min(stop_, end))
+                    elif typ == _E:
+                        server.note_execute()
                 elif typ in (_Q, _F):
-                    if typ == _Q and self._inspect_query(start + 5, stop_ - 1):
-                        fwd = start
-                        interrupt = True
-                        break
+                    if typ == _Q:
+                        if self._inspect_query(start + 5, stop_ - 1):
+                            fwd = start
+                            interrupt = True
+                            break
+                        server.note_query(self.buf, start + 5, stop_ - 1)
                     server.request_sent(typ)
                 elif typ == _SYNC:
                     server.request_sent(_SYNC)
@@ -320,6 +327,7 @@ class ClientConnection(PgConnection):
                 elif typ in _COPY_END:
                     server.copy_end()
                 else:  # Parse
+                    self.note_parse(server, self.buf, start + 5, stop_)
                     if self.pin_mode != "off":
                         self._hint_parse(bytes(self.buf[start + 5 : stop_]))
                     if self.buf[start + 5] != 0:
@@ -499,6 +507,7 @@ class ClientConnection(PgConnection):
                     undo = None
                     if buf[start + 5] in _D_FIRST:
                         replacement, undo = self._rewrite_deallocate(_Q, bytes(buf[start + 5 : stop_]), server)
+                    server.note_query(buf, start + 5, stop_ - 1)
                     server.request_sent(_Q)
                     tracker.request(_Q, PASS, undo)
                 elif typ == _SYNC:
@@ -513,11 +522,16 @@ class ClientConnection(PgConnection):
                     break
                 elif typ == _E:
                     server.pending_ext = True
+                    server.note_execute()
                     tracker.request(_E)
                 elif typ in _COPY_END:
                     server.copy_end()
                 else:
                     server.pending_ext = True
+                    if typ == _P:
+                        self.note_parse(server, buf, start + 5, stop_)
+                    elif typ == _B:
+                        self.note_bind(server, buf, start + 5, stop_)
                     replacement = self._statement_message(typ, bytes(buf[start + 5 : stop_]), server)
                 if replacement is not None:
                     out.append(mv[run:start])
@@ -556,6 +570,7 @@ class ClientConnection(PgConnection):
             return False  # malformed: the data path refuses it once a server is linked
         if not name or name in self.stmts:
             return False
+        self.note_parse(None, buf, 5, parse_end)
         self.stmts[name] = self.pooler.statements.get(tail)
         self.auto = False  # statements to track from now on: links go through Pooler.link_fast
         assert self.pool is not None
@@ -717,7 +732,7 @@ class ClientConnection(PgConnection):
         """Read untyped packets until a StartupMessage (answering SSL/GSS requests with N)."""
         while True:
             head = await self.read_exact(4)
-            length = m.startup_packet_length(head)
+            length = m.startup_packet_length(head, self.max_packet_size)
             packet = head + await self.read_exact(length - 4)
             pkt = m.parse_startup_packet(packet)
             if pkt.is_ssl_request or pkt.is_gssenc_request:
@@ -967,7 +982,10 @@ class ClientConnection(PgConnection):
     async def _auth_scram(self, user: str, stored: str | None) -> None:
         # An unknown user still goes through a full exchange against a throwaway secret, so
         # the failure reads the same as a wrong password.
-        server = ScramServer(stored, user) if stored else ScramServer.mock(user)
+        # Secrets built here (from a plaintext password, or the mock) get scram_iterations.
+        iterations = self.pooler.settings.scram_iterations
+        server = (ScramServer(stored, user, iterations=iterations) if stored
+                  else ScramServer.mock(user, iterations=iterations))
         self.write(m.auth_sasl(["SCRAM-SHA-256"]))
         try:
             mech, data = m.parse_sasl_initial_response(await self._read_password())

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 # ParameterStatus (tracked parameters). Everything else is forwarded unread.
 SERVER_NEED_BODY = type_table("ZSC")  # C: DISCARD ALL / DEALLOCATE ALL forget prepared statements
 # CopyInResponse: Syncs the client sends while the server is in COPY IN get no ReadyForQuery.
-SERVER_NOTIFY = type_table("G")
+SERVER_NOTIFY = type_table("GE")  # E: an error, for per-query statistics
 # With prepared-statement tracking every answer that ends a request is read whole, so invented
 # answers can be put right after it; DataRows and COPY data still stream through.
 TRACKED_NEED_BODY = type_table("ZSCTnE123Is")
@@ -59,11 +59,12 @@ class ServerConnection(PgConnection):
     # stmts, tracker, sent_prefix are fields of pgmux.engine.Link.
     __slots__ = (
         "pooler", "pool", "addr", "port", "backend_pid", "backend_key", "login_params", "connect_wall", "tls",
-        "local_addr", "local_port", "_events",
+        "local_addr", "local_port", "_events", "id",
     )
 
-    def __init__(self, pooler: Pooler, pool: Pool, addr: str, port: int) -> None:
+    def __init__(self, pooler: Pooler, pool: Pool, addr: str, port: int, sid: int) -> None:
         super().__init__(loop=pooler.loop)
+        self.id = sid  # from Pooler.next_client_id(), drawn when the connect was launched
         self.pooler = pooler
         self.pool = pool
         self.link_stats = pool.stats  # what the engine counts this server's traffic in
@@ -189,6 +190,8 @@ class ServerConnection(PgConnection):
                     self._command_complete(buf, start, stop_)
                 elif typ == _S:
                     self._parameter_status(buf, start, stop_, client)
+                elif typ == _E:
+                    self.note_error()
                 else:  # CopyInResponse
                     self._copy_in()
             events.clear()
@@ -258,6 +261,7 @@ class ServerConnection(PgConnection):
             elif typ == _G:
                 self._copy_in()
             elif typ == _E:
+                self.note_error()
                 self._statement_error(buf, start, stop_)
             forward = tracker.answer(typ, extra)
             if exact:
@@ -304,7 +308,9 @@ class ServerConnection(PgConnection):
         self.engine_parameter_status(bytes(buf[start + 5 : stop]))
 
     def _command_complete(self, buf: bytearray, start: int, stop: int) -> None:
-        """CommandComplete on the slow path: the tags that forget prepared statements start with D."""
+        """CommandComplete on the slow path: rows for per-query statistics; the tags that forget
+        prepared statements start with D."""
+        self.note_rows(buf, start + 5, stop)
         if buf[start + 5] == 68:
             self.engine_command_complete(bytes(buf[start + 5 : min(stop, start + 20)]))
 

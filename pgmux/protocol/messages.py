@@ -214,13 +214,17 @@ class StartupPacket:
         return self.code == CANCEL_REQUEST_CODE
 
 
-MAX_STARTUP_PACKET = 10000  # PostgreSQL's MAX_STARTUP_PACKET_LENGTH
+# PgBouncer reads an untyped packet's length as 16 bits after two zero bytes (proto.c get_header),
+# and since 1.25 takes one longer than pkt_buf into a dynamic buffer: up to 64 KiB, where
+# PostgreSQL's own MAX_STARTUP_PACKET_LENGTH is 10000.
+MAX_STARTUP_PACKET = 0xFFFF
 
 
-def startup_packet_length(head: bytes | bytearray | memoryview) -> int:
-    """Total length of the untyped packet starting at head[0:4]; raises ProtocolError when absurd."""
+def startup_packet_length(head: bytes | bytearray | memoryview, limit: int = MAX_STARTUP_PACKET) -> int:
+    """Total length of the untyped packet starting at head[0:4]; raises ProtocolError when absurd
+    or over `limit` (MAX_STARTUP_PACKET, or max_packet_size when smaller)."""
     (length,) = _I32.unpack_from(head, 0)
-    if length < 8 or length > MAX_STARTUP_PACKET:
+    if length < 8 or length > min(limit, MAX_STARTUP_PACKET):
         raise ProtocolError(f"bad packet header: '{bytes(head[:8]).hex()}'")
     return length
 

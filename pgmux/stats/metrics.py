@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
 
-from pgmux.stats import counters
+from pgmux.stats import counters, queries
 from pgmux.stats.histogram import cumulative_buckets
 
 if TYPE_CHECKING:
@@ -108,6 +108,21 @@ def _label(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+# SHOW QUERIES column -> (metric under pgmux_query_, help, scale).
+_QUERY_COUNTERS = (
+    ("calls", "calls", "Times the statement ran (one per ReadyForQuery)", 1),
+    ("errors", "errors", "Times the statement ended in an error", 1),
+    ("rows", "rows", "Rows the statement returned or changed (CommandComplete)", 1),
+    ("total_query_time", "time_seconds", "Time the statement ran on the server", 1e-6),
+    ("total_wait_time", "wait_seconds", "Time its clients waited for a server before it ran", 1e-6),
+)
+
+
+def _query_labels(row: list[Any], idx: dict[str, int]) -> list[str]:
+    return [_label(row[idx["database"]]), _label(row[idx["user"]]), str(row[idx["queryid"]]),
+            str(row[idx["query"]])[:200]]
+
+
 async def gather_workers(pooler: Pooler) -> dict[str, Any]:
     """workers > 1: what the collector reads, for pgmux as a whole: the console's merged SHOW
     LISTS / DATABASES / POOLS / STATS_TOTALS (the stats counters summed per database)."""
@@ -115,7 +130,7 @@ async def gather_workers(pooler: Pooler) -> dict[str, Any]:
 
     shared = pooler.shared
     assert shared is not None
-    names = ("lists", "databases", "pools", "stats_totals")
+    names = ("lists", "databases", "pools", "stats_totals", "queries")
     results = await asyncio.gather(*(shared.merged_show(name) for name in names))
     merged: dict[str, Any] = dict(zip(names, results, strict=True))
     merged["stats"] = [(row[0], row[1:], None) for row in merged.pop("stats_totals").rows]
@@ -180,6 +195,9 @@ class PoolerCollector:
 
         if not merged:
             yield from self._histograms(show.sorted_pools(pooler))
+        top = int(pooler.settings.query_stats_metrics)
+        if top:
+            yield from self._queries((merged["queries"] if merged else show.show_queries(pooler)).rows[:top])
 
     @staticmethod
     def _from_result(result: Any, group: str, labels: tuple[str, ...], mapping: dict[str, tuple[str, str]]
@@ -193,6 +211,25 @@ class PoolerCollector:
                 family.add_metric([_label(row[i]) for i in label_idx],
                                   float("nan") if value is None else float(value))
             yield family
+
+    @staticmethod
+    def _queries(rows: list[Any]) -> Iterator[Metric]:
+        """The top statements of SHOW QUERIES (query_stats_metrics of them: label cardinality is
+        capped), labelled database, user, queryid and the normalized text (its first 200 chars)."""
+        labels = ["database", "user", "queryid", "query"]
+        idx = {name: i for i, (name, _) in enumerate(queries.QUERIES_COLUMNS_SPEC)}
+        for column, metric, doc, scale in _QUERY_COUNTERS:
+            family = CounterMetricFamily(f"pgmux_query_{metric}", doc, labels=labels)
+            for row in rows:
+                family.add_metric(_query_labels(row, idx), row[idx[column]] * scale)
+            yield family
+        latency = GaugeMetricFamily("pgmux_query_latency_seconds", "Query time percentiles per statement "
+                                    "(since the start or RESET QUERIES)", labels=[*labels, "quantile"])
+        for row in rows:
+            for quantile, column in (("0.5", "p50_query_time"), ("0.95", "p95_query_time"),
+                                     ("0.99", "p99_query_time")):
+                latency.add_metric([*_query_labels(row, idx), quantile], row[idx[column]] / 1e6)
+        yield latency
 
     @staticmethod
     def _histograms(pools: list[Any]) -> Iterator[Metric]:

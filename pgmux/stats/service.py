@@ -8,10 +8,11 @@ thread, unlike prometheus_client's threaded start_http_server) and only at scrap
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import TYPE_CHECKING, Any
 
 from pgmux import log as pglog
-from pgmux.stats import counters
+from pgmux.stats import counters, dashboard
 
 if TYPE_CHECKING:
     from pgmux.pooler import Pooler
@@ -51,8 +52,9 @@ def parse_listen(value: str) -> tuple[str | None, int]:
 
 
 async def start_metrics_listener(pooler: Pooler) -> asyncio.AbstractServer | None:
-    """Serve /metrics on metrics_listen, if set. Refuses (with a log line, not a crash) when
-    prometheus_client, the optional `metrics` extra, is not installed or the address is bad."""
+    """Serve /metrics and the dashboard (/, /api/dashboard) on metrics_listen, if set. /metrics
+    needs prometheus_client, the optional `metrics` extra: without it the dashboard is served and
+    /metrics answers 503, with a log line at start. A bad address is logged, not a crash."""
     listen = pooler.settings.metrics_listen
     if not listen:
         return None
@@ -60,8 +62,8 @@ async def start_metrics_listener(pooler: Pooler) -> asyncio.AbstractServer | Non
         from pgmux.stats.metrics import render_metrics
     except ImportError:
         logger.error("metrics_listen = %s is set but prometheus_client is not installed "
-                     "(pip install 'pgmux[metrics]'); metrics endpoint disabled", listen)
-        return None
+                     "(pip install 'pgmux[metrics]'); /metrics disabled, dashboard served", listen)
+        render_metrics = None  # type: ignore[assignment]
     try:
         host, port = parse_listen(listen)
     except ValueError as exc:
@@ -100,16 +102,25 @@ async def _serve_http(pooler: Pooler, reader: asyncio.StreamReader, writer: asyn
     if method not in ("GET", "HEAD"):
         _respond(writer, 405, "text/plain", b"method not allowed\n")
         return
-    if target not in ("/metrics", "/"):
+    if target not in ("/metrics", dashboard.PAGE_PATH, dashboard.DATA_PATH):
         _respond(writer, 404, "text/plain", b"not found\n")
         return
+    if target == "/metrics" and render is None:
+        _respond(writer, 503, "text/plain", b"prometheus_client is not installed (pip install 'pgmux[metrics]')\n")
+        return
     try:
-        merged = None
-        if pooler.shared is not None:  # workers > 1: figures for pgmux as a whole
-            from pgmux.stats.metrics import gather_workers
+        if target == dashboard.PAGE_PATH:
+            body, content_type = dashboard.page(), "text/html; charset=utf-8"
+        elif target == dashboard.DATA_PATH:
+            body = json.dumps(await dashboard.data(pooler), separators=(",", ":")).encode()
+            content_type = "application/json"
+        else:
+            merged = None
+            if pooler.shared is not None:  # workers > 1: figures for pgmux as a whole
+                from pgmux.stats.metrics import gather_workers
 
-            merged = await gather_workers(pooler)
-        body, content_type = render(pooler, merged)
+                merged = await gather_workers(pooler)
+            body, content_type = render(pooler, merged)
     except Exception:  # noqa: BLE001 - a failing scrape must not take the listener down
         logger.exception("metrics collection failed")
         _respond(writer, 500, "text/plain", b"collection failed\n")
@@ -121,7 +132,8 @@ async def _serve_http(pooler: Pooler, reader: asyncio.StreamReader, writer: asyn
         pass
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error"}
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
+            503: "Service Unavailable"}
 
 
 def _respond(writer: asyncio.StreamWriter, status: int, content_type: str, body: bytes,

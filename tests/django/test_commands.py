@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -49,6 +50,21 @@ def test_pgmux_stats_prints_pools_clients_servers(shop_pooler: ManagedPooler) ->
     assert '"total_xact_count"' in proc.stdout
     proc = manage(shop_pooler.env, "pgmux_stats", "nonsense")
     assert proc.returncode != 0 and "unknown" in proc.stderr
+
+
+def test_pgmux_stats_queries_lists_the_statements(shop_pooler: ManagedPooler) -> None:
+    with connect(shop_pooler.port) as conn:
+        for i in range(3):
+            conn.execute(f"SELECT {i} AS pgmux_stats_probe", prepare=False)
+    proc = manage(shop_pooler.env, "pgmux_stats", "--queries")
+    assert proc.returncode == 0, proc.stderr
+    assert "SHOW QUERIES" in proc.stdout and "SHOW POOLS" not in proc.stdout
+    line = next(ln for ln in proc.stdout.splitlines() if "SELECT $1 AS pgmux_stats_probe" in ln)
+    assert [c.strip() for c in line.split("|")][1] == "3"  # calls
+    proc = manage(shop_pooler.env, "pgmux_stats", "--queries", "--json", "--limit", "1")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert len(data["queries"]) == 1 and data["dashboard"] is None
 
 
 def test_manage_py_pgmux_stops_cleanly_and_prints_config(shop_db: TempCluster, tmp_path: Path) -> None:

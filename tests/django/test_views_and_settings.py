@@ -103,6 +103,22 @@ def test_health_view_answers_503_when_clients_wait(small_pool: PoolerProcess) ->
         assert response.status_code == 200, response.content
 
 
+def test_dashboard_url_in_settings_and_health_view() -> None:
+    entry = pgmux.django.database("testdb", "md5user", "md5pass", port=free_port(), dashboard_port=9127,
+                                  options={"sslmode": "disable", "connect_timeout": 2})
+    assert entry["PGMUX"]["settings"]["metrics_listen"] == "127.0.0.1:9127"
+    assert pgmux.django.dashboard_url(entry) == "http://127.0.0.1:9127/"
+    listen_all = pgmux.django.database("testdb", "u", host="10.0.0.5", pool_settings={"metrics_listen": "*:9000"})
+    assert pgmux.django.dashboard_url(listen_all) == "http://10.0.0.5:9000/"
+    assert pgmux.django.dashboard_url(pgmux.django.database("testdb", "u")) is None
+    assert pgmux.django.dashboard_url(pgmux.django.database("testdb", "u", pooler="pgbouncer")) is None
+    with pytest.raises(ValueError):
+        pgmux.django.database("testdb", "u", pooler="pgbouncer", dashboard_port=9127)
+    with use_databases({"default": entry}, views):
+        response = Client().get("/health")
+    assert response.json()["databases"]["default"]["dashboard"] == "http://127.0.0.1:9127/"
+
+
 def test_health_view_answers_503_when_the_pooler_is_down() -> None:
     entry = pgmux.django.database("testdb", "md5user", "md5pass", port=free_port(), conn_max_age=0,
                                   options={"sslmode": "disable", "connect_timeout": 2})

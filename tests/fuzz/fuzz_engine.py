@@ -29,10 +29,12 @@ import os
 import socket
 import struct
 import sys
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from pgmux.engine import LAZY_PREPARE, PIN_HINTS, SESSION, Engine, Link, PoolStats
+from pgmux.engine import LAZY_PREPARE, PIN_HINTS, SESSION, Engine, Link, PoolCore, PoolStats
+from pgmux.engine._querystats import normalize
 from pgmux.protocol.sessionstate import _PLAIN_STARTS
 
 FLAG_MASK = PIN_HINTS | LAZY_PREPARE | SESSION
@@ -42,6 +44,7 @@ OPT_SLOW_PARTIAL = 0x20  # on the slow path, forward the start of a body (the en
 OPT_BACK_PRESSURE = 0x40  # pause_writing/resume_writing hooks pause/resume the other side
 OPT_RELINK_AT_END = 0x80  # engine_transaction_end: unlink and link again (a release and reuse)
 
+QUERY_ROWS = 8  # query_stats_max of every conversation
 CONTROL = 0xE0  # step header bytes from here on are control operations
 SMALL_MAX_PACKET = 64
 BIG = 70000  # more than the engine's HIGH_WATER and one read
@@ -234,6 +237,12 @@ class Conversation:
         self.s = HLink(self, "server")
         self.stats = PoolStats()
         self.s.link_stats = self.stats
+        # per-query statistics on, in a table small enough that inputs evict rows
+        self.eng.qstats.configure(QUERY_ROWS)
+        core = PoolCore(None, deque(), set(), deque(), self.stats)
+        core.enabled = False  # the harness links and releases itself
+        core.qpool = self.eng.qstats.pool_id("db", "user")
+        self.c.core = self.s.core = core
         self.c.max_packet_size = self.max_packet
         self.ct = self.eng.adopt_fd(self.c, c_eng.detach())
         self.st = self.eng.adopt_fd(self.s, s_eng.detach())
@@ -635,6 +644,12 @@ class Conversation:
                 expect_z += 1
         check(self.parameter_status == expect_ps, "ParameterStatus bodies differ from the server stream")
         check(self.stats.query_count == expect_z, f"{self.stats.query_count} ReadyForQuery counted, {expect_z} sent")
+        rows = self.eng.qstats.export(hist=True)
+        check(len(self.eng.qstats) <= QUERY_ROWS, "the query-statistics table outgrew query_stats_max")
+        calls = sum(r[4] for r in rows)
+        check(calls <= expect_z, f"{calls} statement calls counted for {expect_z} ReadyForQuery")
+        check(all(r[4] > 0 and r[9] <= r[11] <= r[12] <= r[13] <= r[10] for r in rows),
+              f"statement rows out of order: {rows}")
 
     def close(self) -> None:
         for t in (self.ct, self.st):
@@ -646,9 +661,12 @@ class Conversation:
 
 
 def run_one(data: bytes) -> None:
-    """One conversation; raises on a broken invariant."""
+    """One conversation; raises on a broken invariant. The input is also a statement text for the
+    per-query statistics' normalizer, whose text may not be longer than its own limit."""
     if not data:
         return
+    _fp, text = normalize(data)
+    check(len(text.encode("utf-8", "replace")) <= 3 * 1024, "normalized text too long")
     h = Conversation(data[0])
     try:
         pos = 1

@@ -64,6 +64,7 @@ class RawConn:
         self.auth_methods: list[int] = []
         self.params: dict[str, str] = {}
         self.backend_key: tuple[int, int] | None = None
+        self.sasl_server_first: str | None = None  # SCRAM server-first-message (r=...,s=...,i=...)
 
     def close(self) -> None:
         self.sock.close()
@@ -124,7 +125,8 @@ class RawConn:
                     )
                 elif code == AUTH_SASL_CONTINUE:
                     assert scram is not None
-                    scram.set_server_first(body[4:].decode())
+                    self.sasl_server_first = body[4:].decode()
+                    scram.set_server_first(self.sasl_server_first)
                     self.send(message(b"p", scram.get_client_final().encode()))
                 elif code == AUTH_SASL_FINAL:
                     assert scram is not None

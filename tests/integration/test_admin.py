@@ -637,6 +637,46 @@ def test_kill_client(admin_pooler: PoolerProcess) -> None:
             a.execute("KILL_CLIENT abc")
 
 
+@pytest.mark.pgmux_only(reason="KILL_CLIENT is PgBouncer 1.24+, refused to stats_users since 1.25.2")
+def test_kill_client_needs_an_admin_user(admin_pooler: PoolerProcess) -> None:
+    # CVE-2026-6667: before 1.25.2 any console user (stats_users, or anyone with auth_type=any)
+    # could disconnect any client.
+    with app(admin_pooler) as victim, console(admin_pooler, "statsuser", STATS_PW) as stats:
+        victim.execute("select 1")
+        [target] = [r["id"] for r in show(stats, "clients")[1] if r["database"] == "testdb"]
+        with pytest.raises(psycopg.errors.ProtocolViolation, match="^admin access needed$"):
+            stats.execute(f"KILL_CLIENT {target}")
+        assert victim.execute("select 2").fetchall() == [(2,)]
+        assert show(stats, "version")[1]  # the stats session goes on
+    assert "KILL_CLIENT" not in admin_pooler.log_text()
+
+
+@pytest.mark.pgmux_only(reason="the id columns are PgBouncer 1.24+")
+def test_socket_ids_are_drawn_when_each_socket_is_made(cluster: TempCluster,
+                                                        pooler: Callable[..., PoolerProcess]) -> None:
+    # PgBouncer numbers every client and server socket from one counter as it makes the object
+    # (objects.c: id = ++last_pgsocket_id): a client at accept, a server when its connect is
+    # launched, whether or not anyone looks at SHOW SERVERS.
+    p = pooler(**admin_config(cluster, pool_mode="session"))
+    with console(p) as a:
+        [base] = [r["id"] for r in show(a, "clients")[1] if r["database"] == "pgbouncer"]
+        with app(p) as first:
+            first.execute("select 1")  # client base+1, then its server base+2
+            with app(p) as second:
+                second.execute("select 1")  # client base+3, then its server base+4 (session pool)
+                clients = sorted(r["id"] for r in show(a, "clients")[1] if r["database"] == "testdb")
+                servers = sorted(r["id"] for r in show(a, "servers")[1])
+                sockets = sorted(r["id"] for r in show(a, "sockets")[1] if r["database"] == "testdb")
+        assert clients == [base + 1, base + 3]
+        assert servers == [base + 2, base + 4]
+        assert sockets == [base + 1, base + 2, base + 3, base + 4]
+        # a later client still counts after the two servers
+        with app(p) as third:
+            third.execute("select 1")
+            [later] = [r["id"] for r in show(a, "clients")[1] if r["database"] == "testdb"]
+        assert later > base + 4
+
+
 def test_set_changes_a_setting(admin_pooler: PoolerProcess) -> None:
     with console(admin_pooler) as a:
         cur = a.execute("SET default_pool_size = 3")

@@ -258,15 +258,15 @@ def test_client_socket_tcp_options_with_workers(pooler: Callable[..., PoolerProc
 
 @pytest.mark.pgmux_only
 def test_unsupported_settings_warn_once(pooler: Callable[..., PoolerProcess]) -> None:
-    p = pooler(auth_type="trust", extra={"server_fast_close": 1, "syslog_ident": "mine",
-                                         "query_wait_notify": 5})  # 5 is the default: no warning
+    # server_fast_close and syslog_ident are supported now: no warning for them
+    p = pooler(auth_type="trust", extra={"login_notify_message": "hello", "server_fast_close": 1,
+                                         "syslog_ident": "mine"})
     wait_for(lambda: "listening on" in p.log_text(), 5, what="startup log")
     log = p.log_text()
     lines = [line for line in log.splitlines() if "is not supported by pgmux" in line]
-    assert sum("setting server_fast_close is not supported by pgmux and is ignored" in line
+    assert sum("setting login_notify_message is not supported by pgmux and is ignored" in line
                for line in lines) == 1, log
-    assert sum("setting syslog_ident is not supported" in line for line in lines) == 1, log
-    assert not any("query_wait_notify" in line or "syslog " in line for line in lines), log
+    assert len(lines) == 1, log
     assert all("WARNING" in line for line in lines), log
     assert port_accepts(p.host, p.port)
 

@@ -134,6 +134,33 @@ def test_console_set_logfile_reopens_the_log(pooler: PoolerFactory) -> None:
     assert f"Cannot open logfile: '{NO_DIR}/x.log'" in p.log_text()
 
 
+class HupOnFirstListen(PoolerProcess):
+    """Changes the logfile on disk and sends SIGHUP the moment the Unix socket file appears, that is
+    while the pooler is still between binding and serving (the window a loaded machine widens)."""
+
+    def _wait_ready(self, timeout: float) -> bool:
+        assert self.proc is not None and self.unix_socket_path is not None
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.unix_socket_path):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                return super()._wait_ready(0)
+        self.set_options({"logfile": "@WORKDIR@/after.log"})
+        os.kill(self.pid, signal.SIGHUP)
+        return super()._wait_ready(timeout)
+
+
+def test_sighup_as_soon_as_the_socket_exists_reloads(pooler: PoolerFactory) -> None:
+    # Why test_reload_with_unopenable_logfile_keeps_logging[1] timed out under load: a SIGHUP that
+    # came after the socket accepted but before the handlers were set killed the process.
+    p = pooler(auth_type="trust", process_class=HupOnFirstListen)
+    after = Path(p.workdir, "after.log")
+    with psycopg.connect(p.dsn("trustuser", connect_timeout=10)) as conn:
+        conn.execute("SELECT 1")
+    wait_for(lambda: after.exists() and "login attempt" in after.read_text(), 10,
+             what="the login line in the logfile the early SIGHUP switched to")
+    assert p.is_running()
+
+
 # --------------------------------------------------------------------------------------------------
 # pidfile
 

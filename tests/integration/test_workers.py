@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -392,6 +393,40 @@ def test_console_stats_and_pools_cover_every_worker(pooler: PoolerFactory, clust
         assert metrics[("pgbouncer_stats_queries_pooled_total", DB)] == queries
         assert metrics[("pgbouncer_pools_client_active_connections", DB)] == len(conns)
         assert metrics[("pgbouncer_databases_current_connections", DB)] == backends
+    finally:
+        for c in [*conns, *admins]:
+            c.close()
+
+
+def test_query_stats_cover_every_worker(pooler: PoolerFactory, workers_db: str) -> None:
+    """SHOW QUERIES, the dashboard's JSON and RESET QUERIES cover both workers."""
+    metrics_port = free_port()
+    p = start(pooler, default_pool_size=4, metrics_listen=f"127.0.0.1:{metrics_port}")
+    clients = connect_on_each_worker(p, lambda: connect(p), f"login attempt: db={DB}", 1)
+    consoles = connect_on_each_worker(
+        p, lambda: psycopg.connect(p.dsn("postgres", dbname="pgbouncer"), autocommit=True),
+        "login attempt: db=pgbouncer", 1)
+    conns = [c for cs in clients.values() for c in cs]
+    admins = [cs[0] for cs in consoles.values()]
+    try:
+        for n, conn in enumerate(conns):
+            for i in range(5 + 7 * n):  # 5 on one worker, 12 on the other
+                assert conn.execute(f"SELECT {i} + 1 AS workers_q").fetchone() == (i + 1,)
+
+        def calls(admin: Any) -> int:
+            rows = [r for r in console_rows(admin, "QUERIES") if r["query"] == "SELECT $1 + $2 AS workers_q"]
+            assert len(rows) <= 1, rows
+            return int(rows[0]["calls"]) if rows else 0
+
+        for admin in admins:
+            assert calls(admin) == 17
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/api/dashboard", timeout=10) as res:
+            data = json.loads(res.read())
+        shown = [q for q in data["queries"] if q["query"] == "SELECT $1 + $2 AS workers_q"]
+        assert [q["calls"] for q in shown] == [17] and data["workers"] == 2
+        assert admins[0].execute("RESET QUERIES").statusmessage == "RESET"
+        for admin in admins:
+            assert calls(admin) == 0
     finally:
         for c in [*conns, *admins]:
             c.close()

@@ -7,6 +7,7 @@ waiting, what PAUSE closes, what a stats user may do) quickly and without Postgr
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -115,6 +116,7 @@ class FakeServer:
         self.pool = pool
         self.client: Any = None
         self.backend_pid = pid
+        self.id = 1000 + pid  # (a real server draws it from Pooler.next_client_id when launched)
         self.addr, self.port, self.local_addr, self.local_port = "127.0.0.1", 5432, "127.0.0.1", 40000 + pid
         self.connect_wall = time.time()
         self.connect_time = self.request_time = self.last_used = time.monotonic()
@@ -419,13 +421,29 @@ async def test_metrics_listener_serves_and_refuses(pooler: Pooler, monkeypatch: 
         ok = await get("/metrics")
         assert ok.startswith(b"HTTP/1.1 200 OK") and b"\npgbouncer_up 1.0\n" in ok
         assert (await get("/other")).startswith(b"HTTP/1.1 404")
+        page = await get("/")
+        assert page.startswith(b"HTTP/1.1 200 OK") and b"text/html" in page and b"api/dashboard" in page
+        assert b"http://" not in page.split(b"\r\n\r\n", 1)[1] and b"https://" not in page  # no CDN
+        data = await get("/api/dashboard")
+        assert data.startswith(b"HTTP/1.1 200 OK") and b"application/json" in data
+        body = json.loads(data.split(b"\r\n\r\n", 1)[1])
+        assert set(body) >= {"time", "pools", "totals", "queries", "pins", "query_hist"}
+        assert body["totals"]["total_xact_count"] == 0 and len(body["query_hist"]) == 64
     finally:
         server.close()
     monkeypatch.setattr(logging.getLogger("pgmux"), "propagate", True)
     monkeypatch.setitem(sys.modules, "pgmux.stats.metrics", None)  # as if prometheus_client were missing
+    port = free_port()
+    pooler.settings.set("metrics_listen", f"127.0.0.1:{port}", source="file")
     with caplog.at_level(logging.ERROR, logger="pgmux"):
-        assert await start_metrics_listener(pooler) is None
-    assert "prometheus_client is not installed" in caplog.text and "metrics endpoint disabled" in caplog.text
+        server = await start_metrics_listener(pooler)
+    assert server is not None
+    try:
+        assert (await get("/metrics")).startswith(b"HTTP/1.1 503")
+        assert (await get("/")).startswith(b"HTTP/1.1 200 OK")  # the dashboard needs no prometheus_client
+    finally:
+        server.close()
+    assert "prometheus_client is not installed" in caplog.text and "/metrics disabled" in caplog.text
 
 
 async def test_show_mem_counts_a_shared_receive_buffer_once(pooler: Pooler) -> None:

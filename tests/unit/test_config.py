@@ -452,8 +452,10 @@ def test_core_defaults_match_pgbouncer_md() -> None:
 def test_pgmux_extension_settings() -> None:
     s = Settings()
     assert (s.workers, s.metrics_listen, s.pin_session_state, s.pin_timeout) == (1, "", "auto", 0.0)
+    assert (s.query_stats, s.query_stats_max, s.query_stats_metrics) == (True, 5000, 20)
     ext = [d for d in SETTINGS.values() if d.extension]
-    assert [d.name for d in ext] == ["workers", "metrics_listen", "pin_session_state", "pin_timeout"]
+    assert [d.name for d in ext] == ["workers", "metrics_listen", "pin_session_state", "pin_timeout", "query_stats",
+                                     "query_stats_max", "query_stats_metrics"]
     assert not SETTINGS["workers"].reloadable and not SETTINGS["metrics_listen"].reloadable
     assert SETTINGS["pin_session_state"].choices == ("auto", "off", "refuse")
 
@@ -606,7 +608,8 @@ def test_show_rows_order_and_formatting() -> None:
     keys = [r[0] for r in rows]
     core = [k for k in keys if not SETTINGS[k].extension]
     assert core == sorted(core)  # PgBouncer's CF table order (strcmp)
-    assert keys[len(core) :] == ["workers", "metrics_listen", "pin_session_state", "pin_timeout"]
+    assert keys[len(core) :] == ["workers", "metrics_listen", "pin_session_state", "pin_timeout", "query_stats",
+                                 "query_stats_max", "query_stats_metrics"]
     assert keys == list(SETTINGS)
     by_key = {r[0]: r for r in rows}
     # Rows as PgBouncer 1.18 printed them (value, default, changeable):

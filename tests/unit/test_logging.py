@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -52,8 +53,8 @@ def test_unopenable_logfile_keeps_the_old_handlers(tmp_path: Path) -> None:
 def test_relog_reports_an_unopenable_logfile(tmp_path: Path) -> None:
     first = tmp_path / "first.log"
     args = argparse.Namespace(verbose=0, quiet=True, daemon=False)
-    cli._relog(args, SimpleNamespace(verbose=0, logfile=str(first)))
-    cli._relog(args, SimpleNamespace(verbose=0, logfile=str(tmp_path / "nodir" / "x.log")))
+    cli._relog(args, SimpleNamespace(verbose=0, logfile=str(first), syslog=False))
+    cli._relog(args, SimpleNamespace(verbose=0, logfile=str(tmp_path / "nodir" / "x.log"), syslog=False))
     text = first.read_text()
     assert f"ERROR Cannot open logfile: '{tmp_path}/nodir/x.log'" in text
 
@@ -104,3 +105,26 @@ def test_console_set_logfile_redoes_logging(tmp_path: Path) -> None:
     assert settings.logfile == str(target) and calls == [str(target)]
     _set(pooler, "default_pool_size", "7")  # other settings leave logging alone
     assert calls == [str(target)]
+
+
+def test_syslog_handler_unknown_facility_is_daemon_and_debug_stays_out(tmp_path: Path) -> None:
+    """libusual's start_syslog(): a facility name it does not know means daemon; its syslog level is
+    LOG, so DEBUG lines are not sent; a missing /dev/log drops lines without an error."""
+    import socket
+
+    path = str(tmp_path / "log.sock")
+    handler = pglog.SyslogHandler("ident", "nonsense", path)
+    log = logging.getLogger("pgmux-syslog-test")
+    log.propagate = False
+    log.setLevel(logging.DEBUG)
+    log.addHandler(handler)
+    log.info("nobody listens yet")  # dropped quietly
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(2)
+        log.debug("debug line")
+        log.error("two\nlines")
+        data = sock.recv(4096).decode()
+    log.removeHandler(handler)
+    handler.close()
+    assert data.startswith(f"<{3 * 8 + 3}>") and data.endswith(f" ident[{os.getpid()}]: two\n\tlines"), data

@@ -1,4 +1,5 @@
-"""``manage.py pgmux_stats [pools] [clients] [servers] ...``: the pooler's console, as tables."""
+"""``manage.py pgmux_stats [pools] [clients] [servers] ... [--queries]``: the pooler's console, as tables,
+and where its live dashboard is."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ from django.core.management.base import BaseCommand, CommandError
 
 from pgmux.django import console
 from pgmux.django.config import pooled_aliases
+from pgmux.django.settings import dashboard_url
+
+#: SHOW QUERIES columns printed by --queries (the rest are in --json).
+QUERY_COLUMNS = ("query", "calls", "errors", "rows", "total_query_time", "avg_query_time", "p99_query_time",
+                 "total_wait_time")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -35,13 +41,18 @@ class Command(BaseCommand):
                             help=f"what to show: {', '.join(console.SHOW_WHAT)} (default: pools clients servers)")
         parser.add_argument("--database", dest="alias", help="alias whose pooler to ask (default: first pooled)")
         parser.add_argument("--json", action="store_true", help="JSON output")
+        parser.add_argument("--queries", action="store_true",
+                            help="the statements that took the most time (SHOW QUERIES, pgmux), times in µs")
+        parser.add_argument("--limit", type=int, default=20, help="statements shown by --queries (default 20)")
 
     def handle(self, *args: Any, **opts: Any) -> None:
         alias = opts["alias"] or next(iter(pooled_aliases(settings.DATABASES)), None)
         if alias is None or alias not in settings.DATABASES:
             raise CommandError("no pooled DATABASES alias (use --database, and pgmux.django.database())")
         entry = settings.DATABASES[alias]
-        what = [w.lower() for w in opts["what"]] or ["pools", "clients", "servers"]
+        what = [w.lower() for w in opts["what"]] or ([] if opts["queries"] else ["pools", "clients", "servers"])
+        if opts["queries"] and "queries" not in what:
+            what.append("queries")
         unknown = [w for w in what if w not in console.SHOW_WHAT]
         if unknown:
             raise CommandError(f"unknown {unknown}; choose from {', '.join(console.SHOW_WHAT)}")
@@ -51,10 +62,17 @@ class Command(BaseCommand):
                 result[item] = console.show(entry, item)
             except console.ConsoleError as e:
                 raise CommandError(str(e)) from e
+        if "queries" in result:
+            result["queries"] = result["queries"][: max(0, opts["limit"])]
+        url = dashboard_url(entry)
         if opts["json"]:
-            self.stdout.write(json.dumps(result, default=str, indent=2))
+            self.stdout.write(json.dumps({**result, "dashboard": url}, default=str, indent=2))
             return
         for item, rows in result.items():
             self.stdout.write(f"SHOW {item.upper()}")
+            if item == "queries" and not opts["what"]:
+                rows = [{k: r.get(k) for k in QUERY_COLUMNS} for r in rows]
             self.stdout.write(format_table(rows))
             self.stdout.write("")
+        if url:
+            self.stdout.write(f"dashboard: {url}")

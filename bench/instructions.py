@@ -1,0 +1,83 @@
+"""Instructions per transaction of the pgmux process, counted by callgrind: repeatable whatever
+else the machine runs, so a small difference between two settings shows where CPU time cannot.
+
+    python -m bench.instructions [--set query_stats=0] [--against query_stats=1] [--txns 10000]
+
+pgmux runs under `valgrind --tool=callgrind` twice per setting, serving `pgbench -S -c 50` for a
+short and a long run; the difference of the two totals over the difference of transactions is what
+one transaction costs (start-up and shutdown cancel out). It counts user-space instructions only:
+the kernel's share of a transaction (recv, send, epoll) is not in it, so the ratio printed is an
+upper bound of the CPU-time ratio. Prints how it was run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+from pgmux.testing.cluster import PoolerProcess, TempCluster, write_config
+
+USERS = {"md5user": "md5pass"}
+
+
+class CallgrindPooler(PoolerProcess):
+    def command(self) -> list[str]:
+        return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.workdir}/callgrind.out",
+                *super().command()]
+
+
+def total_instructions(cluster: TempCluster, extra: dict[str, object], txns: int, clients: int) -> int:
+    workdir = tempfile.mkdtemp(prefix="pgmux-callgrind-")
+    os.chmod(workdir, 0o755)
+    ini, userlist = write_config(cluster, workdir=workdir, pool_mode="transaction", userlist=USERS,
+                                 extra={"default_pool_size": 20, **extra})
+    p = CallgrindPooler("pgmux", ini, userlist, workdir)
+    p.start(timeout=120)
+    try:
+        subprocess.run(["pgbench", "-n", "-S", "-c", str(clients), "-j", "2", "-t", str(txns // clients),
+                        p.dsn("md5user", "md5pass", dbname="testdb")], check=True, capture_output=True)
+    finally:
+        p.stop()
+    text = Path(workdir, "callgrind.out").read_text()
+    m = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
+    if m is None:
+        raise RuntimeError(f"no totals in {workdir}/callgrind.out")
+    return int(m.group(1))
+
+
+def parse_setting(text: str) -> dict[str, object]:
+    key, _, value = text.partition("=")
+    return {key.strip(): value.strip()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", default="query_stats=1", help="the setting measured (key=value)")
+    ap.add_argument("--against", default="query_stats=0", help="the setting it is compared with")
+    ap.add_argument("--txns", type=int, default=10000, help="transactions of the long run beyond the short one")
+    ap.add_argument("--clients", type=int, default=50)
+    args = ap.parse_args()
+    short = 2500
+    print(f"how it was run: pgmux under callgrind, transaction mode, pool 20; pgbench -S -c {args.clients} -j 2, "
+          f"{short} and {short + args.txns} transactions; per transaction = difference / {args.txns}")
+    with TempCluster() as cluster:
+        cluster.create_test_roles()
+        subprocess.run(["pgbench", "-i", "-s", "1", "-q", cluster.dsn("md5user", "md5pass", "testdb")], check=True,
+                       capture_output=True)
+        per_txn = {}
+        for label in (args.set, args.against):
+            extra = parse_setting(label)
+            a = total_instructions(cluster, extra, short, args.clients)
+            b = total_instructions(cluster, extra, short + args.txns, args.clients)
+            per_txn[label] = (b - a) / args.txns
+            print(f"{label}: {per_txn[label]:.0f} instructions per transaction")
+    print(f"{args.set} / {args.against}: {per_txn[args.set] / per_txn[args.against]:.3f}x "
+          f"(+{per_txn[args.set] - per_txn[args.against]:.0f} instructions per transaction)")
+
+
+if __name__ == "__main__":
+    main()
