@@ -14,6 +14,7 @@ from pgmux import __version__
 from pgmux import log as pglog
 from pgmux.auth import AuthFileError
 from pgmux.config import Config, ConfigError, load_config
+from pgmux.net import systemd
 
 if TYPE_CHECKING:
     from pgmux.workers import WorkerContext
@@ -284,10 +285,13 @@ async def _serve(args: argparse.Namespace, config: Config, worker: WorkerContext
     loop.add_signal_handler(signal.SIGQUIT, shutdown, "SIGQUIT", "immediate")
     if worker is None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-    listen = ", ".join(config.settings.listen_addr) or "(unix only)"
+    listen = f"{', '.join(config.settings.listen_addr) or '(unix only)'} port {config.settings.listen_port}"
+    if systemd.listen_fds():
+        listen = ", ".join(systemd.describe(sock) for sock in systemd.listen_fds()) + " (from service manager)"
     where = f" (worker {worker.index + 1} of {worker.count})" if worker is not None else ""
-    logger.info("pgmux %s listening on %s port %s%s", __import__("pgmux").__version__, listen,
-                config.settings.listen_port, where)
+    logger.info("pgmux %s listening on %s%s", __import__("pgmux").__version__, listen, where)
+    if worker is None:
+        systemd.notify_ready()  # with workers, the supervisor says it once all are started
     if share is not None:
         share.start()
     janitor = loop.create_task(_janitor(pooler))

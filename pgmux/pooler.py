@@ -22,9 +22,10 @@ from pgmux.auth.hba import HbaError, HbaRule, HbaRules, IdentMap
 from pgmux.auth.secrets import forget_secret_classifications, random_bytes
 from pgmux.config import Config, ConfigError, DatabaseEntry
 from pgmux.engine import LAZY_PREPARE, PIN_HINTS, SESSION, TRACKED, Engine
+from pgmux.net import peers, systemd
 from pgmux.net.base import ConnectionLost
 from pgmux.net.client import ClientConnection, ClientError
-from pgmux.net.listener import log_unsupported_settings
+from pgmux.net.listener import log_unsupported_settings, stop_listening
 from pgmux.net.server import ServerConnection, ServerLoginError
 from pgmux.net.sockopts import apply_tcp_options
 from pgmux.net.tls import TlsConfigError, build_contexts
@@ -127,6 +128,7 @@ class Pooler:
         # The data path (pgmux/engine): one epoll set per process, registered once in this loop.
         self.engine = Engine(self.loop)
         self.engine.start()
+        self.peers = peers.PeerForwarder(self)  # cancel requests for other pooler processes
         self.apply_config(config)
 
     # ------------------------------------------------------------ configuration
@@ -349,6 +351,8 @@ class Pooler:
             key[0] &= 0x7F  # PgBouncer clears the sign bit of the first byte
             if self.shared is not None:
                 key[0] = self.shared.stamp_key(key[0])  # which worker a CancelRequest goes to
+            if self.settings.peer_id:
+                peers.stamp_peer(key, self.settings.peer_id)  # which process (pgmux/net/peers.py)
             k = bytes(key)
             if k not in self.cancel_keys:
                 self.cancel_keys[k] = client
@@ -477,7 +481,7 @@ class Pooler:
         self.launch_connects(pool)
 
     def launch_connects(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
-        if pool.paused or self.shutting_down:
+        if pool.paused or (self.shutting_down and not self.draining()):
             return
         lim = pool.limits
         if not lim.reserve_pool_size and pool.server_count >= lim.pool_size:
@@ -1101,12 +1105,24 @@ class Pooler:
     # ------------------------------------------------------------ cancel requests
 
     def handle_cancel(self, pid: int, key: int) -> None:
-        """Route a CancelRequest to the server the client is linked to, over a new connection."""
+        """Route a CancelRequest to the server the client is linked to, over a new connection;
+        a key another pooler process issued goes to that peer, or to the worker that issued it."""
         k = pid.to_bytes(4, "big", signed=True) + key.to_bytes(4, "big", signed=True)
+        issued = k
+        if self.settings.peer_id:
+            owner = self.peers.owner(k)
+            if owner is not None:
+                self.peers.forward(k, owner)
+                return
+            issued = peers.as_issued(k)  # the TTL travels on to a worker, for the check below
         if self.shared is not None and self.shared.forward_cancel(k):
             return  # another worker's client: that worker handles it
-        client = self.cancel_keys.get(k)
+        client = self.cancel_keys.get(issued)
         if client is None:
+            if self.settings.peer_id and 0 in self.config.peers and peers.key_ttl(k):
+                # With a `*` peer, processes may share a peer_id (pods of a Deployment): ask them all.
+                self.peers.forward(k, 0)
+                return
             logger.info("failed cancel request: no such client")
             return
         server = client.server
@@ -1134,16 +1150,11 @@ class Pooler:
 
     async def _deliver_cancel(self, server: ServerConnection) -> None:
         packet = m.cancel_request(server.backend_pid, server.backend_key)
+        unix = server.addr.startswith("/") or server.addr.startswith("\0")
         try:
             async with asyncio.timeout(self.settings.cancel_wait_timeout or None):
-                if server.addr.startswith("/") or server.addr.startswith("\0"):
-                    reader, writer = await asyncio.open_unix_connection(server.addr)
-                else:
-                    reader, writer = await asyncio.open_connection(server.addr, server.port)
-                writer.write(packet)
-                await writer.drain()
-                await reader.read()  # PostgreSQL closes after processing it
-                writer.close()
+                reader, writer = await peers.open_stream(server.addr, None if unix else server.port)
+                await peers.send_until_closed(reader, writer, packet)  # PostgreSQL closes after processing it
         except (OSError, TimeoutError) as exc:
             logger.warning("cancel request failed: %s", exc)
 
@@ -1274,12 +1285,22 @@ class Pooler:
         self.shutting_down = True
         for pool in self.pools.values():
             self._configure_core(pool)  # every release goes through server_ready now
-        for listener in self.listeners:
-            listener.close()
+        listeners, self.listeners = self.listeners, []
+        stop_listening(self, listeners)
         self._check_shutdown()
 
+    def draining(self) -> bool:
+        """Shutting down under WAIT_FOR_CLIENTS (SIGTERM): the listeners are closed, but the
+        clients already accepted are served in full (their logins, new servers for them) until
+        the last one leaves, so a rolling restart loses no connection."""
+        return self.shutting_down and self.admin_state().shutdown_mode == "wait_for_clients"
+
     def _check_shutdown(self) -> None:
-        if self.shutting_down and not any(c.logged_in for c in self.clients):
+        if not self.shutting_down:
+            return
+        # While draining, a client still logging in counts too (bounded by client_login_timeout).
+        logins_count = self.draining()
+        if not any(c.logged_in or logins_count for c in self.clients):
             fut = self.shutdown_done
             if fut is not None and not fut.done():
                 fut.set_result(None)
@@ -1486,6 +1507,13 @@ class Pooler:
     def admin_reload(self) -> bool:
         """RELOAD/SIGHUP: reread the ini and auth_file; a bad file changes nothing (False).
         Servers of databases whose definition changed are replaced as they are released."""
+        systemd.notify_reloading()
+        try:
+            return self._reload_from_disk()
+        finally:
+            systemd.notify_ready()
+
+    def _reload_from_disk(self) -> bool:
         from pgmux.auth import AuthFileError
         from pgmux.config import ConfigError, load_config
 
@@ -1535,6 +1563,7 @@ class Pooler:
         server is left) or 'wait_for_clients' (SIGTERM: exit when the last client leaves)."""
         state = self.admin_state()
         state.shutdown_mode = mode
+        systemd.notify_stopping()
         if mode == "immediate":
             self._admin_exit()
             return

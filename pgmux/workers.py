@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pgmux import log as pglog
+from pgmux.net import systemd
 from pgmux.net.listener import BoundSockets, bind_worker_sockets
 
 if TYPE_CHECKING:
@@ -248,6 +249,7 @@ class WorkerContext:
         """Right after the Pooler is made, before listeners and admin_start: keep only this
         worker's sockets and channel ends, and hook the shared accounting in."""
         self.bound.keep_only(self.index)
+        systemd.disable_notify()  # the supervisor is the process the service manager knows
         for i, (receive, send) in enumerate(self.channels):
             if i == self.index:
                 send.close()
@@ -669,7 +671,7 @@ class WorkerShare:
             self._params_since.pop(key, None)
             pooler.fail_params_waiters(pool, ClientError("query_wait_timeout"))
             return
-        if not pool.paused and not pooler.shutting_down:
+        if not pool.paused and not (pooler.shutting_down and not pooler.draining()):
             pooler._spawn_connect(pool)
 
     def _give_back(self, pool: Pool[Any, Any]) -> None:
@@ -792,6 +794,7 @@ class Supervisor:
         try:
             for index in range(self.count):
                 self._spawn(index)
+            systemd.notify_ready()
             self._loop(waited)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, self.old_mask)
@@ -836,6 +839,7 @@ class Supervisor:
             if not self.stopping:
                 logger.info("got %s%s, stopping the workers", name,
                             f" from worker {self.children[sender].index + 1}" if from_worker else "")
+                systemd.notify_stopping()
             self.stopping = True
             self.respawn_at.clear()
             self.bound.close_all()  # the listeners close for good as each worker stops listening
@@ -851,19 +855,23 @@ class Supervisor:
         from pgmux.config import ConfigError, load_config
         from pgmux.pooler import check_config
 
+        systemd.notify_reloading()
         try:
-            new = load_config(self.config.path)
-            check_config(new)
-        except (ConfigError, AuthFileError, OSError):
-            return  # the workers log why
-        new.settings.adopt_nonreloadable(self.config.settings)
-        self.config = new
-        if self.on_reload is not None:
-            # Reopening the log must never take the supervisor (and so every worker) down.
             try:
-                self.on_reload(new)
-            except Exception:  # noqa: BLE001 - keep supervising; the old handlers still log
-                logger.exception("reload: redoing the logging setup failed")
+                new = load_config(self.config.path)
+                check_config(new)
+            except (ConfigError, AuthFileError, OSError):
+                return  # the workers log why
+            new.settings.adopt_nonreloadable(self.config.settings)
+            self.config = new
+            if self.on_reload is not None:
+                # Reopening the log must never take the supervisor (and so every worker) down.
+                try:
+                    self.on_reload(new)
+                except Exception:  # noqa: BLE001 - keep supervising; the old handlers still log
+                    logger.exception("reload: redoing the logging setup failed")
+        finally:
+            systemd.notify_ready()
 
     def _reap(self) -> None:
         while True:

@@ -92,9 +92,13 @@ class UserEntry:
     client_idle_timeout: float | None = None
 
 
+WILDCARD_PEER = "*"
+
+
 @dataclass
 class PeerEntry:
-    """One [peers] line: where to forward cancel requests carrying this peer_id."""
+    """One [peers] line: where to forward cancel requests carrying this peer_id (0: the `*` line,
+    for peer_ids not listed; its `host` may list several hosts, comma-separated)."""
 
     peer_id: int
     host: str | None = None
@@ -288,14 +292,15 @@ def _user(item: IniItem) -> UserEntry:
 def _peer(item: IniItem) -> PeerEntry:
     assert item.key is not None
     key = item.key
-    if not (key.isascii() and key.isdigit() and 1 <= int(key) <= 65535):
+    # `*` (pgmux only): where cancel keys of peers not listed go, to every address of its hosts.
+    if key != WILDCARD_PEER and not (key.isascii() and key.isdigit() and 1 <= int(key) <= 65535):
         raise ConfigError(
             "ids of peers must be a number larger than 0 and at most 65535", file=item.file, line=item.line, key=key
         )
-    entry = PeerEntry(peer_id=int(key))
+    entry = PeerEntry(peer_id=0 if key == WILDCARD_PEER else int(key))
     _fill(entry, item, PEER_KEYS, "unrecognized connection parameter")
     if entry.host is None:
-        raise ConfigError(f"host was not provided for peer {entry.peer_id}", file=item.file, line=item.line, key=key)
+        raise ConfigError(f"host was not provided for peer {key}", file=item.file, line=item.line, key=key)
     return entry
 
 

@@ -104,6 +104,9 @@ class ClientConnection(PgConnection):
         "lazy_prepare", "pin_mode", "state_hint", "pinned", "pinned_since", "drain_passed", "awaiting_quiet",
         "authed", "no_pqexec", "wait_notified",
     )
+    # Accepted on a socket kept open during a WAIT_FOR_CLIENTS drain for its peers' cancel
+    # requests (pgmux/net/listener.py): a login is refused.
+    cancel_only = False
 
     def __init__(self, pooler: Pooler, is_unix: bool = False) -> None:
         super().__init__(0, pooler.loop)  # reads go to SharedReadBuffer; owned only while bytes are kept
@@ -797,7 +800,7 @@ class ClientConnection(PgConnection):
         if settings.log_connections:
             pglog.logger.info("%s login attempt: db=%s user=%s tls=%s", self.log_prefix, self.dbname, user,
                               tls_describe(self.transport))
-        if pooler.shutting_down:
+        if pooler.shutting_down and (self.cancel_only or not pooler.draining()):
             raise ClientError("pooler is shutting down")
         db = pooler.config.find_database(self.dbname)
         if self.dbname == "pgbouncer":

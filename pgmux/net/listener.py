@@ -12,6 +12,15 @@ socket is in use, cannot continue`) instead of being replaced, a stale one is re
 that cannot be set up (missing unix_socket_dir, unknown unix_socket_group, ...) is a warning and
 TCP is served without it. The file gets unix_socket_mode and unix_socket_group. Accepted TCP
 connections get the tcp_* options (pgmux/net/sockopts.py).
+
+Sockets passed by a service manager (systemd socket activation, pgmux/net/systemd.py) are served
+first. PgBouncer then ignores listen_addr and unix_socket_dir; pgmux ignores only what the
+inherited sockets cover: an inherited Unix socket replaces unix_socket_dir, and a listen_addr
+address the service manager already holds (EADDRINUSE, e.g. ListenStream=6432 with
+listen_addr = *) is skipped, each with PgBouncer's warning. Anything else is still bound, because
+a process sharing one port with others needs an address of its own where its peers can forward
+cancel requests (`[peers]`): its own Unix socket on one machine, its own TCP address across
+machines. With workers, every worker serves the inherited sockets (one accept queue for all).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import errno
 import grp
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +38,7 @@ from pgmux.config.settings import unsupported_warnings
 from pgmux.log import logger
 from pgmux.net.client import ClientConnection
 from pgmux.net.sockopts import apply_tcp_options
+from pgmux.net.systemd import listen_fds
 
 if TYPE_CHECKING:
     from pgmux.pooler import Pooler
@@ -50,6 +61,26 @@ class TcpClientConnection(ClientConnection):
         super().connection_made(transport)
 
 
+class CancelOnlyClient(ClientConnection):
+    __slots__ = ()
+    cancel_only = True
+
+
+class TcpCancelOnlyClient(TcpClientConnection):
+    __slots__ = ()
+    cancel_only = True
+
+
+def client_factory(pooler: Pooler, unix: bool, cancel_only: bool = False) -> Callable[[], ClientConnection]:
+    """The protocol factory of a listener: Unix-socket or TCP clients (cancel_only: see
+    stop_listening)."""
+    if unix:
+        cls = CancelOnlyClient if cancel_only else ClientConnection
+        return lambda: cls(pooler, is_unix=True)
+    tcp = TcpCancelOnlyClient if cancel_only else TcpClientConnection
+    return lambda: tcp(pooler)
+
+
 def log_unsupported_settings(settings: Any) -> None:
     """One warning per accepted-but-unimplemented setting with a non-default value."""
     for warning in unsupported_warnings(settings):
@@ -58,11 +89,13 @@ def log_unsupported_settings(settings: Any) -> None:
 
 @dataclass
 class BoundSockets:
-    """Sockets bound before fork: `tcp[i]` are worker i's own, `unix` is shared by all."""
+    """Sockets bound before fork: `tcp[i]` are worker i's own, `unix` and `inherited` (passed by
+    the service manager) are shared by all."""
 
     tcp: list[list[socket.socket]] = field(default_factory=list)
     unix: socket.socket | None = None
     unix_path: str | None = None  # a filesystem path to unlink at exit (None: abstract or none)
+    inherited: list[socket.socket] = field(default_factory=list)
 
     def keep_only(self, index: int) -> None:
         """In worker `index`: close the other workers' TCP sockets, so a socket is really closed
@@ -76,6 +109,8 @@ class BoundSockets:
         for socks in self.tcp:
             for sock in socks:
                 sock.close()
+        for sock in self.inherited:
+            sock.close()
 
     def close_all(self) -> None:
         self.close_tcp()
@@ -86,7 +121,10 @@ class BoundSockets:
 async def start_listeners(pooler: Pooler, bound: BoundSockets | None = None,
                           index: int = 0) -> list[asyncio.AbstractServer]:
     """Bind every configured address; raises OSError (with the address) when one cannot be bound.
-    A worker passes the sockets its supervisor bound (`bound`, its `index`) instead."""
+    A worker passes the sockets its supervisor bound (`bound`, its `index`) instead; sockets
+    passed by a service manager are served instead of listen_addr (module docstring)."""
+    if bound is None and listen_fds():
+        bound = bind_worker_sockets(pooler.settings, 1)
     if bound is not None:
         return await _serve_bound(pooler, bound, index)
     s = pooler.settings
@@ -98,7 +136,7 @@ async def start_listeners(pooler: Pooler, bound: BoundSockets | None = None,
         host = None if addr == "*" else addr
         try:
             srv = await loop.create_server(
-                lambda: TcpClientConnection(pooler), host, s.listen_port,
+                client_factory(pooler, False), host, s.listen_port,
                 reuse_address=True, reuse_port=bool(s.so_reuseport) or None, backlog=s.listen_backlog,
             )
         except OSError as exc:
@@ -107,8 +145,8 @@ async def start_listeners(pooler: Pooler, bound: BoundSockets | None = None,
     if s.unix_socket_dir:
         sock, _ = _bind_unix(s.unix_socket_dir, s)
         if sock is not None:
-            servers.append(await loop.create_unix_server(lambda: ClientConnection(pooler, is_unix=True),
-                                                         sock=sock, backlog=s.listen_backlog))
+            servers.append(await loop.create_unix_server(client_factory(pooler, True), sock=sock,
+                                                         backlog=s.listen_backlog))
     if not servers:
         raise OSError("nothing to listen on: set listen_addr or unix_socket_dir")
     return servers
@@ -118,32 +156,118 @@ async def _serve_bound(pooler: Pooler, bound: BoundSockets, index: int) -> list[
     loop = asyncio.get_running_loop()
     backlog = pooler.settings.listen_backlog
     servers: list[asyncio.AbstractServer] = []
-    for sock in bound.tcp[index]:
-        servers.append(await loop.create_server(lambda: TcpClientConnection(pooler), sock=sock, backlog=backlog))
-    if bound.unix is not None:
-        servers.append(await loop.create_unix_server(lambda: ClientConnection(pooler, is_unix=True),
-                                                     sock=bound.unix, backlog=backlog))
+    for sock in [*bound.tcp[index], *bound.inherited, *([bound.unix] if bound.unix is not None else [])]:
+        if sock.family == socket.AF_UNIX:
+            servers.append(await loop.create_unix_server(client_factory(pooler, True), sock=sock, backlog=backlog))
+        else:
+            servers.append(await loop.create_server(client_factory(pooler, False), sock=sock, backlog=backlog))
     return servers
+
+
+def stop_listening(pooler: Pooler, servers: list[asyncio.AbstractServer]) -> None:
+    """Stop accepting (a shutdown). A socket of this process's own is closed only after what is
+    queued on it was accepted, so those clients are served (a rolling restart drains them) instead
+    of being reset by the close; a socket passed by the service manager keeps its queue for the
+    other processes sharing it, so nothing is taken from it.
+
+    With peers, a WAIT_FOR_CLIENTS drain keeps this process's own Unix socket (and its own TCP
+    socket, unless so_reuseport shares the port) open for the cancel requests its peers forward
+    for the clients it still serves; a login there is refused ("pooler is shutting down")."""
+    # By inode: the event loop may serve a dup of the inherited fd (uvloop does).
+    inherited = {os.fstat(sock.fileno()).st_ino for sock in listen_fds()}
+    keep = bool(pooler.settings.peer_id) and pooler.draining()
+    kept: list[socket.socket] = []
+    for srv in servers:
+        for listening in getattr(srv, "sockets", None) or ():  # asyncio.Server and uvloop's have it
+            fd = listening.fileno()
+            if fd < 0 or os.fstat(fd).st_ino in inherited:
+                continue
+            sock = socket.socket(fileno=os.dup(fd))
+            sock.setblocking(False)
+            _accept_queued(pooler, sock)
+            if keep and (sock.family == socket.AF_UNIX or not pooler.settings.so_reuseport):
+                kept.append(sock)
+            else:
+                sock.close()
+        srv.close()
+    if kept:
+        pooler.spawn(_serve_cancels_only(pooler, kept))
+    if pooler.settings.so_reuseport and _sysctl("net/ipv4/tcp_migrate_req") == "0":
+        # SO_REUSEPORT gives each process a queue of its own: what the kernel puts on ours between
+        # the last accept above and the close is reset, unless it may move it to a sibling.
+        logger.warning("so_reuseport: net.ipv4.tcp_migrate_req is 0, so connections that reach this "
+                       "process's socket as it closes are reset; set it to 1 (Linux 5.14+) for rolling "
+                       "restarts that lose nothing")
+
+
+async def _serve_cancels_only(pooler: Pooler, socks: list[socket.socket]) -> None:
+    loop = pooler.loop
+    for sock in socks:
+        unix = sock.family == socket.AF_UNIX
+        factory = client_factory(pooler, unix, cancel_only=True)
+        if unix:
+            server = await loop.create_unix_server(factory, sock=sock)
+        else:
+            server = await loop.create_server(factory, sock=sock)
+        pooler.listeners.append(server)
+        where = sock.getsockname()
+        logger.info("accepting only cancel requests on %s while clients finish",
+                    f"unix:{where}" if unix else f"{where[0]}:{where[1]}")
+
+
+def _accept_queued(pooler: Pooler, listening: socket.socket) -> None:
+    unix = listening.family == socket.AF_UNIX
+    while True:
+        try:
+            conn, _addr = listening.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # ECONNABORTED: that one left already; EMFILE: nothing more to do
+            if exc.errno == errno.ECONNABORTED:
+                continue
+            logger.warning("accepting queued connections at shutdown: %s", exc.strerror or exc)
+            return
+        pooler.spawn(pooler.loop.connect_accepted_socket(client_factory(pooler, unix), conn))
+
+
+def _sysctl(name: str) -> str | None:
+    try:
+        with open(f"/proc/sys/{name}") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def bind_worker_sockets(settings: Any, workers: int) -> BoundSockets:
     """Bind the listening sockets of `workers` processes (see the module docstring); raises
-    OSError naming the address, after closing what was bound."""
+    OSError naming the address, after closing what was bound. Sockets passed by a service
+    manager are used instead of binding what they cover."""
     log_unsupported_settings(settings)
-    bound = BoundSockets()
+    bound = BoundSockets(inherited=list(listen_fds()))
+    inherited_unix = any(sock.family == socket.AF_UNIX for sock in bound.inherited)
+    addrs = [a.strip() for a in settings.listen_addr if a.strip()]
+    socket_dir = settings.unix_socket_dir
+    if inherited_unix and socket_dir:
+        logger.warning("sockets passed from service manager, unix_socket_dir ignored")  # PgBouncer's words
+        socket_dir = ""
     try:
-        addrs = [a.strip() for a in settings.listen_addr if a.strip()]
         for index in range(workers):
             socks: list[socket.socket] = []
             bound.tcp.append(socks)
-            for addr in addrs:
+            for addr in list(addrs):
                 # Without so_reuseport a port someone else listens on is refused, as with one process.
                 exclusive = index == 0 and not settings.so_reuseport
-                socks.extend(_bind_tcp(addr, settings.listen_port, settings.listen_backlog, exclusive))
-        socket_dir = settings.unix_socket_dir
+                try:
+                    socks.extend(_bind_tcp(addr, settings.listen_port, settings.listen_backlog, exclusive))
+                except OSError as exc:
+                    if not bound.inherited or exc.errno != errno.EADDRINUSE:
+                        raise
+                    # The service manager holds it (e.g. ListenStream=6432 and listen_addr = *).
+                    logger.warning("sockets passed from service manager, listen_addr %s ignored", addr)
+                    addrs.remove(addr)
         if socket_dir:
             bound.unix, bound.unix_path = _bind_unix(socket_dir, settings)
-        if not bound.unix and not addrs:
+        if not bound.unix and not addrs and not bound.inherited:
             raise OSError("nothing to listen on: set listen_addr or unix_socket_dir")
     except BaseException:
         bound.close_all()

@@ -677,6 +677,9 @@ class PoolerProcess:
         self.logfile = os.path.join(self.workdir, "pooler.log")
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid: int = 0
+        # False when the port is not this process's own (socket activation: it shares the service
+        # manager's socket), so start() must not move it when it is taken.
+        self.owns_port = True
         self.returncode: int | None = None
         self._killed = False
 
@@ -749,6 +752,10 @@ class PoolerProcess:
             env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
+    def popen_kwargs(self) -> dict[str, Any]:
+        """More arguments for subprocess.Popen (a subclass passes file descriptors)."""
+        return {}
+
     def _child_pid(self, timeout: float = 5.0) -> int:
         """The real pooler pid: runuser forks, the pooler is its only child."""
         assert self.proc is not None
@@ -768,7 +775,7 @@ class PoolerProcess:
         """Start and wait until it accepts connections; raise with the log tail otherwise."""
         _LIVE.add(self)
         for _attempt in range(6):
-            if not port_is_free(self.port, self.host):
+            if self.owns_port and not port_is_free(self.port, self.host):
                 self.ini_text = ini_set(self.ini_text, "listen_port", free_port(exclude=[self.port]))
             self.write_files()
             with open(self.logfile, "ab") as log:
@@ -780,6 +787,7 @@ class PoolerProcess:
                     stderr=subprocess.STDOUT,
                     env=self.env(),
                     start_new_session=True,
+                    **self.popen_kwargs(),
                 )
             self.pid = self._child_pid()
             self.returncode = None

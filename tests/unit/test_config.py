@@ -405,9 +405,14 @@ def test_peers_section(tmp_path: Path) -> None:
     cfg = load(tmp_path, MAIN + "[peers]\n1 = host=/tmp/p1\n2 = host=10.0.0.2 port=6433 pool_size=4\n")
     assert cfg.peers[1].host == "/tmp/p1" and cfg.peers[1].port == 6432
     assert (cfg.peers[2].port, cfg.peers[2].pool_size) == (6433, 4)
-    for body in ["[peers]\nabc = host=x\n", "[peers]\n0 = host=x\n", "[peers]\n3 = port=1\n"]:
+    for body in ["[peers]\nabc = host=x\n", "[peers]\n0 = host=x\n", "[peers]\n3 = port=1\n", "[peers]\n* = port=1\n"]:
         err = error_of(tmp_path, MAIN + body)
         assert err.line == 4 and err.key is not None
+
+
+def test_peers_wildcard_entry_is_peer_zero(tmp_path: Path) -> None:
+    cfg = load(tmp_path, MAIN + "[peers]\n* = host=pgmux-peers.ns.svc,/tmp/p2 port=6433\n")
+    assert (cfg.peers[0].host, cfg.peers[0].port) == ("pgmux-peers.ns.svc,/tmp/p2", 6433)
 
 
 # --- [pgbouncer] values ------------------------------------------------------------------------
