@@ -186,6 +186,14 @@ class Pooler:
         secret = self.auth_users.get(user)
         return secret if secret is not None else self.looked_up_secrets.get(user)
 
+    def server_secret(self, db: DatabaseEntry, user: str) -> str | None:
+        """The secret a server login of `user` in `db` answers with (PgBouncer's get_srv_psw): a
+        forced user's password= from [databases], or, when it has none, its auth_file entry;
+        otherwise the user's own secret (auth_file, or what auth_query found)."""
+        if db.user:
+            return db.password or self.auth_users.get(db.user)
+        return self.auth_secret(user)
+
     def limits_for(self, db: DatabaseEntry, user: str) -> PoolLimits:
         s = self.settings
         u = self.config.users.get(user)
@@ -586,8 +594,8 @@ class Pooler:
                 self.adopt(server)  # the engine owns the socket from here on: TLS and login run over it
                 if self.tls.server is not None and path is None:
                     await server.negotiate_tls(self.tls.server, self.tls.server_mode, host or "")
-                password = db.password if db.user else self.auth_secret(pool.user)
-                await server.login(pool.user, db.target_dbname, password, self._server_startup(db))
+                await server.login(pool.user, db.target_dbname, self.server_secret(db, pool.user),
+                                   self._server_startup(db))
                 if db.connect_query:
                     err = await server.simple_query(db.connect_query)
                     if err:

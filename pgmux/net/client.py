@@ -813,7 +813,10 @@ class ClientConnection(PgConnection):
             raise ClientError(f"no such database: {self.dbname}", "08P01")
         self.db = db
         pool = pooler.get_pool(db, pool_user)
-        if self.client_key is not None and pool.scram_client_key is None:
+        if self.client_key is not None:
+            # Every SCRAM login against a stored SCRAM secret renews the keys the pool's server
+            # logins use (PgBouncer copies them at each login): after a password change, the
+            # first client with the new password lets the servers log in again.
             pool.scram_client_key = self.client_key
         self.pool = pool
         self.core = pool.core
