@@ -188,10 +188,11 @@ class Pooler:
 
     def server_secret(self, db: DatabaseEntry, user: str) -> str | None:
         """The secret a server login of `user` in `db` answers with (PgBouncer's get_srv_psw): a
-        forced user's password= from [databases], or, when it has none, its auth_file entry;
-        otherwise the user's own secret (auth_file, or what auth_query found)."""
-        if db.user:
-            return db.password or self.auth_users.get(db.user)
+        forced user's password= from [databases]; otherwise, and for a forced user without one,
+        the user's own secret (auth_file, or what auth_query found). `user` differs from the
+        forced one in the auth_user's pool that runs auth_query."""
+        if db.password and user == db.user:
+            return db.password
         return self.auth_secret(user)
 
     def limits_for(self, db: DatabaseEntry, user: str) -> PoolLimits:
@@ -634,28 +635,49 @@ class Pooler:
 
     # ------------------------------------------------------------ auth_query
 
-    async def auth_query_secret(self, db: DatabaseEntry | None, user: str) -> str | None:
-        """The password secret of a user missing from auth_file, looked up with auth_query over
-        an auth_user server connection (None: unknown user, or auth_query not configured)."""
-        s = self.settings
-        auth_user = (db.auth_user if db is not None and db.auth_user else None) or s.auth_user
-        if not auth_user:
-            return None
-        dbname = (db.auth_dbname if db is not None and db.auth_dbname else None) or s.auth_dbname
-        auth_db = self.config.find_database(dbname) if dbname else db
+    def auth_user_for(self, db: DatabaseEntry) -> str | None:
+        """The user that runs auth_query for `db`: its own auth_user, else the global one."""
+        return db.auth_user or self.settings.auth_user or None
+
+    def _auth_database(self, db: DatabaseEntry, log_prefix: str) -> DatabaseEntry:
+        """Where auth_query runs for `db` (PgBouncer's prepare_auth_database): its auth_dbname,
+        else the global one, else `db` itself; one that is not configured, or the console, is
+        a config error, one that DISABLE refuses says so."""
+        dbname = db.auth_dbname or self.settings.auth_dbname
+        if not dbname:
+            return db
+        auth_db = self.config.find_database(dbname)
         if auth_db is None:
-            logger.warning("auth_query: no database to run it in (auth_dbname)")
-            return None
-        query = (db.auth_query if db is not None and db.auth_query else None) or s.auth_query
+            logger.error('%s authentication database "%s" is not configured.', log_prefix, dbname)
+            raise ClientError("bouncer config error")
+        if self.admin_db_disabled(auth_db.name):
+            raise ClientError(f'authentication database "{dbname}" is disabled')
+        return auth_db
+
+    async def auth_query_secret(self, db: DatabaseEntry, user: str, log_prefix: str) -> str | None:
+        """The password secret of a user missing from auth_file, looked up with auth_query over
+        a server connection of the auth_user (auth_user_for(db) must be set). None: no such
+        user; "": the user has no usable password (NULL), so no password will ever match it.
+        ClientError when the lookup cannot run: its database (see _auth_database), the auth_user's
+        server login failing (that error), or auth_query failing ("bouncer config error", the
+        generic text PgBouncer sends a client whose auth server went away)."""
+        auth_user = self.auth_user_for(db)
+        assert auth_user is not None
+        auth_db = self._auth_database(db, log_prefix)
+        query = db.auth_query or self.settings.auth_query
         if query == DEFAULT_AUTH_QUERY_PGBOUNCER:
             query = DEFAULT_AUTH_QUERY  # schema-qualified: a search_path cannot redirect it
         pool = self.get_pool(auth_db, auth_user)
         server = pool.take_idle()
         if server is None:
+            self._fail_fast_if_login_failing(pool)
             fut: asyncio.Future[ServerConnection] = self.loop.create_future()
             pool.connecting += 1
             self.spawn(self._connect(pool, self.next_client_id(), fut))
-            server = await fut
+            try:
+                server = await fut
+            except ServerLoginError as exc:
+                raise ClientError(exc.fields.get("M", "server login failed"), exc.fields.get("C", "08P01")) from exc
         else:
             pool.server_busy(server)
         try:
@@ -668,12 +690,12 @@ class Pooler:
         else:
             self.server_ready(server)
         if err is not None:
-            logger.warning("auth_query for %s failed: %s", user, err.get("M"))
-            return None
-        if not rows or len(rows[0]) < 2 or rows[0][1] is None:
+            logger.warning("%s auth_query for %s failed: %s", log_prefix, user, err.get("M"))
+            raise ClientError("bouncer config error")
+        if not rows:
             self.looked_up_secrets.pop(user, None)
             return None
-        secret = rows[0][1]
+        secret = rows[0][1] if len(rows[0]) > 1 and rows[0][1] is not None else ""
         self.looked_up_secrets[user] = secret
         return secret
 
