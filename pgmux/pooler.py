@@ -118,6 +118,7 @@ class Pooler:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._params_waiters: dict[int, list[asyncio.Future[dict[str, str]]]] = {}
         self._rr_counter = 0
+        self._sticky_hosts: dict[str, int] = {}  # load_balance_hosts = disable: the host in use
         self.statements = StatementRegistry()
         self.looked_up_secrets: dict[str, str] = {}
         # workers > 1 (pgmux/workers.py): the limits and statistics this process shares.
@@ -545,23 +546,61 @@ class Pooler:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _server_target(self, db: DatabaseEntry) -> tuple[str | None, int, str | None]:
-        """(host, port, unix path) for the next server connection of a database."""
-        hosts = db.hosts
-        if hosts:
-            if len(hosts) > 1 and db.load_balance_hosts != "disable":
+    def _server_targets(self, db: DatabaseEntry) -> list[tuple[str | None, int, str | None]]:
+        """(host, port, unix path) for the next server connection of a database, then the other
+        hosts of its list to fall back on, in list order: the next host round-robin
+        (load_balance_hosts = round-robin, the default), or the host that last worked
+        (`disable`: stick to a host until it fails)."""
+        hosts = db.hosts or [self.settings.unix_socket_dir or "/tmp"]
+        first = 0
+        if len(hosts) > 1:
+            if db.load_balance_hosts != "disable":
                 self._rr_counter += 1
-                host = hosts[self._rr_counter % len(hosts)]
+                first = self._rr_counter % len(hosts)
             else:
-                host = hosts[0]
-        else:
-            host = self.settings.unix_socket_dir or "/tmp"
-        if host.startswith("/") or host.startswith("@"):
-            path = os.path.join(host, f".s.PGSQL.{db.port}")
-            if host.startswith("@"):
-                path = "\0" + path[1:]
-            return None, db.port, path
-        return host, db.port, None
+                first = self._sticky_hosts.get(db.name, 0) % len(hosts)
+        out: list[tuple[str | None, int, str | None]] = []
+        for host in hosts[first:] + hosts[:first]:
+            if host.startswith("/") or host.startswith("@"):
+                path = os.path.join(host, f".s.PGSQL.{db.port}")
+                if host.startswith("@"):
+                    path = "\0" + path[1:]
+                out.append((None, db.port, path))
+            else:
+                out.append((host, db.port, None))
+        return out
+
+    async def _open_server(self, pool: Pool[ServerConnection, ClientConnection], sid: int,
+                           db: DatabaseEntry) -> tuple[ServerConnection, str | None, str | None]:
+        """Connect a server socket to the first host of _server_targets that accepts; one that
+        does not resolve or refuses is logged and the next one tried (PgBouncer moves on to the
+        next host of the list). Returns the server, its host and unix path."""
+        targets = self._server_targets(db)
+        for n, (host, port, path) in enumerate(targets):
+            addr = host or path or ""
+
+            def factory(addr: str = addr, port: int = port) -> ServerConnection:
+                return ServerConnection(self, pool, addr, port, sid)
+
+            try:
+                if path is not None:
+                    _, server = await self.loop.create_unix_connection(factory, path)
+                else:
+                    assert host is not None  # _server_targets: a host when there is no path
+                    _, server = await self.loop.create_connection(factory, host, port)
+                    if server.transport is not None:
+                        apply_tcp_options(server.transport.get_extra_info("socket"), self.settings)
+            except OSError as exc:
+                if n == len(targets) - 1:
+                    raise
+                logger.warning("%s/%s connect to %s:%s failed: %s; trying the next host",
+                               pool.database, pool.user, addr, port, exc)
+                continue
+            if n and db.load_balance_hosts == "disable":
+                hosts = db.hosts or []
+                self._sticky_hosts[db.name] = hosts.index(host) if host in hosts else 0
+            return server, host, path
+        raise AssertionError("no server targets")  # _server_targets returns at least one
 
     async def _connect(self, pool: Pool[ServerConnection, ClientConnection], sid: int,
                        deliver: asyncio.Future[ServerConnection] | None = None) -> None:
@@ -574,21 +613,9 @@ class Pooler:
         try:
             if db is None:
                 raise ServerLoginError({"S": "FATAL", "C": "08P01", "M": "database removed"})
-            host, port, path = self._server_target(db)
-            addr = host or path or ""
-
-            def factory() -> ServerConnection:
-                return ServerConnection(self, pool, addr, port, sid)
-
             timeout = self.settings.server_connect_timeout or None
             async with asyncio.timeout(timeout):
-                if path is not None:
-                    _, server = await self.loop.create_unix_connection(factory, path)
-                else:
-                    assert host is not None  # _server_target: a host when there is no path
-                    _, server = await self.loop.create_connection(factory, host, port)
-                    if server.transport is not None:
-                        apply_tcp_options(server.transport.get_extra_info("socket"), self.settings)
+                server, host, path = await self._open_server(pool, sid, db)
                 if self.settings.log_connections:
                     logger.info("%s new connection to server (from %s:%s)", server.log_prefix,
                                 server.local_addr, server.local_port)

@@ -9,7 +9,7 @@ import pytest
 from pgwire import login_error
 
 from pgmux.auth import md5_secret
-from pgmux.testing.cluster import PoolerProcess, TempCluster
+from pgmux.testing.cluster import PoolerProcess, TempCluster, wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -161,3 +161,28 @@ def test_search_path_cannot_redirect_the_lookup(aq_pooler: PoolerProcess) -> Non
     """The default query is schema-qualified: the decoy table's password must not work."""
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(aq_pooler.dsn("scramuser", "hacked"))
+# --------------------------------------------------------------------------------------------------
+# pools of looked-up users
+
+
+def test_min_pool_size_is_kept_for_a_looked_up_user(
+        cluster: TempCluster, pooler: Callable[..., PoolerProcess], auth_roles: None) -> None:
+    """While a client of an auth_query user is connected (idle), its pool opens min_pool_size
+    servers, logged in with the secret auth_query found (SCRAM pass-through here)."""
+    p = pooler(pool_mode="transaction", userlist={"aq_lookup": "lookpass"},
+               extra={"auth_user": "aq_lookup", "min_pool_size": 3, "default_pool_size": 5})
+    with psycopg.connect(p.dsn("scramuser", "scrampass")) as conn:
+        conn.execute("SELECT 1")
+        wait_for(lambda: cluster.count_backends(usename="scramuser", datname="testdb") == 3, 5,
+                 what="min_pool_size servers for the looked-up user")
+
+
+def test_auto_database_with_auth_user(pooler: Callable[..., PoolerProcess], auth_roles: None) -> None:
+    """`* = ... auth_user=` : a database not listed is registered on first use and its users
+    are looked up with that auth_user."""
+    p = pooler(pool_mode="transaction", userlist={"aq_lookup": "lookpass"},
+               databases={"*": "host={host} port={port} auth_user=aq_lookup"})
+    with psycopg.connect(p.dsn("scramuser", "scrampass", dbname="testdb")) as conn:
+        assert conn.execute("SELECT current_user, current_database()").fetchone() == ("scramuser", "testdb")
+    err, _ = login_error(p.host, p.port, "no_such_role", "testdb", "x")
+    assert err.message == "no such user"
