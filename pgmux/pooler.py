@@ -119,6 +119,7 @@ class Pooler:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._params_waiters: dict[int, list[asyncio.Future[dict[str, str]]]] = {}
         self._rr_counter = 0
+        self._sticky_hosts: dict[str, int] = {}  # load_balance_hosts = disable: the host in use
         self.statements = StatementRegistry()
         self.looked_up_secrets: dict[str, str] = {}
         # workers > 1 (pgmux/workers.py): the limits and statistics this process shares.
@@ -187,6 +188,15 @@ class Pooler:
         first, then what auth_query last returned for the user."""
         secret = self.auth_users.get(user)
         return secret if secret is not None else self.looked_up_secrets.get(user)
+
+    def server_secret(self, db: DatabaseEntry, user: str) -> str | None:
+        """The secret a server login of `user` in `db` answers with (PgBouncer's get_srv_psw): a
+        forced user's password= from [databases]; otherwise, and for a forced user without one,
+        the user's own secret (auth_file, or what auth_query found). `user` differs from the
+        forced one in the auth_user's pool that runs auth_query."""
+        if db.password and user == db.user:
+            return db.password
+        return self.auth_secret(user)
 
     def limits_for(self, db: DatabaseEntry, user: str) -> PoolLimits:
         s = self.settings
@@ -540,23 +550,61 @@ class Pooler:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _server_target(self, db: DatabaseEntry) -> tuple[str | None, int, str | None]:
-        """(host, port, unix path) for the next server connection of a database."""
-        hosts = db.hosts
-        if hosts:
-            if len(hosts) > 1 and db.load_balance_hosts != "disable":
+    def _server_targets(self, db: DatabaseEntry) -> list[tuple[str | None, int, str | None]]:
+        """(host, port, unix path) for the next server connection of a database, then the other
+        hosts of its list to fall back on, in list order: the next host round-robin
+        (load_balance_hosts = round-robin, the default), or the host that last worked
+        (`disable`: stick to a host until it fails)."""
+        hosts = db.hosts or [self.settings.unix_socket_dir or "/tmp"]
+        first = 0
+        if len(hosts) > 1:
+            if db.load_balance_hosts != "disable":
                 self._rr_counter += 1
-                host = hosts[self._rr_counter % len(hosts)]
+                first = self._rr_counter % len(hosts)
             else:
-                host = hosts[0]
-        else:
-            host = self.settings.unix_socket_dir or "/tmp"
-        if host.startswith("/") or host.startswith("@"):
-            path = os.path.join(host, f".s.PGSQL.{db.port}")
-            if host.startswith("@"):
-                path = "\0" + path[1:]
-            return None, db.port, path
-        return host, db.port, None
+                first = self._sticky_hosts.get(db.name, 0) % len(hosts)
+        out: list[tuple[str | None, int, str | None]] = []
+        for host in hosts[first:] + hosts[:first]:
+            if host.startswith("/") or host.startswith("@"):
+                path = os.path.join(host, f".s.PGSQL.{db.port}")
+                if host.startswith("@"):
+                    path = "\0" + path[1:]
+                out.append((None, db.port, path))
+            else:
+                out.append((host, db.port, None))
+        return out
+
+    async def _open_server(self, pool: Pool[ServerConnection, ClientConnection], sid: int,
+                           db: DatabaseEntry) -> tuple[ServerConnection, str | None, str | None]:
+        """Connect a server socket to the first host of _server_targets that accepts; one that
+        does not resolve or refuses is logged and the next one tried (PgBouncer moves on to the
+        next host of the list). Returns the server, its host and unix path."""
+        targets = self._server_targets(db)
+        for n, (host, port, path) in enumerate(targets):
+            addr = host or path or ""
+
+            def factory(addr: str = addr, port: int = port) -> ServerConnection:
+                return ServerConnection(self, pool, addr, port, sid)
+
+            try:
+                if path is not None:
+                    _, server = await self.loop.create_unix_connection(factory, path)
+                else:
+                    assert host is not None  # _server_targets: a host when there is no path
+                    _, server = await self.loop.create_connection(factory, host, port)
+                    if server.transport is not None:
+                        apply_tcp_options(server.transport.get_extra_info("socket"), self.settings)
+            except OSError as exc:
+                if n == len(targets) - 1:
+                    raise
+                logger.warning("%s/%s connect to %s:%s failed: %s; trying the next host",
+                               pool.database, pool.user, addr, port, exc)
+                continue
+            if n and db.load_balance_hosts == "disable":
+                hosts = db.hosts or []
+                self._sticky_hosts[db.name] = hosts.index(host) if host in hosts else 0
+            return server, host, path
+        raise AssertionError("no server targets")  # _server_targets returns at least one
 
     async def _connect(self, pool: Pool[ServerConnection, ClientConnection], sid: int,
                        deliver: asyncio.Future[ServerConnection] | None = None) -> None:
@@ -569,29 +617,17 @@ class Pooler:
         try:
             if db is None:
                 raise ServerLoginError({"S": "FATAL", "C": "08P01", "M": "database removed"})
-            host, port, path = self._server_target(db)
-            addr = host or path or ""
-
-            def factory() -> ServerConnection:
-                return ServerConnection(self, pool, addr, port, sid)
-
             timeout = self.settings.server_connect_timeout or None
             async with asyncio.timeout(timeout):
-                if path is not None:
-                    _, server = await self.loop.create_unix_connection(factory, path)
-                else:
-                    assert host is not None  # _server_target: a host when there is no path
-                    _, server = await self.loop.create_connection(factory, host, port)
-                    if server.transport is not None:
-                        apply_tcp_options(server.transport.get_extra_info("socket"), self.settings)
+                server, host, path = await self._open_server(pool, sid, db)
                 if self.settings.log_connections:
                     logger.info("%s new connection to server (from %s:%s)", server.log_prefix,
                                 server.local_addr, server.local_port)
                 self.adopt(server)  # the engine owns the socket from here on: TLS and login run over it
                 if self.tls.server is not None and path is None:
                     await server.negotiate_tls(self.tls.server, self.tls.server_mode, host or "")
-                password = db.password if db.user else self.auth_secret(pool.user)
-                await server.login(pool.user, db.target_dbname, password, self._server_startup(db))
+                await server.login(pool.user, db.target_dbname, self.server_secret(db, pool.user),
+                                   self._server_startup(db))
                 if db.connect_query:
                     err = await server.simple_query(db.connect_query)
                     if err:
@@ -630,28 +666,49 @@ class Pooler:
 
     # ------------------------------------------------------------ auth_query
 
-    async def auth_query_secret(self, db: DatabaseEntry | None, user: str) -> str | None:
-        """The password secret of a user missing from auth_file, looked up with auth_query over
-        an auth_user server connection (None: unknown user, or auth_query not configured)."""
-        s = self.settings
-        auth_user = (db.auth_user if db is not None and db.auth_user else None) or s.auth_user
-        if not auth_user:
-            return None
-        dbname = (db.auth_dbname if db is not None and db.auth_dbname else None) or s.auth_dbname
-        auth_db = self.config.find_database(dbname) if dbname else db
+    def auth_user_for(self, db: DatabaseEntry) -> str | None:
+        """The user that runs auth_query for `db`: its own auth_user, else the global one."""
+        return db.auth_user or self.settings.auth_user or None
+
+    def _auth_database(self, db: DatabaseEntry, log_prefix: str) -> DatabaseEntry:
+        """Where auth_query runs for `db` (PgBouncer's prepare_auth_database): its auth_dbname,
+        else the global one, else `db` itself; one that is not configured, or the console, is
+        a config error, one that DISABLE refuses says so."""
+        dbname = db.auth_dbname or self.settings.auth_dbname
+        if not dbname:
+            return db
+        auth_db = self.config.find_database(dbname)
         if auth_db is None:
-            logger.warning("auth_query: no database to run it in (auth_dbname)")
-            return None
-        query = (db.auth_query if db is not None and db.auth_query else None) or s.auth_query
+            logger.error('%s authentication database "%s" is not configured.', log_prefix, dbname)
+            raise ClientError("bouncer config error")
+        if self.admin_db_disabled(auth_db.name):
+            raise ClientError(f'authentication database "{dbname}" is disabled')
+        return auth_db
+
+    async def auth_query_secret(self, db: DatabaseEntry, user: str, log_prefix: str) -> str | None:
+        """The password secret of a user missing from auth_file, looked up with auth_query over
+        a server connection of the auth_user (auth_user_for(db) must be set). None: no such
+        user; "": the user has no usable password (NULL), so no password will ever match it.
+        ClientError when the lookup cannot run: its database (see _auth_database), the auth_user's
+        server login failing (that error), or auth_query failing ("bouncer config error", the
+        generic text PgBouncer sends a client whose auth server went away)."""
+        auth_user = self.auth_user_for(db)
+        assert auth_user is not None
+        auth_db = self._auth_database(db, log_prefix)
+        query = db.auth_query or self.settings.auth_query
         if query == DEFAULT_AUTH_QUERY_PGBOUNCER:
             query = DEFAULT_AUTH_QUERY  # schema-qualified: a search_path cannot redirect it
         pool = self.get_pool(auth_db, auth_user)
         server = pool.take_idle()
         if server is None:
+            self._fail_fast_if_login_failing(pool)
             fut: asyncio.Future[ServerConnection] = self.loop.create_future()
             pool.connecting += 1
             self.spawn(self._connect(pool, self.next_client_id(), fut))
-            server = await fut
+            try:
+                server = await fut
+            except ServerLoginError as exc:
+                raise ClientError(exc.fields.get("M", "server login failed"), exc.fields.get("C", "08P01")) from exc
         else:
             pool.server_busy(server)
         try:
@@ -664,12 +721,12 @@ class Pooler:
         else:
             self.server_ready(server)
         if err is not None:
-            logger.warning("auth_query for %s failed: %s", user, err.get("M"))
-            return None
-        if not rows or len(rows[0]) < 2 or rows[0][1] is None:
+            logger.warning("%s auth_query for %s failed: %s", log_prefix, user, err.get("M"))
+            raise ClientError("bouncer config error")
+        if not rows:
             self.looked_up_secrets.pop(user, None)
             return None
-        secret = rows[0][1]
+        secret = rows[0][1] if len(rows[0]) > 1 and rows[0][1] is not None else ""
         self.looked_up_secrets[user] = secret
         return secret
 

@@ -260,7 +260,7 @@ class ScramClient:
                 if server_key is not None and not hmac.compare_digest(server_key, secret.server_key):
                     raise ValueError("server_key does not belong to secret")
                 server_key = secret.server_key
-                if not hmac.compare_digest(hashlib.sha256(client_key).digest(), secret.stored_key):
+                if not secret.has_client_key(client_key):
                     raise ScramError("cannot do SCRAM authentication: the client's SCRAM keys do not match "
                                      "the stored SCRAM secret")
             if server_key is None or len(server_key) != SCRAM_KEY_LEN:

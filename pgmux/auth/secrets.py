@@ -332,6 +332,10 @@ class ScramSecret:
             salt = os.urandom(SCRAM_DEFAULT_SALT_LEN)
         return cls.from_salted_password(_derive_salted_password(password, salt, iterations), salt, iterations)
 
+    def has_client_key(self, client_key: bytes) -> bool:
+        """Whether ``client_key`` (recovered from a client's SCRAM proof) belongs to this secret."""
+        return hmac.compare_digest(hashlib.sha256(client_key).digest(), self.stored_key)
+
     def matches_password(self, password: str) -> bool:
         """Whether ``password`` produces this secret; only a match is memoised, so guesses cannot fill the memo."""
         key = (password, self.salt, self.iterations)

@@ -817,7 +817,10 @@ class ClientConnection(PgConnection):
             raise ClientError(f"no such database: {self.dbname}", "08P01")
         self.db = db
         pool = pooler.get_pool(db, pool_user)
-        if self.client_key is not None and pool.scram_client_key is None:
+        if self.client_key is not None:
+            # Every SCRAM login against a stored SCRAM secret renews the keys the pool's server
+            # logins use (PgBouncer copies them at each login): after a password change, the
+            # first client with the new password lets the servers log in again.
             pool.scram_client_key = self.client_key
         self.pool = pool
         self.core = pool.core
@@ -904,8 +907,13 @@ class ClientConnection(PgConnection):
             self.write_later(m.auth_ok())
             return
         stored = pooler.auth_users.get(user)
-        if stored is None:
-            stored = await pooler.auth_query_secret(db, user)
+        if stored is None and db is not None and pooler.auth_user_for(db):
+            # Not in auth_file (or only in [users]): auth_query decides whether the user exists.
+            stored = await pooler.auth_query_secret(db, user, self.log_prefix)
+            if stored is None:
+                if pooler.settings.log_connections:
+                    pglog.logger.info("%s login failed: db=%s", self.log_prefix, db.name)
+                raise ClientError("no such user")
         if method == "trust":
             if stored is None:
                 raise ClientError('"trust" authentication failed', "28000")
@@ -913,10 +921,6 @@ class ClientConnection(PgConnection):
             await self._auth_plain(user, stored)
         elif method in ("md5", "scram-sha-256"):
             kind = secret_kind(stored) if stored is not None else None
-            if kind is None and pooler.settings.auth_user:
-                # Unknown to auth_query as well: answer as for a SCRAM role (what PostgreSQL
-                # stores by default), so the exchange does not tell whether the role exists.
-                kind = SecretKind.SCRAM
             if method == "md5" and kind is not SecretKind.SCRAM:
                 await self._auth_md5(user, stored)
             elif kind is SecretKind.MD5:

@@ -488,11 +488,11 @@ class ServerConnection(PgConnection):
                     continue
                 if code == m.AUTH_CLEARTEXT:
                     if password is None or secret_kind(password) is not SecretKind.PLAIN:
-                        raise self._login_refused("server login failed: wrong password type")
+                        raise self._wrong_password_type("cleartext")
                     self.write(m.password_message(password.encode() + b"\0"))
                 elif code == m.AUTH_MD5:
                     if password is None or secret_kind(password) is SecretKind.SCRAM:
-                        raise self._login_refused("server login failed: wrong password type")
+                        raise self._wrong_password_type("MD5")
                     resp = md5_client_response(password, user, data[:4])
                     self.write(m.password_message(resp.encode() + b"\0"))
                 elif code == m.AUTH_SASL:
@@ -528,12 +528,14 @@ class ServerConnection(PgConnection):
 
     def _scram_client(self, password: str | None) -> ScramClient:
         if password is None:
-            raise self._login_refused("server login failed: wrong password type")
+            raise self._wrong_password_type("SCRAM")
         kind = secret_kind(password)
         if kind is SecretKind.SCRAM:
             secret = ScramSecret.parse(password)
             client_key = self.pool.scram_client_key
-            if secret is None or client_key is None:
+            if secret is None or client_key is None or not secret.has_client_key(client_key):
+                # No keys, or keys of an older secret (the password changed and no client has
+                # logged in with the new one yet): PgBouncer's scram_passthrough_valid is false.
                 pglog.logger.error(
                     "%s cannot do SCRAM authentication: password is SCRAM secret but client "
                     "authentication did not provide SCRAM keys",
@@ -542,8 +544,14 @@ class ServerConnection(PgConnection):
                 raise self._login_refused("server login failed: wrong password type")
             return ScramClient(client_key=client_key, secret=secret)
         if kind is SecretKind.MD5:
-            raise self._login_refused("server login failed: wrong password type")
+            raise self._wrong_password_type("SCRAM")
         return ScramClient(password=password)
+
+    def _wrong_password_type(self, method: str) -> ServerLoginError:
+        """The secret pgmux has cannot answer the server's `method` (an md5 hash asked for SCRAM,
+        a SCRAM secret asked for md5, no secret at all): logged as PgBouncer logs it."""
+        pglog.logger.error("%s cannot do %s authentication: wrong password type", self.log_prefix, method)
+        return self._login_refused("server login failed: wrong password type")
 
     @staticmethod
     def _login_refused(message: str) -> ServerLoginError:

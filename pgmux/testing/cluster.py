@@ -516,6 +516,11 @@ def _userlist_line(user: str, password: str) -> str:
     return '"{}" "{}"'.format(user.replace('"', '""'), password.replace('"', '""'))
 
 
+def userlist_text(entries: Mapping[str, str]) -> str:
+    """auth_file text with one ``"user" "secret"`` line per entry (quotes doubled)."""
+    return "".join(_userlist_line(u, p) + "\n" for u, p in entries.items())
+
+
 WORKDIR_MARKER = "@WORKDIR@"
 
 
@@ -582,8 +587,7 @@ def write_config(
     lines += ["", "[pgbouncer]"]
     lines += [f"{key} = {value}" for key, value in settings.items()]
     ini_text = "\n".join(lines) + "\n"
-    userlist_text = "".join(_userlist_line(u, p) + "\n" for u, p in userlist.items())
-    return ini_text, userlist_text
+    return ini_text, userlist_text(userlist)
 
 
 def ini_get(ini_text: str, key: str, section: str = "pgbouncer") -> str | None:

@@ -6,9 +6,10 @@ from collections.abc import Callable
 
 import psycopg
 import pytest
+from pgwire import login_error
 
 from pgmux.auth import md5_secret
-from pgmux.testing.cluster import PoolerProcess, TempCluster
+from pgmux.testing.cluster import PoolerProcess, TempCluster, wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -39,14 +40,120 @@ def test_role_known_only_to_postgres_logs_in(aq_pooler: PoolerProcess, user: str
         assert conn.execute("SELECT current_user").fetchone() == (user,)
 
 
-@pytest.mark.pgmux_only
-def test_wrong_password_and_unknown_role_read_the_same(aq_pooler: PoolerProcess) -> None:
-    messages = []
-    for user, password in (("scramuser", "wrong"), ("md5user", "wrong"), ("no_such_role", "x")):
-        with pytest.raises(psycopg.OperationalError) as exc:
-            psycopg.connect(aq_pooler.dsn(user, password))
-        messages.append(str(exc.value).split("FATAL:")[-1].strip())
-    assert messages == ["password authentication failed"] * 3
+@pytest.mark.pgmux_only(reason="PgBouncer says SASL authentication failed for a wrong SCRAM proof")
+def test_wrong_password_of_a_looked_up_role_fails_as_a_password(aq_pooler: PoolerProcess) -> None:
+    for user in ("scramuser", "md5user"):
+        err, _ = login_error(aq_pooler.host, aq_pooler.port, user, "testdb", "wrong")
+        assert (err.sqlstate, err.message) == ("28P01", "password authentication failed")
+
+
+def test_role_unknown_to_auth_query_gets_no_such_user(aq_pooler: PoolerProcess) -> None:
+    """PgBouncer tells it before any password exchange (its handle_auth_query_response)."""
+    err, conn = login_error(aq_pooler.host, aq_pooler.port, "no_such_role", "testdb", "x")
+    assert (err.severity, err.sqlstate, err.message) == ("FATAL", "08P01", "no such user")
+    assert conn.auth_methods == []
+
+
+def test_role_without_password_is_found_and_never_matches(aq_pooler: PoolerProcess) -> None:
+    """auth_query returns NULL for trustuser's password: the user exists, no password matches."""
+    err, conn = login_error(aq_pooler.host, aq_pooler.port, "trustuser", "testdb", "anything")
+    assert err.message == "password authentication failed"
+    assert conn.auth_methods, "the client was asked for a password"
+
+
+def test_per_database_auth_user_without_a_global_one(pooler: Callable[..., PoolerProcess], auth_roles: None) -> None:
+    p = pooler(pool_mode="transaction", userlist={"aq_lookup": "lookpass"},
+               databases={"testdb": "host={host} port={port} dbname=testdb auth_user=aq_lookup",
+                          "other": "host={host} port={port} dbname=testdb"})
+    with psycopg.connect(p.dsn("scramuser", "scrampass")) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("scramuser",)
+    # "other" has no auth_user and there is no global one: an unknown user, as without auth_query
+    err, _ = login_error(p.host, p.port, "scramuser", "other", "scrampass")
+    assert err.message == "password authentication failed"
+
+
+@pytest.mark.pgmux_only(reason="PgBouncer 1.18 fails such a user without auth_query (its issue #59; 1.25 looks it up)")
+def test_users_section_entry_without_auth_file_entry_is_looked_up(
+        pooler: Callable[..., PoolerProcess], auth_roles: None) -> None:
+    p = pooler(pool_mode="transaction", userlist={"aq_lookup": "lookpass"}, users={"md5user": "pool_mode=session"},
+               extra={"auth_user": "aq_lookup"})
+    with psycopg.connect(p.dsn("md5user", "md5pass")) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("md5user",)
+
+
+def test_trust_with_auth_user_and_no_auth_file(pooler: Callable[..., PoolerProcess], auth_roles: None) -> None:
+    """auth_type = trust: auth_query only decides whether the user exists; the server login uses
+    the secret it found (md5user's md5 hash answers the server's md5)."""
+    p = pooler(pool_mode="transaction", auth_type="trust", extra={"auth_user": "postgres", "auth_file": None})
+    with psycopg.connect(p.dsn("md5user")) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("md5user",)
+    err, _ = login_error(p.host, p.port, "no_such_role", "testdb", None)
+    assert err.message == "no such user"
+
+
+def test_forced_user_with_auth_user(pooler: Callable[..., PoolerProcess], auth_roles: None) -> None:
+    """The client is checked with the secret auth_query finds for it; the pool logs in as the
+    forced user with that user's auth_file entry."""
+    p = pooler(pool_mode="transaction", userlist={"aq_lookup": "lookpass", "md5user": "md5pass"},
+               databases={"forced": "host={host} port={port} dbname=testdb user=md5user auth_user=aq_lookup"})
+    with psycopg.connect(p.dsn("scramuser", "scrampass", dbname="forced")) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("md5user",)
+    err, _ = login_error(p.host, p.port, "no_such_role", "forced", "x")
+    assert err.message == "no such user"
+
+
+# --------------------------------------------------------------------------------------------------
+# auth_dbname (PgBouncer 1.19+: Debian's 1.18 refuses the key)
+
+
+def aq_dbname_pooler(pooler: Callable[..., PoolerProcess], global_dbname: str, db_dbname: str = "") -> PoolerProcess:
+    line = "host={host} port={port} dbname=testdb" + (f" auth_dbname={db_dbname}" if db_dbname else "")
+    return pooler(pool_mode="transaction", userlist={"aq_lookup": "lookpass", "postgres": "adminpw"},
+                  databases={"testdb": line, "authdb": "host={host} port={port} dbname=postgres"},
+                  extra={"auth_user": "aq_lookup", "auth_dbname": global_dbname})
+
+
+def pool_names(p: PoolerProcess) -> set[tuple[str, str]]:
+    with psycopg.connect(p.dsn("postgres", "adminpw", dbname="pgbouncer"), autocommit=True) as admin:
+        return {(r[0], r[1]) for r in admin.execute("SHOW POOLS").fetchall()}
+
+
+@pytest.mark.pgmux_only(reason="auth_dbname is PgBouncer 1.19+")
+@pytest.mark.parametrize("where", ["global", "per-database"])
+def test_auth_query_runs_in_auth_dbname(pooler: Callable[..., PoolerProcess], auth_roles: None, where: str) -> None:
+    """The per-database auth_dbname wins over the global one (here not configured at all)."""
+    p = (aq_dbname_pooler(pooler, "authdb") if where == "global"
+         else aq_dbname_pooler(pooler, "nowhere", "authdb"))
+    with psycopg.connect(p.dsn("scramuser", "scrampass")) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == ("testdb",)
+    assert ("authdb", "aq_lookup") in pool_names(p)
+    assert ("testdb", "aq_lookup") not in pool_names(p)
+
+
+@pytest.mark.pgmux_only(reason="auth_dbname is PgBouncer 1.19+")
+def test_unconfigured_auth_dbname_is_a_config_error(pooler: Callable[..., PoolerProcess], auth_roles: None) -> None:
+    p = aq_dbname_pooler(pooler, "nowhere")
+    err, _ = login_error(p.host, p.port, "scramuser", "testdb", "scrampass")
+    assert (err.severity, err.sqlstate, err.message) == ("FATAL", "08P01", "bouncer config error")
+    assert 'authentication database "nowhere" is not configured.' in p.log_text()
+    err, _ = login_error(p.host, p.port, "scramuser", "testdb", "scrampass")
+    assert err.message == "bouncer config error"
+
+
+@pytest.mark.pgmux_only(reason="auth_dbname is PgBouncer 1.19+")
+def test_disabled_auth_dbname_refuses_looked_up_users(pooler: Callable[..., PoolerProcess], auth_roles: None) -> None:
+    p = aq_dbname_pooler(pooler, "authdb")
+    with psycopg.connect(p.dsn("postgres", "adminpw", dbname="pgbouncer"), autocommit=True) as admin:
+        admin.execute("DISABLE authdb")
+    err, _ = login_error(p.host, p.port, "scramuser", "testdb", "scrampass")
+    assert (err.sqlstate, err.message) == ("08P01", 'authentication database "authdb" is disabled')
+
+
+def test_failing_auth_query_is_a_config_error(pooler: Callable[..., PoolerProcess], auth_roles: None) -> None:
+    p = pooler(pool_mode="transaction", userlist={"aq_lookup": "lookpass"},
+               extra={"auth_user": "aq_lookup", "auth_query": "SELECT no_such_column FROM pg_catalog.pg_authid"})
+    err, _ = login_error(p.host, p.port, "scramuser", "testdb", "scrampass")
+    assert (err.sqlstate, err.message) == ("08P01", "bouncer config error")
 
 
 @pytest.mark.pgmux_only
@@ -54,3 +161,28 @@ def test_search_path_cannot_redirect_the_lookup(aq_pooler: PoolerProcess) -> Non
     """The default query is schema-qualified: the decoy table's password must not work."""
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(aq_pooler.dsn("scramuser", "hacked"))
+# --------------------------------------------------------------------------------------------------
+# pools of looked-up users
+
+
+def test_min_pool_size_is_kept_for_a_looked_up_user(
+        cluster: TempCluster, pooler: Callable[..., PoolerProcess], auth_roles: None) -> None:
+    """While a client of an auth_query user is connected (idle), its pool opens min_pool_size
+    servers, logged in with the secret auth_query found (SCRAM pass-through here)."""
+    p = pooler(pool_mode="transaction", userlist={"aq_lookup": "lookpass"},
+               extra={"auth_user": "aq_lookup", "min_pool_size": 3, "default_pool_size": 5})
+    with psycopg.connect(p.dsn("scramuser", "scrampass")) as conn:
+        conn.execute("SELECT 1")
+        wait_for(lambda: cluster.count_backends(usename="scramuser", datname="testdb") == 3, 5,
+                 what="min_pool_size servers for the looked-up user")
+
+
+def test_auto_database_with_auth_user(pooler: Callable[..., PoolerProcess], auth_roles: None) -> None:
+    """`* = ... auth_user=` : a database not listed is registered on first use and its users
+    are looked up with that auth_user."""
+    p = pooler(pool_mode="transaction", userlist={"aq_lookup": "lookpass"},
+               databases={"*": "host={host} port={port} auth_user=aq_lookup"})
+    with psycopg.connect(p.dsn("scramuser", "scrampass", dbname="testdb")) as conn:
+        assert conn.execute("SELECT current_user, current_database()").fetchone() == ("scramuser", "testdb")
+    err, _ = login_error(p.host, p.port, "no_such_role", "testdb", "x")
+    assert err.message == "no such user"
