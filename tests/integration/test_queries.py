@@ -58,12 +58,12 @@ def test_pgbench_and_constants_give_one_row_each(cluster: TempCluster, pooler: P
     assert res.returncode == 0 and res.processed == 400, res.describe()
     with psycopg.connect(p.dsn("md5user", "md5pass", dbname="testdb"), autocommit=True) as conn:
         for i in range(50):  # constants in the text: the simple protocol, one statement
-            sql = f"SELECT aid, {i} * 2 FROM  pgbench_accounts\n WHERE aid = {i + 1} AND abalance > -{i}.5 -- run {i}"
+            sql = f"SELECT aid, {i} * 2 FROM  pgbench_accounts\n WHERE aid = {i + 1} AND aid > -{i}.5 -- run {i}"
             assert conn.execute(sql.encode(), prepare=False).fetchone() == (i + 1, i * 2)
     rows = show_queries(p)
     assert rows[PGBENCH_SELECT]["calls"] == 400, rows
     assert rows[PGBENCH_SELECT]["rows"] == 400 and rows[PGBENCH_SELECT]["errors"] == 0
-    mine = rows["SELECT aid, $1 * $2 FROM pgbench_accounts WHERE aid = $3 AND abalance > $4"]
+    mine = rows["SELECT aid, $1 * $2 FROM pgbench_accounts WHERE aid = $3 AND aid > $4"]
     assert mine["calls"] == 50 and mine["rows"] == 50 and mine["errors"] == 0, mine
     for row in (rows[PGBENCH_SELECT], mine):
         plausible(row)
