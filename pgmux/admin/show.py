@@ -587,7 +587,13 @@ def show_peers(pooler: Pooler) -> Result:
 
 
 def show_peer_pools(pooler: Pooler) -> Result:
-    return _rows(PEER_POOLS_COLUMNS, [])
+    """One row per [peers] entry: cancel requests forwarded to it (pgmux/net/peers.py)."""
+    rows = []
+    for peer_id in sorted(pooler.config.peers):
+        pool = pooler.peers.pools.get(peer_id)
+        waiting, login, active = (pool.waiting, pool.login, pool.active) if pool is not None else (0, 0, 0)
+        rows.append([peer_id, active, waiting, active, login])
+    return _rows(PEER_POOLS_COLUMNS, rows)
 
 
 def show_mem(pooler: Pooler) -> Result:

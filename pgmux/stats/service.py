@@ -102,6 +102,13 @@ async def _serve_http(pooler: Pooler, reader: asyncio.StreamReader, writer: asyn
     if method not in ("GET", "HEAD"):
         _respond(writer, 405, "text/plain", b"method not allowed\n")
         return
+    if target == "/health":  # readiness: 200 while serving, 503 once shutting down (send no one here)
+        down = pooler.shutting_down
+        _respond(writer, 503 if down else 200, "text/plain", b"shutting down\n" if down else b"ok\n")
+        return
+    if target == "/live":  # liveness: the event loop answers (also while draining its clients)
+        _respond(writer, 200, "text/plain", b"ok\n")
+        return
     if target not in ("/metrics", dashboard.PAGE_PATH, dashboard.DATA_PATH):
         _respond(writer, 404, "text/plain", b"not found\n")
         return

@@ -429,6 +429,11 @@ async def test_metrics_listener_serves_and_refuses(pooler: Pooler, monkeypatch: 
         body = json.loads(data.split(b"\r\n\r\n", 1)[1])
         assert set(body) >= {"time", "pools", "totals", "queries", "pins", "query_hist"}
         assert body["totals"]["total_xact_count"] == 0 and len(body["query_hist"]) == 64
+        assert (await get("/health")).startswith(b"HTTP/1.1 200 OK")
+        pooler.shutting_down = True  # readiness fails from the start of a shutdown, liveness does not
+        assert (await get("/health")).startswith(b"HTTP/1.1 503")
+        assert (await get("/live")).startswith(b"HTTP/1.1 200 OK")
+        pooler.shutting_down = False
     finally:
         server.close()
     monkeypatch.setattr(logging.getLogger("pgmux"), "propagate", True)
@@ -458,3 +463,13 @@ async def test_show_mem_counts_a_shared_receive_buffer_once(pooler: Pooler) -> N
     mem = {r["name"]: r for r in rows(show.show_mem(pooler))}
     assert mem["client_cache"]["used"] == 4
     assert mem["client_cache"]["memtotal"] == len(SharedReadBuffer.buf) + 4096
+
+
+async def test_show_peer_pools_counts_forwarded_cancels() -> None:
+    from pgmux.admin.show import show_peer_pools
+    from pgmux.net.peers import PeerPool
+
+    pooler = Pooler(load_config_text(INI + "\n[peers]\n1 = host=/tmp/p1\n2 = host=10.0.0.2 port=6433\n",
+                                     "/nonexistent/pgmux.ini"))
+    pooler.peers.pools[2] = PeerPool(2, 5, waiting=3, login=1, active=2)
+    assert show_peer_pools(pooler).rows == [[1, 0, 0, 0, 0], [2, 2, 3, 2, 1]]
