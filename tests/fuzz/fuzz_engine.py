@@ -134,9 +134,13 @@ class FakeLoop:
     def __init__(self) -> None:
         self.ready: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
         self.errors: list[dict[str, Any]] = []
+        self.timers: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         self.ready.append((fn, args))
+
+    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> None:
+        self.timers.append((fn, args))  # (a lingering close's end: fired when the conversation ends)
 
     def call_exception_handler(self, context: dict[str, Any]) -> None:
         self.errors.append(context)
@@ -244,6 +248,7 @@ class Conversation:
         core.qpool = self.eng.qstats.pool_id("db", "user")
         self.c.core = self.s.core = core
         self.c.max_packet_size = self.max_packet
+        self.c.linger = True  # as pgmux's clients: a close lingers (Engine._end_link)
         self.ct = self.eng.adopt_fd(self.c, c_eng.detach())
         self.st = self.eng.adopt_fd(self.s, s_eng.detach())
         # what each far end wrote (and what of it is still to be written), and received
@@ -656,6 +661,8 @@ class Conversation:
             t.abort()
         self.c_app.close()
         self.s_app.close()
+        for fn, args in self.loop.timers:
+            fn(*args)
         self.loop.drain()
         self.c.h = self.s.h = None  # type: ignore[assignment]
 
