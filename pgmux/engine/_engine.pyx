@@ -169,17 +169,26 @@ PLAIN_STARTS[:] = [b"select", b"insert", b"update", b"delete", b"with", b"begin"
                    b"table", b"show", b"start", b"abort", b"notify", b"call", b"merge", b"lock", b"truncate"]
 
 
+cdef Py_ssize_t PLAIN_LENS[25]
+for _k in range(25):
+    PLAIN_LENS[_k] = strlen(PLAIN_STARTS[_k])
+
+
 cdef bint maybe_session_state(const unsigned char *q, Py_ssize_t n) noexcept nogil:
     """The keyword test of sessionstate.hint() in C: False when the query surely needs no probe
     (one plain statement naming neither advisory locks nor set_config). True sends it to Python,
-    which runs the full test."""
+    which runs the full test. One pass over the text after the first keyword."""
     cdef Py_ssize_t head = n if n < 12 else 12
     cdef Py_ssize_t i = 0, k, end
     cdef bint plain = False
+    cdef unsigned char first, low
     while i < head and is_space(q[i]):
         i += 1
+    if i >= head:
+        return True
+    first = q[i] | 32
     for k in range(25):
-        if starts_nocase(q + i, head - i, PLAIN_STARTS[k], strlen(PLAIN_STARTS[k])):
+        if <unsigned char>PLAIN_STARTS[k][0] == first and starts_nocase(q + i, head - i, PLAIN_STARTS[k], PLAIN_LENS[k]):
             plain = True
             break
     if not plain:
@@ -188,15 +197,32 @@ cdef bint maybe_session_state(const unsigned char *q, Py_ssize_t n) noexcept nog
     while end > 0 and (q[end - 1] == 32 or q[end - 1] == 9 or q[end - 1] == 13 or q[end - 1] == 10
                        or q[end - 1] == 59):
         end -= 1
-    for i in range(end):
-        if q[i] == 59:  # ';': several statements
-            return True
-    return contains_nocase(q, n, b"advisory") or contains_nocase(q, n, b"set_config")
+    for i in range(n):
+        low = q[i] | 32  # (exact for letters: only the first letters are tested so)
+        if q[i] == 59:
+            if i < end:
+                return True  # ';' before the end: several statements
+        elif low == 97:
+            if starts_nocase(q + i + 1, n - i - 1, b"dvisory", 7):
+                return True
+        elif low == 115:
+            if starts_nocase(q + i + 1, n - i - 1, b"et_config", 9):
+                return True
+    return False
 
 
 cdef inline bint names_database(const unsigned char *q, Py_ssize_t n) noexcept nogil:
-    """The query may be DROP/CREATE/ALTER DATABASE: Python decides whether a drain comes first."""
-    return (memmem(q, n, b"atabase", 7) != NULL) or (memmem(q, n, b"ATABASE", 7) != NULL)
+    """The query may be DROP/CREATE/ALTER DATABASE ("atabase" or "ATABASE" in it): Python decides
+    whether a drain comes first. One pass, comparing only where an `a` or `A` is."""
+    cdef Py_ssize_t i
+    for i in range(n - 6):
+        if q[i] == 97:
+            if memcmp(q + i + 1, b"tabase", 6) == 0:
+                return True
+        elif q[i] == 65:
+            if memcmp(q + i + 1, b"TABASE", 6) == 0:
+                return True
+    return False
 
 
 cdef inline Py_ssize_t cstr_len(const unsigned char *p, Py_ssize_t n) noexcept nogil:
@@ -1108,7 +1134,7 @@ cdef class Engine:
         cdef unsigned int gen, events
         cdef Link link
         for i in range(n):
-            fd = <int>(evs[i].data.u64 & 0xFFFFFFFF)
+            fd = <int><unsigned int>evs[i].data.u64  # (the low 32 bits; the high ones hold gen)
             gen = <unsigned int>(evs[i].data.u64 >> 32)
             if fd >= self.table_size or self.table[fd] == NULL:
                 continue
@@ -1693,7 +1719,7 @@ cdef class Engine:
         if (s.status != 73 or c.rkeep or c.closed or s.closed or s.close_needed or s.cancels or s.dirty
                 or c.linking or c.waiting):
             return False
-        if core.pool.paused:
+        if core.paused:
             return False
         if core.lifetime > 0 and self.now - s.connect_time >= core.lifetime:
             return False
@@ -1728,7 +1754,8 @@ cdef class Engine:
         if core is None or (core.check_delay >= 0 and self.now - s.last_used >= core.check_delay):
             return False
         ck = c.params._tracked_key
-        if ck is None or ck != s.params._tracked_key:
+        sk = s.params._tracked_key
+        if ck is None or (ck is not sk and ck != sk):  # (keys are interned: mostly the same object)
             return False
         if s.inbox:
             return False
@@ -1788,6 +1815,7 @@ cdef class Engine:
         cdef Link s = None
         cdef unsigned char *b = self.tlsplain if c.tls is not None else self.shared
         cdef Py_ssize_t pe
+        cdef bint take
         r = self._recv(c, b, SHARED_SIZE)
         if r < 0:
             return True
@@ -1799,16 +1827,15 @@ cdef class Engine:
             pe = 1 + <Py_ssize_t>be32(b + 1)
             if b[5] != 0 and pe + 5 == r and b[pe] == 83 and be32(b + pe + 1) == 4:
                 take = False
-        pool = core.pool
-        if take and (pool.paused or pool.login_failure is not None or c.write_paused or c.read_paused):
+        if take and (core.paused or core.login_failing or c.write_paused or c.read_paused):
             take = False
         elif take and (core.waiting or not core.idle):
             self._enqueue(c, b, r)
             return True
         if take:
-            s = core.idle_popleft() if core.pool.round_robin else core.idle_pop()
+            s = core.idle_popleft() if core.round_robin else core.idle_pop()
             if not self._can_link(c, s):
-                if core.pool.round_robin:
+                if core.round_robin:
                     core.idle.appendleft(s)
                 else:
                     core.idle_append(s)
