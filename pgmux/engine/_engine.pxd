@@ -88,7 +88,7 @@ cdef class PoolCore:
     cdef public bint paused           # Pool.paused (Pool.set_paused keeps both)
     cdef public bint round_robin      # server_round_robin: the idle list is a FIFO
     cdef public bint login_failing    # Pool.login_failure is set (Pool.set_login_failure keeps both)
-    cdef object idle_append, idle_pop, idle_popleft, waiting_popleft, waiting_appendleft
+    cdef object idle_append, idle_pop, idle_popleft, waiting_popleft, waiting_appendleft, active_add, active_discard
 
 
 cdef class Engine

@@ -304,6 +304,8 @@ cdef class PoolCore:
         self.idle_popleft = idle.popleft
         self.waiting_popleft = waiting.popleft
         self.waiting_appendleft = waiting.appendleft
+        self.active_add = active.add
+        self.active_discard = active.discard
 
 
 cdef str S_IDLE = "idle"
@@ -1740,7 +1742,7 @@ cdef class Engine:
             s.engine_server_ready()  # a waiter the engine cannot link: Python does
             return True
         s.state = S_IDLE
-        core.active.discard(s)
+        core.active_discard(s)
         core.idle_append(s)
         return True
 
@@ -1843,7 +1845,7 @@ cdef class Engine:
         if not take:
             self._deliver_slow(c, b, r)
             return True
-        core.active.add(s)
+        core.active_add(s)
         self._link(c, s)
         self.fast_reads += 1
         self._client_walk(c, s, b, r)
