@@ -173,6 +173,36 @@ cdef Py_ssize_t PLAIN_LENS[25]
 for _k in range(25):
     PLAIN_LENS[_k] = strlen(PLAIN_STARTS[_k])
 
+# Scanning eight bytes at a time (SWAR): a block is looked at byte by byte only when one of its
+# bytes may be a byte searched for (has_byte: no false negatives).
+cdef unsigned long long ONES = 0x0101010101010101ULL
+cdef unsigned long long HIGHS = 0x8080808080808080ULL
+cdef unsigned long long CASE = 0x2020202020202020ULL
+
+
+cdef inline unsigned long long load8(const unsigned char *p) noexcept nogil:
+    cdef unsigned long long x
+    memcpy(&x, p, 8)
+    return x
+
+
+cdef inline bint has_byte(unsigned long long x, unsigned char b) noexcept nogil:
+    cdef unsigned long long v = x ^ (ONES * b)
+    return ((v - ONES) & ~v & HIGHS) != 0
+
+
+cdef inline bint state_byte_at(const unsigned char *q, Py_ssize_t n, Py_ssize_t j, Py_ssize_t end) noexcept nogil:
+    """maybe_session_state's test at q[j]: a ';' before `end`, or the `v` of "advisory" or the
+    `f` of "set_config" (rare letters as anchors; ASCII case ignored)."""
+    cdef unsigned char ch = q[j], low = q[j] | 32
+    if ch == 59:
+        return j < end
+    if low == 118:
+        return j >= 2 and starts_nocase(q + j - 2, n - j + 2, b"advisory", 8)
+    if low == 102:
+        return j >= 7 and starts_nocase(q + j - 7, n - j + 7, b"set_config", 10)
+    return False
+
 
 cdef bint maybe_session_state(const unsigned char *q, Py_ssize_t n) noexcept nogil:
     """The keyword test of sessionstate.hint() in C: False when the query surely needs no probe
@@ -181,7 +211,8 @@ cdef bint maybe_session_state(const unsigned char *q, Py_ssize_t n) noexcept nog
     cdef Py_ssize_t head = n if n < 12 else 12
     cdef Py_ssize_t i = 0, k, end
     cdef bint plain = False
-    cdef unsigned char first, low
+    cdef unsigned char first
+    cdef unsigned long long x, y
     while i < head and is_space(q[i]):
         i += 1
     if i >= head:
@@ -197,31 +228,47 @@ cdef bint maybe_session_state(const unsigned char *q, Py_ssize_t n) noexcept nog
     while end > 0 and (q[end - 1] == 32 or q[end - 1] == 9 or q[end - 1] == 13 or q[end - 1] == 10
                        or q[end - 1] == 59):
         end -= 1
-    for i in range(n):
-        low = q[i] | 32  # (exact for letters: only the first letters are tested so)
-        if q[i] == 59:
-            if i < end:
-                return True  # ';' before the end: several statements
-        elif low == 97:
-            if starts_nocase(q + i + 1, n - i - 1, b"dvisory", 7):
-                return True
-        elif low == 115:
-            if starts_nocase(q + i + 1, n - i - 1, b"et_config", 9):
-                return True
+    i = 0
+    while i + 8 <= n:
+        x = load8(q + i)
+        y = x | CASE
+        if has_byte(x, 59) or has_byte(y, 118) or has_byte(y, 102):
+            for k in range(i, i + 8):
+                if state_byte_at(q, n, k, end):
+                    return True
+        i += 8
+    while i < n:
+        if state_byte_at(q, n, i, end):
+            return True
+        i += 1
     return False
 
 
-cdef inline bint names_database(const unsigned char *q, Py_ssize_t n) noexcept nogil:
+cdef inline bint database_at(const unsigned char *q, Py_ssize_t n, Py_ssize_t j) noexcept nogil:
+    """"atabase" or "ATABASE" with its `b`/`B` at q[j]."""
+    if j < 3 or j + 4 > n:
+        return False
+    if q[j] == 98:
+        return memcmp(q + j - 3, b"atabase", 7) == 0
+    if q[j] == 66:
+        return memcmp(q + j - 3, b"ATABASE", 7) == 0
+    return False
+
+
+cdef bint names_database(const unsigned char *q, Py_ssize_t n) noexcept nogil:
     """The query may be DROP/CREATE/ALTER DATABASE ("atabase" or "ATABASE" in it): Python decides
-    whether a drain comes first. One pass, comparing only where an `a` or `A` is."""
-    cdef Py_ssize_t i
-    for i in range(n - 6):
-        if q[i] == 97:
-            if memcmp(q + i + 1, b"tabase", 6) == 0:
-                return True
-        elif q[i] == 65:
-            if memcmp(q + i + 1, b"TABASE", 6) == 0:
-                return True
+    whether a drain comes first. Eight bytes at a time, anchored on the rare `b`/`B`."""
+    cdef Py_ssize_t i = 0, k
+    while i + 8 <= n:
+        if has_byte(load8(q + i) | CASE, 98):
+            for k in range(i, i + 8):
+                if database_at(q, n, k):
+                    return True
+        i += 8
+    while i < n:
+        if database_at(q, n, i):
+            return True
+        i += 1
     return False
 
 
