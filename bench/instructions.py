@@ -55,11 +55,12 @@ def total_instructions(out: Path) -> int:
 
 def per_function(out: Path) -> dict[str, int]:
     """Instructions per function (self cost), from callgrind_annotate."""
-    text = subprocess.run(["callgrind_annotate", "--inclusive=no", str(out)], capture_output=True, text=True).stdout
+    text = subprocess.run(["callgrind_annotate", "--inclusive=no", "--auto=no", str(out)], capture_output=True,
+                          text=True).stdout
     costs: dict[str, int] = {}
     for line in text.splitlines():
         m = re.match(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+(\S.*)$", line)
-        if m and "=>" not in line and m.group(2) != "PROGRAM TOTALS":
+        if m and "=>" not in line and m.group(2) not in ("PROGRAM TOTALS", "events annotated"):
             name = m.group(2).split(" [")[0]
             costs[name] = costs.get(name, 0) + int(m.group(1).replace(",", ""))
     return costs
