@@ -750,6 +750,8 @@ class ClientConnection(PgConnection):
 
     async def read_startup(self) -> m.StartupPacket:
         """Read untyped packets until a StartupMessage (answering SSL/GSS requests with N)."""
+        while not self.inbox:  # the first byte tells a ClientHello (direct TLS) from a packet
+            await self._wait_data()
         if self.direct_tls_hello:
             await self._start_direct_tls()
         while True:
