@@ -151,9 +151,11 @@ class Pooler:
                 raise
             logger.error("TLS settings not applied: %s", exc)
         else:
-            if old_tls is not None and (old_tls.server_mode, old_tls.client_mode) != (
-                    self.tls.server_mode, self.tls.client_mode):
-                for pool in self.pools.values():  # changed TLS modes: reconnect, as PgBouncer
+            if old_tls is not None and (old_tls.server_key, old_tls.client_mode) != (
+                    self.tls.server_key, self.tls.client_mode):
+                # Changed server TLS settings or files (or the client TLS mode): reconnect, as
+                # PgBouncer does when it sets up TLS again (every pool tagged dirty).
+                for pool in self.pools.values():
                     for server in list(pool.idle):
                         pool.server_gone(server)
                         server.close("TLS settings changed")

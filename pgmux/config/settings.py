@@ -18,6 +18,7 @@ true/false, and print 1/0.
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +90,37 @@ def check_auth_type(value: str) -> None:
     """PgBouncer's auth types that pgmux lacks are refused at load, not at every login."""
     if value in ("pam", "ldap"):
         raise ConfigError(f"{value} is not supported by pgmux (use hba, md5 or scram-sha-256)")
+
+
+# TLS 1.3 cipher suites as OpenSSL names them (SSL_CTX_set_ciphersuites).
+TLS13_SUITES = ("TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_128_GCM_SHA256",
+                "TLS_AES_128_CCM_SHA256", "TLS_AES_128_CCM_8_SHA256")
+
+
+def default_tls13_suites() -> list[str]:
+    """The TLS 1.3 suites this OpenSSL enables by default, in its order of preference."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    return [c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.3"]
+
+
+def check_tls13_ciphers(raw: str) -> None:
+    """client_tls13_ciphers / server_tls13_ciphers (PgBouncer 1.25): a colon-separated list of TLS
+    1.3 suites. Python's ssl module cannot set TLS 1.3 suites (it has no binding of OpenSSL's
+    SSL_CTX_set_ciphersuites; set_ciphers covers TLS 1.2 and below), so only a value that changes
+    nothing is accepted: empty, or the suites OpenSSL enables by default. Anything narrower is
+    refused here rather than silently ignored."""
+    names = [n.strip() for n in raw.split(":") if n.strip()]
+    if not names:
+        return
+    for name in names:
+        if name not in TLS13_SUITES:
+            raise ConfigError(f"unknown TLS 1.3 cipher suite {name!r} (known: {':'.join(TLS13_SUITES)})")
+    default = default_tls13_suites()
+    if set(names) != set(default):
+        raise ConfigError(
+            f"{raw!r} cannot be applied: Python's ssl module cannot choose TLS 1.3 cipher suites "
+            f"(no SSL_CTX_set_ciphersuites); leave it empty or list OpenSSL's default "
+            f"{':'.join(default)}, or restrict TLS 1.2 with *_tls_protocols and *_tls_ciphers")
 
 
 def split_list(raw: str) -> list[str]:
@@ -220,7 +252,7 @@ _TABLE: tuple[SettingDef, ...] = (
     _def("cancel_wait_timeout", "float", "10"),
     _def("client_idle_timeout", "float", "0"),
     _def("client_login_timeout", "float", "60"),
-    _def("client_tls13_ciphers", "str", None),
+    _def("client_tls13_ciphers", "str", None, check=check_tls13_ciphers),
     _def("client_tls_ca_file", "str", ""),
     _def("client_tls_cert_file", "str", ""),
     _def("client_tls_ciphers", "str", "default"),
@@ -279,7 +311,7 @@ _TABLE: tuple[SettingDef, ...] = (
     _def("server_reset_query", "str", "DISCARD ALL"),
     _def("server_reset_query_always", "bool", "0"),
     _def("server_round_robin", "bool", "0"),
-    _def("server_tls13_ciphers", "str", None),
+    _def("server_tls13_ciphers", "str", None, check=check_tls13_ciphers),
     _def("server_tls_ca_file", "str", ""),
     _def("server_tls_cert_file", "str", ""),
     _def("server_tls_ciphers", "str", "default"),

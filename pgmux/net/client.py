@@ -12,6 +12,7 @@ from pgmux import log as pglog
 from pgmux.auth import ScramError, ScramServer, SecretKind, md5_verify, plain_verify, secret_kind
 from pgmux.auth.secrets import random_bytes
 from pgmux.net.base import ConnectionLost, PgConnection, SharedReadBuffer
+from pgmux.net.tls import ALPN_POSTGRESQL
 from pgmux.net.tls import describe as tls_describe
 from pgmux.protocol import messages as m
 from pgmux.protocol.prepared import (
@@ -92,6 +93,22 @@ class ClientError(Exception):
         self.log = log
 
 
+class _ReplayHello:
+    """An SSLContext stand-in for Engine.start_tls: the TLS object it makes reads `hello` (bytes of
+    the ClientHello the startup reader took off the socket) before anything from the socket."""
+
+    __slots__ = ("ctx", "hello")
+
+    def __init__(self, ctx: ssl.SSLContext, hello: bytes) -> None:
+        self.ctx = ctx
+        self.hello = hello
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, server_side: bool = False,
+                 server_hostname: str | None = None) -> ssl.SSLObject:
+        incoming.write(self.hello)
+        return self.ctx.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_hostname)
+
+
 class ClientConnection(PgConnection):
     """One client socket. `server` is the linked server connection, if any."""
 
@@ -107,6 +124,8 @@ class ClientConnection(PgConnection):
     # Accepted on a socket kept open during a WAIT_FOR_CLIENTS drain for its peers' cancel
     # requests (pgmux/net/listener.py): a login is refused.
     cancel_only = False
+    # A client whose first byte opened a TLS record (direct TLS): set by listener.TlsSniffingClient.
+    direct_tls_hello = False
 
     def __init__(self, pooler: Pooler, is_unix: bool = False) -> None:
         super().__init__(0, pooler.loop)  # reads go to SharedReadBuffer; owned only while bytes are kept
@@ -731,6 +750,10 @@ class ClientConnection(PgConnection):
 
     async def read_startup(self) -> m.StartupPacket:
         """Read untyped packets until a StartupMessage (answering SSL/GSS requests with N)."""
+        while not self.inbox:  # the first byte tells a ClientHello (direct TLS) from a packet
+            await self._wait_data()
+        if self.direct_tls_hello:
+            await self._start_direct_tls()
         while True:
             head = await self.read_exact(4)
             length = m.startup_packet_length(head, self.max_packet_size)
@@ -749,10 +772,33 @@ class ClientConnection(PgConnection):
                 continue
             return pkt
 
-    async def _start_tls(self, ctx: ssl.SSLContext) -> None:
+    async def _start_direct_tls(self) -> None:
+        """Direct TLS (PostgreSQL 17's sslnegotiation=direct): the client sent a ClientHello instead
+        of an SSLRequest, and its first byte is in the inbox (listener.TlsSniffingClient read no
+        more). The handshake starts from that byte with no S answer; a client that did not
+        negotiate ALPN `postgresql` is closed without a word, as PostgreSQL 17 closes it."""
+        ctx = self.pooler.tls.client
+        transport = self.transport
+        if ctx is None or transport is None:  # TLS turned off by a RELOAD since the accept
+            if transport is not None:
+                transport.resume_reading()
+            return  # the startup reader refuses the ClientHello as a bad packet
+        hello = bytes(self.inbox)
+        del self.inbox[:]
+        await self._start_tls(ctx, hello)
+        obj = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        if obj is None or obj.selected_alpn_protocol() != ALPN_POSTGRESQL:
+            reason = "received direct SSL connection request without ALPN protocol negotiation extension"
+            pglog.logger.warning("%s %s", self.log_prefix, reason)
+            self.close(reason)
+            raise ConnectionLost()
+
+    async def _start_tls(self, ctx: ssl.SSLContext, hello: bytes = b"") -> None:
         """Answer S and switch this connection to TLS; the next packet is a StartupMessage again.
         The engine takes the socket first and does TLS itself (ssl.SSLObject over MemoryBIOs), so
-        the connection can use the fast path once logged in; asyncio's TLS is the fallback."""
+        the connection can use the fast path once logged in; asyncio's TLS is the fallback.
+        `hello`: the start of a ClientHello already read (direct TLS): no S, the TLS engine reads
+        those bytes before the socket's."""
         transport = self.transport
         assert transport is not None
         transport.pause_reading()  # no raw ClientHello may reach the startup reader
@@ -760,13 +806,16 @@ class ClientConnection(PgConnection):
         new_transport = engine.adopt(self, transport)
         if new_transport is not None:  # (None: not a socket, an in-process harness)
             self.transport = new_transport
-            new_transport.write(b"S")
+            if not hello:
+                new_transport.write(b"S")
             try:
-                await engine.start_tls(self, ctx)
+                await engine.start_tls(self, _ReplayHello(ctx, hello) if hello else ctx)
             except OSError as exc:
                 raise ConnectionLost() from exc
             self.tls = True
             return
+        if hello:  # asyncio's TLS cannot be given bytes already read
+            raise m.ProtocolError("direct TLS needs a socket")
         transport.write(b"S")
         new = await self.pooler.loop.start_tls(transport, self, ctx, server_side=True)
         if new is None:

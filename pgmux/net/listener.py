@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from pgmux.pooler import Pooler
 
 
+TLS_HANDSHAKE_RECORD = 0x16  # the first byte of a TLS ClientHello record
 UNIX_SOCKET_IN_USE = "unix socket is in use, cannot continue"  # PgBouncer's words
 
 
@@ -59,6 +60,33 @@ class TcpClientConnection(ClientConnection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         apply_tcp_options(transport.get_extra_info("socket"), self.pooler.settings)
         super().connection_made(transport)
+
+
+class TlsSniffingClient(TcpClientConnection):
+    """A TCP client while client TLS is on: its first read takes one byte, so that a ClientHello
+    (direct TLS, PostgreSQL 17's sslnegotiation=direct: a TLS record starts with 0x16) is noticed
+    before more of it leaves the socket; reading pauses there and the TLS engine reads the rest
+    (ClientConnection._start_direct_tls). An SSLRequest or StartupMessage starts with a length
+    byte, 0 for any packet a client may send."""
+
+    __slots__ = ("sniffing", "direct_tls_hello")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.sniffing = True
+        self.direct_tls_hello = False
+        super().connection_made(transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        mv = super().get_buffer(sizehint)
+        return mv[:1] if self.sniffing else mv
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.sniffing:
+            self.sniffing = False
+            if self.mv[self.keep] == TLS_HANDSHAKE_RECORD and self.transport is not None:
+                self.transport.pause_reading()  # at once: uvloop would read on in this callback
+                self.direct_tls_hello = True
+        super().buffer_updated(nbytes)
 
 
 class CancelOnlyClient(ClientConnection):
@@ -77,8 +105,10 @@ def client_factory(pooler: Pooler, unix: bool, cancel_only: bool = False) -> Cal
     if unix:
         cls = CancelOnlyClient if cancel_only else ClientConnection
         return lambda: cls(pooler, is_unix=True)
-    tcp = TcpCancelOnlyClient if cancel_only else TcpClientConnection
-    return lambda: tcp(pooler)
+    if cancel_only:
+        return lambda: TcpCancelOnlyClient(pooler)
+    # Decided per connection: RELOAD may turn client TLS on or off.
+    return lambda: (TcpClientConnection if pooler.tls.client is None else TlsSniffingClient)(pooler)
 
 
 def log_unsupported_settings(settings: Any) -> None:

@@ -6,9 +6,19 @@ after RELOAD, as PgBouncer's do.
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 from dataclasses import dataclass
 from typing import Any
+
+ALPN_POSTGRESQL = "postgresql"  # PostgreSQL 17's ALPN protocol, required for direct TLS
+
+# The server-side settings a server connection was made with: changing one (or the contents of
+# one of the files) on RELOAD recycles the server connections, as PgBouncer's sbuf_tls_setup
+# tags every pool dirty when it sets up server TLS again.
+_SERVER_SETTINGS = ("server_tls_sslmode", "server_tls_protocols", "server_tls_ciphers", "server_tls13_ciphers",
+                    "server_tls_ca_file", "server_tls_cert_file", "server_tls_key_file")
+_SERVER_FILES = ("server_tls_ca_file", "server_tls_cert_file", "server_tls_key_file")
 
 _VERSIONS = {
     "tlsv1.0": ssl.TLSVersion.TLSv1,
@@ -61,6 +71,25 @@ class TlsContexts:
     server: ssl.SSLContext | None
     client_mode: str
     server_mode: str
+    server_key: tuple[object, ...] = ()  # settings and file digests the server connections use
+
+
+def _file_digest(path: str) -> str | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def server_key(settings: Any) -> tuple[object, ...]:
+    """What server connections depend on: equal keys before and after a RELOAD mean they may stay."""
+    if settings.server_tls_sslmode == "disable":
+        return ("disable",)
+    return (tuple(getattr(settings, name) for name in _SERVER_SETTINGS)
+            + tuple(_file_digest(getattr(settings, name)) for name in _SERVER_FILES))
 
 
 def build_contexts(settings: Any) -> TlsContexts:
@@ -72,6 +101,8 @@ def build_contexts(settings: Any) -> TlsContexts:
         if not cert or not key:
             raise TlsConfigError("client_tls_sslmode needs client_tls_cert_file and client_tls_key_file")
         client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        # Offered to clients that negotiate ALPN; direct TLS requires it (ClientConnection).
+        client_ctx.set_alpn_protocols([ALPN_POSTGRESQL])
         try:
             client_ctx.load_cert_chain(cert, key)
             if settings.client_tls_ca_file:
@@ -103,7 +134,7 @@ def build_contexts(settings: Any) -> TlsContexts:
         except (OSError, ssl.SSLError) as exc:
             raise TlsConfigError(f"server_tls_ca_file/cert_file/key_file: {exc}") from exc
         _apply_common(server_ctx, "server", settings)
-    return TlsContexts(client_ctx, server_ctx, client_mode, server_mode)
+    return TlsContexts(client_ctx, server_ctx, client_mode, server_mode, server_key(settings))
 
 
 def describe(transport: Any, absent: str = "no") -> str:
