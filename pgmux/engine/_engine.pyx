@@ -281,6 +281,21 @@ cdef inline Py_ssize_t cstr_len(const unsigned char *p, Py_ssize_t n) noexcept n
     return -1
 
 
+cdef inline bint names_statement(const unsigned char *body, Py_ssize_t blen, unsigned char typ) noexcept nogil:
+    """A whole Bind (66) or Describe (68) body names a prepared statement, or is malformed."""
+    cdef Py_ssize_t pos
+    if typ == 66:
+        pos = cstr_len(body, blen)
+        if pos < 0:
+            return True
+        pos += 1
+    else:
+        if blen < 1 or body[0] != 83:
+            return False
+        pos = 1
+    return cstr_len(body + pos, blen - pos) != 0
+
+
 cdef long long tag_rows(const unsigned char *p, Py_ssize_t n) noexcept nogil:
     """The row count that ends a CommandComplete tag ("SELECT 5", "INSERT 0 5"), else 0."""
     cdef Py_ssize_t end = n, i, k
@@ -1410,6 +1425,7 @@ cdef class Engine:
         cdef unsigned int ln
         cdef unsigned char typ, flags = c.flags
         cdef bint escape = False, tracked = (flags & CF_TRACKED) != 0, rewritten = False
+        cdef bint lazy = not tracked and (flags & CF_LAZY_PREPARE) != 0
         cdef const unsigned char *body
         cdef long long skip = c.rskip
         cdef object stmts = None, lru = None
@@ -1442,7 +1458,7 @@ cdef class Engine:
                 break
             nxt = pos + 1 + <Py_ssize_t>ln
             body = b + pos + 5
-            if typ == 81 or typ == 80 or typ == 67 or typ == 88 or (tracked and (typ == 66 or typ == 68)):
+            if typ == 81 or typ == 80 or typ == 67 or typ == 88 or ((tracked or lazy) and (typ == 66 or typ == 68)):
                 if nxt > end:  # decided on the whole message
                     stop = pos
                     break
@@ -1459,6 +1475,10 @@ cdef class Engine:
                         run = nxt
                         rewritten = True
                     s.ring_push(typ)
+                elif lazy and names_statement(body, <Py_ssize_t>ln - 4, typ):
+                    escape = True  # a statement this client never prepared through pgmux: Python
+                    stop = pos
+                    break
                 s.pending_ext = True
             elif typ == 69:  # Execute
                 if s.q != NULL:

@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 # server busy until the next Sync: together they decide when a transaction-mode server is free.
 CLIENT_NEED_BODY = type_table("XQPC")  # P: a named Parse turns on prepared-statement tracking
 # (C: a Close must not name one of pgmux's own statements, see RESERVED_PREFIX)
+# Before tracking starts (lazy_prepare), a Bind or Describe naming a statement is refused unless
+# the client is pinned (_names_unknown_statement): they are read whole then too.
+CLIENT_NEED_BODY_LAZY = type_table("XQPCBD")
 # Message types a client may send after login; any other one is refused before it reaches a
 # server (PostgreSQL would answer it with FATAL, which would then hit the server's next client).
 CLIENT_TYPES = b"BCdcfDEHFPQSX"
@@ -307,8 +310,9 @@ class ClientConnection(PgConnection):
         if pos < 0:
             return
         events = _EVENTS if not _EVENTS else []  # (one list for every client: idle clients hold none)
+        need = CLIENT_NEED_BODY_LAZY if self.lazy_prepare else CLIENT_NEED_BODY
         try:
-            stop, self.skip = scan(self.buf, pos, end, CLIENT_NEED_BODY, CLIENT_NOTIFY, events, self.max_packet_size)
+            stop, self.skip = scan(self.buf, pos, end, need, CLIENT_NOTIFY, events, self.max_packet_size)
         except m.ProtocolError as exc:
             events.clear()
             self.fail(str(exc))
@@ -319,6 +323,10 @@ class ClientConnection(PgConnection):
         if events:
             for typ, start, stop_ in events:
                 if typ in _BDE:  # Bind, Describe, Execute: the server is busy until Sync
+                    if typ != _E and self.lazy_prepare and self._names_unknown_statement(typ, start, stop_):
+                        events.clear()
+                        self.fail("prepared statement did not exist")
+                        return
                     server.pending_ext = True
                     if typ == _B:
                         self.note_bind(server, self.buf, start + 5, min(stop_, end))
@@ -369,6 +377,23 @@ class ClientConnection(PgConnection):
         if switch:
             self.start_tracking()
             self.forward(self.keep)
+
+    def _names_unknown_statement(self, typ: int, start: int, stop: int) -> bool:
+        """Before tracking starts, a Bind or a Describe of a named statement (whole in buf) names one
+        this client never prepared through pgmux: PgBouncer closes such a client. A pinned client
+        keeps its server, so a statement it prepared with SQL PREPARE is there: forwarded."""
+        if self.pinned is not None:
+            return False
+        body = bytes(self.buf[start + 5 : stop])
+        if typ == _B:
+            pos = body.find(b"\0") + 1
+            if pos == 0:
+                return False  # malformed: PostgreSQL answers it
+        elif body[:1] == b"S":
+            pos = 1
+        else:
+            return False
+        return body.find(b"\0", pos) > pos
 
     def _named_parse(self, server: ServerConnection, start: int) -> int:
         """A named Parse on the untracked path: from here on the link is tracked, if it can be.

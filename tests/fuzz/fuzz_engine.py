@@ -51,7 +51,7 @@ BIG = 70000  # more than the engine's HIGH_WATER and one read
 BIG_BODY = struct.pack("!I", BIG + 4) + bytes(range(256)) * (BIG // 256) + bytes(BIG % 256)
 MAX_BIGS = 4  # per conversation (each costs time, and one or two fill the socket buffers)
 MAX_RELINK_DEPTH = 8
-Q, P, C, X = ord("Q"), ord("P"), ord("C"), ord("X")
+Q, P, C, X, B, D = ord("Q"), ord("P"), ord("C"), ord("X"), ord("B"), ord("D")
 CLIENT_FORWARDED_TYPES = frozenset(b"BDESFHcfd")
 
 
@@ -77,6 +77,20 @@ def maybe_session_state(q: bytes) -> bool:
     return True
 
 
+def names_statement(body: bytes, typ: int) -> bool:
+    """A Bind or Describe body names a prepared statement (or is malformed)."""
+    if typ == B:
+        pos = body.find(b"\0")
+        if pos < 0:
+            return True
+        pos += 1
+    else:
+        if body[:1] != b"S":
+            return False
+        pos = 1
+    return body.find(b"\0", pos) != pos
+
+
 def escape_reason(data: bytes | bytearray, flags: int, max_packet: int) -> str | None:
     """Why the client side must turn slow at the message starting data (None: forward it), per
     _engine.pxd; None as well while the engine needs more bytes to decide."""
@@ -86,9 +100,12 @@ def escape_reason(data: bytes | bytearray, flags: int, max_packet: int) -> str |
     ln = be32(data, 1)
     if ln < 4 or ln > max_packet:
         return "length"
-    if typ in (Q, P, C, X) and len(data) < 1 + ln:
+    lazy = bool(flags & LAZY_PREPARE)
+    if (typ in (Q, P, C, X) or (lazy and typ in (B, D))) and len(data) < 1 + ln:
         return None
     body = bytes(data[5 : 1 + ln])
+    if lazy and typ in (B, D) and names_statement(body, typ):
+        return "named Bind/Describe before tracking"
     if typ == Q:
         text = body[:-1]  # the text without its NUL (the engine does not check it is one)
         if b"atabase" in text or b"ATABASE" in text:

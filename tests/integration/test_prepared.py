@@ -116,3 +116,32 @@ def test_pgbench_prepared_more_clients_than_servers(cluster: TempCluster, pooler
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     assert "number of failed transactions: 0 (0.000%)" in out, out
+
+
+def test_bind_of_a_statement_never_prepared_closes_the_client(tx_pooler: PoolerProcess) -> None:
+    """A Bind (or Describe) of a statement name the client never prepared through pgmux, before
+    any named Parse: PgBouncer 1.25 closes the client with `prepared statement did not exist`
+    (the name could only be another client's). A client pinned by SQL PREPARE keeps its server,
+    where its statement is: its Bind goes through."""
+    for send in (lambda pg: pg.send_query_prepared(b"never_prepared", []),
+                 lambda pg: pg.send_describe_prepared(b"never_prepared")):
+        conn = psycopg.connect(tx_pooler.dsn("md5user", "md5pass"), autocommit=True)
+        try:
+            send(conn.pgconn)
+            res = conn.pgconn.get_result()
+            assert res is not None and res.status == psycopg.pq.ExecStatus.FATAL_ERROR
+            assert res.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"08P01"
+            assert res.error_field(psycopg.pq.DiagnosticField.MESSAGE_PRIMARY) == b"prepared statement did not exist"
+            while conn.pgconn.get_result() is not None:
+                pass
+            assert conn.pgconn.status == psycopg.pq.ConnStatus.BAD  # closed by pgmux
+        finally:
+            conn.close()
+    with psycopg.connect(tx_pooler.dsn("md5user", "md5pass"), autocommit=True) as conn:
+        conn.execute("PREPARE by_sql AS SELECT 41 + 1")  # session state: the client is pinned
+        conn.pgconn.send_query_prepared(b"by_sql", [])
+        res = conn.pgconn.get_result()
+        assert res is not None and res.status == psycopg.pq.ExecStatus.TUPLES_OK and res.get_value(0, 0) == b"42"
+        while conn.pgconn.get_result() is not None:
+            pass
+        assert conn.execute("SELECT 1").fetchone() == (1,)

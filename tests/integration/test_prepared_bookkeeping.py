@@ -209,6 +209,8 @@ def test_close_skipped_after_a_pipeline_error_keeps_the_statement(pooler: Pooler
     assert not errors(got) and rows(got)[0].endswith(b"\x011"), (kinds(got), errors(got))
     c.send(close_statement("s") + SYNC)  # a Close that is not skipped does close it
     assert kinds(read_until_z(c)) == "3Z"
-    c.send(bind("s") + execute("") + SYNC)
+    c.send(bind("s") + execute("") + SYNC)  # a statement it no longer has: closed, as PgBouncer does
     kind, body = c.read_message()
-    assert kind == b"E" and parse_error_fields(body)["M"] == 'prepared statement "s" does not exist'
+    fields = parse_error_fields(body)
+    assert kind == b"E" and (fields["S"], fields["C"], fields["M"]) == ("FATAL", "08P01",
+                                                                      "prepared statement did not exist")

@@ -554,6 +554,8 @@ ESCAPES: list[tuple[str, int, bytes]] = [
     ("query_several_statements_pin_hints", PIN_HINTS, query("select 1; select 2")),
     ("query_leading_spaces_pin_hints", PIN_HINTS, query(" " * 12 + "select 1")),
     ("close_reserved_statement", 0, msg(b"C", b"SPGMUX_1\0")),
+    ("bind_named_before_tracking", LAZY_PREPARE, msg(b"B", b"\0s1\0" + b"\0\0\0\0\0\0")),
+    ("describe_statement_before_tracking", LAZY_PREPARE, msg(b"D", b"Ss1\0")),
     ("length_below_4", 0, b"Q\0\0\0\x03"),
     ("length_zero", 0, b"d\0\0\0\0"),
 ]
@@ -621,6 +623,9 @@ def test_escape_after_a_body_forwarded_in_an_earlier_read(pair: Pair) -> None:
         (0, msg(b"C", b"Ss1\0")),
         (0, msg(b"C", b"PPGMUX_1\0")),  # a portal is not one of pgmux's statements
         (LAZY_PREPARE, parse(b"", b"select 1")),
+        (LAZY_PREPARE, BIND),  # the unnamed statement
+        (LAZY_PREPARE, DESCRIBE),  # a portal
+        (0, msg(b"B", b"\0s1\0" + b"\0\0\0\0\0\0")),  # a named Bind where tracking cannot start
     ],
 )
 def test_escape_not_for_what_the_fast_path_decides(make_pair: Callable[..., Pair], flags: int, message: bytes) -> None:
