@@ -100,6 +100,7 @@ class ServerConnection(PgConnection):
         self.cancels = 0  # cancel requests for this backend not yet delivered
         self.tls = False
         self.dirty = False  # a pinned client left session state here: reset before reuse
+        self.replication: str | None = None  # "physical"/"logical": the dedicated server of a replication client
         self.read_paused = False
         self.local_addr = ""
         self.local_port = 0
