@@ -128,8 +128,8 @@ class ClientConnection(PgConnection):
     # (see PgConnection.__slots__; closed, waiting, linking, write_paused, read_paused, auto,
     # connect_time, wait_started, server, params, tracking, stmts are pgmux.engine.Link fields)
     __slots__ = (
-        "pooler", "replication", "replication_options", "login_expired", "is_unix", "tls", "pool", "db", "user", "dbname",
-        "startup_params", "addr", "port", "local_addr", "local_port", "connect_wall", "logged_in", "admitted",
+        "pooler", "replication", "replication_options", "login_expired", "is_unix", "tls", "pool", "db", "user",
+        "dbname", "startup_params", "addr", "port", "local_addr", "local_port", "connect_wall", "logged_in", "admitted",
         "limits_counted", "pool_mode", "cancel_key", "login_task", "id", "client_key",
         "lazy_prepare", "pin_mode", "state_hint", "pinned", "pinned_since", "drain_passed", "awaiting_quiet",
         "authed", "no_pqexec", "wait_notified",

@@ -58,8 +58,8 @@ class ServerConnection(PgConnection):
     # cancels, dirty, read_paused, closed) and client, params, state, tracking, statement_mode,
     # stmts, tracker, sent_prefix are fields of pgmux.engine.Link.
     __slots__ = (
-        "pooler", "pool", "addr", "port", "backend_pid", "backend_key", "login_params", "connect_wall", "tls", "replication",
-        "local_addr", "local_port", "_events", "id",
+        "pooler", "pool", "addr", "port", "backend_pid", "backend_key", "login_params", "connect_wall", "tls",
+        "replication", "local_addr", "local_port", "_events", "id",
     )
 
     def __init__(self, pooler: Pooler, pool: Pool, addr: str, port: int, sid: int) -> None:
