@@ -180,7 +180,7 @@ class Pooler:
         return self.hba.match(conn_type="local" if client.is_unix else "host", tls=client.tls,
                               database=client.dbname or "", user=user,
                               address=None if client.is_unix else client.addr,
-                              replication=False)
+                              replication=client.replication == "physical")
 
     def ident_allows(self, map_name: str, system_user: str, db_user: str) -> bool:
         return self.ident is not None and self.ident.allows(map_name, system_user, db_user)
@@ -396,8 +396,11 @@ class Pooler:
         server = client.server
         if server is not None:
             self.unlink(client, server)
+            if client.replication is not None:  # its own server: never reused
+                server.pool.server_gone(server)
+                server.close("replication client was closed")
             # skip: the client left in the middle of a message the server has half of
-            if server.is_clean and not client.linking and not client.skip:
+            elif server.is_clean and not client.linking and not client.skip:
                 self.release(server, reset=True)
             else:
                 server.close("client disconnect while server was not ready")
@@ -614,40 +617,15 @@ class Pooler:
         it goes to the pool (server_ready), or to `deliver` when given (auth_query borrows it
         and gives it back)."""
         db = self.config.find_database(pool.database)
-        server: ServerConnection | None = None
         started = time.monotonic()
         try:
             if db is None:
                 raise ServerLoginError({"S": "FATAL", "C": "08P01", "M": "database removed"})
-            timeout = self.settings.server_connect_timeout or None
-            async with asyncio.timeout(timeout):
-                server, host, path = await self._open_server(pool, sid, db)
-                if self.settings.log_connections:
-                    logger.info("%s new connection to server (from %s:%s)", server.log_prefix,
-                                server.local_addr, server.local_port)
-                self.adopt(server)  # the engine owns the socket from here on: TLS and login run over it
-                if self.tls.server is not None and path is None:
-                    await server.negotiate_tls(self.tls.server, self.tls.server_mode, host or "")
-                await server.login(pool.user, db.target_dbname, self.server_secret(db, pool.user),
-                                   self._server_startup(db))
-                if db.connect_query:
-                    err = await server.simple_query(db.connect_query)
-                    if err:
-                        logger.warning("%s connect_query failed: %s", server.log_prefix, err.get("M"))
-        except Exception as exc:  # noqa: BLE001 - a server must never take the process down
-            if isinstance(exc, ServerLoginError):
-                fields = exc.fields
-            elif isinstance(exc, ConnectionLost):
-                fields = {"S": "FATAL", "C": "08006", "M": "server closed the connection during login"}
-            elif isinstance(exc, OSError | TimeoutError | ConnectionError):
-                msg = "connect timeout" if isinstance(exc, TimeoutError) else f"connect failed: {exc}"
-                fields = {"S": "FATAL", "C": "08006", "M": msg}
-            else:
-                logger.exception("unexpected error connecting to server")
-                fields = {"S": "FATAL", "C": "08006", "M": str(exc)}
-            self._connect_failed(pool, server, fields, started)
+            server = await self._login_server(pool, sid, db, self._server_startup(db))
+        except ServerLoginError as exc:
+            self._connect_failed(pool, exc.fields, started)
             if deliver is not None and not deliver.done():
-                deliver.set_exception(ServerLoginError(fields))
+                deliver.set_exception(exc)
             return
         pool.connecting -= 1
         pool.set_login_failure(None)
@@ -665,6 +643,107 @@ class Pooler:
             deliver.set_result(server)
             return
         self.server_ready(server)
+
+    async def _login_server(self, pool: Pool[ServerConnection, ClientConnection], sid: int,
+                            db: DatabaseEntry, startup: dict[str, str]) -> ServerConnection:
+        """Connect a server of `pool` (TLS where configured) and log it in with `startup`, then
+        run connect_query (not on a replication connection, which takes no SQL). Raises
+        ServerLoginError with the fields a client is told, after closing what was opened."""
+        server: ServerConnection | None = None
+        try:
+            async with asyncio.timeout(self.settings.server_connect_timeout or None):
+                server, host, path = await self._open_server(pool, sid, db)
+                if self.settings.log_connections:
+                    logger.info("%s new connection to server (from %s:%s)", server.log_prefix,
+                                server.local_addr, server.local_port)
+                self.adopt(server)  # the engine owns the socket from here on: TLS and login run over it
+                if self.tls.server is not None and path is None:
+                    await server.negotiate_tls(self.tls.server, self.tls.server_mode, host or "")
+                await server.login(pool.user, db.target_dbname, self.server_secret(db, pool.user), startup)
+                if db.connect_query and "replication" not in startup:
+                    err = await server.simple_query(db.connect_query)
+                    if err:
+                        logger.warning("%s connect_query failed: %s", server.log_prefix, err.get("M"))
+        except Exception as exc:  # noqa: BLE001 - a server must never take the process down
+            if isinstance(exc, ServerLoginError):
+                fields = exc.fields
+            elif isinstance(exc, ConnectionLost):
+                fields = {"S": "FATAL", "C": "08006", "M": "server closed the connection during login"}
+            elif isinstance(exc, OSError | TimeoutError | ConnectionError):
+                msg = "connect timeout" if isinstance(exc, TimeoutError) else f"connect failed: {exc}"
+                fields = {"S": "FATAL", "C": "08006", "M": msg}
+            else:
+                logger.exception("unexpected error connecting to server")
+                fields = {"S": "FATAL", "C": "08006", "M": str(exc)}
+            if server is not None:
+                msg = fields.get("M", "server login failed")
+                server.close_reason = msg
+                server.close(msg)
+            raise ServerLoginError(fields) from exc
+        return server
+
+    # ------------------------------------------------------------ replication connections
+
+    async def replication_server(self, client: ClientConnection, pool: Pool[ServerConnection, ClientConnection],
+                                 db: DatabaseEntry) -> ServerConnection:
+        """A server of its own for a replication client (PgBouncer 1.23+), logged in with the
+        client's `replication` value, its tracked parameters and its `options` in the startup
+        packet (a physical replication connection takes no SET). It counts in the pool as an
+        active server (pool_size, max_db_connections, max_user_connections); the client waits for
+        room up to query_wait_timeout. A refused login (e.g. a role without REPLICATION) reaches
+        the client as PostgreSQL's error, and does not mark the pool's logins as failing."""
+        await self._replication_room(pool)
+        startup = self._server_startup(db)
+        startup.update(client.startup_params)
+        startup["replication"] = "database" if client.replication == "logical" else "true"
+        if client.replication_options is not None:
+            startup["options"] = client.replication_options
+        pool.connecting += 1
+        try:
+            server = await self._login_server(pool, self.next_client_id(), db, startup)
+        except ServerLoginError as exc:
+            fields = exc.fields
+            raise ClientError(fields.get("M", "server login failed"), fields.get("C", "08P01"), log=False) from None
+        finally:
+            pool.connecting -= 1
+        server.replication = client.replication
+        server.state = "active"
+        pool.active.add(server)
+        if self.shared is not None:
+            self.shared.servers_changed(pool)
+        client.server = server
+        server.client = client
+        pool.stats.server_assignment_count += 1
+        if client.closed:  # it left while the server logged in: the server goes with it
+            self.unlink(client, server)
+            pool.server_gone(server)
+            server.close("replication client was closed")
+            raise ConnectionLost("client disconnected during login")
+        return server
+
+    async def _replication_room(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
+        """Wait until `pool` may open one more server: below pool_size (an idle server of the
+        pool is closed to make room) and within max_db_connections / max_user_connections (idle
+        servers of other pools are evicted, as for any new server)."""
+        deadline = time.monotonic() + (self.settings.query_wait_timeout or 3600.0)
+        while True:
+            if pool.server_count >= pool.limits.pool_size and pool.idle:
+                victim = pool.idle.popleft()
+                pool.server_gone(victim)
+                victim.close("evicted")
+            room = self._room_outside_pool(pool)
+            if pool.server_count < pool.limits.pool_size and (room is None or room > 0 or self._evict_for(pool)):
+                return
+            if time.monotonic() >= deadline:
+                raise ClientError("query_wait_timeout")
+            await asyncio.sleep(0.05)
+
+    def start_replication(self, client: ClientConnection, server: ServerConnection) -> None:
+        """The welcomed replication client and its server forward from here on, as a session link
+        (the engine passes CopyBoth traffic through untouched)."""
+        if client.closed or server.closed or client.server is not server:
+            return
+        self._start_link(client, server)
 
     # ------------------------------------------------------------ auth_query
 
@@ -742,15 +821,12 @@ class Pooler:
         return out
 
     def _connect_failed(self, pool: Pool[ServerConnection, ClientConnection],
-                        server: ServerConnection | None, fields: dict[str, str], started: float) -> None:
+                        fields: dict[str, str], started: float) -> None:
         pool.connecting -= 1
         if self.shared is not None:
             self.shared.servers_changed(pool)
         msg = fields.get("M", "server login failed")
         logger.warning("%s/%s server login failed: %s", pool.database, pool.user, msg)
-        if server is not None:
-            server.close_reason = msg
-            server.close(msg)
         if pool.last_login_ok > started:
             # Another login of this pool succeeded after this one began (e.g. a connect made during
             # an outage timing out after it): the server is back, nobody gets this error.

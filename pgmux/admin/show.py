@@ -370,7 +370,7 @@ def _client_row(pooler: Pooler, c: ClientConnection, state: str, clock: _Clock, 
         db_name = c.pool.database if c.pool is not None else c.dbname
     app = c.params.get("application_name") or c.startup_params.get("application_name") or ""
     row: list[Value] = [
-        "C", c.user or "(nouser)", db_name or "(nodb)", "none", state, addr, port, laddr, lport,
+        "C", c.user or "(nouser)", db_name or "(nodb)", c.replication or "none", state, addr, port, laddr, lport,
         timestamp(c.connect_wall), timestamp(clock.wall_of(c.request_time)), wait, wait_us, 0,
         _ptr(c), _ptr(c.server), remote_pid, tls_describe(c.transport, absent=""), app, _prepared_count(c), c.id,
     ]
@@ -393,7 +393,7 @@ def _server_row(pooler: Pooler, sv: ServerConnection, state: str, clock: _Clock,
     addr = "unix" if unix else sv.addr
     laddr = "unix" if unix else sv.local_addr
     row: list[Value] = [
-        "S", sv.pool.user, sv.pool.database, "none", state, addr, sv.port, laddr, sv.local_port,
+        "S", sv.pool.user, sv.pool.database, sv.replication or "none", state, addr, sv.port, laddr, sv.local_port,
         timestamp(sv.connect_wall), timestamp(clock.wall_of(sv.request_time)), wait, wait_us,
         int(sv.close_needed), _ptr(sv), _ptr(sv.client), sv.backend_pid, tls_describe(sv.transport, absent=""),
         sv.params.get("application_name") or "", _prepared_count(sv), server_id(pooler, sv),

@@ -87,6 +87,19 @@ MAX_AUTH_MESSAGE = 65535 + 4  # a password/SASL message's length word included
 LOGIN_INBOX_LIMIT = 1 << 18
 
 
+def replication_mode(value: str | None) -> str | None:
+    """The startup `replication` value as PgBouncer's set_replication reads it: "database" is
+    logical replication, a true boolean (PostgreSQL's spellings) physical; anything else none."""
+    if value is None:
+        return None
+    if value == "database":
+        return "logical"
+    v = value.strip().lower()
+    if v and ("true".startswith(v) or "yes".startswith(v) or v == "1" or (len(v) >= 2 and "on".startswith(v))):
+        return "physical"
+    return None
+
+
 class ClientError(Exception):
     """A refusal the client is told about with an ErrorResponse, then closed."""
 
@@ -118,8 +131,8 @@ class ClientConnection(PgConnection):
     # (see PgConnection.__slots__; closed, waiting, linking, write_paused, read_paused, auto,
     # connect_time, wait_started, server, params, tracking, stmts are pgmux.engine.Link fields)
     __slots__ = (
-        "pooler", "login_expired", "is_unix", "tls", "pool", "db", "user", "dbname",
-        "startup_params", "addr", "port", "local_addr", "local_port", "connect_wall", "logged_in", "admitted",
+        "pooler", "replication", "replication_options", "login_expired", "is_unix", "tls", "pool", "db", "user",
+        "dbname", "startup_params", "addr", "port", "local_addr", "local_port", "connect_wall", "logged_in", "admitted",
         "limits_counted", "pool_mode", "cancel_key", "login_task", "id", "client_key",
         "lazy_prepare", "pin_mode", "state_hint", "pinned", "pinned_since", "drain_passed", "awaiting_quiet",
         "authed", "no_pqexec", "wait_notified",
@@ -181,6 +194,10 @@ class ClientConnection(PgConnection):
         self.no_pqexec = bool(pooler.settings.disable_pqexec)  # simple Query refused (not reloadable)
         self.authed = False  # authenticated: until then the login inbox is capped (LOGIN_INBOX_LIMIT)
         self.wait_notified = False  # query_wait_notify's NOTICE went out (once per connection, as PgBouncer)
+        # "physical" or "logical" for a replication connection (startup `replication`), which gets a
+        # server of its own for its whole session; the `options` it sent go to that server as they are.
+        self.replication: str | None = None
+        self.replication_options: str | None = None
 
     def __repr__(self) -> str:
         return f"C-{id(self):#x}"
@@ -867,6 +884,10 @@ class ClientConnection(PgConnection):
             raise ClientError("SSL required", "28000")
         if not pooler.admit_client(self):
             raise ClientError("no more connections allowed (max_client_conn)")
+        self.replication = replication_mode(params.get("replication"))
+        if self.replication is not None:
+            # PgBouncer passes a replication client's `options` to its server unchecked.
+            self.replication_options = params.pop("options", None)
         self.startup_params = pooler.check_startup_params(params)
         if settings.application_name_add_host:
             name = self.startup_params.get("application_name", "")
@@ -902,31 +923,42 @@ class ClientConnection(PgConnection):
         self.lazy_prepare = self.pool_mode != "session" and settings.max_prepared_statements > 0
         self.pin_mode = settings.pin_session_state if self.pool_mode != "session" else "off"
         pooler.check_client_limits(self, db, user)
+        if self.replication is not None:
+            self.pool_mode = "session"  # never shared, never released: the server closes with the client
+            self.lazy_prepare = False
+            self.pin_mode = "off"
+            server = await pooler.replication_server(self, pool, db)
+            self.welcome(server.login_params, cache=False)
+            pooler.start_replication(self, server)
+            return
         welcome = await pooler.pool_params(pool)
         self.welcome(welcome)
 
-    def welcome(self, pool_params: dict[str, str]) -> None:
+    def welcome(self, pool_params: dict[str, str], cache: bool = True) -> None:
         """ParameterStatus (the pool's, with the client's own tracked values), BackendKeyData,
-        ReadyForQuery; then switch to the data path."""
+        ReadyForQuery; then switch to the data path. `cache`: pool_params are the pool's, whose
+        encoded sets are kept (a replication client is welcomed with its own server's)."""
         pooler = self.pooler
         assert self.pool is not None
         # Clients of a pool mostly ask for the same values: work out each distinct set once (the
         # encoded ParameterStatus messages and the client's tracked values), at most 256 of them.
         key = tuple(sorted(self.startup_params.items()))
-        cache = self.pool.welcome_cache
-        hit = cache.get(key) if cache.get(None) is pool_params else None
-        if hit is not None:
+        welcome_cache = self.pool.welcome_cache
+        hit = welcome_cache.get(key) if cache and welcome_cache.get(None) is pool_params else None
+        if not cache:
+            status = self._welcome_status(pool_params)
+        elif hit is not None:
             status, values, startup = hit
             self.params.share(values)
             self.startup_params = startup  # equal by the key: one dict for all of them (read only from here)
         else:
-            if cache.get(None) is not pool_params or len(cache) > 256:
-                cache.clear()
-                cache[None] = pool_params  # type: ignore[assignment]
+            if welcome_cache.get(None) is not pool_params or len(welcome_cache) > 256:
+                welcome_cache.clear()
+                welcome_cache[None] = pool_params
             status = self._welcome_status(pool_params)
             template = ParamSet(self.pooler.tracked)
             template.share(self.params)
-            cache[key] = (status, template, self.startup_params)
+            welcome_cache[key] = (status, template, self.startup_params)
         out = [status]
         self.cancel_key = pooler.register_cancel_key(self)
         out.append(m.message(b"K", self.cancel_key))

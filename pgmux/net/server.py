@@ -59,7 +59,7 @@ class ServerConnection(PgConnection):
     # stmts, tracker, sent_prefix are fields of pgmux.engine.Link.
     __slots__ = (
         "pooler", "pool", "addr", "port", "backend_pid", "backend_key", "login_params", "connect_wall", "tls",
-        "local_addr", "local_port", "_events", "id",
+        "replication", "local_addr", "local_port", "_events", "id",
     )
 
     def __init__(self, pooler: Pooler, pool: Pool, addr: str, port: int, sid: int) -> None:
@@ -100,6 +100,7 @@ class ServerConnection(PgConnection):
         self.cancels = 0  # cancel requests for this backend not yet delivered
         self.tls = False
         self.dirty = False  # a pinned client left session state here: reset before reuse
+        self.replication: str | None = None  # "physical"/"logical": the dedicated server of a replication client
         self.read_paused = False
         self.local_addr = ""
         self.local_port = 0

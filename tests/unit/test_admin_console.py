@@ -77,6 +77,7 @@ class FakeClient:
         self.dbname = pool.database if pool is not None else None
         self.id = pooler.next_client_id()
         self.logged_in = logged_in
+        self.replication: str | None = None
         self.closed = False
         self.close_reason: str | None = None
         self.waiting = False
@@ -116,6 +117,7 @@ class FakeServer:
         self.pool = pool
         self.client: Any = None
         self.backend_pid = pid
+        self.replication: str | None = None
         self.id = 1000 + pid  # (a real server draws it from Pooler.next_client_id when launched)
         self.addr, self.port, self.local_addr, self.local_port = "127.0.0.1", 5432, "127.0.0.1", 40000 + pid
         self.connect_wall = time.time()

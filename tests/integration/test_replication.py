@@ -1,0 +1,196 @@
+"""Replication connections through the pooler (PgBouncer 1.23+): a client with `replication=true`
+or `replication=database` gets a server of its own for its whole session, in any pool mode, so the
+real replication tools (pg_basebackup, pg_receivewal, pg_recvlogical) and a logical subscription work
+through it.
+
+PgBouncer 1.18 (Debian's) refuses replication connections, hence pgmux_only. The tests use a cluster
+of their own with `wal_level = logical` (the session cluster runs with the default `replica`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgmux.testing.cluster import PoolerProcess, TempCluster, make_dsn, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.pgmux_only]
+
+REPLICATION_SETTINGS = {"wal_level": "logical", "max_wal_senders": "20", "max_replication_slots": "20"}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[TempCluster]:
+    """Overrides the session cluster for this module: a publisher with wal_level = logical."""
+    with TempCluster(settings=REPLICATION_SETTINGS) as c:
+        hba = Path(c.datadir, "pg_hba.conf")
+        hba.write_text("host replication all 127.0.0.1/32 trust\n" + hba.read_text())
+        c.execute("SELECT pg_reload_conf()")
+        c.create_test_roles()
+        c.execute("CREATE ROLE norepl LOGIN PASSWORD 'noreplpass'")  # may log in, has no REPLICATION
+        c.execute("CREATE TABLE repl_items (id int PRIMARY KEY, v text)")
+        c.execute("CREATE PUBLICATION repl_pub FOR TABLE repl_items")
+        yield c
+
+
+def replication_pooler(pooler: Callable[..., PoolerProcess], **extra: Any) -> PoolerProcess:
+    """Transaction pooling (a replication client is never shared whatever the mode), trust auth;
+    `replication` is the database name physical replication tools send."""
+    return pooler(
+        pool_mode="transaction",
+        auth_type="trust",
+        databases={
+            "postgres": "host={host} port={port} dbname=postgres",
+            "replication": "host={host} port={port} dbname=postgres",
+        },
+        userlist={"postgres": "", "norepl": "noreplpass"},
+        extra=extra,
+    )
+
+
+@pytest.fixture
+def scratch() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="pgmux-repl-")
+    os.chmod(path, 0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_tool(cluster: TempCluster, p: PoolerProcess, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [cluster.bin(tool), "-h", "127.0.0.1", "-p", str(p.port), "-U", "postgres", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+
+
+def flushed_lsn(cluster: TempCluster) -> str:
+    return str(cluster.execute("SELECT pg_current_wal_flush_lsn()")[0][0])
+
+
+def replication_conn(p: PoolerProcess, mode: str, user: str = "postgres") -> psycopg.Connection:
+    return psycopg.connect(make_dsn(host="127.0.0.1", port=p.port, user=user, dbname="postgres",
+                                    replication=mode), autocommit=True)
+
+
+def console_rows(p: PoolerProcess, what: str) -> list[dict[str, Any]]:
+    with psycopg.connect(make_dsn(host="127.0.0.1", port=p.port, user="postgres", dbname="pgbouncer"),
+                         autocommit=True) as conn:
+        cur = conn.execute(f"SHOW {what}")
+        names = [d.name for d in cur.description or []]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def walsenders(cluster: TempCluster) -> int:
+    return int(cluster.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'")[0][0])
+
+
+def test_pg_basebackup_through_pooler(cluster: TempCluster, pooler: Callable[..., PoolerProcess],
+                                      scratch: str) -> None:
+    p = replication_pooler(pooler)
+    target = os.path.join(scratch, "backup")
+    res = run_tool(cluster, p, "pg_basebackup", "-D", target, "-X", "stream", "-c", "fast", "--no-sync")
+    assert res.returncode == 0, res.stderr
+    assert os.path.exists(os.path.join(target, "PG_VERSION"))
+    assert os.path.exists(os.path.join(target, "backup_label"))
+
+
+def test_pg_receivewal_streams_to_endpos(cluster: TempCluster, pooler: Callable[..., PoolerProcess],
+                                        scratch: str) -> None:
+    p = replication_pooler(pooler)
+    cluster.execute("CHECKPOINT")
+    end = flushed_lsn(cluster)
+    res = run_tool(cluster, p, "pg_receivewal", "-D", scratch, f"--endpos={end}", "--no-loop", "--no-sync")
+    assert res.returncode == 0, res.stderr
+    assert any(name.endswith(".partial") or len(name) == 24 for name in os.listdir(scratch)), os.listdir(scratch)
+
+
+def test_pg_recvlogical_decodes_changes(cluster: TempCluster, pooler: Callable[..., PoolerProcess]) -> None:
+    p = replication_pooler(pooler)
+    res = run_tool(cluster, p, "pg_recvlogical", "-d", "postgres", "-S", "recvlogical_slot", "-P", "test_decoding",
+                   "--create-slot")
+    assert res.returncode == 0, res.stderr
+    try:
+        with cluster.connect() as conn:  # committed and flushed (the test cluster runs synchronous_commit = off)
+            conn.execute("SET synchronous_commit = on")
+            conn.execute("INSERT INTO repl_items VALUES (101, 'through the pooler')")
+            end = str(conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0])  # type: ignore[index]
+        res = run_tool(cluster, p, "pg_recvlogical", "-d", "postgres", "-S", "recvlogical_slot", "--start",
+                       "-f", "-", f"--endpos={end}", "--no-loop")
+        assert res.returncode == 0, res.stderr
+        assert "table public.repl_items: INSERT: id[integer]:101 v[text]:'through the pooler'" in res.stdout
+    finally:
+        cluster.execute("SELECT pg_drop_replication_slot('recvlogical_slot')")
+
+
+def test_subscription_through_pooler(cluster: TempCluster, pooler: Callable[..., PoolerProcess]) -> None:
+    p = replication_pooler(pooler)
+    cluster.execute("INSERT INTO repl_items VALUES (1, 'before') ON CONFLICT DO NOTHING")
+    with TempCluster() as subscriber:
+        subscriber.execute("CREATE TABLE repl_items (id int PRIMARY KEY, v text)")
+        conninfo = f"host=127.0.0.1 port={p.port} user=postgres dbname=postgres"
+        subscriber.execute(f"CREATE SUBSCRIPTION repl_sub CONNECTION '{conninfo}' PUBLICATION repl_pub")
+        try:
+            wait_for(lambda: subscriber.execute("SELECT v FROM repl_items WHERE id = 1") == [("before",)], 30,
+                     what="initial table sync through the pooler")
+            cluster.execute("INSERT INTO repl_items VALUES (2, 'streamed')")
+            wait_for(lambda: subscriber.execute("SELECT v FROM repl_items WHERE id = 2") == [("streamed",)], 30,
+                     what="streamed change through the pooler")
+        finally:
+            subscriber.execute("DROP SUBSCRIPTION repl_sub")  # drops the slot through the pooler too
+    assert not cluster.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'repl_sub'")
+
+
+def test_identify_system_on_own_server_shown_in_console(cluster: TempCluster,
+                                                        pooler: Callable[..., PoolerProcess]) -> None:
+    p = replication_pooler(pooler)
+    system_id = cluster.execute("SELECT system_identifier::text FROM pg_control_system()")[0][0]
+    before = walsenders(cluster)
+    with replication_conn(p, "database") as conn:
+        res = conn.pgconn.exec_(b"IDENTIFY_SYSTEM")
+        assert res.status == psycopg.pq.ExecStatus.TUPLES_OK, res.error_message
+        assert res.get_value(0, 0) == system_id.encode()
+        assert walsenders(cluster) == before + 1
+        clients = [r for r in console_rows(p, "CLIENTS") if r["database"] == "postgres"]
+        assert [r["replication"] for r in clients] == ["logical"]
+        servers = [r for r in console_rows(p, "SERVERS") if r["database"] == "postgres"]
+        assert [(r["replication"], r["state"]) for r in servers] == [("logical", "active")]
+        assert servers[0]["ptr"] == clients[0]["link"]
+    # never reused: the server closes with its client
+    wait_for(lambda: walsenders(cluster) == before, 10, what="the replication server to close")
+    assert not [r for r in console_rows(p, "SERVERS") if r["database"] == "postgres"]
+
+
+def test_physical_replication_value_true(cluster: TempCluster, pooler: Callable[..., PoolerProcess]) -> None:
+    p = replication_pooler(pooler)
+    with replication_conn(p, "true") as conn:
+        res = conn.pgconn.exec_(b"IDENTIFY_SYSTEM")
+        assert res.status == psycopg.pq.ExecStatus.TUPLES_OK, res.error_message
+        assert res.get_value(0, 3) is None  # dbname: a physical replication connection has none
+        assert [r["replication"] for r in console_rows(p, "CLIENTS") if r["database"] == "postgres"] == ["physical"]
+
+
+def test_unprivileged_user_gets_postgres_refusal(cluster: TempCluster, pooler: Callable[..., PoolerProcess]) -> None:
+    p = replication_pooler(pooler)
+    with pytest.raises(psycopg.OperationalError, match="must be superuser or replication role to start walsender"):
+        replication_conn(p, "database", user="norepl")
+    with psycopg.connect(make_dsn(host="127.0.0.1", port=p.port, user="norepl", dbname="postgres")) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # the refusal is not a failing pool login
+
+
+def test_replication_server_counts_against_max_db_connections(cluster: TempCluster,
+                                                               pooler: Callable[..., PoolerProcess]) -> None:
+    p = replication_pooler(pooler, max_db_connections=1, query_wait_timeout=1)
+    plain = make_dsn(host="127.0.0.1", port=p.port, user="postgres", dbname="postgres")
+    with replication_conn(p, "database"):
+        with pytest.raises(psycopg.OperationalError, match="query_wait_timeout"):
+            psycopg.connect(plain).execute("SELECT 1")
+        with pytest.raises(psycopg.OperationalError, match="query_wait_timeout"):
+            replication_conn(p, "database")
+    with psycopg.connect(plain) as conn:  # the replication server is gone: room again
+        assert conn.execute("SELECT 1").fetchone() == (1,)
