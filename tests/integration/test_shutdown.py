@@ -18,8 +18,8 @@ test_newly_paused_client_during_wait_for_servers_shutdown):
   RESUME: `pooler is shutting down`.
 - SIGINT or SIGTERM while SUSPENDed: FATAL `suspend was in progress, going down immediately`, exit 1.
 
-PgBouncer 1.18 (Debian) predates all of this but the repeated SIGINT (its SIGTERM exits at once,
-its SIGUSR2 cancels a shutdown), so most tests are pgmux_only.
+PgBouncer 1.18 (Debian) predates all of this (its SIGTERM exits at once, a second SIGINT does
+nothing, its SIGUSR2 cancels a shutdown), so the tests are pgmux_only but SIGINT during SUSPEND.
 """
 
 from __future__ import annotations
@@ -184,11 +184,12 @@ def test_wait_for_clients_exits_when_the_last_client_leaves(pooler: PoolerFactor
 # a second stop signal
 
 
+@pytest.mark.pgmux_only  # PgBouncer 1.23+ (1.18 logs "got SIGINT, shutting down" again; its SIGTERM exits)
 @pytest.mark.parametrize(("first", "second"), [
     pytest.param(signal.SIGINT, signal.SIGINT, id="SIGINT-SIGINT"),
-    pytest.param(signal.SIGTERM, signal.SIGTERM, id="SIGTERM-SIGTERM", marks=pytest.mark.pgmux_only),
-    pytest.param(signal.SIGINT, signal.SIGTERM, id="SIGINT-SIGTERM", marks=pytest.mark.pgmux_only),
-    pytest.param(signal.SIGTERM, signal.SIGINT, id="SIGTERM-SIGINT", marks=pytest.mark.pgmux_only),
+    pytest.param(signal.SIGTERM, signal.SIGTERM, id="SIGTERM-SIGTERM"),
+    pytest.param(signal.SIGINT, signal.SIGTERM, id="SIGINT-SIGTERM"),
+    pytest.param(signal.SIGTERM, signal.SIGINT, id="SIGTERM-SIGINT"),
 ])
 def test_second_stop_signal_exits_at_once(pooler: PoolerFactory, first: int, second: int) -> None:
     """The first signal waits (a session-mode client holds its server, so neither kind of shutdown
@@ -264,8 +265,10 @@ def test_resume_during_shutdown_is_refused(pooler: PoolerFactory, mode: str) -> 
 # a stop signal during SUSPEND
 
 
-@pytest.mark.pgmux_only  # 1.18: SIGTERM exits at once anyway; checked for SIGINT below
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", [
+    pytest.param(signal.SIGINT, id="SIGINT"),
+    pytest.param(signal.SIGTERM, id="SIGTERM", marks=pytest.mark.pgmux_only),  # 1.18's SIGTERM: fast exit
+])
 def test_stop_signal_during_suspend_goes_down_at_once(pooler: PoolerFactory, sig: int) -> None:
     p = start(pooler)
     conn = connect(p)
@@ -281,3 +284,35 @@ def test_stop_signal_during_suspend_goes_down_at_once(pooler: PoolerFactory, sig
     lines = [line for line in log.splitlines() if "suspend was in progress, going down immediately" in line]
     assert lines and " FATAL " in lines[0], log
     assert f"got {signal.Signals(sig).name}, shutting down" in log
+
+
+# --------------------------------------------------------------------------------------------------
+# workers = 2
+
+
+@pytest.mark.pgmux_only  # workers are pgmux's
+def test_second_console_shutdown_does_not_stop_the_other_workers_at_once(pooler: PoolerFactory) -> None:
+    """With workers, a console SHUTDOWN reaches the other workers as a stop signal: a second
+    SHUTDOWN WAIT_FOR_... only changes the mode (as in one PgBouncer process) and must not reach
+    them as the second signal that means exit now."""
+    p = start(pooler, workers=2)
+    conns: list[Any] = []
+    try:
+        while set(p.log_pids("login attempt")) & set(p.worker_pids()) != set(p.worker_pids()):
+            assert len(conns) < 40, "the kernel never gave a connection to the second worker"
+            conns.append(connect(p))
+        with console(p) as a:
+            a.execute("SHUTDOWN WAIT_FOR_CLIENTS", prepare=False)
+            a.execute("SHUTDOWN WAIT_FOR_CLIENTS", prepare=False)
+        # A barrier: whatever the supervisor forwarded before reached every worker by now.
+        p.signal(signal.SIGUSR2)
+        wait_for(lambda: len(set(p.log_pids("got SIGUSR2 while shutting down, ignoring"))) == 2, 5,
+                 what="both workers to take SIGUSR2")
+        for conn in conns:
+            assert conn.execute("SELECT 10").fetchone() == (10,)
+    finally:
+        for conn in conns:
+            conn.close()
+    assert p.wait(10) == 0
+    assert "fast exit" not in p.log_text()
+    assert len(set(p.log_pids("client connections dropped, exiting"))) == 2
