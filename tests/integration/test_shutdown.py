@@ -79,12 +79,27 @@ def refused(p: PoolerProcess) -> bool:
         return True
 
 
-def shutdown_wait_for_servers(p: PoolerProcess, how: str) -> None:
+def shutdown(p: PoolerProcess, how: str, mode: str = "WAIT_FOR_SERVERS") -> None:
+    """SHUTDOWN `mode` on the console, or its signal; returns once the listener is closed."""
     if how == "console":
-        assert admin(p, "SHUTDOWN WAIT_FOR_SERVERS") == []
+        assert admin(p, f"SHUTDOWN {mode}") == []
     else:
-        p.signal(signal.SIGINT)
+        p.signal(signal.SIGINT if mode == "WAIT_FOR_SERVERS" else signal.SIGTERM)
     wait_for(lambda: refused(p), 5, what="the listener to close")
+
+
+@contextmanager
+def busy_and_idle(p: PoolerProcess) -> Iterator[tuple[Any, Any]]:
+    """Two clients: one in a transaction (it holds a server), one between transactions."""
+    busy, idle = connect(p), connect(p)
+    try:
+        busy.execute("BEGIN")
+        busy.execute("SELECT 1")
+        idle.execute("SELECT 1")
+        yield busy, idle
+    finally:
+        busy.close()
+        idle.close()
 
 
 def assert_server_shutting_down(exc: BaseException) -> None:
@@ -102,12 +117,8 @@ def assert_server_shutting_down(exc: BaseException) -> None:
 @pytest.mark.parametrize("how", ["console", "SIGINT"])
 def test_wait_for_servers_refuses_a_new_transaction(pooler: PoolerFactory, how: str) -> None:
     p = start(pooler)
-    busy, idle = connect(p), connect(p)
-    try:
-        busy.execute("BEGIN")
-        busy.execute("SELECT 1")
-        idle.execute("SELECT 1")
-        shutdown_wait_for_servers(p, how)
+    with busy_and_idle(p) as (busy, idle):
+        shutdown(p, how)
         # The transaction under way goes on ...
         assert busy.execute("SELECT 2").fetchone() == (2,)
         # ... a new one would wait for a server: the client is told and closed.
@@ -119,15 +130,15 @@ def test_wait_for_servers_refuses_a_new_transaction(pooler: PoolerFactory, how: 
         assert p.is_running()
         busy.execute("COMMIT")  # the last server is released: the process exits
         assert p.wait(10) == 0
-    finally:
-        busy.close()
-        idle.close()
     assert "server connections dropped, exiting" in p.log_text()
 
 
 @pytest.mark.pgmux_only  # PgBouncer 1.23+ (1.18 keeps the queued client waiting)
-def test_wait_for_servers_closes_a_client_already_waiting(pooler: PoolerFactory) -> None:
-    p = start(pooler, default_pool_size=1)
+@pytest.mark.parametrize("why", ["pool_size", "PAUSE"])
+def test_wait_for_servers_closes_a_client_already_waiting(pooler: PoolerFactory, why: str) -> None:
+    """A client queued because the pool is full, or because the pooler was paused (SIGUSR1)
+    before the shutdown."""
+    p = start(pooler, default_pool_size=1 if why == "pool_size" else 20)
     busy = connect(p)
 
     async def queued() -> None:
@@ -138,10 +149,13 @@ def test_wait_for_servers_closes_a_client_already_waiting(pooler: PoolerFactory)
             await conn.close()
 
     async def scenario() -> BaseException | None:
+        if why == "PAUSE":
+            p.signal(signal.SIGUSR1)
+            await asyncio.to_thread(wait_for, lambda: "got SIGUSR1, pausing all activity" in p.log_text(), 5)
         task = asyncio.ensure_future(queued())
-        # The one server is in busy's transaction: the second client queues.
+        # (pool_size: the one server is in busy's transaction)
         await asyncio.to_thread(wait_for, lambda: pool_row(p)["cl_waiting"] == 1, 10, what="a waiting client")
-        await asyncio.to_thread(shutdown_wait_for_servers, p, "console")
+        await asyncio.to_thread(shutdown, p, "console")
         try:
             await asyncio.wait_for(task, 5)
         except psycopg.OperationalError as exc:
@@ -167,8 +181,7 @@ def test_wait_for_clients_exits_when_the_last_client_leaves(pooler: PoolerFactor
     conn = connect(p)
     try:
         conn.execute("SELECT 1")
-        assert admin(p, "SHUTDOWN WAIT_FOR_CLIENTS") == []
-        wait_for(lambda: refused(p), 5, what="the listener to close")
+        shutdown(p, "console", "WAIT_FOR_CLIENTS")
         # A client already in serves on, new transactions included.
         conn.execute("BEGIN")
         assert conn.execute("SELECT 6").fetchone() == (6,)
@@ -220,12 +233,8 @@ def test_second_stop_signal_exits_at_once(pooler: PoolerFactory, first: int, sec
 @pytest.mark.parametrize("mode", ["WAIT_FOR_SERVERS", "WAIT_FOR_CLIENTS"])
 def test_sigusr2_during_shutdown_is_ignored(pooler: PoolerFactory, mode: str) -> None:
     p = start(pooler)
-    busy, idle = connect(p), connect(p)
-    try:
-        busy.execute("BEGIN")
-        idle.execute("SELECT 1")
-        assert admin(p, f"SHUTDOWN {mode}") == []
-        wait_for(lambda: refused(p), 5, what="the listener to close")
+    with busy_and_idle(p) as (busy, idle):
+        shutdown(p, "console", mode)
         p.signal(signal.SIGUSR2)
         wait_for(lambda: "got SIGUSR2 while shutting down, ignoring" in p.log_text(), 5, what="the SIGUSR2 line")
         if mode == "WAIT_FOR_SERVERS":  # still paused: a new transaction is refused
@@ -236,9 +245,6 @@ def test_sigusr2_during_shutdown_is_ignored(pooler: PoolerFactory, mode: str) ->
             assert idle.execute("SELECT 9").fetchone() == (9,)
         assert refused(p) and p.is_running()
         busy.execute("COMMIT")
-    finally:
-        busy.close()
-        idle.close()
     assert p.wait(10) == 0
     assert "continuing" not in p.log_text()
 
@@ -247,17 +253,12 @@ def test_sigusr2_during_shutdown_is_ignored(pooler: PoolerFactory, mode: str) ->
 @pytest.mark.parametrize("mode", ["WAIT_FOR_SERVERS", "WAIT_FOR_CLIENTS"])
 def test_resume_during_shutdown_is_refused(pooler: PoolerFactory, mode: str) -> None:
     p = start(pooler)
-    conn = connect(p)
-    try:
-        conn.execute("BEGIN")
-        with console(p) as a:
-            a.execute(f"SHUTDOWN {mode}", prepare=False)
-            with pytest.raises(psycopg.errors.ProtocolViolation, match="pooler is shutting down"):
-                a.execute("RESUME", prepare=False)
+    with busy_and_idle(p) as (busy, _idle), console(p) as a:
+        a.execute(f"SHUTDOWN {mode}", prepare=False)
+        with pytest.raises(psycopg.errors.ProtocolViolation, match="pooler is shutting down"):
+            a.execute("RESUME", prepare=False)
         assert p.is_running()
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
+        busy.execute("COMMIT")
     assert p.wait(10) == 0
 
 
