@@ -19,7 +19,8 @@ test_newly_paused_client_during_wait_for_servers_shutdown):
 - SIGINT or SIGTERM while SUSPENDed: FATAL `suspend was in progress, going down immediately`, exit 1.
 
 PgBouncer 1.18 (Debian) predates all of this (its SIGTERM exits at once, a second SIGINT does
-nothing, its SIGUSR2 cancels a shutdown), so the tests are pgmux_only but SIGINT during SUSPEND.
+nothing, its SIGUSR2 cancels a shutdown), so the tests are pgmux_only but SIGUSR1/SIGUSR2 and SIGINT
+during SUSPEND.
 """
 
 from __future__ import annotations
@@ -226,7 +227,28 @@ def test_second_stop_signal_exits_at_once(pooler: PoolerFactory, first: int, sec
 
 
 # --------------------------------------------------------------------------------------------------
-# SIGUSR2 and RESUME during a shutdown
+# SIGUSR1 / SIGUSR2, and SIGUSR2 and RESUME during a shutdown
+
+
+def test_sigusr1_pauses_and_sigusr2_resumes(pooler: PoolerFactory) -> None:
+    p = start(pooler)
+
+    async def scenario() -> Any:
+        aconn = await psycopg.AsyncConnection.connect(p.dsn("trustuser", connect_timeout=10), autocommit=True)
+        try:
+            p.signal(signal.SIGUSR1)
+            await asyncio.to_thread(wait_for, lambda: "got SIGUSR1, pausing all activity" in p.log_text(), 5)
+            task = asyncio.ensure_future(aconn.execute("SELECT 11"))
+            await asyncio.to_thread(wait_for, lambda: pool_row(p)["cl_waiting"] == 1, 10, what="a waiting client")
+            p.signal(signal.SIGUSR2)
+            cur = await asyncio.wait_for(task, 5)
+            return await cur.fetchone()
+        finally:
+            await aconn.close()
+
+    assert asyncio.run(scenario()) == (11,)
+    assert "got SIGUSR2, continuing from PAUSE" in p.log_text()
+
 
 
 @pytest.mark.pgmux_only  # 1.18's SIGUSR2 resumes and cancels the shutdown ("canceling shutdown")
