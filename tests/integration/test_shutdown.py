@@ -34,7 +34,8 @@ from typing import Any
 
 import pytest
 
-from pgmux.testing.cluster import PoolerProcess, wait_for
+from pgmux.testing.cluster import PoolerProcess, TempCluster, wait_for
+from pgmux.testing.faultproxy import FaultProxy
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -174,6 +175,32 @@ def test_wait_for_servers_closes_a_client_already_waiting(pooler: PoolerFactory,
     finally:
         busy.close()
     assert p.wait(10) == 0
+
+
+@pytest.mark.pgmux_only  # PgBouncer 1.23+
+def test_wait_for_servers_closes_a_login_waiting_for_the_first_server(pooler: PoolerFactory,
+                                                                      cluster: TempCluster) -> None:
+    """A client logging in to a pool that has no server yet waits for the first one's login (its
+    ParameterStatus set): PgBouncer queues it too, and closes it the same way."""
+    with FaultProxy(cluster.port) as proxy:
+        proxy.blackhole_new(True)  # the first server connection never answers
+        p = pooler(auth_type="trust", pool_mode="transaction",
+                   databases={"testdb": f"host=127.0.0.1 port={proxy.port} dbname=testdb"})
+
+        async def login() -> BaseException | None:
+            task = asyncio.ensure_future(psycopg.AsyncConnection.connect(p.dsn("trustuser", connect_timeout=10)))
+            await asyncio.to_thread(wait_for, lambda: proxy.accepted >= 1, 10, what="the server connection")
+            await asyncio.to_thread(shutdown, p, "console")
+            try:
+                conn = await asyncio.wait_for(task, 5)
+            except psycopg.OperationalError as exc:
+                return exc
+            await conn.close()
+            return None
+
+        exc = asyncio.run(login())
+        assert exc is not None, "the login finished during WAIT_FOR_SERVERS"
+        assert_server_shutting_down(exc)
 
 
 @pytest.mark.pgmux_only  # 1.18 has no SHUTDOWN WAIT_FOR_CLIENTS
