@@ -30,7 +30,8 @@ class CallgrindPooler(PoolerProcess):
                 *super().command()]
 
 
-def total_instructions(cluster: TempCluster, extra: dict[str, object], txns: int, clients: int) -> int:
+def run_under_callgrind(cluster: TempCluster, extra: dict[str, object], txns: int, clients: int) -> Path:
+    """pgmux under callgrind serving `txns` transactions of pgbench -S: the callgrind output file."""
     workdir = tempfile.mkdtemp(prefix="pgmux-callgrind-")
     os.chmod(workdir, 0o755)
     ini, userlist = write_config(cluster, workdir=workdir, pool_mode="transaction", userlist=USERS,
@@ -42,11 +43,27 @@ def total_instructions(cluster: TempCluster, extra: dict[str, object], txns: int
                         p.dsn("md5user", "md5pass", dbname="testdb")], check=True, capture_output=True)
     finally:
         p.stop()
-    text = Path(workdir, "callgrind.out").read_text()
-    m = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
+    return Path(workdir, "callgrind.out")
+
+
+def total_instructions(out: Path) -> int:
+    m = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M)
     if m is None:
-        raise RuntimeError(f"no totals in {workdir}/callgrind.out")
+        raise RuntimeError(f"no totals in {out}")
     return int(m.group(1))
+
+
+def per_function(out: Path) -> dict[str, int]:
+    """Instructions per function (self cost), from callgrind_annotate."""
+    text = subprocess.run(["callgrind_annotate", "--inclusive=no", "--auto=no", str(out)], capture_output=True,
+                          text=True).stdout
+    costs: dict[str, int] = {}
+    for line in text.splitlines():
+        m = re.match(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+(\S.*)$", line)
+        if m and "=>" not in line and m.group(2) not in ("PROGRAM TOTALS", "events annotated"):
+            name = m.group(2).split(" [")[0]
+            costs[name] = costs.get(name, 0) + int(m.group(1).replace(",", ""))
+    return costs
 
 
 def parse_setting(text: str) -> dict[str, object]:
@@ -60,6 +77,8 @@ def main() -> None:
     ap.add_argument("--against", default="query_stats=0", help="the setting it is compared with")
     ap.add_argument("--txns", type=int, default=10000, help="transactions of the long run beyond the short one")
     ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--functions", type=int, default=0, metavar="N",
+                    help="also list the N functions that cost the most per transaction (first setting)")
     args = ap.parse_args()
     short = 2500
     print(f"how it was run: pgmux under callgrind, transaction mode, pool 20; pgbench -S -c {args.clients} -j 2, "
@@ -71,10 +90,15 @@ def main() -> None:
         per_txn = {}
         for label in (args.set, args.against):
             extra = parse_setting(label)
-            a = total_instructions(cluster, extra, short, args.clients)
-            b = total_instructions(cluster, extra, short + args.txns, args.clients)
-            per_txn[label] = (b - a) / args.txns
+            a = run_under_callgrind(cluster, extra, short, args.clients)
+            b = run_under_callgrind(cluster, extra, short + args.txns, args.clients)
+            per_txn[label] = (total_instructions(b) - total_instructions(a)) / args.txns
             print(f"{label}: {per_txn[label]:.0f} instructions per transaction")
+            if args.functions and label == args.set:
+                fa, fb = per_function(a), per_function(b)
+                diff = sorted(((fb.get(k, 0) - fa.get(k, 0)) / args.txns, k) for k in set(fa) | set(fb))
+                for cost, name in diff[::-1][: args.functions]:
+                    print(f"  {cost:8.0f}  {name[-110:]}")
     print(f"{args.set} / {args.against}: {per_txn[args.set] / per_txn[args.against]:.3f}x "
           f"(+{per_txn[args.set] - per_txn[args.against]:.0f} instructions per transaction)")
 

@@ -414,7 +414,7 @@ class Pooler:
         if pool is None:
             pool = Pool(database=db.name, user=user, limits=self.limits_for(db, user),
                         round_robin=bool(self.settings.server_round_robin))
-            pool.paused = self.admin_pool_paused(db.name)
+            pool.set_paused(self.admin_pool_paused(db.name))
             pool.stats.histograms = bool(self.settings.metrics_listen)  # not reloadable
             self._configure_core(pool)
             self.pools[key] = pool
@@ -657,7 +657,7 @@ class Pooler:
                 deliver.set_exception(ServerLoginError(fields))
             return
         pool.connecting -= 1
-        pool.login_failure = None
+        pool.set_login_failure(None)
         pool.last_login_ok = time.monotonic()
         server.state = "idle"
         if server.connect_time < pool.dirty_since:  # RECONNECT/RELOAD came while it logged in
@@ -765,7 +765,7 @@ class Pooler:
             return
         # 57P03 (the database system is starting up) is transient: keep clients waiting.
         if fields.get("C") != "57P03":
-            pool.login_failure = (time.monotonic(), fields)
+            pool.set_login_failure((time.monotonic(), fields))
         sqlstate = fields.get("C", "08P01")
         self.fail_params_waiters(pool, ClientError(msg, sqlstate))
         if pool.login_failure is not None:
@@ -863,6 +863,7 @@ class Pooler:
         core.pool_size = pool.limits.pool_size
         core.reserve = bool(pool.limits.reserve_pool_size) or bool(pool.limits.min_pool_size)
         core.qpool = self.engine.qstats.pool_id(pool.database, pool.user)
+        core.round_robin = pool.round_robin
 
     def link_fast(self, client: ClientConnection, server: ServerConnection) -> bool:
         """Let the engine forward this link natively, if it can decide every message the link
@@ -1423,7 +1424,7 @@ class Pooler:
         """Mirror the console's pause state into every Pool.paused."""
         state = self.admin_state()
         for pool in self.pools.values():
-            pool.paused = state.db_paused(pool.database)
+            pool.set_paused(state.db_paused(pool.database))
 
     def _admin_pools(self, db_name: str | None) -> list[Pool[ServerConnection, ClientConnection]]:
         return [p for p in self.pools.values() if db_name is None or p.database == db_name]

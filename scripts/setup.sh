@@ -4,6 +4,7 @@
 #   - PgBouncer, the oracle the tests can also run against (optional: failure is only a warning)
 #   - a C compiler and Python's headers (pgmux's engine is Cython, compiled by pip install)
 #   - Chromium (Debian's), which the dashboard's browser test drives through Playwright
+#   - systemd-analyze and iproute2, for the deployment recipes' tests
 #   - pgmux itself, editable, with its test extras
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +48,13 @@ fi
 if ! command -v chromium >/dev/null 2>&1; then
     echo "setup: installing Chromium (the dashboard's browser test)"
     apt_install chromium
+fi
+
+# The deployment recipes' tests: systemd-analyze verifies the unit files, `ip netns` makes two
+# hosts for the peers and rolling-restart tests (each skips with its reason if this fails).
+if ! command -v systemd-analyze >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1; then
+    echo "setup: installing systemd (systemd-analyze) and iproute2 (ip netns) for the deploy tests"
+    apt_install systemd iproute2 || echo "setup: WARNING: systemd/iproute2 not installed; those tests will skip" >&2
 fi
 
 if ! python3 -m pip --version >/dev/null 2>&1; then

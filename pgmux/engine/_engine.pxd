@@ -85,7 +85,10 @@ cdef class PoolCore:
     cdef public int pool_size         # the pool's size: below it, a queued client asks for a new server
     cdef public bint reserve          # reserve_pool_size is set: always ask (Pooler.launch_connects decides)
     cdef public int qpool             # QueryStats.pool_id of the pool, -1: no per-query statistics
-    cdef object idle_append, idle_pop, idle_popleft, waiting_popleft, waiting_appendleft
+    cdef public bint paused           # Pool.paused (Pool.set_paused keeps both)
+    cdef public bint round_robin      # server_round_robin: the idle list is a FIFO
+    cdef public bint login_failing    # Pool.login_failure is set (Pool.set_login_failure keeps both)
+    cdef object idle_append, idle_pop, idle_popleft, waiting_popleft, waiting_appendleft, active_add, active_discard
 
 
 cdef class Engine

@@ -42,6 +42,9 @@ class PoolCore:
     pool_size: int
     reserve: bool
     qpool: int
+    paused: bool
+    round_robin: bool
+    login_failing: bool
     def __init__(self, pool: Any, idle: Any, active: Any, waiting: Any, stats: PoolStats) -> None: ...
 
 class Link:

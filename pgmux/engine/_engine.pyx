@@ -169,17 +169,57 @@ PLAIN_STARTS[:] = [b"select", b"insert", b"update", b"delete", b"with", b"begin"
                    b"table", b"show", b"start", b"abort", b"notify", b"call", b"merge", b"lock", b"truncate"]
 
 
+cdef Py_ssize_t PLAIN_LENS[25]
+for _k in range(25):
+    PLAIN_LENS[_k] = strlen(PLAIN_STARTS[_k])
+
+# Scanning eight bytes at a time (SWAR): a block is looked at byte by byte only when one of its
+# bytes may be a byte searched for (has_byte: no false negatives).
+cdef unsigned long long ONES = 0x0101010101010101ULL
+cdef unsigned long long HIGHS = 0x8080808080808080ULL
+cdef unsigned long long CASE = 0x2020202020202020ULL
+
+
+cdef inline unsigned long long load8(const unsigned char *p) noexcept nogil:
+    cdef unsigned long long x
+    memcpy(&x, p, 8)
+    return x
+
+
+cdef inline bint has_byte(unsigned long long x, unsigned char b) noexcept nogil:
+    cdef unsigned long long v = x ^ (ONES * b)
+    return ((v - ONES) & ~v & HIGHS) != 0
+
+
+cdef inline bint state_byte_at(const unsigned char *q, Py_ssize_t n, Py_ssize_t j, Py_ssize_t end) noexcept nogil:
+    """maybe_session_state's test at q[j]: a ';' before `end`, or the `v` of "advisory" or the
+    `f` of "set_config" (rare letters as anchors; ASCII case ignored)."""
+    cdef unsigned char ch = q[j], low = q[j] | 32
+    if ch == 59:
+        return j < end
+    if low == 118:
+        return j >= 2 and starts_nocase(q + j - 2, n - j + 2, b"advisory", 8)
+    if low == 102:
+        return j >= 7 and starts_nocase(q + j - 7, n - j + 7, b"set_config", 10)
+    return False
+
+
 cdef bint maybe_session_state(const unsigned char *q, Py_ssize_t n) noexcept nogil:
     """The keyword test of sessionstate.hint() in C: False when the query surely needs no probe
     (one plain statement naming neither advisory locks nor set_config). True sends it to Python,
-    which runs the full test."""
+    which runs the full test. One pass over the text after the first keyword."""
     cdef Py_ssize_t head = n if n < 12 else 12
     cdef Py_ssize_t i = 0, k, end
     cdef bint plain = False
+    cdef unsigned char first
+    cdef unsigned long long x, y
     while i < head and is_space(q[i]):
         i += 1
+    if i >= head:
+        return True
+    first = q[i] | 32
     for k in range(25):
-        if starts_nocase(q + i, head - i, PLAIN_STARTS[k], strlen(PLAIN_STARTS[k])):
+        if <unsigned char>PLAIN_STARTS[k][0] == first and starts_nocase(q + i, head - i, PLAIN_STARTS[k], PLAIN_LENS[k]):
             plain = True
             break
     if not plain:
@@ -188,15 +228,48 @@ cdef bint maybe_session_state(const unsigned char *q, Py_ssize_t n) noexcept nog
     while end > 0 and (q[end - 1] == 32 or q[end - 1] == 9 or q[end - 1] == 13 or q[end - 1] == 10
                        or q[end - 1] == 59):
         end -= 1
-    for i in range(end):
-        if q[i] == 59:  # ';': several statements
+    i = 0
+    while i + 8 <= n:
+        x = load8(q + i)
+        y = x | CASE
+        if has_byte(x, 59) or has_byte(y, 118) or has_byte(y, 102):
+            for k in range(i, i + 8):
+                if state_byte_at(q, n, k, end):
+                    return True
+        i += 8
+    while i < n:
+        if state_byte_at(q, n, i, end):
             return True
-    return contains_nocase(q, n, b"advisory") or contains_nocase(q, n, b"set_config")
+        i += 1
+    return False
 
 
-cdef inline bint names_database(const unsigned char *q, Py_ssize_t n) noexcept nogil:
-    """The query may be DROP/CREATE/ALTER DATABASE: Python decides whether a drain comes first."""
-    return (memmem(q, n, b"atabase", 7) != NULL) or (memmem(q, n, b"ATABASE", 7) != NULL)
+cdef inline bint database_at(const unsigned char *q, Py_ssize_t n, Py_ssize_t j) noexcept nogil:
+    """"atabase" or "ATABASE" with its `b`/`B` at q[j]."""
+    if j < 3 or j + 4 > n:
+        return False
+    if q[j] == 98:
+        return memcmp(q + j - 3, b"atabase", 7) == 0
+    if q[j] == 66:
+        return memcmp(q + j - 3, b"ATABASE", 7) == 0
+    return False
+
+
+cdef bint names_database(const unsigned char *q, Py_ssize_t n) noexcept nogil:
+    """The query may be DROP/CREATE/ALTER DATABASE ("atabase" or "ATABASE" in it): Python decides
+    whether a drain comes first. Eight bytes at a time, anchored on the rare `b`/`B`."""
+    cdef Py_ssize_t i = 0, k
+    while i + 8 <= n:
+        if has_byte(load8(q + i) | CASE, 98):
+            for k in range(i, i + 8):
+                if database_at(q, n, k):
+                    return True
+        i += 8
+    while i < n:
+        if database_at(q, n, i):
+            return True
+        i += 1
+    return False
 
 
 cdef inline Py_ssize_t cstr_len(const unsigned char *p, Py_ssize_t n) noexcept nogil:
@@ -278,6 +351,8 @@ cdef class PoolCore:
         self.idle_popleft = idle.popleft
         self.waiting_popleft = waiting.popleft
         self.waiting_appendleft = waiting.appendleft
+        self.active_add = active.add
+        self.active_discard = active.discard
 
 
 cdef str S_IDLE = "idle"
@@ -1108,7 +1183,7 @@ cdef class Engine:
         cdef unsigned int gen, events
         cdef Link link
         for i in range(n):
-            fd = <int>(evs[i].data.u64 & 0xFFFFFFFF)
+            fd = <int><unsigned int>evs[i].data.u64  # (the low 32 bits; the high ones hold gen)
             gen = <unsigned int>(evs[i].data.u64 >> 32)
             if fd >= self.table_size or self.table[fd] == NULL:
                 continue
@@ -1693,7 +1768,7 @@ cdef class Engine:
         if (s.status != 73 or c.rkeep or c.closed or s.closed or s.close_needed or s.cancels or s.dirty
                 or c.linking or c.waiting):
             return False
-        if core.pool.paused:
+        if core.paused:
             return False
         if core.lifetime > 0 and self.now - s.connect_time >= core.lifetime:
             return False
@@ -1714,7 +1789,7 @@ cdef class Engine:
             s.engine_server_ready()  # a waiter the engine cannot link: Python does
             return True
         s.state = S_IDLE
-        core.active.discard(s)
+        core.active_discard(s)
         core.idle_append(s)
         return True
 
@@ -1728,7 +1803,8 @@ cdef class Engine:
         if core is None or (core.check_delay >= 0 and self.now - s.last_used >= core.check_delay):
             return False
         ck = c.params._tracked_key
-        if ck is None or ck != s.params._tracked_key:
+        sk = s.params._tracked_key
+        if ck is None or (ck is not sk and ck != sk):  # (keys are interned: mostly the same object)
             return False
         if s.inbox:
             return False
@@ -1788,6 +1864,7 @@ cdef class Engine:
         cdef Link s = None
         cdef unsigned char *b = self.tlsplain if c.tls is not None else self.shared
         cdef Py_ssize_t pe
+        cdef bint take
         r = self._recv(c, b, SHARED_SIZE)
         if r < 0:
             return True
@@ -1799,16 +1876,15 @@ cdef class Engine:
             pe = 1 + <Py_ssize_t>be32(b + 1)
             if b[5] != 0 and pe + 5 == r and b[pe] == 83 and be32(b + pe + 1) == 4:
                 take = False
-        pool = core.pool
-        if take and (pool.paused or pool.login_failure is not None or c.write_paused or c.read_paused):
+        if take and (core.paused or core.login_failing or c.write_paused or c.read_paused):
             take = False
         elif take and (core.waiting or not core.idle):
             self._enqueue(c, b, r)
             return True
         if take:
-            s = core.idle_popleft() if core.pool.round_robin else core.idle_pop()
+            s = core.idle_popleft() if core.round_robin else core.idle_pop()
             if not self._can_link(c, s):
-                if core.pool.round_robin:
+                if core.round_robin:
                     core.idle.appendleft(s)
                 else:
                     core.idle_append(s)
@@ -1816,7 +1892,7 @@ cdef class Engine:
         if not take:
             self._deliver_slow(c, b, r)
             return True
-        core.active.add(s)
+        core.active_add(s)
         self._link(c, s)
         self.fast_reads += 1
         self._client_walk(c, s, b, r)

@@ -659,7 +659,7 @@ cdef class QueryStats:
         cdef QEntry *e
         if handle < 0:
             return
-        idx = <int>(handle & 0xFFFFFFFF)
+        idx = <int><unsigned int>handle  # (the low 32 bits)
         gen = <unsigned int>(handle >> 32)
         if idx < self.used and self.entries[idx].gen == gen:
             e = &self.entries[idx]

@@ -74,6 +74,17 @@ class Pool(Generic[S, C]):
 
     def __post_init__(self) -> None:
         self.core = PoolCore(self, self.idle, self.active, self.waiting, self.stats)
+        self.core.round_robin = self.round_robin
+
+    def set_paused(self, paused: bool) -> None:
+        """PAUSE/RESUME of this pool's database; the engine reads the flag from the core."""
+        self.paused = self.core.paused = paused
+
+    def set_login_failure(self, failure: tuple[float, dict[str, str]] | None) -> None:
+        """The last failed server login (None: the last one worked); the engine links no one
+        by itself while there is one."""
+        self.login_failure = failure
+        self.core.login_failing = failure is not None
 
     # ------------------------------------------------------------ counting
 

@@ -22,6 +22,22 @@ def tracked_names(extra: list[str] | tuple[str, ...]) -> dict[str, str]:
     return names
 
 
+#: Tracked-parameter keys by value: equal keys are one object, so the engine's link check is
+#: mostly a pointer compare. Bounded (clients choose the values): emptied when it grows past this.
+_KEYS: dict[tuple[str | None, ...], tuple[str | None, ...]] = {}
+_KEYS_MAX = 4096
+
+
+def _intern_key(k: tuple[str | None, ...]) -> tuple[str | None, ...]:
+    found = _KEYS.get(k)
+    if found is not None:
+        return found
+    if len(_KEYS) >= _KEYS_MAX:
+        _KEYS.clear()
+    _KEYS[k] = k
+    return k
+
+
 class ParamSet:
     """Parameter values keyed case-insensitively, remembering the spelling first seen."""
 
@@ -56,7 +72,8 @@ class ParamSet:
         k = self._tracked_key
         if k is None:
             values = self.values
-            k = self._tracked_key = tuple(values[n][1] if n in values else None for n in self.tracked)
+            k = tuple(values[n][1] if n in values else None for n in self.tracked)
+            k = self._tracked_key = _intern_key(k)
         return k
 
     def same_as(self, other: ParamSet) -> bool:
