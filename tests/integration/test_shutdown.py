@@ -353,8 +353,13 @@ def test_second_console_shutdown_does_not_stop_the_other_workers_at_once(pooler:
             conns.append(connect(p))
         with console(p) as a:
             a.execute("SHUTDOWN WAIT_FOR_CLIENTS", prepare=False)
+            # The first one reaches the other worker through the supervisor (as SIGTERM).
+            wait_for(lambda: len(set(p.log_pids("SHUTDOWN WAIT_FOR_CLIENTS command issued")) |
+                                 set(p.log_pids("got SIGTERM, shutting down"))) == 2, 5,
+                     what="both workers to shut down")
             a.execute("SHUTDOWN WAIT_FOR_CLIENTS", prepare=False)
-        # A barrier: whatever the supervisor forwarded before reached every worker by now.
+        # Both workers shut down already, so both ignore SIGUSR2; before the fix the second
+        # SHUTDOWN's SIGTERM would follow it through the supervisor and stop the other worker.
         p.signal(signal.SIGUSR2)
         wait_for(lambda: len(set(p.log_pids("got SIGUSR2 while shutting down, ignoring"))) == 2, 5,
                  what="both workers to take SIGUSR2")
