@@ -264,17 +264,23 @@ async def _serve(args: argparse.Namespace, config: Config, worker: WorkerContext
     # Signals act on this process only (the console's RELOAD/SHUTDOWN go through
     # Pooler.console_reload/console_shutdown, which also reach the other workers).
 
+    exit_code = 0
+
     def shutdown(signame: str, mode: str) -> None:
         # PgBouncer: SIGINT or SIGTERM while a shutdown (signal or console SHUTDOWN) is already
-        # under way means exit now; SIGQUIT always does.
+        # under way means exit now; SIGQUIT always does; SIGINT or SIGTERM during SUSPEND dies.
+        nonlocal exit_code
         if mode == "immediate":
             logger.info("got %s, fast exit", signame)
         elif pooler.shutting_down or pooler.admin_state().shutdown_mode is not None:
             logger.info("got %s while shutting down, fast exit", signame)
         else:
             logger.info("got %s, shutting down, %s", signame, _SHUTDOWN_WORDS[mode])
-            pooler.admin_shutdown(mode)
-            return
+            if pooler.admin_state().pause_mode != "suspend":
+                pooler.admin_shutdown(mode)
+                return
+            logger.critical("suspend was in progress, going down immediately")
+            exit_code = 1
         pooler.admin_shutdown("immediate")
 
     loop.add_signal_handler(signal.SIGHUP, pooler.admin_reload)
@@ -304,7 +310,7 @@ async def _serve(args: argparse.Namespace, config: Config, worker: WorkerContext
         pooler.close_all()
         await asyncio.sleep(0.05)  # let the FATAL messages and Terminates go out
     logger.info("shutdown complete")
-    return 0
+    return exit_code
 
 
 async def _janitor(pooler: Any) -> None:

@@ -93,6 +93,11 @@ def check_config(config: Config) -> None:
 _ALWAYS_ALLOWED = {"user", "database", "application_name", "replication", "options"}
 _IDLE = ord("I")
 QUERY_WAIT_NOTICE = m.notice_response("No server connection available in postgres backend, client being queued")
+#: SHUTDOWN WAIT_FOR_SERVERS (SIGINT): what a client that would wait for a server is told.
+SERVER_SHUTTING_DOWN = "server shutting down"
+#: The line the process exits with once a graceful shutdown is done, per mode (PgBouncer's janitor).
+_CONNECTIONS_DROPPED = {"wait_for_servers": "server connections dropped, exiting",
+                        "wait_for_clients": "client connections dropped, exiting"}
 
 
 class Pooler:
@@ -481,6 +486,10 @@ class Pooler:
             except ClientError as exc:
                 client.fail(str(exc), exc.sqlstate)
                 return
+        if pool.paused and self.admin_state().shutdown_mode == "wait_for_servers":
+            # PgBouncer's pause_client: a client that would wait for a server now never gets one.
+            client.fail(SERVER_SHUTTING_DOWN)
+            return
         server = pool.take_idle() if not pool.paused else None
         if server is not None:
             if self._needs_check(server):
@@ -1403,12 +1412,17 @@ class Pooler:
                 continue
             waited = now - client.wait_started
             if wait_timeout and waited >= wait_timeout:
-                pool.remove_waiter(client)
-                client.waiting = False
-                client.fail("query_wait_timeout")
+                self._fail_waiter(pool, client, "query_wait_timeout")
             elif notify > 0 and int(waited) > notify and client.logged_in and not client.wait_notified:
                 client.wait_notified = True
                 client.write(QUERY_WAIT_NOTICE)
+
+    @staticmethod
+    def _fail_waiter(pool: Pool[ServerConnection, ClientConnection], client: ClientConnection, reason: str) -> None:
+        """Take a client out of the pool's queue and close it with `reason`."""
+        pool.remove_waiter(client)
+        client.waiting = False
+        client.fail(reason)
 
     # ------------------------------------------------------------ reload and shutdown
 
@@ -1432,14 +1446,13 @@ class Pooler:
         return self.shutting_down and self.admin_state().shutdown_mode == "wait_for_clients"
 
     def _check_shutdown(self) -> None:
-        if not self.shutting_down:
+        if not self.shutting_down or self.shutdown_done is None:
             return
         # While draining, a client still logging in counts too (bounded by client_login_timeout).
         logins_count = self.draining()
         if not any(c.logged_in or logins_count for c in self.clients):
-            fut = self.shutdown_done
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+            # (WAIT_FOR_SERVERS: the last client took the last server with it)
+            self._admin_exit(_CONNECTIONS_DROPPED.get(self.admin_state().shutdown_mode or ""))
 
     def close_all(self) -> None:
         for client in list(self.clients):
@@ -1682,9 +1695,12 @@ class Pooler:
         return ok
 
     def console_shutdown(self, mode: str) -> None:
-        """SHUTDOWN typed on the console: this process, then, with workers, all of them."""
+        """SHUTDOWN typed on the console: this process, then, with workers, all of them. A second
+        SHUTDOWN WAIT_FOR_... only changes the mode here, as in PgBouncer: relayed (as a signal)
+        it would make the other workers exit at once."""
+        relay = mode == "immediate" or self.admin_state().shutdown_mode is None
         self.admin_shutdown(mode)
-        if self.shared is not None:
+        if relay and self.shared is not None:
             self.shared.relay_shutdown(mode)
 
     def admin_settings_changed(self) -> None:
@@ -1706,18 +1722,27 @@ class Pooler:
         if mode == "wait_for_servers":
             state.pause_mode = "pause"
             self.admin_sync_paused()
+            # The clients queued for a server never get one (PgBouncer's janitor closes them).
+            for pool in self.pools.values():
+                for client in list(pool.waiting):
+                    if not client.closed:
+                        self._fail_waiter(pool, client, SERVER_SHUTTING_DOWN)
+                self.fail_params_waiters(pool, ClientError(SERVER_SHUTTING_DOWN))
             self.spawn(self._admin_exit_when_no_servers())
         self.start_shutdown()
 
     async def _admin_exit_when_no_servers(self) -> None:
         while self._admin_pause_step(None):
             await asyncio.sleep(0.05)
-        self._admin_exit()
+        self._admin_exit(_CONNECTIONS_DROPPED["wait_for_servers"])
 
-    def _admin_exit(self) -> None:
+    def _admin_exit(self, why: str | None = None) -> None:
+        """Let the process exit (cli.py), saying `why` (PgBouncer's janitor line) the first time."""
         fut = self.shutdown_done
         if fut is not None:
             if not fut.done():
+                if why:
+                    logger.info("%s", why)
                 fut.set_result(None)
         else:
             self.close_all()
@@ -1731,11 +1756,16 @@ class Pooler:
         self.spawn(self.admin_pause(None))
 
     def admin_signal_resume(self) -> None:
-        """SIGUSR2: RESUME after PAUSE or SUSPEND."""
-        if self.admin_state().pause_mode == "none":
+        """SIGUSR2: RESUME after PAUSE or SUSPEND; nothing during a shutdown (PgBouncer 1.23+, whose
+        RESUME refuses too: the pause of WAIT_FOR_SERVERS stays)."""
+        state = self.admin_state()
+        if self.shutting_down or state.shutdown_mode is not None:
+            logger.info("got SIGUSR2 while shutting down, ignoring")
+            return
+        if state.pause_mode == "none":
             logger.info("got SIGUSR2, but not paused/suspended")
             return
-        logger.info("got SIGUSR2, continuing")
+        logger.info("got SIGUSR2, continuing from %s", "SUSPEND" if state.pause_mode == "suspend" else "PAUSE")
         self.admin_resume(None)
 
     def admin_console_cancel(self) -> None:
