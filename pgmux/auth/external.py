@@ -35,8 +35,8 @@ __all__ = [
 ]
 
 PAM_SERVICE = "pgbouncer"  # PgBouncer's PGBOUNCER_PAM_SERVICE
-LDAP_NETWORK_TIMEOUT = 3.0  # PgBouncer sets LDAP_OPT_NETWORK_TIMEOUT to 3 s
-LDAP_TOTAL_TIMEOUT = 10.0  # one login's LDAP exchange (binds and search), whatever the server does
+LDAP_NETWORK_TIMEOUT = 3  # PgBouncer sets LDAP_OPT_NETWORK_TIMEOUT to 3 s
+LDAP_TOTAL_TIMEOUT = 10  # one login's LDAP exchange (binds and search), whatever the server does
 
 # The package each method needs, and the extra that installs it.
 _LIBRARIES = {"ldap": ("ldap3", "ldap"), "pam": ("pam", "pam")}
@@ -230,13 +230,18 @@ def _ldap_check(opts: LdapOptions, user: str, password: str) -> None:
     server_text = opts.server_text
 
     def connect(dn: str, pw: str) -> object:
-        pool = ldap3.ServerPool(
-            [ldap3.Server(host, port=opts.effective_port, use_ssl=opts.scheme == "ldaps",
-                          connect_timeout=LDAP_NETWORK_TIMEOUT) for host in opts.servers],
-            ldap3.FIRST, active=1, exhaust=False)
-        conn = ldap3.Connection(pool, user=dn or None, password=pw or None, receive_timeout=LDAP_TOTAL_TIMEOUT,
-                                raise_exceptions=False, auto_referrals=False)
-        conn.open()
+        # The hosts in order, as libldap tries a URI list (ldap3's ServerPool would sleep between rounds).
+        for n, host in enumerate(opts.servers, 1):
+            server = ldap3.Server(host, port=opts.effective_port, use_ssl=opts.scheme == "ldaps",
+                                  connect_timeout=LDAP_NETWORK_TIMEOUT)
+            conn = ldap3.Connection(server, user=dn or None, password=pw or None, receive_timeout=LDAP_TOTAL_TIMEOUT,
+                                    raise_exceptions=False, auto_referrals=False)
+            try:
+                conn.open()
+                break
+            except exceptions.LDAPSocketOpenError:
+                if n == len(opts.servers):
+                    raise
         if opts.tls and not conn.start_tls():
             result = conn.result.get("description", "") if conn.result else ""
             raise _Failed(f"could not start LDAP TLS session: {result}, server: {server_text}, "
