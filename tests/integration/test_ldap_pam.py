@@ -154,6 +154,34 @@ def test_ldap_server_down_refuses_quickly(pooler: Any) -> None:
     assert "Can't contact LDAP server" in p.log_text()
 
 
+def test_silent_ldap_server_does_not_stall_other_logins(pooler: Any) -> None:
+    """An LDAP server that accepts the connection and never answers: the LDAP login waits in its worker
+    thread while a SCRAM login through the same pooler completes at once."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # never accepted: the kernel completes the handshake, nobody answers the bind
+    port = silent.getsockname()[1]
+    p = pooler(extra={"auth_type": "hba", "auth_hba_file": "hba.conf"}, start=False)
+    Path(p.workdir, "hba.conf").write_text(
+        f'host testdb md5user 127.0.0.1/32 ldap ldapserver=127.0.0.1 ldapport={port} ldapprefix="uid=" '
+        f'ldapsuffix=",{PEOPLE}"\nhost all all 127.0.0.1/32 scram-sha-256\n')
+    p.start()
+    stalled = subprocess.Popen(["psql", p.dsn("md5user"), "-Atc", "SELECT 1"], env={**os.environ,
+                               "PGPASSWORD": "md5pass"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)  # the LDAP bind is now waiting
+        assert stalled.poll() is None
+        start = time.monotonic()
+        with psycopg.connect(p.dsn("scramuser", "scrampass")) as c:
+            assert c.execute("SELECT 1").fetchone() == (1,)
+        assert time.monotonic() - start < 2
+        _, err = stalled.communicate(timeout=30)
+        assert stalled.returncode != 0 and "LDAP authentication failed" in err, err
+    finally:
+        stalled.kill()
+        silent.close()
+
+
 HBA_LDAP = """\
 host testdb md5user 127.0.0.1/32 ldap ldapserver=127.0.0.1 ldapport={port} ldapprefix="uid=" ldapsuffix=",{people}"
 host all all 127.0.0.1/32 md5
