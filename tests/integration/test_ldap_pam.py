@@ -126,6 +126,13 @@ def test_ldap_simple_bind(slapd: int, pooler: Any) -> None:
     assert "LDAP login failed for user uid=md5user" in p.log_text()
 
 
+def test_ldap_user_absent_from_auth_file_logs_in_to_server_with_its_password(slapd: int, pooler: Any) -> None:
+    """Nothing in auth_file: the server login (md5 in PostgreSQL) answers with the password LDAP accepted."""
+    p = pooler(userlist={"postgres": ""}, extra={"auth_type": "ldap", "auth_ldap_options":
+               f'ldapserver=127.0.0.1 ldapport={slapd} ldapprefix="uid=" ldapsuffix=",{PEOPLE}"'})
+    _login_ok(p, "md5user", "md5pass")
+
+
 def test_ldap_search_bind_with_ldapurl_and_binddn(slapd: int, pooler: Any) -> None:
     p = pooler(extra={"auth_type": "ldap", "auth_ldap_options":
                       f'ldapurl="ldap://127.0.0.1:{slapd}/{SUFFIX}?uid?sub" ldapbinddn="{ADMIN_DN}" '
