@@ -107,6 +107,8 @@ class Pooler:
         self.loop = asyncio.get_running_loop()
         self.config = config
         self.auth_users: dict[str, str] = {}
+        # Passwords that ldap/pam logins proved, for those users' server logins (PgBouncer keeps them too).
+        self.external_passwords: dict[str, str] = {}
         self.pools: dict[tuple[str, str], Pool[ServerConnection, ClientConnection]] = {}
         self.clients: set[ClientConnection] = set()
         self.admitted_clients = 0  # clients past the max_client_conn check
@@ -203,7 +205,8 @@ class Pooler:
         forced one in the auth_user's pool that runs auth_query."""
         if db.password and user == db.user:
             return db.password
-        return self.auth_secret(user)
+        external = self.external_passwords.get(user)
+        return external if external is not None else self.auth_secret(user)
 
     def limits_for(self, db: DatabaseEntry, user: str) -> PoolLimits:
         s = self.settings

@@ -50,6 +50,14 @@ if ! command -v chromium >/dev/null 2>&1; then
     apt_install chromium
 fi
 
+# LDAP and PAM auth tests: each test runs its own slapd (temp dir, own port); the package's own
+# instance is not configured (debconf: slapd/no_configuration) and not used. PAM uses libpam's pam_unix.
+if ! command -v slapd >/dev/null 2>&1 && [ ! -x /usr/sbin/slapd ] || ! command -v ldapadd >/dev/null 2>&1; then
+    echo "setup: installing slapd and ldap-utils for the LDAP auth tests"
+    echo "slapd slapd/no_configuration boolean true" | $SUDO debconf-set-selections
+    apt_install slapd ldap-utils || echo "setup: WARNING: slapd not installed; the LDAP tests will skip" >&2
+fi
+
 # The deployment recipes' tests: systemd-analyze verifies the unit files, `ip netns` makes two
 # hosts for the peers and rolling-restart tests (each skips with its reason if this fails).
 if ! command -v systemd-analyze >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1; then

@@ -21,7 +21,9 @@ HBA records, one per line::
 * ADDRESS: ``all``, ``a.b.c.d/n``, an IPv6 CIDR, or an address followed by a separate mask column. Host names,
   ``samehost`` and ``samenet`` are refused.
 * METHOD: ``trust``, ``reject``, ``md5``, ``scram-sha-256``, ``password`` (PgBouncer's ``plain``), ``cert``,
-  ``peer``. The only option is ``map=NAME``, for ``cert`` and ``peer``, naming a map in the ident file.
+  ``peer``, ``ldap`` (PgBouncer 1.25), ``pam`` (PgBouncer 1.24.0 only; see ``_REFUSED_METHODS``' history). The
+  option ``map=NAME``, for ``cert`` and ``peer``, names a map in the ident file; an ``ldap`` line's options are
+  the rest of the line, PostgreSQL's ldap options as in ``auth_ldap_options`` (checked when loaded).
 * ``@file`` names a file of comma- or line-separated names (keywords allowed, ``#`` comments, nesting allowed),
   relative to the directory of the file that mentions it.
 * No line continuation: PgBouncer reads one record per line, so a trailing ``\\`` is an error, not a join.
@@ -36,6 +38,8 @@ import ipaddress
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+
+from pgmux.auth.external import LdapOptions, LdapOptionsError, missing_library, parse_ldap_options
 
 __all__ = [
     "CONN_TYPES",
@@ -53,13 +57,11 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 CONN_TYPES = ("local", "host", "hostssl", "hostnossl")
-METHODS = ("trust", "reject", "md5", "scram-sha-256", "password", "cert", "peer")
+METHODS = ("trust", "reject", "md5", "scram-sha-256", "password", "cert", "peer", "ldap", "pam")
 _MAP_METHODS = ("cert", "peer")
 
 # Methods people write in pg_hba.conf that PgBouncer (or pgmux) does not take, with the reason.
 _REFUSED_METHODS = {
-    "ldap": "ldap is not supported by pgmux",
-    "pam": "pam is not supported in an HBA file (PgBouncer 1.24.0 added it, 1.24.1 reverted it)",
     "plain": "write 'password' for plain-text passwords in an HBA file",
     "any": "'any' is an auth_type, not an HBA method",
     "hba": "'hba' is an auth_type, not an HBA method",
@@ -102,6 +104,8 @@ class _LineError(Exception):
 class _Token:
     kind: str  # "ident" | "string" | "comma"
     text: str
+    start: int = field(default=0, compare=False)  # offsets in the line, for an ldap line's raw options
+    end: int = field(default=0, compare=False)
 
 
 def _tokenize(line: str) -> list[_Token]:
@@ -118,7 +122,7 @@ def _tokenize(line: str) -> list[_Token]:
             return tokens
         c = line[i]
         if c == ",":
-            tokens.append(_Token("comma", ","))
+            tokens.append(_Token("comma", ",", i, i + 1))
             i += 1
         elif c == '"':
             j = i + 1
@@ -134,13 +138,13 @@ def _tokenize(line: str) -> list[_Token]:
                     break
                 out.append(line[j])
                 j += 1
-            tokens.append(_Token("string", "".join(out)))
+            tokens.append(_Token("string", "".join(out), i, j + 1))
             i = j + 1
         else:
             j = i + 1
             while j < n and line[j] not in _IDENT_STOP:
                 j += 1
-            tokens.append(_Token("ident", line[i:j]))
+            tokens.append(_Token("ident", line[i:j], i, j))
             i = j
 
 
@@ -209,6 +213,7 @@ class HbaRule:
     method: str  # one of METHODS, as written ('password', not 'plain')
     options: dict[str, str] = field(default_factory=dict, hash=False)
     file: str = ""
+    ldap: LdapOptions | None = field(default=None, hash=False)  # the ldap method's parsed options
 
     @property
     def auth_type(self) -> str:
@@ -391,7 +396,7 @@ class _HbaParser:
 
     # record ---------------------------------------------------------------------------------------------------
 
-    def parse_line(self, toks: list[_Token], lineno: int) -> HbaRule:
+    def parse_line(self, toks: list[_Token], lineno: int, line: str = "") -> HbaRule:
         here = (self.filename, lineno)
         first = toks[0]
         if first.kind != "ident" or first.text not in CONN_TYPES:
@@ -414,6 +419,18 @@ class _HbaParser:
             reason = _REFUSED_METHODS.get(method, "")
             raise _LineError(f"unsupported authentication method {method!r}" + (f": {reason}" if reason else ""))
         i += 1
+        if method in ("ldap", "pam"):
+            missing = missing_library(method)
+            if missing is not None:
+                raise _LineError(missing)
+        ldap: LdapOptions | None = None
+        if method == "ldap":
+            raw = line[toks[i].start:toks[-1].end] if i < len(toks) else ""
+            try:
+                ldap = parse_ldap_options(raw)
+            except LdapOptionsError as exc:
+                raise _LineError(str(exc)) from None
+            i = len(toks)
 
         options: dict[str, str] = {}
         for opt in toks[i:]:
@@ -449,6 +466,7 @@ class _HbaParser:
             method=method,
             options=options,
             file=self.filename,
+            ldap=ldap,
         )
 
 
@@ -500,7 +518,7 @@ class HbaRules:
                 toks = _tokenize(line)
                 _check_no_continuation(toks)
                 if toks:
-                    rules.append(parser.parse_line(toks, lineno))
+                    rules.append(parser.parse_line(toks, lineno, line))
             except _LineError as exc:
                 raise HbaError(filename, lineno, str(exc)) from None
         result = cls(rules, filename, parser.warnings)

@@ -87,9 +87,24 @@ def check_host_port(raw: str) -> None:
 
 
 def check_auth_type(value: str) -> None:
-    """PgBouncer's auth types that pgmux lacks are refused at load, not at every login."""
+    """ldap and pam need an optional library (pgmux[ldap], pgmux[pam]): refused at load when it is missing."""
     if value in ("pam", "ldap"):
-        raise ConfigError(f"{value} is not supported by pgmux (use hba, md5 or scram-sha-256)")
+        from pgmux.auth.external import missing_library
+
+        reason = missing_library(value)
+        if reason is not None:
+            raise ConfigError(reason)
+
+
+def check_ldap_options(value: str) -> None:
+    """auth_ldap_options is checked when loaded (PgBouncer only warns at each login)."""
+    if value.strip():
+        from pgmux.auth.external import LdapOptionsError, parse_ldap_options
+
+        try:
+            parse_ldap_options(value)
+        except LdapOptionsError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 # TLS 1.3 cipher suites as OpenSSL names them (SSL_CTX_set_ciphersuites).
@@ -244,7 +259,7 @@ _TABLE: tuple[SettingDef, ...] = (
     _def("auth_file", "str", None),
     _def("auth_hba_file", "str", ""),
     _def("auth_ident_file", "str", None),
-    _def("auth_ldap_options", "str", None),
+    _def("auth_ldap_options", "str", None, check=check_ldap_options),
     _def("auth_query", "str", _AUTH_QUERY),
     _def("auth_type", "enum", "md5", choices=AUTH_TYPES, check=check_auth_type),
     _def("auth_user", "str", None),

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from pgmux import log as pglog
 from pgmux.auth import ScramError, ScramServer, SecretKind, md5_verify, plain_verify, secret_kind
+from pgmux.auth.external import LdapOptions, LdapOptionsError, ldap_authenticate, pam_authenticate, parse_ldap_options
 from pgmux.auth.secrets import random_bytes
 from pgmux.net.base import ConnectionLost, PgConnection, SharedReadBuffer
 from pgmux.net.tls import ALPN_POSTGRESQL
@@ -997,11 +998,12 @@ class ClientConnection(PgConnection):
         pooler = self.pooler
         method = pooler.settings.auth_type
         ident_map = None
+        ldap_options = None
         if method == "hba":
             rule = pooler.hba_rule(self, user)
             if rule is None or rule.method == "reject":
                 raise ClientError("login rejected", "28000")
-            method, ident_map = rule.auth_type, rule.map
+            method, ident_map, ldap_options = rule.auth_type, rule.map, rule.ldap
         if method == "any":
             if not forced:  # any user name, no password: only safe when the pool logs in as its own user
                 pglog.logger.error("%s auth_type=any requires forced user", self.log_prefix)
@@ -1010,6 +1012,10 @@ class ClientConnection(PgConnection):
             return
         if method in ("cert", "peer"):
             self._auth_identity(method, user, ident_map)
+            self.write_later(m.auth_ok())
+            return
+        if method in ("ldap", "pam"):  # auth_file is not consulted, as in PgBouncer
+            await self._auth_external(method, user, ldap_options)
             self.write_later(m.auth_ok())
             return
         stored = pooler.auth_users.get(user)
@@ -1081,6 +1087,28 @@ class ClientConnection(PgConnection):
         password = body.rstrip(b"\0").decode("utf-8", "replace")
         if stored is None or not plain_verify(stored, user, password):
             raise ClientError("password authentication failed", "28P01")
+
+    async def _auth_external(self, method: str, user: str, options: LdapOptions | None) -> None:
+        """ldap or pam: the client's cleartext password, checked in a worker thread. On success it
+        becomes the user's password for server logins, as PgBouncer copies it into the user."""
+        self.write(m.auth_request(m.AUTH_CLEARTEXT))
+        password = (await self._read_password()).rstrip(b"\0").decode("utf-8", "replace")
+        pooler = self.pooler
+        warning: str | None
+        if method == "pam":
+            warning = await pam_authenticate(user, password, None if self.is_unix else self.addr)
+        else:
+            try:  # checked when loaded; an empty auth_ldap_options is the one error left for here
+                if options is None:
+                    options = parse_ldap_options(pooler.settings.auth_ldap_options or "")
+            except LdapOptionsError as exc:
+                warning = f"auth_ldap_options: {exc}"
+            else:
+                warning = await ldap_authenticate(options, user, password)
+        if warning is not None:
+            pglog.logger.warning("%s %s", self.log_prefix, warning)
+            raise ClientError(f"{method.upper()} authentication failed", "08P01")
+        pooler.external_passwords[user] = password
 
     async def _auth_md5(self, user: str, stored: str | None) -> None:
         salt = random_bytes(4)

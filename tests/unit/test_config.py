@@ -493,11 +493,24 @@ def test_setting_table_shape() -> None:
     }
 
 
-def test_auth_types_pgmux_lacks_are_refused_at_load(tmp_path: Path) -> None:
-    for value in ("pam", "LDAP"):
-        expected = rf"pgbouncer.ini:2: auth_type: {value.lower()} is not supported by pgmux"
+def test_ldap_and_pam_without_their_library_are_refused_at_load(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("ldap3", "pam") else real(name))
+    for value, package in (("pam", "python-pam"), ("LDAP", "ldap3")):
+        expected = rf"pgbouncer.ini:2: auth_type: auth method {value.lower()} needs the {package} package"
         with pytest.raises(ConfigError, match=expected):
             load(tmp_path, f"[pgbouncer]\nauth_type = {value}\n")
+
+
+def test_bad_auth_ldap_options_name_file_line_and_key(tmp_path: Path) -> None:
+    expected = r'pgbouncer.ini:3: auth_ldap_options: invalid LDAP key parameter: "ldaphost"'
+    with pytest.raises(ConfigError, match=expected):
+        load(tmp_path, "[pgbouncer]\nauth_type = ldap\nauth_ldap_options = ldaphost=x\n")
+    cfg = load(tmp_path, "[pgbouncer]\nauth_type = ldap\nauth_ldap_options = ldapserver=h ldapprefix=uid=\n")
+    assert cfg.settings.auth_type == "ldap"
 
 
 def test_typed_values_from_file(tmp_path: Path) -> None:

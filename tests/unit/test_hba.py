@@ -242,8 +242,13 @@ ERROR_CASES = [
     ("host all all 10.0.0.0/8 255.0.0.0 md5", "unsupported authentication method '255.0.0.0'"),
     ("host all all all ident", "unsupported authentication method 'ident'"),
     ("host all all all gss", "unsupported authentication method 'gss'"),
-    ("host all all all ldap ldapserver=x", "'ldap': ldap is not supported by pgmux"),
-    ("host all all all pam", "1.24.1 reverted it"),
+    ("host all all all ldap ldapserver=x", 'requires argument "ldapbasedn", "ldapprefix", or "ldapsuffix"'),
+    ("host all all all ldap ldapserver=x ldapfoo=1", 'invalid LDAP key parameter: "ldapfoo"'),
+    ('host all all all ldap ldapserver=x ldapprefix="uid=" ldapbasedn=dc=x', "together with ldapprefix"),
+    ("host all all all ldap ldapserver=x ldapport=0 ldapprefix=a", 'invalid LDAP port number: "0"'),
+    ("host all all all ldap ldapserver=x ldapscheme=http ldapprefix=a", 'invalid ldapscheme value: "http"'),
+    ("host all all all ldap ldapbasedn=dc=x", "LDAP server not specified"),
+    ("host all all all ldap ldapserver= ldapbasedn=dc=x", 'no space is allowed after "ldapserver="'),
     ("host all all all plain", "write 'password'"),
     ("host all all all MD5", "unsupported authentication method 'MD5'"),
     ('host all all all "md5"', "missing authentication method, found quoted"),
@@ -433,3 +438,31 @@ def test_cert_login_maps_names() -> None:
     assert not cert_login("app", "alice", "alice")
     assert cert_login("other", "alice", "alice")
     assert not cert_login("other", "alice", "alice.example")
+
+
+def test_ldap_line_options_are_the_rest_of_the_line() -> None:
+    rules = HbaRules.parse('host all all all ldap ldapserver="a b" ldapport=3389, ldapbasedn="dc=x,dc=y" '
+                           'ldapsearchfilter="(|(uid=$username)(mail=$username))"  # comment\n', "hba.conf")
+    opts = rules.rules[0].ldap
+    assert opts is not None
+    assert (opts.servers, opts.port, opts.basedn, opts.searchfilter) == (
+        ("a", "b"), 3389, "dc=x,dc=y", "(|(uid=$username)(mail=$username))")
+
+
+def test_ldapurl_fills_server_port_basedn_attribute_scope() -> None:
+    from pgmux.auth.external import parse_ldap_options
+
+    opts = parse_ldap_options('ldapurl="ldaps://ldap.example:1636/dc=example,dc=net?cn?one"')
+    assert (opts.scheme, opts.servers, opts.effective_port, opts.basedn, opts.searchattribute, opts.scope) == (
+        "ldaps", ("ldap.example",), 1636, "dc=example,dc=net", "cn", "LEVEL")
+    assert parse_ldap_options("ldapserver=h ldapscheme=ldaps ldapprefix=u").effective_port == 636
+
+
+def test_ldap_and_pam_lines_need_their_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("ldap3", "pam") else real(name))
+    for line, package in (("host all all all ldap ldapserver=h ldapprefix=u", "ldap3"), ("local all all pam", "pam")):
+        with pytest.raises(HbaError, match=rf"hba.conf:1: auth method \w+ needs the .*{package}"):
+            HbaRules.parse(line + "\n", "hba.conf")
