@@ -241,6 +241,9 @@ def test_user_switch_takes_the_users_groups(make: Callable[..., ArgsPooler], how
     else:
         p = make(auth_type="trust", extra={"user": user, "workers": workers})
     p.start()
+    # p.start() returns once the port accepts; the switch comes after the bind and before the
+    # "listening on" line (cli.serve), so wait for that line before looking at the process
+    wait_for(lambda: "listening on" in p.log_text(), 10, what="the listening line")
     expected = (pw.pw_uid, pw.pw_gid, set(os.getgrouplist(user, pw.pw_gid)))
     for pid in [p.pid, *p.worker_pids()]:
         assert status_ids(pid) == expected, pid
