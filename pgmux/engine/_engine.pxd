@@ -52,6 +52,17 @@ cdef enum:
 # Per-query statistics of a server link (malloc'd at its first statement): the request being
 # built (Parse/Bind/Query seen, Sync not yet), then one entry per request in flight, in the order
 # their ReadyForQuery will come, kept aligned with `outstanding`.
+cdef enum:
+    QTEXT_KEEP = 240       # a client's last statement text kept for same_shape(), at most
+
+# A client's last statement text and its QueryStats handle: the next one that differs only in
+# the values of its numbers is the same statement, found without normalizing it again.
+ctypedef struct QLast:
+    int len
+    int pool
+    long long handle
+    unsigned char text[QTEXT_KEEP]
+
 ctypedef struct QLink:
     long long pending          # QueryStats handle of the request being built, -1: none
     long long statement        # ... of the latest Parse or Bind (an Execute makes it `pending`)
@@ -127,6 +138,7 @@ cdef class Link:
     cdef Link peer                    # fast mode: the other side of the link
     cdef object tls                   # TlsState: a TLS link (ssl.SSLObject over MemoryBIOs), else None
     cdef QLink *q                     # server: per-query statistics of the requests in flight
+    cdef QLast *qlast                 # client: its last statement text (malloc'd at its first)
     cdef long long q_unnamed          # client: QueryStats handle of its unnamed statement's text
     cdef public object query_names    # client: {statement name: QueryStats handle}, made on demand
     # ---- link state (server side), read and written by Python too
@@ -222,6 +234,7 @@ cdef class Engine:
     cdef Py_ssize_t _statement_ref(self, Link c, Link s, unsigned char *b, Py_ssize_t pos, unsigned int ln,
                                    unsigned char typ, object stmts, object lru, Py_ssize_t run) except -2
     cdef int _scratch_add(self, const unsigned char *p, Py_ssize_t n) except -1
+    cdef long long _statement_handle(self, Link c, int pool, const unsigned char *q, Py_ssize_t n) noexcept
     cdef int _server_walk(self, Link s, Link c, unsigned char *b, Py_ssize_t keep, Py_ssize_t end) except -1
     cdef int _end_of_transaction(self, Link s) except -1
     cdef bint _release(self, Link s, Link c) except -1

@@ -296,6 +296,84 @@ cdef inline bint names_statement(const unsigned char *body, Py_ssize_t blen, uns
     return cstr_len(body + pos, blen - pos) != 0
 
 
+cdef inline bint digit(unsigned char ch) noexcept nogil:
+    return 48 <= ch <= 57
+
+
+cdef unsigned char WORD_BYTE[256]  # bytes that continue a name (a digit after one is part of it)
+for _k in range(256):
+    WORD_BYTE[_k] = (97 <= _k <= 122) or (65 <= _k <= 90) or (48 <= _k <= 57) or _k == 95 or _k == 36 or _k >= 128
+
+
+cdef inline bint word_byte(unsigned char ch) noexcept nogil:
+    return WORD_BYTE[ch] != 0
+
+
+cdef inline bint has_digit(unsigned long long x) noexcept nogil:
+    """Some byte of x is an ASCII digit (SWAR: a byte between 0x2F and 0x3A, exclusive)."""
+    cdef unsigned long long low = x & (ONES * 127)
+    return (((ONES * (127 + 58) - low) & ~x & (low + ONES * (127 - 47))) & HIGHS) != 0
+
+
+cdef inline Py_ssize_t number_end(const unsigned char *q, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """digits [. digits] [e [+-] digits] from q[i] (as the normalizer reads a number)."""
+    cdef Py_ssize_t k
+    while i < n and digit(q[i]):
+        i += 1
+    if i < n and q[i] == 46:
+        i += 1
+        while i < n and digit(q[i]):
+            i += 1
+    if i < n and (q[i] == 101 or q[i] == 69):
+        k = i + 1
+        if k < n and (q[k] == 43 or q[k] == 45):
+            k += 1
+        if k < n and digit(q[k]):
+            i = k
+            while i < n and digit(q[i]):
+                i += 1
+    return i
+
+
+cdef bint same_shape(const unsigned char *a, Py_ssize_t an, const unsigned char *b, Py_ssize_t bn) noexcept nogil:
+    """Two statement texts equal but for the values of numbers that start after a byte that
+    cannot continue a name (so `aid = 1` and `aid = 20` match; `t1` and `t2` do not): both
+    normalize to the same statement. From a double quote on, every byte must be equal (a quoted
+    name keeps its digits). False is always safe (the caller normalizes)."""
+    cdef Py_ssize_t i = 0, j = 0
+    cdef bint exact = False
+    cdef unsigned long long x
+    while True:
+        # equal blocks of eight bytes with no digit and no double quote need no closer look
+        while i + 8 <= an and j + 8 <= bn:
+            x = load8(a + i)
+            if x != load8(b + j) or has_digit(x) or has_byte(x, 34):
+                break
+            i += 8
+            j += 8
+        if exact:
+            return an - i == bn - j and memcmp(a + i, b + j, an - i) == 0
+        if i >= an or j >= bn:
+            break
+        if (digit(a[i]) and digit(b[j]) and (i == 0 or not word_byte(a[i - 1]))
+                and (j == 0 or not word_byte(b[j - 1]))):
+            i = number_end(a, i, an)
+            j = number_end(b, j, bn)
+            continue
+        if a[i] != b[j]:
+            return False
+        if a[i] == 34:
+            exact = True
+        i += 1
+        j += 1
+    return i == an and j == bn
+
+
+def same_shape_py(bytes a, bytes b):
+    """same_shape() for tests."""
+    return same_shape(<const unsigned char *><char *>a, len(a), <const unsigned char *><char *>b, len(b))
+
+
 cdef long long tag_rows(const unsigned char *p, Py_ssize_t n) noexcept nogil:
     """The row count that ends a CommandComplete tag ("SELECT 5", "INSERT 0 5"), else 0."""
     cdef Py_ssize_t end = n, i, k
@@ -429,6 +507,8 @@ cdef class Link:
             free(self.ring)
         if self.q != NULL:
             free(self.q)
+        if self.qlast != NULL:
+            free(self.qlast)
 
     # ------------------------------------------------------------ read-only views for Python
 
@@ -1496,7 +1576,7 @@ cdef class Engine:
                     stop = pos
                     break
                 if qpool >= 0:
-                    s.q_pending(qs.lookup(qpool, body, tl))
+                    s.q_pending(self._statement_handle(c, qpool, body, tl))
                 s.note_request(81, self.now)
                 if tracked:
                     s.ring_push(81)
@@ -1525,7 +1605,7 @@ cdef class Engine:
                     elif tracked and nl and may_deallocate(body[tl + 1]):
                         escape = True  # SQL DEALLOCATE in an unnamed Parse: Python rewrites it
                     elif qpool >= 0:
-                        qh = qs.lookup(qpool, body + tl + 1, nl)
+                        qh = self._statement_handle(c, qpool, body + tl + 1, nl)
                         s.q_statement(qh)
                         if tl:
                             c.name_query(body, tl, qh)
@@ -1629,6 +1709,27 @@ cdef class Engine:
         self._scratch_add(sname, sl)
         self._scratch_add(body + name_pos + name_len, blen - name_pos - name_len)
         return 1
+
+    cdef long long _statement_handle(self, Link c, int pool, const unsigned char *q, Py_ssize_t n) noexcept:
+        """The QueryStats handle of a statement text from client c: its last statement's when the
+        text has the same shape (same_shape), else a lookup (which normalizes it)."""
+        cdef QLast *last = c.qlast
+        cdef long long h
+        if (last != NULL and last.pool == pool and same_shape(last.text, last.len, q, n)
+                and self.qstats.touch(last.handle)):
+            return last.handle
+        h = self.qstats.lookup(pool, q, n)
+        if h < 0 or n > QTEXT_KEEP:
+            return h
+        if last == NULL:
+            last = c.qlast = <QLast *>malloc(sizeof(QLast))
+            if last == NULL:
+                return h
+        memcpy(last.text, q, n)
+        last.len = <int>n
+        last.pool = pool
+        last.handle = h
+        return h
 
     cdef int _scratch_add(self, const unsigned char *p, Py_ssize_t n) except -1:
         cdef Py_ssize_t cap

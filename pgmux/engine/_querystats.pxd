@@ -47,5 +47,6 @@ cdef class QueryStats:
     cdef void _move(self, int src, int dst) noexcept
     cdef tuple _row(self, QEntry *e, object text, bint hist)
     cdef long long lookup(self, int pool, const unsigned char *q, Py_ssize_t n) noexcept
+    cdef bint touch(self, long long handle) noexcept
     cdef void record(self, long long handle, int pool, long long us, long long rows, bint error,
                      long long wait_us) noexcept

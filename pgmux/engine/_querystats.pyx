@@ -652,6 +652,19 @@ cdef class QueryStats:
         self._push_front(idx)
         return ((<long long>e.gen) << 32) | idx
 
+    cdef bint touch(self, long long handle) noexcept:
+        """A handle still names its row (not evicted nor reset): it becomes the most recently used."""
+        cdef int idx
+        if handle < 0 or not self.enabled:
+            return False
+        idx = <int><unsigned int>handle
+        if idx >= self.used or self.entries[idx].gen != <unsigned int>(handle >> 32):
+            return False
+        if self.head != idx:
+            self._unlink(idx)
+            self._push_front(idx)
+        return True
+
     cdef void record(self, long long handle, int pool, long long us, long long rows, bint error,
                      long long wait_us) noexcept:
         cdef int idx

@@ -118,3 +118,33 @@ def test_show_rows_and_merge_of_workers() -> None:
     assert first[8] <= first[9] <= first[10] == first[11] == 1000 and first[12] == 56
     assert rows[1][3:5] == [2, 2]
     assert q.queryid(1 << 63) == -(1 << 63) and q.queryid(5) == 5
+
+
+def test_same_shape_means_same_statement() -> None:
+    """The engine skips the normalizer for a client's statement shaped as its last one (numbers
+    aside): whenever it says so, the normalizer must agree."""
+    import random
+
+    from pgmux.engine._engine import same_shape_py
+
+    assert same_shape_py(b"SELECT a FROM t WHERE aid = 1;", b"SELECT a FROM t WHERE aid = 20345;")
+    assert same_shape_py(b"x > 1.5e3 AND y < .7", b"x > 2 AND y < .12")
+    assert not same_shape_py(b"SELECT * FROM t1", b"SELECT * FROM t2")  # a name, not a number
+    assert not same_shape_py(b'SELECT "col 1" FROM t', b'SELECT "col 2" FROM t')  # a quoted name
+    assert not same_shape_py(b"SELECT $1", b"SELECT $2")  # (conservative: the normalizer agrees anyway)
+    assert not same_shape_py(b"SELECT 1", b"SELECT 1 ")
+    rnd = random.Random(5)
+    parts = [b"SELECT", b" ", b"t", b"1", b"22", b".5", b"e3", b"-", b"'a 1'", b'"q 1"', b"$1", b"x_", b"(", b")",
+             b",", b";", b"--c 1\n", b"/* 2 */", b"E'3'", b"$$4$$", b"a1", b"9.9"]
+    agreed = 0
+    for _ in range(20000):
+        a = b"".join(rnd.choice(parts) for _ in range(rnd.randint(1, 10)))
+        b = bytes(a)
+        if rnd.random() < 0.8:  # change some digits or a part
+            b = bytes(ch if not 48 <= ch <= 57 or rnd.random() < 0.5 else rnd.randint(48, 57) for ch in b)
+        else:
+            b = b"".join(rnd.choice(parts) for _ in range(rnd.randint(1, 10)))
+        if same_shape_py(a, b):
+            agreed += 1
+            assert normalize(a) == normalize(b), (a, b)
+    assert agreed > 2000
