@@ -193,6 +193,8 @@ cdef class Link:
     cdef QLink *qlink_for(self, long long handle) noexcept
     cdef void q_pending(self, long long handle) noexcept
     cdef void q_statement(self, long long handle) noexcept
+    cdef int parse_noted(self, Link server, int pool, const unsigned char *name, Py_ssize_t tl,
+                         const unsigned char *text, Py_ssize_t nl) except -1
     cdef int name_query(self, const unsigned char *name, Py_ssize_t n, long long handle) except -1
     cdef long long bind_query(self, const unsigned char *body, Py_ssize_t blen) except? -2
 

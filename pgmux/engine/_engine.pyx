@@ -26,7 +26,7 @@ from libc.string cimport memcmp, memcpy, memmove, strlen
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close
 
-from pgmux.engine._querystats cimport QueryStats
+from pgmux.engine._querystats cimport QueryStats, skip_number
 
 
 cdef extern from "sys/epoll.h" nogil:
@@ -61,8 +61,6 @@ cdef extern from "sys/socket.h" nogil:
         MSG_DONTWAIT
         SHUT_WR
 
-cdef extern from "string.h" nogil:
-    void *memmem(const void *haystack, size_t haystacklen, const void *needle, size_t needlelen)
 
 
 cdef enum:
@@ -149,17 +147,6 @@ cdef inline bint starts_nocase(const unsigned char *p, Py_ssize_t n, const char 
         if lower(p[j]) != <unsigned char>word[j]:
             return False
     return True
-
-
-cdef bint contains_nocase(const unsigned char *p, Py_ssize_t n, const char *word) noexcept nogil:
-    """`word` (lower case ASCII, starting with a letter) in p[0:n], ignoring ASCII case. The first
-    letter is tested with `| 32` (exact for letters), the rest only where it matched."""
-    cdef Py_ssize_t wn = strlen(word), i
-    cdef unsigned char first = <unsigned char>word[0]
-    for i in range(n - wn + 1):
-        if (p[i] | 32) == first and starts_nocase(p + i + 1, n - i - 1, word + 1, wn - 1):
-            return True
-    return False
 
 
 # Statements that never create session state (pgmux.protocol.sessionstate._PLAIN_STARTS).
@@ -315,26 +302,6 @@ cdef inline bint has_digit(unsigned long long x) noexcept nogil:
     return (((ONES * (127 + 58) - low) & ~x & (low + ONES * (127 - 47))) & HIGHS) != 0
 
 
-cdef inline Py_ssize_t number_end(const unsigned char *q, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    """digits [. digits] [e [+-] digits] from q[i] (as the normalizer reads a number)."""
-    cdef Py_ssize_t k
-    while i < n and digit(q[i]):
-        i += 1
-    if i < n and q[i] == 46:
-        i += 1
-        while i < n and digit(q[i]):
-            i += 1
-    if i < n and (q[i] == 101 or q[i] == 69):
-        k = i + 1
-        if k < n and (q[k] == 43 or q[k] == 45):
-            k += 1
-        if k < n and digit(q[k]):
-            i = k
-            while i < n and digit(q[i]):
-                i += 1
-    return i
-
-
 cdef bint same_shape(const unsigned char *a, Py_ssize_t an, const unsigned char *b, Py_ssize_t bn) noexcept nogil:
     """Two statement texts equal but for the values of numbers that start after a byte that
     cannot continue a name (so `aid = 1` and `aid = 20` match; `t1` and `t2` do not): both
@@ -357,8 +324,8 @@ cdef bint same_shape(const unsigned char *a, Py_ssize_t an, const unsigned char 
             break
         if (digit(a[i]) and digit(b[j]) and (i == 0 or not word_byte(a[i - 1]))
                 and (j == 0 or not word_byte(b[j - 1]))):
-            i = number_end(a, i, an)
-            j = number_end(b, j, bn)
+            i = skip_number(a, i, an)  # (the normalizer's own reading of a number)
+            j = skip_number(b, j, bn)
             continue
         if a[i] != b[j]:
             return False
@@ -784,6 +751,20 @@ cdef class Link:
         if q != NULL:
             q.statement = handle
 
+    cdef int parse_noted(self, Link server, int pool, const unsigned char *name, Py_ssize_t tl,
+                         const unsigned char *text, Py_ssize_t nl) except -1:
+        """Client: a Parse of statement `name` (tl bytes, 0: unnamed) with this text, going to
+        `server` (None: answered by pgmux): an Execute of it, now or after a Bind, counts under
+        the text. The one place both paths note a Parse (the walk, and note_parse for Python's)."""
+        cdef long long h = self.eng._statement_handle(self, pool, text, nl)
+        if server is not None:
+            server.q_statement(h)
+        if tl:
+            self.name_query(name, tl, h)
+        else:
+            self.q_unnamed = h
+        return 0
+
     cdef int name_query(self, const unsigned char *name, Py_ssize_t n, long long handle) except -1:
         """Client: a named Parse; a later Bind of the name runs this statement."""
         names = self.query_names
@@ -816,16 +797,15 @@ cdef class Link:
             return
         stop = min(stop, buf.shape[0])
         if 0 <= start < stop:
-            self.q_pending(qs.lookup(self.core.qpool, &buf[start], stop - start))
+            self.q_pending(self.eng._statement_handle(self.client, self.core.qpool, &buf[start], stop - start))
         else:
-            self.q_pending(qs.lookup(self.core.qpool, <const unsigned char *>b"", 0))
+            self.q_pending(self.eng._statement_handle(self.client, self.core.qpool, <const unsigned char *>b"", 0))
 
     def note_parse(self, Link server, const unsigned char[::1] buf, Py_ssize_t start, Py_ssize_t stop):
         """Client, Python's paths: a Parse whose body is buf[start:stop], going to `server` (None:
         answered by pgmux, as a lone Parse is before any server is linked)."""
         cdef QueryStats qs = self.eng.qstats if self.eng is not None else None
         cdef Py_ssize_t tl, nl
-        cdef long long h
         stop = min(stop, buf.shape[0])
         if qs is None or not qs.enabled or self.core is None or self.core.qpool < 0 or not 0 <= start < stop:
             return
@@ -833,15 +813,8 @@ cdef class Link:
         if tl < 0:
             return
         nl = cstr_len(&buf[start] + tl + 1, stop - start - tl - 1)
-        if nl < 0:
-            return
-        h = qs.lookup(self.core.qpool, &buf[start] + tl + 1, nl)
-        if server is not None:
-            server.q_statement(h)
-        if tl:
-            self.name_query(&buf[start], tl, h)
-        else:
-            self.q_unnamed = h
+        if nl >= 0:
+            self.parse_noted(server, self.core.qpool, &buf[start], tl, &buf[start] + tl + 1, nl)
 
     def note_bind(self, Link server, const unsigned char[::1] buf, Py_ssize_t start, Py_ssize_t stop):
         """Client, Python's paths: a Bind whose body is buf[start:stop] (perhaps cut short)."""
@@ -1605,12 +1578,7 @@ cdef class Engine:
                     elif tracked and nl and may_deallocate(body[tl + 1]):
                         escape = True  # SQL DEALLOCATE in an unnamed Parse: Python rewrites it
                     elif qpool >= 0:
-                        qh = self._statement_handle(c, qpool, body + tl + 1, nl)
-                        s.q_statement(qh)
-                        if tl:
-                            c.name_query(body, tl, qh)
-                        else:
-                            c.q_unnamed = qh
+                        c.parse_noted(s, qpool, body, tl, body + tl + 1, nl)
                 if escape:
                     stop = pos
                     break
@@ -1712,14 +1680,15 @@ cdef class Engine:
 
     cdef long long _statement_handle(self, Link c, int pool, const unsigned char *q, Py_ssize_t n) noexcept:
         """The QueryStats handle of a statement text from client c: its last statement's when the
-        text has the same shape (same_shape), else a lookup (which normalizes it)."""
-        cdef QLast *last = c.qlast
+        text has the same shape (same_shape), else a lookup (which normalizes it). c may be None
+        (a server's Python path that lost its client): a lookup then."""
+        cdef QLast *last = c.qlast if c is not None else NULL
         cdef long long h
         if (last != NULL and last.pool == pool and same_shape(last.text, last.len, q, n)
                 and self.qstats.touch(last.handle)):
             return last.handle
         h = self.qstats.lookup(pool, q, n)
-        if h < 0 or n > QTEXT_KEEP:
+        if h < 0 or n > QTEXT_KEEP or c is None:
             return h
         if last == NULL:
             last = c.qlast = <QLast *>malloc(sizeof(QLast))

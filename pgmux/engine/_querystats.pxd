@@ -22,6 +22,11 @@ ctypedef struct QEntry:
     int text_len
     unsigned int hist[QS_BUCKETS]
 
+# The normalizer's reading of a number (digits [. digits] [e [+-] digits]), for the engine's
+# same_shape(), which must agree with it.
+cdef Py_ssize_t skip_number(const unsigned char *q, Py_ssize_t j, Py_ssize_t n) noexcept nogil
+
+
 cdef class QueryStats:
     cdef QEntry *entries          # entries[0:used] are live, densely
     cdef int cap, used
