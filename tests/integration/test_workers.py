@@ -328,16 +328,20 @@ def db_row(conn: Any, what: str, key: str = "database") -> dict[str, Any]:
     return row
 
 
+def clients_and_consoles(p: PoolerProcess, per_worker: int) -> tuple[list[Any], list[Any]]:
+    """`per_worker` clients of DB on each worker, and one console on each worker."""
+    clients = connect_on_each_worker(p, lambda: connect(p), f"login attempt: db={DB}", per_worker)
+    consoles = connect_on_each_worker(
+        p, lambda: psycopg.connect(p.dsn("postgres", dbname="pgbouncer"), autocommit=True),
+        "login attempt: db=pgbouncer", 1)
+    return [c for cs in clients.values() for c in cs], [cs[0] for cs in consoles.values()]
+
+
 def test_console_stats_and_pools_cover_every_worker(pooler: PoolerFactory, cluster: TempCluster,
                                                     workers_db: str) -> None:
     metrics_port = free_port()
     p = start(pooler, default_pool_size=10, metrics_listen=f"127.0.0.1:{metrics_port}")
-    clients = connect_on_each_worker(p, lambda: connect(p), f"login attempt: db={DB}", 3)
-    consoles = connect_on_each_worker(
-        p, lambda: psycopg.connect(p.dsn("postgres", dbname="pgbouncer"), autocommit=True),
-        "login attempt: db=pgbouncer", 1)
-    conns = [c for cs in clients.values() for c in cs]
-    admins = [cs[0] for cs in consoles.values()]  # one console on each worker
+    conns, admins = clients_and_consoles(p, 3)  # (one console on each worker)
     try:
         queries = 0
         for i, conn in enumerate(conns):
@@ -402,12 +406,7 @@ def test_query_stats_cover_every_worker(pooler: PoolerFactory, workers_db: str) 
     """SHOW QUERIES, the dashboard's JSON and RESET QUERIES cover both workers."""
     metrics_port = free_port()
     p = start(pooler, default_pool_size=4, metrics_listen=f"127.0.0.1:{metrics_port}")
-    clients = connect_on_each_worker(p, lambda: connect(p), f"login attempt: db={DB}", 1)
-    consoles = connect_on_each_worker(
-        p, lambda: psycopg.connect(p.dsn("postgres", dbname="pgbouncer"), autocommit=True),
-        "login attempt: db=pgbouncer", 1)
-    conns = [c for cs in clients.values() for c in cs]
-    admins = [cs[0] for cs in consoles.values()]
+    conns, admins = clients_and_consoles(p, 1)
     try:
         for n, conn in enumerate(conns):
             for i in range(5 + 7 * n):  # 5 on one worker, 12 on the other
