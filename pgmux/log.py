@@ -17,6 +17,15 @@ import time
 logger = logging.getLogger("pgmux")
 DEBUG = False
 
+# A login and its logout each write a line (log_connections, log_disconnections): what the logging
+# module gathers per record and nobody prints (the caller's file and line found by walking the
+# stack, the thread, the process name) cost more than the rest of a login's Python.
+logging._srcfile = None  # type: ignore[attr-defined]
+logging.logThreads = False
+logging.logProcesses = False
+logging.logMultiprocessing = False
+logging.logAsyncioTasks = False  # type: ignore[attr-defined]
+
 _LEVEL_NAMES = {
     logging.DEBUG: "DEBUG",
     logging.INFO: "LOG",
@@ -26,15 +35,37 @@ _LEVEL_NAMES = {
 }
 
 
+class _Clock:
+    """The second's part of the stamp, formatted once per second, and the pid, read once per
+    process (workers fork)."""
+
+    second = -1
+    seconds = ""  # "YYYY-MM-DD HH:MM:SS"
+    zone = ""
+    pid = os.getpid()
+
+    @classmethod
+    def forked(cls) -> None:
+        cls.pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_Clock.forked)
+
+
 class PgBouncerFormatter(logging.Formatter):
     """`YYYY-MM-DD HH:MM:SS.mmm TZ [pid] LEVEL message`."""
 
     def format(self, record: logging.LogRecord) -> str:
-        t = time.localtime(record.created)
-        ms = int(record.msecs)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", t) + f".{ms:03d} " + time.strftime("%Z", t)
+        created = record.created
+        second = int(created)
+        clock = _Clock
+        if second != clock.second:
+            t = time.localtime(second)
+            clock.seconds = time.strftime("%Y-%m-%d %H:%M:%S", t)
+            clock.zone = time.strftime("%Z", t)
+            clock.second = second
         level = _LEVEL_NAMES.get(record.levelno, record.levelname)
-        text = f"{stamp} [{os.getpid()}] {level} {record.getMessage()}"
+        text = f"{clock.seconds}.{int(record.msecs):03d} {clock.zone} [{clock.pid}] {level} {record.getMessage()}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text

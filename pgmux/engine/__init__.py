@@ -10,6 +10,7 @@ from pgmux.engine._engine import (
     PIN_HINTS,
     SESSION,
     TRACKED,
+    Acceptor,
     Engine,
     EngineTransport,
     Link,
@@ -18,5 +19,6 @@ from pgmux.engine._engine import (
 )
 
 __all__ = [
-    "Engine", "EngineTransport", "LAZY_PREPARE", "Link", "PIN_HINTS", "PoolCore", "PoolStats", "SESSION", "TRACKED",
+    "Acceptor", "Engine", "EngineTransport", "LAZY_PREPARE", "Link", "PIN_HINTS", "PoolCore", "PoolStats",
+    "SESSION", "TRACKED",
 ]

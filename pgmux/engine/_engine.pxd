@@ -199,8 +199,20 @@ cdef class Link:
     cdef long long bind_query(self, const unsigned char *body, Py_ssize_t blen) except? -2
 
 
+cdef enum:
+    MAX_ACCEPT_OPTIONS = 24           # (level, option, value) triples: 8 socket options
+
+
+cdef class Acceptor(Link):
+    cdef object on_accept             # on_accept(fd, peer, local): a connection accepted
+    cdef object on_error              # on_error(errno): accept failed (descriptors, memory)
+    cdef int nopts
+    cdef int opts[MAX_ACCEPT_OPTIONS]
+
+
 cdef class Engine:
     cdef public int epfd
+    cdef int spare_fd                 # /dev/null, closed for a moment when accept hits EMFILE
     cdef object loop
     cdef PyObject **table             # fd -> Link (strong references)
     cdef int table_size
@@ -216,6 +228,7 @@ cdef class Engine:
     cdef public QueryStats qstats     # per-query statistics (query_stats, SHOW QUERIES)
 
     cdef int _register(self, Link link) except -1
+    cdef int _accept(self, Acceptor a) except -1
     cdef int _run_batch(self, void *events, int n) except -1
     cdef int _pause_writers(self) except -1
     cdef void _update_events(self, Link link)

@@ -53,13 +53,57 @@ cdef extern from "sys/epoll.h" nogil:
         EPOLL_CLOEXEC
 
 cdef extern from "sys/socket.h" nogil:
+    ctypedef unsigned int socklen_t
+    ctypedef unsigned short sa_family_t
+    struct sockaddr:
+        sa_family_t sa_family
+    struct sockaddr_storage:
+        sa_family_t ss_family
     ssize_t recv(int sockfd, void *buf, size_t len, int flags)
     ssize_t send(int sockfd, const void *buf, size_t len, int flags)
     int shutdown(int sockfd, int how)
+    int accept4(int sockfd, sockaddr *addr, socklen_t *addrlen, int flags)
+    int getsockname(int sockfd, sockaddr *addr, socklen_t *addrlen)
+    int setsockopt(int sockfd, int level, int optname, const void *optval, socklen_t optlen)
     enum:
         MSG_NOSIGNAL
         MSG_DONTWAIT
         SHUT_WR
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
+        AF_INET
+        AF_INET6
+        AF_UNIX
+
+cdef extern from "netinet/in.h" nogil:
+    struct in_addr:
+        pass
+    struct in6_addr:
+        pass
+    struct sockaddr_in:
+        unsigned short sin_port
+        in_addr sin_addr
+    struct sockaddr_in6:
+        unsigned short sin6_port
+        in6_addr sin6_addr
+    unsigned short ntohs(unsigned short)
+
+cdef extern from "arpa/inet.h" nogil:
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
+
+cdef extern from "fcntl.h" nogil:
+    int open(const char *pathname, int flags)
+    enum:
+        O_RDONLY
+        O_CLOEXEC
+
+cdef extern from "errno.h" nogil:
+    enum:
+        ECONNABORTED
+        EMFILE
+        ENFILE
+        ENOBUFS
+        ENOMEM
 
 
 
@@ -67,6 +111,7 @@ cdef enum:
     SHARED_SIZE = 65536       # one read at most
     MIN_KEEP = 4096           # smallest buffer a link owns while it keeps bytes between reads
     MAX_EVENTS = 256
+    ACCEPT_BATCH = 64         # connections accepted per ready listening socket and batch
     HOLD_LIMIT = 1 << 20      # bytes kept for a queued client before it is read no more (client.HOLD_LIMIT)
     HIGH_WATER = 65536        # asyncio's defaults: pause_writing above, resume_writing at or below
     LOW_WATER = 16384
@@ -980,11 +1025,44 @@ cdef class EngineTransport:
         return f"<EngineTransport fd={self.link.fd}>"
 
 
+cdef class Acceptor(Link):
+    """A listening socket in the engine's epoll set (Engine.listen): each ready connection is
+    accepted here, gets the TCP options Python chose, and is handed to `on_accept` with its
+    addresses, so that a login starts with no event-loop transport to make and take apart."""
+
+    def set_options(self, options):
+        """(level, option, int value) triples set on each accepted socket (tcp_* settings)."""
+        cdef int i = 0
+        for level, option, value in options:
+            if i + 3 > MAX_ACCEPT_OPTIONS:
+                raise ValueError("too many socket options")
+            self.opts[i] = level
+            self.opts[i + 1] = option
+            self.opts[i + 2] = value
+            i += 3
+        self.nopts = i
+
+
+cdef object _address(sockaddr_storage *sa):
+    """(host, port) as Python's getpeername gives them for IPv4/IPv6 (two items), else None."""
+    cdef char text[64]
+    if sa.ss_family == AF_INET:
+        if inet_ntop(AF_INET, &(<sockaddr_in *>sa).sin_addr, text, sizeof(text)) == NULL:
+            return None
+        return (text.decode("ascii"), ntohs((<sockaddr_in *>sa).sin_port))
+    if sa.ss_family == AF_INET6:
+        if inet_ntop(AF_INET6, &(<sockaddr_in6 *>sa).sin6_addr, text, sizeof(text)) == NULL:
+            return None
+        return (text.decode("ascii"), ntohs((<sockaddr_in6 *>sa).sin6_port))
+    return None
+
+
 cdef class Engine:
     """The epoll set: `run()` is the asyncio reader callback of `epfd`."""
 
     def __cinit__(self):
         self.epfd = -1
+        self.spare_fd = -1
         self.table = NULL
         self.shared = NULL
 
@@ -1000,13 +1078,16 @@ cdef class Engine:
         self.next_gen = 1
         self.paused_now = []
         self.qstats = QueryStats(5000)
+        # libuv's answer to EMFILE: a spare descriptor given back for a moment to accept and close
+        # one connection, so that a full process does not spin on a ready listening socket.
+        self.spare_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
 
     def __dealloc__(self):
         cdef int i
         if self.table != NULL:
             for i in range(self.table_size):
                 if self.table[i] != NULL:
-                    if (<Link>self.table[i]).fd == i:
+                    if (<Link>self.table[i]).fd == i and type(<object>self.table[i]) is not Acceptor:
                         close(i)
                         (<Link>self.table[i]).fd = -1
                     Py_XDECREF(self.table[i])
@@ -1019,6 +1100,8 @@ cdef class Engine:
             free(self.scratch)
         if self.epfd >= 0:
             close(self.epfd)
+        if self.spare_fd >= 0:
+            close(self.spare_fd)
 
     def close(self):
         """Stop: the loop no longer calls run(); the owned sockets stay until their links close."""
@@ -1030,6 +1113,76 @@ cdef class Engine:
 
     def start(self):
         self.loop.add_reader(self.epfd, self.run)
+
+    # ------------------------------------------------------------ listening sockets
+
+    def listen(self, int fd, on_accept, on_error, options=()):
+        """Accept on a listening socket (non-blocking; it stays the caller's: unlisten() before
+        closing it). For each connection: `on_accept(fd, peer, local)`, the fd non-blocking and
+        the caller's to adopt (adopt_fd) or close; `peer`/`local` are (host, port) for TCP, None
+        for a Unix socket. `on_error(errno)` when accept fails for want of descriptors or memory."""
+        cdef Acceptor a = Acceptor.__new__(Acceptor)
+        if fd < 0:
+            raise ValueError(f"bad fd {fd}")
+        a.set_options(options)
+        a.on_accept = on_accept
+        a.on_error = on_error
+        a.fd = fd
+        a.eng = self
+        self._register(a)
+        return a
+
+    def unlisten(self, Acceptor a):
+        """Stop accepting on `a`'s socket (not closed: it is the caller's)."""
+        cdef int fd = a.fd
+        if fd < 0:
+            return
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
+        a.fd = -1
+        a.eng = None
+        if fd < self.table_size and self.table[fd] == <PyObject *>a:
+            self.table[fd] = NULL
+            Py_XDECREF(<PyObject *>a)
+
+    cdef int _accept(self, Acceptor a) except -1:
+        cdef sockaddr_storage peer, local
+        cdef socklen_t plen, llen
+        cdef int fd, err, i, n = 0
+        while n < ACCEPT_BATCH and a.fd >= 0:
+            plen = sizeof(peer)
+            fd = accept4(a.fd, <sockaddr *>&peer, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                err = errno
+                if err == EINTR or err == ECONNABORTED:
+                    continue
+                if err == EAGAIN:
+                    return 0
+                if (err == EMFILE or err == ENFILE) and self.spare_fd >= 0:
+                    close(self.spare_fd)
+                    fd = accept4(a.fd, NULL, NULL, SOCK_CLOEXEC)
+                    if fd >= 0:
+                        close(fd)
+                    self.spare_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
+                try:
+                    a.on_error(err)
+                except Exception as exc:
+                    self.loop.call_exception_handler({"message": "pgmux engine: error in accept", "exception": exc})
+                return 0
+            n += 1
+            for i in range(0, a.nopts, 3):
+                setsockopt(fd, a.opts[i], a.opts[i + 1], &a.opts[i + 2], sizeof(int))
+            local_address = None
+            if peer.ss_family != AF_UNIX:
+                llen = sizeof(local)
+                if getsockname(fd, <sockaddr *>&local, &llen) == 0:
+                    local_address = _address(&local)
+            try:
+                a.on_accept(fd, _address(&peer), local_address)
+            except Exception as exc:
+                if fd >= self.table_size or self.table[fd] == NULL:
+                    close(fd)  # not adopted
+                self.loop.call_exception_handler({"message": "pgmux engine: error in accept", "exception": exc})
+        return 0
 
     # ------------------------------------------------------------ adoption
 
@@ -1258,6 +1411,9 @@ cdef class Engine:
             link = <Link>self.table[fd]
             if link.gen != gen:
                 continue  # an event for an fd closed and reused in this batch
+            if type(link) is Acceptor:
+                self._accept(<Acceptor>link)
+                continue
             events = evs[i].events
             try:
                 if events & EPOLLOUT:
@@ -2095,6 +2251,15 @@ cdef class Engine:
         client.flags = flags
         self.now = monotonic()
         self._join(client, server)
+        return True
+
+    def auto_link(self, Link client, int flags):
+        """Let the engine link an unlinked client by itself at its next request (as after a
+        transaction it released natively): a client just logged in."""
+        if client.eng is not self or client.fd < 0 or client.peer is not None:
+            return False
+        client.flags = flags
+        client.auto = True
         return True
 
     def unlink(self, Link link):

@@ -210,15 +210,18 @@ class ClientConnection(PgConnection):
     # ------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        peer = transport.get_extra_info("peername")
+        self.start(transport, transport.get_extra_info("peername"), transport.get_extra_info("sockname"))
+
+    def start(self, transport: asyncio.BaseTransport, peer: object, local: object) -> None:
+        """A new connection on `transport` (an engine transport when the engine accepted it,
+        listener.EngineServer), from `peer` to `local`: (host, port, ...) for TCP."""
+        self.transport = transport  # type: ignore[assignment]
         if isinstance(peer, tuple):
             self.addr, self.port = peer[0], peer[1]
         else:
             self.addr, self.port = "unix", 0
-        sock = transport.get_extra_info("sockname")
-        if isinstance(sock, tuple):
-            self.local_addr, self.local_port = sock[0], sock[1]
+        if isinstance(local, tuple):
+            self.local_addr, self.local_port = local[0], local[1]
         self.pooler.client_connected(self)
         self.login_task = self.pooler.loop.create_task(self.run_login())
 
@@ -846,13 +849,16 @@ class ClientConnection(PgConnection):
         assert transport is not None
         transport.pause_reading()  # no raw ClientHello may reach the startup reader
         engine = self.pooler.engine
-        new_transport = engine.adopt(self, transport)
-        if new_transport is not None:  # (None: not a socket, an in-process harness)
+        # (accepted by the engine: already its; None: not a socket, an in-process harness)
+        new_transport = transport if self.adopted else engine.adopt(self, transport)
+        if new_transport is not None:
             self.transport = new_transport
             if not hello:
                 new_transport.write(b"S")
+            handshake = engine.start_tls(self, _ReplayHello(ctx, hello) if hello else ctx)
+            new_transport.resume_reading()
             try:
-                await engine.start_tls(self, _ReplayHello(ctx, hello) if hello else ctx)
+                await handshake
             except OSError as exc:
                 raise ConnectionLost() from exc
             self.tls = True

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from pgmux.config.settings import unsupported_warnings
 from pgmux.log import logger
 from pgmux.net.client import ClientConnection
-from pgmux.net.sockopts import apply_tcp_options
+from pgmux.net.sockopts import apply_tcp_options, tcp_options
 from pgmux.net.systemd import listen_fds
 
 if TYPE_CHECKING:
@@ -53,7 +53,8 @@ def unix_socket_path(socket_dir: str, port: int) -> str:
 
 
 class TcpClientConnection(ClientConnection):
-    """A client accepted on a TCP listener: its socket gets the tcp_* settings first."""
+    """A client accepted on a TCP listener: its socket gets the tcp_* settings first (the engine's
+    accept loop sets them itself, EngineServer)."""
 
     __slots__ = ()
 
@@ -71,10 +72,10 @@ class TlsSniffingClient(TcpClientConnection):
 
     __slots__ = ("sniffing", "direct_tls_hello")
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+    def start(self, transport: asyncio.BaseTransport, peer: object, local: object) -> None:
         self.sniffing = True
         self.direct_tls_hello = False
-        super().connection_made(transport)
+        super().start(transport, peer, local)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         mv = super().get_buffer(sizehint)
@@ -109,6 +110,53 @@ def client_factory(pooler: Pooler, unix: bool, cancel_only: bool = False) -> Cal
         return lambda: TcpCancelOnlyClient(pooler)
     # Decided per connection: RELOAD may turn client TLS on or off.
     return lambda: (TcpClientConnection if pooler.tls.client is None else TlsSniffingClient)(pooler)
+
+
+class EngineServer:
+    """A listening socket the engine accepts on (Engine.listen): a connection becomes a client
+    on an engine transport at once, with its TCP options set and its addresses read in C. Offers
+    what pgmux uses of asyncio.Server (`sockets`, `close`)."""
+
+    def __init__(self, pooler: Pooler, sock: socket.socket) -> None:
+        self.pooler = pooler
+        self.sockets = [sock]
+        self.family = sock.family
+        self.unix = sock.family == socket.AF_UNIX
+        self.factory = client_factory(pooler, self.unix)
+        self.settings = pooler.settings
+        sock.setblocking(False)
+        self.acceptor = pooler.engine.listen(sock.fileno(), self._accepted, self._failed, self._options())
+
+    def _options(self) -> list[tuple[int, int, int]]:
+        return [] if self.unix else tcp_options(self.settings)
+
+    def _accepted(self, fd: int, peer: tuple[str, int] | None, local: tuple[str, int] | None) -> None:
+        pooler = self.pooler
+        if pooler.settings is not self.settings:  # a RELOAD: this socket got the old options
+            self.settings = pooler.settings
+            self.acceptor.set_options(self._options())
+            if not self.unix:
+                with socket.socket(fileno=os.dup(fd)) as sock:
+                    apply_tcp_options(sock, self.settings)
+        client = self.factory()
+        client.start(pooler.engine.adopt_fd(client, fd, self.family), peer, local)
+
+    def _failed(self, err: int) -> None:
+        if err in (errno.EMFILE, errno.ENFILE):  # the engine reset that connection (libuv's way)
+            self.pooler._warn_fd_limit()
+        else:
+            logger.warning("accept() failed: %s", os.strerror(err))  # PgBouncer's words
+
+    def is_serving(self) -> bool:
+        return self.acceptor.adopted
+
+    def close(self) -> None:
+        self.pooler.engine.unlisten(self.acceptor)
+        for sock in self.sockets:
+            sock.close()
+
+    async def wait_closed(self) -> None:
+        return None
 
 
 def log_unsupported_settings(settings: Any) -> None:
@@ -148,53 +196,22 @@ class BoundSockets:
             self.unix.close()
 
 
-async def start_listeners(pooler: Pooler, bound: BoundSockets | None = None,
-                          index: int = 0) -> list[asyncio.AbstractServer]:
+async def start_listeners(pooler: Pooler, bound: BoundSockets | None = None, index: int = 0) -> list[EngineServer]:
     """Bind every configured address; raises OSError (with the address) when one cannot be bound.
     A worker passes the sockets its supervisor bound (`bound`, its `index`) instead; sockets
-    passed by a service manager are served instead of listen_addr (module docstring)."""
-    if bound is None and listen_fds():
-        bound = bind_worker_sockets(pooler.settings, 1)
-    if bound is not None:
-        return await _serve_bound(pooler, bound, index)
-    s = pooler.settings
-    log_unsupported_settings(s)  # with workers, the supervisor does it (bind_worker_sockets)
-    loop = asyncio.get_running_loop()
-    servers: list[asyncio.AbstractServer] = []
-    addrs = [a.strip() for a in s.listen_addr if a.strip()]
-    for addr in addrs:
-        host = None if addr == "*" else addr
-        try:
-            srv = await loop.create_server(
-                client_factory(pooler, False), host, s.listen_port,
-                reuse_address=True, reuse_port=bool(s.so_reuseport) or None, backlog=s.listen_backlog,
-            )
-        except OSError as exc:
-            raise OSError(exc.errno, f"could not bind {addr}:{s.listen_port}: {exc.strerror}") from exc
-        servers.append(srv)
-    if s.unix_socket_dir:
-        sock, _ = _bind_unix(s.unix_socket_dir, s)
-        if sock is not None:
-            servers.append(await loop.create_unix_server(client_factory(pooler, True), sock=sock,
-                                                         backlog=s.listen_backlog))
-    if not servers:
-        raise OSError("nothing to listen on: set listen_addr or unix_socket_dir")
-    return servers
-
-
-async def _serve_bound(pooler: Pooler, bound: BoundSockets, index: int) -> list[asyncio.AbstractServer]:
-    loop = asyncio.get_running_loop()
+    passed by a service manager are served instead of listen_addr (module docstring). The
+    engine accepts on all of them (EngineServer)."""
+    if bound is None:
+        bound = bind_worker_sockets(pooler.settings, 1)  # (one process: its own sockets, as a worker's)
     backlog = pooler.settings.listen_backlog
-    servers: list[asyncio.AbstractServer] = []
+    servers: list[EngineServer] = []
     for sock in [*bound.tcp[index], *bound.inherited, *([bound.unix] if bound.unix is not None else [])]:
-        if sock.family == socket.AF_UNIX:
-            servers.append(await loop.create_unix_server(client_factory(pooler, True), sock=sock, backlog=backlog))
-        else:
-            servers.append(await loop.create_server(client_factory(pooler, False), sock=sock, backlog=backlog))
+        sock.listen(backlog)  # (inherited sockets listen already: this sets our backlog, as asyncio did)
+        servers.append(EngineServer(pooler, sock))
     return servers
 
 
-def stop_listening(pooler: Pooler, servers: list[asyncio.AbstractServer]) -> None:
+def stop_listening(pooler: Pooler, servers: list[EngineServer | asyncio.AbstractServer]) -> None:
     """Stop accepting (a shutdown). A socket of this process's own is closed only after what is
     queued on it was accepted, so those clients are served (a rolling restart drains them) instead
     of being reset by the close; a socket passed by the service manager keeps its queue for the

@@ -19,7 +19,7 @@ from typing import Any
 _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
-def apply_tcp_options(sock: socket.socket | None, settings: Any) -> None:
+def apply_tcp_options(sock: Any, settings: Any) -> None:
     """Apply the tcp_* settings to ``sock`` (a socket, or the socket-like object a transport's
     ``get_extra_info("socket")`` returns); does nothing for a non-TCP socket."""
     if sock is None or getattr(sock, "family", None) not in _TCP_FAMILIES:
@@ -38,6 +38,28 @@ def apply_tcp_options(sock: socket.socket | None, settings: Any) -> None:
     if settings.tcp_socket_buffer:
         _set(sock, socket.SOL_SOCKET, socket.SO_SNDBUF, settings.tcp_socket_buffer)
         _set(sock, socket.SOL_SOCKET, socket.SO_RCVBUF, settings.tcp_socket_buffer)
+
+
+def tcp_options(settings: Any) -> list[tuple[int, int, int]]:
+    """The (level, option, value) triples apply_tcp_options sets, plus TCP_NODELAY (as asyncio's
+    and uvloop's TCP transports set it, and PgBouncer): for the engine's accept loop, which sets
+    them in C (pgmux.engine.Acceptor)."""
+    opts: list[tuple[int, int, int]] = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+    apply_tcp_options(_Collect(opts), settings)
+    return opts
+
+
+class _Collect:
+    """A socket stand-in that records setsockopt calls."""
+
+    family = socket.AF_INET
+
+    def __init__(self, opts: list[tuple[int, int, int]]) -> None:
+        self.opts = opts
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        if -(1 << 31) <= value < (1 << 31):  # (the kernel would refuse the rest: skipped, as _set does)
+            self.opts.append((level, option, value))
 
 
 def _set(sock: Any, level: int, option: int, value: int) -> None:
