@@ -30,8 +30,10 @@ class CallgrindPooler(PoolerProcess):
                 *super().command()]
 
 
-def run_under_callgrind(cluster: TempCluster, extra: dict[str, object], txns: int, clients: int) -> Path:
-    """pgmux under callgrind serving `txns` transactions of pgbench -S: the callgrind output file."""
+def run_under_callgrind(cluster: TempCluster, extra: dict[str, object], txns: int, clients: int,
+                        connect: bool = False) -> Path:
+    """pgmux under callgrind serving `txns` transactions of pgbench -S (`connect`: -C, a login per
+    transaction): the callgrind output file."""
     workdir = tempfile.mkdtemp(prefix="pgmux-callgrind-")
     os.chmod(workdir, 0o755)
     ini, userlist = write_config(cluster, workdir=workdir, pool_mode="transaction", userlist=USERS,
@@ -39,8 +41,9 @@ def run_under_callgrind(cluster: TempCluster, extra: dict[str, object], txns: in
     p = CallgrindPooler("pgmux", ini, userlist, workdir)
     p.start(timeout=120)
     try:
-        subprocess.run(["pgbench", "-n", "-S", "-c", str(clients), "-j", "2", "-t", str(txns // clients),
-                        p.dsn("md5user", "md5pass", dbname="testdb")], check=True, capture_output=True)
+        subprocess.run(["pgbench", "-n", "-S", *(["-C"] if connect else []), "-c", str(clients), "-j", "2",
+                        "-t", str(txns // clients), p.dsn("md5user", "md5pass", dbname="testdb")],
+                       check=True, capture_output=True)
     finally:
         p.stop()
     return Path(workdir, "callgrind.out")
@@ -79,9 +82,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--functions", type=int, default=0, metavar="N",
                     help="also list the N functions that cost the most per transaction (first setting)")
+    ap.add_argument("--connect", action="store_true", help="pgbench -C: a new connection (md5 login) per transaction")
     args = ap.parse_args()
     short = 2500
-    print(f"how it was run: pgmux under callgrind, transaction mode, pool 20; pgbench -S -c {args.clients} -j 2, "
+    c_flag = " -C" if args.connect else ""
+    print(f"how it was run: pgmux under callgrind, transaction mode, pool 20; "
+          f"pgbench -S{c_flag} -c {args.clients} -j 2, "
           f"{short} and {short + args.txns} transactions; per transaction = difference / {args.txns}")
     with TempCluster() as cluster:
         cluster.create_test_roles()
@@ -90,8 +96,8 @@ def main() -> None:
         per_txn = {}
         for label in (args.set, args.against):
             extra = parse_setting(label)
-            a = run_under_callgrind(cluster, extra, short, args.clients)
-            b = run_under_callgrind(cluster, extra, short + args.txns, args.clients)
+            a = run_under_callgrind(cluster, extra, short, args.clients, args.connect)
+            b = run_under_callgrind(cluster, extra, short + args.txns, args.clients, args.connect)
             per_txn[label] = (total_instructions(b) - total_instructions(a)) / args.txns
             print(f"{label}: {per_txn[label]:.0f} instructions per transaction")
             if args.functions and label == args.set:

@@ -956,24 +956,36 @@ class Pooler:
                 or client.no_pqexec or client.linking or client.awaiting_quiet or client.closed or server.closed
                 or not server.forwarding or client.server is not server or client.tracking != server.tracking):
             return False
-        flags = 0
         if client.tracking:  # only while the tracker holds nothing the engine cannot account for
             tracker = server.tracker
             if tracker.queue or tracker.skipping or tracker.own_deallocs or server.sent_prefix != server.keep:
                 return False
-            flags |= TRACKED
+        # the engine may link and release this client by itself until Python looks at it again
+        client.auto = client.pool_mode == "transaction" and client.pinned is None and client.state_hint is None
+        if client.read_paused and client.transport is not None:
+            client.read_paused = False
+            client.transport.resume_reading()
+        return bool(self.engine.link_fast(client, server, self._engine_flags(client)))
+
+    @staticmethod
+    def _engine_flags(client: ClientConnection) -> int:
+        """What the engine must do for this client's messages (pgmux.engine's ClientFlag)."""
+        flags = TRACKED if client.tracking else 0
         if client.pin_mode != "off":
             flags |= PIN_HINTS
         if client.lazy_prepare:
             flags |= LAZY_PREPARE
         if client.pool_mode == "session":
             flags |= SESSION
-        # the engine may link and release this client by itself until Python looks at it again
-        client.auto = client.pool_mode == "transaction" and client.pinned is None and client.state_hint is None
-        if client.read_paused and client.transport is not None:
-            client.read_paused = False
-            client.transport.resume_reading()
-        return bool(self.engine.link_fast(client, server, flags))
+        return flags
+
+    def client_ready(self, client: ClientConnection) -> None:
+        """A client just logged in, with nothing sent yet: in transaction mode the engine links it
+        at its first request by itself (Engine.auto_link), as after each transaction it releases,
+        instead of handing that request to Python to link."""
+        if (client.pool_mode == "transaction" and client.adopted and not client.keep and client.server is None
+                and not client.no_pqexec and client.pinned is None and client.state_hint is None):
+            self.engine.auto_link(client, self._engine_flags(client))
 
     async def _sync_params(self, client: ClientConnection, server: ServerConnection,
                            diff: list[tuple[str, str]]) -> None:

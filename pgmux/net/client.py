@@ -291,7 +291,7 @@ class ClientConnection(PgConnection):
             if self.server is None:
                 first = self.buf[0]
                 if first == _X and end >= 5:
-                    self.close("client close request")
+                    self.close_requested()
                     return
                 if first == _P and self.lazy_prepare and self._prepare_locally(end):
                     return
@@ -475,7 +475,7 @@ class ClientConnection(PgConnection):
             if self.buf is SharedReadBuffer.buf and st.get_write_buffer_size():
                 SharedReadBuffer.renew()  # the server's transport still sends from it
             if typ == _X:
-                self.close("client close request")
+                self.close_requested()
             else:
                 self.fail(f"unknown pkt from client: {typ}/0x{typ:x}")
             return
@@ -976,6 +976,7 @@ class ClientConnection(PgConnection):
         self.pool.clients.add(self)
         self.pool.stats.client_login_count += 1
         self.start_forwarding()
+        pooler.client_ready(self)
 
     def _welcome_status(self, pool_params: dict[str, str]) -> bytes:
         """Set this client's parameters from the pool's and its startup values; the ParameterStatus
@@ -1158,6 +1159,12 @@ class ClientConnection(PgConnection):
             pglog.logger.warning("%s pooler error: %s", self.log_prefix, message)
         self.write(m.error_response(message, sqlstate))
         self.close(message)
+
+    def close_requested(self) -> None:
+        """The client sent Terminate: nothing is left to tell it, so no lingering close (a FIN
+        and a ghost reading what it still sends, Engine._end_link) is needed either."""
+        self.linger = False
+        self.close("client close request")
 
     def close(self, reason: str) -> None:
         """Close the socket; from now on the pool treats this client as gone (`closed`)."""
