@@ -371,7 +371,7 @@ def _client_row(pooler: Pooler, c: ClientConnection, state: str, clock: _Clock, 
     app = c.params.get("application_name") or c.startup_params.get("application_name") or ""
     row: list[Value] = [
         "C", c.user or "(nouser)", db_name or "(nodb)", c.replication or "none", state, addr, port, laddr, lport,
-        timestamp(c.connect_wall), timestamp(clock.wall_of(c.request_time)), wait, wait_us, 0,
+        timestamp(clock.wall_of(c.connect_time)), timestamp(clock.wall_of(c.request_time)), wait, wait_us, 0,
         _ptr(c), _ptr(c.server), remote_pid, tls_describe(c.transport, absent=""), app, _prepared_count(c), c.id,
     ]
     if debug:

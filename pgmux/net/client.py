@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -126,6 +127,16 @@ class _ReplayHello:
         return self.ctx.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_hostname)
 
 
+class _NoStatements(dict):  # type: ignore[type-arg]
+    """The named statements of every client that has none, shared: never written to."""
+
+    def __setitem__(self, key: object, value: object) -> None:
+        raise TypeError("NO_STATEMENTS is shared: use ClientConnection.own_statements()")
+
+
+NO_STATEMENTS: dict[bytes, Statement] = _NoStatements()
+
+
 class ClientConnection(PgConnection):
     """One client socket. `server` is the linked server connection, if any."""
 
@@ -133,7 +144,7 @@ class ClientConnection(PgConnection):
     # connect_time, wait_started, server, params, tracking, stmts are pgmux.engine.Link fields)
     __slots__ = (
         "pooler", "replication", "replication_options", "login_expired", "is_unix", "tls", "pool", "db", "user",
-        "dbname", "startup_params", "addr", "port", "local_addr", "local_port", "connect_wall", "logged_in", "admitted",
+        "dbname", "startup_params", "addr", "port", "local_addr", "local_port", "logged_in", "admitted",
         "limits_counted", "pool_mode", "cancel_key", "login_task", "id", "client_key",
         "lazy_prepare", "pin_mode", "state_hint", "pinned", "pinned_since", "drain_passed", "awaiting_quiet",
         "authed", "no_pqexec", "wait_notified",
@@ -164,8 +175,7 @@ class ClientConnection(PgConnection):
         self.local_addr = ""
         self.local_port = 0
         now = time.monotonic()
-        self.connect_time = now
-        self.connect_wall = time.time()
+        self.connect_time = now  # (SHOW CLIENTS shows it as wall-clock time: stats.clock.wall_of)
         self.request_time = now
         self.wait_started = 0.0
         self.waiting = False
@@ -191,7 +201,7 @@ class ClientConnection(PgConnection):
         self.pinned_since = 0.0
         self.drain_passed = False  # the held DROP/CREATE/ALTER DATABASE already had its drain
         self.awaiting_quiet = False  # a named Parse waits for in-flight requests before tracking starts
-        self.stmts: dict[bytes, Statement] = {}  # this client's named statements
+        self.stmts: dict[bytes, Statement] = NO_STATEMENTS  # this client's named statements (own_statements)
         self.no_pqexec = bool(pooler.settings.disable_pqexec)  # simple Query refused (not reloadable)
         self.authed = False  # authenticated: until then the login inbox is capped (LOGIN_INBOX_LIMIT)
         self.wait_notified = False  # query_wait_notify's NOTICE went out (once per connection, as PgBouncer)
@@ -217,11 +227,11 @@ class ClientConnection(PgConnection):
         listener.EngineServer), from `peer` to `local`: (host, port, ...) for TCP."""
         self.transport = transport  # type: ignore[assignment]
         if isinstance(peer, tuple):
-            self.addr, self.port = peer[0], peer[1]
+            self.addr, self.port = sys.intern(peer[0]), peer[1]
         else:
             self.addr, self.port = "unix", 0
         if isinstance(local, tuple):
-            self.local_addr, self.local_port = local[0], local[1]
+            self.local_addr, self.local_port = sys.intern(local[0]), local[1]
         self.pooler.client_connected(self)
         self.login_task = self.pooler.loop.create_task(self.run_login())
 
@@ -637,7 +647,7 @@ class ClientConnection(PgConnection):
         if not name or name in self.stmts:
             return False
         self.note_parse(None, buf, 5, parse_end)
-        self.stmts[name] = self.pooler.statements.get(tail)
+        self.own_statements()[name] = self.pooler.statements.get(tail)
         self.auto = False  # statements to track from now on: links go through Pooler.link_fast
         assert self.pool is not None
         self.pool.stats.client_parse_count += 1
@@ -661,7 +671,7 @@ class ClientConnection(PgConnection):
             if name in self.stmts:
                 raise PreparedError("prepared statement name is already in use")
             stmt = self.pooler.statements.get(tail)
-            self.stmts[name] = stmt
+            self.own_statements()[name] = stmt
             self.auto = False
             self.pooler.stats_parse(server, client_side=True)
             if server.stmts.has(stmt):
@@ -885,11 +895,12 @@ class ClientConnection(PgConnection):
         user = params.get("user")
         if not user:
             raise ClientError("no username supplied")
-        self.user = user
-        self.dbname = params.get("database") or user
+        # (interned, as the addresses: an idle client holds no string of its own for them)
+        self.user = user = sys.intern(user)
+        self.dbname = sys.intern(params.get("database") or user)
         if not self.tls and not self.is_unix and self.pooler.tls.client_mode in ("require", "verify-ca", "verify-full"):
             raise ClientError("SSL required", "28000")
-        if not pooler.admit_client(self):
+        if not pooler.admit_client(self) and self.dbname != "pgbouncer":  # (PgBouncer: "dont limit admin db")
             raise ClientError("no more connections allowed (max_client_conn)")
         self.replication = replication_mode(params.get("replication"))
         if self.replication is not None:
@@ -1159,6 +1170,13 @@ class ClientConnection(PgConnection):
             pglog.logger.warning("%s pooler error: %s", self.log_prefix, message)
         self.write(m.error_response(message, sqlstate))
         self.close(message)
+
+    def own_statements(self) -> dict[bytes, Statement]:
+        """This client's statement dict, made at its first named statement (until then it shares
+        NO_STATEMENTS: an idle client holds no dict of its own)."""
+        if self.stmts is NO_STATEMENTS:
+            self.stmts = {}
+        return self.stmts
 
     def close_requested(self) -> None:
         """The client sent Terminate: nothing is left to tell it, so no lingering close (a FIN

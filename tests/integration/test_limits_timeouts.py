@@ -66,8 +66,11 @@ def hold_transaction(
 
 
 def test_max_client_conn(pooler: PoolerFactory) -> None:
-    """Counts clients, not servers: 4 idle clients over one server fill max_client_conn=4."""
-    p = tx_pooler(pooler, 1, extra={"max_client_conn": 4})
+    """Counts clients, not servers: 4 idle clients over one server fill max_client_conn=4. The
+    admin console is not limited (PgBouncer's client.c: "dont limit admin db")."""
+    import psycopg
+
+    p = tx_pooler(pooler, 1, extra={"max_client_conn": 4, "admin_users": "md5user"})
     held = [connect(p) for _ in range(4)]
     try:
         for c in held:
@@ -78,6 +81,9 @@ def test_max_client_conn(pooler: PoolerFactory) -> None:
             "08P01",
             "no more connections allowed (max_client_conn)",
         )
+        with psycopg.connect(p.dsn("md5user", "md5pass", dbname="pgbouncer"), autocommit=True) as console:
+            rows = console.execute("SHOW CLIENTS").fetchall()
+            assert sum(1 for r in rows if r[2] == "testdb") == 4
         held.pop().close()
         wait_for(lambda: _can_connect(p), 5, what="a freed max_client_conn slot")
     finally:
