@@ -1,0 +1,130 @@
+"""A login burst: N clients connect at once, at most ``concurrency`` logins in flight, and all stay connected
+until the last one is in (so N are held at the same time), then close.
+
+Each client is a raw asyncio socket doing a real md5 login, as in bench/idle.py (StartupMessage,
+PasswordMessage, until ReadyForQuery); by default it runs nothing after logging in (``query`` runs one
+simple query per client, e.g. ``SELECT 1``). Login time is measured per client from ``connect()`` (after
+the client got its slot under the semaphore) to ReadyForQuery, so waiting for a slot does not count.
+
+Used by ``bench.run``'s ``login-burst`` workload and by tests/integration/test_login_burst.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from bench.idle import close_with_rst, login
+from bench.measure import percentile
+
+
+@dataclass
+class BurstResult:
+    clients: int  # clients started
+    logged_in: int = 0  # reached ReadyForQuery
+    failed: int = 0  # refused or errored before ReadyForQuery
+    query_failed: int = 0  # logged in, but the query failed (``query`` only)
+    error_counts: dict[str, int] = field(default_factory=dict)  # error text -> how many clients got it
+    first_error: str = ""  # the first error seen, in time
+    login_ms: list[float] = field(default_factory=list)  # sorted, one per client that logged in
+    burst_seconds: float = 0.0  # first connect() to the last client's outcome
+    alive: int = 0  # connections still open after every client had its outcome (the pooler dropped none)
+    queried: int = 0  # clients whose query completed (``query`` only)
+
+    def pct(self, q: float) -> float | None:
+        return percentile(self.login_ms, q) if self.login_ms else None
+
+    @property
+    def max_ms(self) -> float | None:
+        return self.login_ms[-1] if self.login_ms else None
+
+
+def _error_text(e: BaseException) -> str:
+    if isinstance(e, asyncio.TimeoutError | TimeoutError):
+        return "TimeoutError: no answer within the client's timeout"
+    if isinstance(e, asyncio.IncompleteReadError):
+        return "connection closed by the pooler before ReadyForQuery"
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+async def _query(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sql: str, timeout: float) -> None:
+    """One simple-protocol query; raises on an ErrorResponse."""
+    payload = sql.encode() + b"\0"
+    writer.write(b"Q" + struct.pack("!I", len(payload) + 4) + payload)
+    error = None
+    while True:
+        header = await asyncio.wait_for(reader.readexactly(5), timeout)
+        body = await asyncio.wait_for(reader.readexactly(struct.unpack("!I", header[1:])[0] - 4), timeout)
+        if header[:1] == b"E" and error is None:
+            fields = dict((f[:1], f[1:]) for f in body.split(b"\0") if f)
+            error = fields.get(b"M", body).decode(errors="replace")
+        elif header[:1] == b"Z":
+            if error is not None:
+                raise RuntimeError(error)
+            return
+
+
+async def login_burst(
+    host: str,
+    port: int,
+    user: str,
+    password: str,
+    database: str,
+    n: int,
+    *,
+    concurrency: int = 100,
+    timeout: float = 30.0,
+    query: str | None = None,
+    on_all_in: Callable[[BurstResult], None] | None = None,
+    settle: float = 0.2,
+) -> BurstResult:
+    """Start ``n`` clients at once (``concurrency`` logins in flight); each logs in (and runs ``query``, if
+    given) and stays connected. When every client has its outcome: ``settle`` seconds for the pooler's
+    closes to arrive, count the connections still open, call ``on_all_in(result)`` (still holding them:
+    e.g. read the pooler's CPU, or SHOW CLIENTS), then close them all with RST."""
+    res = BurstResult(clients=n)
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    errors: collections.Counter[str] = collections.Counter()
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with sem:
+            t0 = time.monotonic()
+            try:
+                reader, writer = await login(host, port, user, password, database, timeout)
+            except Exception as e:  # noqa: BLE001 - a refusal: counted and reported, not fatal
+                text = _error_text(e)
+                errors[text] += 1
+                res.first_error = res.first_error or text
+                return
+            res.login_ms.append((time.monotonic() - t0) * 1000.0)
+            conns.append((reader, writer))
+            if query is not None:
+                try:
+                    await _query(reader, writer, query, timeout)
+                    res.queried += 1
+                except Exception as e:  # noqa: BLE001
+                    text = "query: " + _error_text(e)
+                    errors[text] += 1
+                    res.first_error = res.first_error or text
+
+    t_start = time.monotonic()
+    try:
+        await asyncio.gather(*(one() for _ in range(n)))
+        res.burst_seconds = time.monotonic() - t_start
+        await asyncio.sleep(settle)
+        res.alive = sum(1 for r, _w in conns if not r.at_eof() and not _w.is_closing())
+        res.logged_in = len(res.login_ms)
+        res.failed = n - res.logged_in
+        res.query_failed = sum(c for text, c in errors.items() if text.startswith("query: "))
+        res.error_counts = dict(errors.most_common())
+        res.login_ms.sort()
+        if on_all_in is not None:
+            on_all_in(res)
+    finally:
+        await close_with_rst(conns)
+    return res
