@@ -1,10 +1,14 @@
 """A login burst: N clients connect at once, at most ``concurrency`` logins in flight, and all stay connected
 until the last one is in (so N are held at the same time), then close.
 
+"At most ``concurrency`` in flight" is done with ``concurrency`` slots that each log in clients one after the
+other until none is left: the same as a semaphore over N tasks, without N - concurrency tasks parked on it
+(at 2,000 clients those cost the client enough CPU to show in the first logins' times).
+
 Each client is a raw asyncio socket doing a real md5 login, as in bench/idle.py (StartupMessage,
 PasswordMessage, until ReadyForQuery); by default it runs nothing after logging in (``query`` runs one
 simple query per client, e.g. ``SELECT 1``). Login time is measured per client from ``connect()`` (after
-the client got its slot under the semaphore) to ReadyForQuery, so waiting for a slot does not count.
+the client got its slot) to ReadyForQuery, so waiting for a slot does not count.
 
 Used by ``bench.run``'s ``login-burst`` workload and by tests/integration/test_login_burst.py.
 """
@@ -15,11 +19,33 @@ import asyncio
 import collections
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from bench.idle import close_with_rst, login
 from bench.measure import percentile
+
+T = TypeVar("T")
+
+
+def client_loop() -> str:
+    """The event loop the burst's client runs on: uvloop when installed (half the client's CPU per login
+    of the stdlib loop, so the client is less of a bottleneck on a small machine), else asyncio."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on :func:`client_loop`'s loop."""
+    if client_loop() == "uvloop":
+        import uvloop
+
+        return uvloop.run(coro)
+    return asyncio.run(coro)
 
 
 @dataclass
@@ -56,17 +82,17 @@ async def _query(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sql
     payload = sql.encode() + b"\0"
     writer.write(b"Q" + struct.pack("!I", len(payload) + 4) + payload)
     error = None
-    while True:
-        header = await asyncio.wait_for(reader.readexactly(5), timeout)
-        body = await asyncio.wait_for(reader.readexactly(struct.unpack("!I", header[1:])[0] - 4), timeout)
-        if header[:1] == b"E" and error is None:
-            fields = dict((f[:1], f[1:]) for f in body.split(b"\0") if f)
-            error = fields.get(b"M", body).decode(errors="replace")
-        elif header[:1] == b"Z":
-            if error is not None:
-                raise RuntimeError(error)
-            return
-
+    async with asyncio.timeout(timeout):
+        while True:
+            header = await reader.readexactly(5)
+            body = await reader.readexactly(struct.unpack("!I", header[1:])[0] - 4)
+            if header[:1] == b"E" and error is None:
+                fields = dict((f[:1], f[1:]) for f in body.split(b"\0") if f)
+                error = fields.get(b"M", body).decode(errors="replace")
+            elif header[:1] == b"Z":
+                if error is not None:
+                    raise RuntimeError(error)
+                return
 
 async def login_burst(
     host: str,
@@ -89,32 +115,39 @@ async def login_burst(
     res = BurstResult(clients=n)
     conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     errors: collections.Counter[str] = collections.Counter()
-    sem = asyncio.Semaphore(concurrency)
+    todo = n
 
     async def one() -> None:
-        async with sem:
-            t0 = time.monotonic()
+        t0 = time.monotonic()
+        try:
+            reader, writer = await login(host, port, user, password, database, timeout)
+        except Exception as e:  # noqa: BLE001 - a refusal: counted and reported, not fatal
+            text = _error_text(e)
+            errors[text] += 1
+            res.first_error = res.first_error or text
+            return
+        res.login_ms.append((time.monotonic() - t0) * 1000.0)
+        conns.append((reader, writer))
+        if query is not None:
             try:
-                reader, writer = await login(host, port, user, password, database, timeout)
-            except Exception as e:  # noqa: BLE001 - a refusal: counted and reported, not fatal
-                text = _error_text(e)
+                await _query(reader, writer, query, timeout)
+                res.queried += 1
+            except Exception as e:  # noqa: BLE001
+                text = "query: " + _error_text(e)
                 errors[text] += 1
                 res.first_error = res.first_error or text
-                return
-            res.login_ms.append((time.monotonic() - t0) * 1000.0)
-            conns.append((reader, writer))
-            if query is not None:
-                try:
-                    await _query(reader, writer, query, timeout)
-                    res.queried += 1
-                except Exception as e:  # noqa: BLE001
-                    text = "query: " + _error_text(e)
-                    errors[text] += 1
-                    res.first_error = res.first_error or text
+
+    async def slot() -> None:
+        # one of ``concurrency`` slots: logs in clients one after the other while any are left (the same as a
+        # semaphore of ``concurrency`` over n tasks, without n - concurrency tasks parked on it)
+        nonlocal todo
+        while todo > 0:
+            todo -= 1
+            await one()
 
     t_start = time.monotonic()
     try:
-        await asyncio.gather(*(one() for _ in range(n)))
+        await asyncio.gather(*(slot() for _ in range(min(concurrency, n))))
         res.burst_seconds = time.monotonic() - t_start
         await asyncio.sleep(settle)
         res.alive = sum(1 for r, _w in conns if not r.at_eof() and not _w.is_closing())

@@ -32,28 +32,32 @@ def _md5_password(user: str, password: str, salt: bytes) -> bytes:
 
 
 async def login(host: str, port: int, user: str, password: str, database: str, timeout: float):
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    """One md5 login on a raw asyncio socket, until ReadyForQuery; returns (reader, writer). ``timeout``
+    bounds the whole login (one deadline: cheaper for the client than a wait_for per read)."""
+    writer = None
     try:
-        writer.write(_startup(user, database))
-        while True:
-            header = await asyncio.wait_for(reader.readexactly(5), timeout)
-            typ, length = header[:1], struct.unpack("!I", header[1:])[0]
-            body = await asyncio.wait_for(reader.readexactly(length - 4), timeout)
-            if typ == b"R":
-                code = struct.unpack("!I", body[:4])[0]
-                if code == 5:
-                    writer.write(_md5_password(user, password, body[4:8]))
-                elif code != 0:
-                    raise RuntimeError(f"unsupported authentication request {code}")
-            elif typ == b"E":
-                fields = dict((f[:1], f[1:]) for f in body.split(b"\0") if f)
-                raise RuntimeError(fields.get(b"M", body).decode(errors="replace"))
-            elif typ == b"Z":
-                return reader, writer
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(_startup(user, database))
+            while True:
+                header = await reader.readexactly(5)
+                typ, length = header[:1], struct.unpack("!I", header[1:])[0]
+                body = await reader.readexactly(length - 4)
+                if typ == b"R":
+                    code = struct.unpack("!I", body[:4])[0]
+                    if code == 5:
+                        writer.write(_md5_password(user, password, body[4:8]))
+                    elif code != 0:
+                        raise RuntimeError(f"unsupported authentication request {code}")
+                elif typ == b"E":
+                    fields = dict((f[:1], f[1:]) for f in body.split(b"\0") if f)
+                    raise RuntimeError(fields.get(b"M", body).decode(errors="replace"))
+                elif typ == b"Z":
+                    return reader, writer
     except BaseException:
-        writer.transport.abort()
+        if writer is not None:
+            writer.transport.abort()
         raise
-
 
 async def close_with_rst(conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]) -> None:
     """Send Terminate on every connection, then close it with RST instead of FIN: 10,000 closes per run
