@@ -445,7 +445,7 @@ class Bench:
             f"- Poolers (same ini for all): pool_mode=transaction, default_pool_size={a.pool_size}, "
             f"max_client_conn={a.max_client_conn}, auth_type=md5 (SCRAM for scramuser, whose stored secret is "
             "SCRAM), log_connections=0, log_disconnections=0, listen on 127.0.0.1; each started once, on its own "
-            "port, and kept running (the idle-clients test uses a fresh instance of PgBouncer and of pgmux); "
+            "port, and kept running (the idle-clients test and the login burst use fresh instances); "
             f"open files limit ≥ {self.nofile_need}; "
             "pgmux uses its defaults for settings PgBouncer 1.18 lacks "
             f"(max_prepared_statements={pgmux_default('max_prepared_statements')})",
@@ -463,7 +463,7 @@ class Bench:
                 else []
             ),
             f"- Runs: {a.reps} repetition(s) × {a.duration} s per pgbench run, `pgbench -n -j 2` "
-            "(-j 1 for 1 client), PGSSLMODE=disable (require for `-S TLS`); targets interleaved within each "
+            "(-j 1 for 1 client), PGSSLMODE=disable (require for the TLS rows); targets interleaved within each "
             "workload and their order rotated every repetition; users md5user (md5) unless stated. pgbench "
             "connects its clients inside -T, so the 500-client runs get -T duration + "
             f"{RAMP_500} s (for every target; reported TPS excludes the connection time)",
@@ -476,8 +476,8 @@ class Bench:
             "whole-run figure). RSS: VmRSS of the pooler from /proc/PID/status (summed over its processes)",
             *(
                 [
-                    "- TLS (`-S TLS` row): pgbench with PGSSLMODE=require; the poolers run as separate instances "
-                    "(own ini and port, the shared settings plus `client_tls_sslmode = require`, "
+                    "- TLS (`-S TLS`, `-C -S TLS` rows): pgbench with PGSSLMODE=require; the poolers run as separate "
+                    "instances (own ini and port, the shared settings plus `client_tls_sslmode = require`, "
                     "`client_tls_cert_file`/`client_tls_key_file`: a throwaway ECDSA P-256 certificate from "
                     "pgmux.testing.tls, started once like the others)"
                     + (
@@ -789,7 +789,8 @@ class Bench:
         if any(w.tls for w in self.workloads):
             direct = ", and against PostgreSQL with `ssl = on`" if self.server_tls_off else ""
             out.append(
-                "`-S TLS`: pgbench with PGSSLMODE=require against each pooler's TLS instance (its own ini and port, "
+                "TLS rows (`-S TLS`; `-C -S TLS`, a TLS handshake in every transaction): pgbench with PGSSLMODE=require"
+                " against each pooler's TLS instance (its own ini and port, "
                 f"`client_tls_sslmode = require`){direct}; the poolers' server connections are in the clear. "
                 "Pooler CPU per transaction includes the TLS work."
             )
