@@ -73,6 +73,11 @@ def tree_rss_kb(pid: int) -> int:
     return sum(rss_kb(p) for p in process_tree(pid))
 
 
+def tree_cpu_ns(pid: int) -> int:
+    """CPU ns of ``pid`` and its descendants (pgmux ×2: supervisor + workers)."""
+    return sum(cpu_ns(p) for p in process_tree(pid))
+
+
 def nofile_limit(pid: int) -> int:
     """Soft RLIMIT_NOFILE of ``pid`` (from /proc/PID/limits), 0 if unknown."""
     try:

@@ -260,6 +260,71 @@ def idle_table(s: Summary) -> str:
     return md_table(headers, rows)
 
 
+BURST_KEY = "login-burst"
+
+
+def burst_table(s: Summary) -> str:
+    """The login burst per pooler: refusals (count, first error), burst time, login time percentiles, pooler
+    CPU; then one row per pgmux target with its ratios to PgBouncer (p99 login time and CPU in bold)."""
+    headers = [
+        "pooler",
+        "logged in",
+        "refused / failed",
+        "burst s",
+        "login p50 ms",
+        "p95 ms",
+        "**p99 ms**",
+        "max ms",
+        "**pooler CPU s**",
+        "CPU µs per login",
+    ]
+    rows = []
+    for t in s.poolers:
+        c = s.cell(BURST_KEY, t)
+        if c is None:
+            continue
+        if fails(c):
+            rows.append([TARGET_LABEL[t], fails(c) or "", *[""] * (len(headers) - 2)])
+            continue
+        ok = c.ok_runs
+        failed = max(int(r.extra.get("failed", 0)) for r in ok)  # type: ignore[call-overload]
+        first = next((str(r.extra.get("first_error")) for r in ok if r.extra.get("first_error")), "")
+        refused = "0" if not failed else f"{failed:,}: {first}".replace("|", "\\|")
+        rows.append(
+            [
+                TARGET_LABEL[t],
+                f"{f_num(c.extra_median('logged_in'))} of {f_num(c.extra_median('clients'))}" + partial_note(c),
+                refused,
+                f_num(c.extra_median("burst_s"), 2),
+                f_ms(c.extra_median("p50_ms")),
+                f_ms(c.extra_median("p95_ms")),
+                f"**{f_ms(c.extra_median('p99_ms'))}**",
+                f_ms(c.extra_median("max_ms")),
+                f"**{f_num(c.extra_median('cpu_s'), 2)}**",
+                f_num(c.extra_median("cpu_us_per_login"), 1),
+            ]
+        )
+    if "pgbouncer" in s.targets:
+        for t in s.pgmuxes:
+            if s.cell(BURST_KEY, t) is None or s.ratio(BURST_KEY, "cpu_s", num=t) is None:
+                continue
+            rows.append(
+                [
+                    f"**{ratio_name(t)}**",
+                    "",
+                    "",
+                    f_ratio(s.ratio(BURST_KEY, "burst_s", num=t)),
+                    f_ratio(s.ratio(BURST_KEY, "p50_ms", num=t)),
+                    f_ratio(s.ratio(BURST_KEY, "p95_ms", num=t)),
+                    bold_ratio(s.ratio(BURST_KEY, "p99_ms", num=t)),
+                    f_ratio(s.ratio(BURST_KEY, "max_ms", num=t)),
+                    bold_ratio(s.ratio(BURST_KEY, "cpu_s", num=t)),
+                    f_ratio(s.ratio(BURST_KEY, "cpu_us_per_login", num=t)),
+                ]
+            )
+    return md_table(headers, rows)
+
+
 PREPARED_GOAL = 1.4  # issue "The engine": -M prepared TPS ≥ 1.4x -M extended TPS through pgmux
 
 
@@ -407,6 +472,16 @@ def glance(s: Summary) -> list[str]:
     r = s.ratio("idle", "kib_per_client")
     if r is not None:
         lines.append(f"Memory per idle client: pgmux uses {r:.2f}x PgBouncer's.")
+    for t in s.pgmuxes:
+        p99, cpu = s.ratio(BURST_KEY, "p99_ms", num=t), s.ratio(BURST_KEY, "cpu_s", num=t)
+        if p99 is not None and cpu is not None:
+            lines.append(f"Login burst through {TARGET_LABEL[t]}: p99 login time {p99:.2f}x PgBouncer's, pooler CPU "
+                         f"{cpu:.2f}x.")
+    for t in s.poolers:
+        c = s.cell(BURST_KEY, t)
+        worst = max((int(r.extra.get("failed", 0)) for r in c.ok_runs), default=0) if c else 0  # type: ignore[call-overload]
+        if worst:
+            lines.append(f"Login burst through {TARGET_LABEL[t]}: up to {worst:,} clients refused or failed.")
     failed = [
         f"{w.label} via {TARGET_LABEL[t]}: {(fails(s.cell(w.key, t)) or '').removeprefix('fails: ')}"
         for w in s.workloads
@@ -416,6 +491,14 @@ def glance(s: Summary) -> list[str]:
     if failed:
         lines.append("Failed: " + "; ".join(failed) + ".")
     return lines
+
+
+def burst_errors(r: RunResult) -> str:
+    """'N refused: <text> (count); <text> (count)' for a login-burst run with refusals, else ''."""
+    counts = r.extra.get("error_counts") if r.workload == BURST_KEY else None
+    if not r.extra.get("failed") or not isinstance(counts, dict):
+        return ""
+    return f"{r.extra['failed']} refused: " + "; ".join(f"{text} ({c})" for text, c in list(counts.items())[:3])
 
 
 def raw_table(s: Summary) -> str:
@@ -439,6 +522,10 @@ def raw_table(s: Summary) -> str:
             cpu = f_num(r.extra.get("cpu_us_per_login"), 1) + " per login" if r.ok else "–"
             tps = f"{f_num(r.extra.get('kib_per_client'), 2)} KiB/client" if r.ok else "–"
             txns = f_num(r.extra.get("held")) if r.ok else "–"
+        elif r.workload == BURST_KEY:
+            cpu = f_num(r.extra.get("cpu_us_per_login"), 1) + " per login" if r.ok else "–"
+            tps = f"{f_num(r.extra.get('logged_in'))} in, {f_num(r.extra.get('failed'))} refused" if r.ok else "–"
+            txns = f"{f_num(r.extra.get('burst_s'), 2)} s" if r.ok else "–"
         else:
             cpu = "–" if r.cpu_us is None else f"{f_num(r.cpu_us, 1)} / {f_num(r.cpu_us_whole, 1)}"
             sup = r.extra.get("cpu_us_supervisor")
@@ -459,7 +546,7 @@ def raw_table(s: Summary) -> str:
                 cpu,
                 machine,
                 f_num(r.rss_kb / 1024, 1) if r.rss_kb else "–",
-                (r.error or "").replace("|", "\\|"),
+                (r.error or burst_errors(r)).replace("|", "\\|"),
             ]
         )
     return md_table(headers, rows, align="lllrrrrrrrl")

@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # python bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "bench"  # noqa: A001
 
-from bench import report  # noqa: E402
+from bench import burst, report  # noqa: E402
 from bench.idle import hold_idle_clients  # noqa: E402
 from bench.measure import (  # noqa: E402
     RunResult,
@@ -47,6 +47,8 @@ from bench.measure import (  # noqa: E402
     nofile_limit,
     rss_kb,
     run_pgbench,
+    tree_cpu_ns,
+    tree_rss_kb,
 )
 from bench.workloads import (  # noqa: E402
     POOLER_EXTRA,
@@ -335,7 +337,7 @@ class Bench:
         if limit and limit < self.nofile_need:
             self.note(
                 f"{TARGET_LABEL[target]}: open files limit {limit} < {self.nofile_need}; "
-                "idle-client counts may be capped"
+                "idle-client and login-burst counts may be capped"
             )
         return proc
 
@@ -443,7 +445,7 @@ class Bench:
             f"- Poolers (same ini for all): pool_mode=transaction, default_pool_size={a.pool_size}, "
             f"max_client_conn={a.max_client_conn}, auth_type=md5 (SCRAM for scramuser, whose stored secret is "
             "SCRAM), log_connections=0, log_disconnections=0, listen on 127.0.0.1; each started once, on its own "
-            "port, and kept running (the idle-clients test uses a fresh instance of PgBouncer and of pgmux); "
+            "port, and kept running (the idle-clients test and the login burst use fresh instances); "
             f"open files limit ≥ {self.nofile_need}; "
             "pgmux uses its defaults for settings PgBouncer 1.18 lacks "
             f"(max_prepared_statements={pgmux_default('max_prepared_statements')})",
@@ -461,7 +463,7 @@ class Bench:
                 else []
             ),
             f"- Runs: {a.reps} repetition(s) × {a.duration} s per pgbench run, `pgbench -n -j 2` "
-            "(-j 1 for 1 client), PGSSLMODE=disable (require for `-S TLS`); targets interleaved within each "
+            "(-j 1 for 1 client), PGSSLMODE=disable (require for the TLS rows); targets interleaved within each "
             "workload and their order rotated every repetition; users md5user (md5) unless stated. pgbench "
             "connects its clients inside -T, so the 500-client runs get -T duration + "
             f"{RAMP_500} s (for every target; reported TPS excludes the connection time)",
@@ -474,8 +476,8 @@ class Bench:
             "whole-run figure). RSS: VmRSS of the pooler from /proc/PID/status (summed over its processes)",
             *(
                 [
-                    "- TLS (`-S TLS` row): pgbench with PGSSLMODE=require; the poolers run as separate instances "
-                    "(own ini and port, the shared settings plus `client_tls_sslmode = require`, "
+                    "- TLS (`-S TLS`, `-C -S TLS` rows): pgbench with PGSSLMODE=require; the poolers run as separate "
+                    "instances (own ini and port, the shared settings plus `client_tls_sslmode = require`, "
                     "`client_tls_cert_file`/`client_tls_key_file`: a throwaway ECDSA P-256 certificate from "
                     "pgmux.testing.tls, started once like the others)"
                     + (
@@ -493,6 +495,11 @@ class Bench:
             f"- Idle clients: {a.idle_clients:,} raw asyncio sockets doing a real md5 login (StartupMessage, "
             "PasswordMessage, wait for ReadyForQuery), 100 logins in flight, held 2 s, then closed; KiB per idle "
             "client = (VmRSS holding − VmRSS before) / clients held, on a fresh pooler process after one warm-up login",
+            f"- Login burst: {a.burst_clients:,} raw asyncio sockets ({burst.client_loop()} loop) started at "
+            f"once, {a.burst_in_flight} logins in flight, each a real md5 login that runs nothing and stays "
+            "connected until the last is in; login time from connect() to ReadyForQuery; pooler CPU (process "
+            "tree) over the burst; a fresh pooler process per repetition after one warm-up login (PgBouncer, "
+            "pgmux, pgmux ×2)",
             "- Figures are medians over repetitions; every pgmux/PgBouncer (and pgmux/direct, pgmux ×2/PgBouncer) "
             "ratio is the median of per-repetition ratios (the runs of a repetition ran back to back)",
         ]
@@ -639,6 +646,73 @@ class Bench:
             shutil.rmtree(proc.workdir, ignore_errors=True)
         return res
 
+    def run_burst(self, target: str, rep: int) -> RunResult:
+        """A fresh pooler process, one warm-up login, then the burst: ``--burst-clients`` raw md5 logins
+        started at once, ``--burst-in-flight`` in flight, all held until the last is in. The pooler's CPU
+        (process tree) from the first connect() to the last client's outcome."""
+        res = RunResult("login-burst", target, rep)
+        proc = self.start_pooler(target, f"{target}-burst-{rep}")
+        self.extra_poolers.append(proc)
+        n, in_flight = self.args.burst_clients, self.args.burst_in_flight
+        try:
+            warm = burst.run(burst.login_burst(proc.host, proc.port, "md5user", PASSWORDS["md5user"], DB, 1))
+            if warm.logged_in != 1:
+                res.error = f"warm-up login failed: {warm.first_error}"
+                return res
+            time.sleep(0.5)
+            cpu: dict[str, int] = {"before": tree_cpu_ns(proc.pid)}
+
+            def on_all_in(_res: object) -> None:
+                cpu["all_in"] = tree_cpu_ns(proc.pid)
+
+            out = burst.run(
+                burst.login_burst(
+                    proc.host, proc.port, "md5user", PASSWORDS["md5user"], DB, n,
+                    concurrency=in_flight, settle=0.0, on_all_in=on_all_in,
+                )
+            )
+            res.seconds = out.burst_seconds
+            if out.logged_in == 0:
+                res.error = f"no client could log in: {out.first_error}"
+                return res
+            cpu_ns_burst = cpu["all_in"] - cpu["before"]
+            res.extra.update(
+                clients=n,
+                in_flight=in_flight,
+                logged_in=out.logged_in,
+                failed=out.failed,
+                first_error=out.first_error,
+                error_counts=out.error_counts,
+                alive=out.alive,
+                burst_s=out.burst_seconds,
+                p50_ms=out.pct(50),
+                p95_ms=out.pct(95),
+                p99_ms=out.pct(99),
+                max_ms=out.max_ms,
+                cpu_s=cpu_ns_burst / 1e9,
+                cpu_us_per_login=cpu_ns_burst / out.logged_in / 1000.0,
+            )
+            res.p99_ms = out.pct(99)
+            res.rss_kb = tree_rss_kb(proc.pid) or None
+            if out.failed:
+                kinds = "; ".join(f"{c} × {text}" for text, c in list(out.error_counts.items())[:3])
+                self.note(
+                    f"login burst via {TARGET_LABEL[target]} (rep {rep + 1}): {out.failed} of {n} clients refused "
+                    f"or failed: {kinds}"
+                )
+            if out.alive != out.logged_in:
+                self.note(
+                    f"login burst via {TARGET_LABEL[target]} (rep {rep + 1}): {out.logged_in - out.alive} of "
+                    f"{out.logged_in} logged-in clients were closed by the pooler before the burst ended"
+                )
+        except Exception as e:  # noqa: BLE001 - recorded as "fails: ..."
+            res.error = f"{type(e).__name__}: {e}"
+        finally:
+            proc.stop()
+            self.extra_poolers.remove(proc)
+            shutil.rmtree(proc.workdir, ignore_errors=True)
+        return res
+
     def run(self) -> None:
         reps = self.args.reps
         for rep in range(reps):
@@ -657,6 +731,22 @@ class Bench:
                                 f"{log_label} {e['held']:,} idle clients: RSS {e['rss_before_kb'] / 1024:.1f} -> "
                                 f"{e['rss_held_kb'] / 1024:.1f} MiB = {e['kib_per_client']:.2f} KiB/client, "
                                 f"{e['cpu_us_per_login']:.0f} µs CPU/login"
+                            )
+                        else:
+                            log(f"{log_label} fails: {res.error}")
+                        continue
+                    if w.kind == "burst":
+                        res = self.run_burst(target, rep)
+                        self.results.append(res)
+                        if res.ok:
+                            e = res.extra
+                            log(
+                                f"{log_label} {e['logged_in']:,}/{e['clients']:,} in, {e['failed']} refused, "
+                                f"{e['burst_s']:.2f} s; login ms p50 {report.f_ms(e['p50_ms'])} "
+                                f"p95 {report.f_ms(e['p95_ms'])} p99 {report.f_ms(e['p99_ms'])} "
+                                f"max {report.f_ms(e['max_ms'])}; CPU {e['cpu_s']:.2f} s "
+                                f"({e['cpu_us_per_login']:.0f} µs/login)"
+                                + (f"; first error: {e['first_error']}" if e["failed"] else "")
                             )
                         else:
                             log(f"{log_label} fails: {res.error}")
@@ -699,7 +789,8 @@ class Bench:
         if any(w.tls for w in self.workloads):
             direct = ", and against PostgreSQL with `ssl = on`" if self.server_tls_off else ""
             out.append(
-                "`-S TLS`: pgbench with PGSSLMODE=require against each pooler's TLS instance (its own ini and port, "
+                "TLS rows (`-S TLS`; `-C -S TLS`, a TLS handshake in every transaction): pgbench with PGSSLMODE=require"
+                " against each pooler's TLS instance (its own ini and port, "
                 f"`client_tls_sslmode = require`){direct}; the poolers' server connections are in the clear. "
                 "Pooler CPU per transaction includes the TLS work."
             )
@@ -719,6 +810,21 @@ class Bench:
         out += ["## Latency", "", report.latency_table(s), ""]
         if any(w.kind == "idle" for w in self.workloads):
             out += [f"## {self.args.idle_clients:,} idle clients", "", report.idle_table(s), ""]
+        if any(w.kind == "burst" for w in self.workloads):
+            a = self.args
+            out += [
+                f"## Login burst: {a.burst_clients:,} clients at once, {a.burst_in_flight} in flight",
+                "",
+                f"{a.burst_clients:,} raw asyncio sockets ({burst.client_loop()} loop) start together, at most "
+                f"{a.burst_in_flight} logins in flight; each does a real md5 login (StartupMessage, "
+                "PasswordMessage, until ReadyForQuery), runs nothing, and stays connected until the last is in, "
+                f"so {a.burst_clients:,} are held at once (max_client_conn={a.max_client_conn}); a fresh pooler "
+                "process per repetition after one warm-up login. Login time: connect() to ReadyForQuery (waiting "
+                "for a slot not counted). Pooler CPU: its process tree, first connect() to the last login.",
+                "",
+                report.burst_table(s),
+                "",
+            ]
         out += ["## Goals of issue 8, this run", "", report.goals_table(s), ""]
         glance = report.glance(s)
         if glance:
@@ -768,6 +874,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated subset of " + ",".join(TARGETS) + " (pgmux2: pgmux with workers = 2; default: all)",
     )
     ap.add_argument("--idle-clients", type=int, default=10_000, help="idle client connections to hold (10000)")
+    ap.add_argument("--burst-clients", type=int, default=2_000, help="clients of the login burst (2000)")
+    ap.add_argument("--burst-in-flight", type=int, default=100, help="logins in flight in the login burst (100)")
     ap.add_argument("--scale", type=int, default=10, help="pgbench scale factor (10)")
     ap.add_argument("--pool-size", type=int, default=20, help="default_pool_size of both poolers (20)")
     ap.add_argument("--max-client-conn", type=int, default=11_000, help="max_client_conn of both poolers (11000)")
@@ -786,6 +894,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--duration and --reps must be at least 1")
     if args.idle_clients > args.max_client_conn - 10:
         ap.error("--idle-clients must stay below --max-client-conn")
+    if args.burst_clients > args.max_client_conn - 10:
+        ap.error("--burst-clients must stay below --max-client-conn")
+    if args.burst_clients < 1 or args.burst_in_flight < 1:
+        ap.error("--burst-clients and --burst-in-flight must be at least 1")
     return args
 
 

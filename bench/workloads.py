@@ -21,7 +21,7 @@ class Workload:
     user: str = "md5user"
     targets: tuple[str, ...] = TARGETS
     script: str | None = None  # custom pgbench script text (file written into the temp dir)
-    kind: str = "pgbench"  # or "idle"
+    kind: str = "pgbench"  # or "idle", "burst" (run by bench.run itself, not pgbench)
     tls: bool = False  # PGSSLMODE=require, against the TLS instances of the poolers (client_tls_sslmode=require)
     note: str = ""
     gate: dict[str, float] = field(default_factory=dict, hash=False, compare=False)  # issue 8 goals
@@ -64,6 +64,14 @@ def pgbench_workloads() -> list[Workload]:
         Workload("tpcb", "TPC-B-like, 50 clients", ("-c", "50", "-j", "2")),
         Workload("connect-md5", "-C -S md5, 8 clients", ("-C", *S(8)), clients=8, gate={"tps": 1.0}),
         Workload(
+            "connect-tls",
+            "-C -S TLS md5, 8 clients",
+            ("-C", *S(8)),
+            clients=8,
+            tls=True,
+            note="PGSSLMODE=require, a TLS handshake per connection; poolers: their TLS instances (as select-tls)",
+        ),
+        Workload(
             "connect-scram",
             "-C -S SCRAM, 8 clients",
             ("-C", *S(8)),
@@ -93,5 +101,15 @@ def pgbench_workloads() -> list[Workload]:
 IDLE = Workload("idle", "idle clients", kind="idle", targets=("pgbouncer", "pgmux"))
 
 
+# a fresh pooler per repetition, like IDLE; pgmux ×2 too (logins spread over its two workers)
+BURST = Workload(
+    "login-burst",
+    "login burst",
+    kind="burst",
+    targets=("pgbouncer", "pgmux", "pgmux2"),
+    note="--burst-clients raw md5 logins at once, --burst-in-flight in flight, all held until the last is in",
+)
+
+
 def all_workloads() -> list[Workload]:
-    return [*pgbench_workloads(), IDLE]
+    return [*pgbench_workloads(), IDLE, BURST]
