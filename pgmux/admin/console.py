@@ -71,7 +71,9 @@ async def run_console(client: ClientConnection) -> None:
         is_admin = True
     else:
         # PgBouncer's console database has a (fake) forced user, so auth_type=any lets anyone in here
-        await client.authenticate(user, forced=True)
+        state = client.login_state
+        assert state is not None and state.console
+        await client.authenticate(state)
         client.authed = True
         if user in s.admin_users:
             is_admin = True

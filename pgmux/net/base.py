@@ -146,19 +146,24 @@ class PgConnection(Link, asyncio.BufferedProtocol):
     async def read_message(self, max_length: int = 0) -> tuple[int, bytes]:
         """Next typed message (type byte as int, body) from the inbox; longer than `max_length`
         (default: max_packet_size) is a protocol error, before the body is read."""
-        limit = max_length or self.max_packet_size
-        while True:
-            inbox = self.inbox
-            if len(inbox) >= 5:
-                length = _unpack_u32(inbox, 1)[0]
-                if length < 4 or length > limit:
-                    raise ProtocolError(f"bad packet header: '{bytes(inbox[:5]).hex()}'")
-                if len(inbox) >= length + 1:
-                    typ = inbox[0]
-                    body = bytes(inbox[5 : length + 1])
-                    del inbox[: length + 1]
-                    return typ, body
+        while (msg := self.take_message(max_length)) is None:
             await self._wait_data()
+        return msg
+
+    def take_message(self, max_length: int = 0) -> tuple[int, bytes] | None:
+        """read_message's message if the inbox holds all of it, else None."""
+        inbox = self.inbox
+        if len(inbox) < 5:
+            return None
+        length = _unpack_u32(inbox, 1)[0]
+        if length < 4 or length > (max_length or self.max_packet_size):
+            raise ProtocolError(f"bad packet header: '{bytes(inbox[:5]).hex()}'")
+        if len(inbox) < length + 1:
+            return None
+        typ = inbox[0]
+        body = bytes(inbox[5 : length + 1])
+        del inbox[: length + 1]
+        return typ, body
 
     async def read_exact(self, n: int) -> bytes:
         """n raw bytes (untyped startup packets)."""

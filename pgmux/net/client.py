@@ -7,7 +7,8 @@ import re
 import ssl
 import sys
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from pgmux import log as pglog
 from pgmux.auth import ScramError, ScramServer, SecretKind, md5_verify, plain_verify, secret_kind
@@ -84,6 +85,11 @@ _EVENTS: list[tuple[int, int, int]] = []  # the slow path's header events, empti
 
 
 MAX_AUTH_MESSAGE = 65535 + 4  # a password/SASL message's length word included
+# ClientConnection.login_step: what the login waits for. Below LOGIN_TASK the client's next packet
+# (its read runs the step at once); LOGIN_TASK: a Task runs the rest; LOGIN_DONE: over.
+LOGIN_STARTUP, LOGIN_MD5, LOGIN_PLAIN, LOGIN_SASL_FIRST, LOGIN_SASL_FINAL, LOGIN_TASK, LOGIN_DONE = range(7)
+# ClientConnection._auth_plan: how a client authenticates
+_AUTH_DONE, _AUTH_MD5, _AUTH_PLAIN, _AUTH_SCRAM, _AUTH_TASK = range(5)
 # Bytes an unauthenticated client may have sent and pgmux not yet read (startup packet and auth
 # messages are far smaller): beyond this the client is refused rather than buffered.
 LOGIN_INBOX_LIMIT = 1 << 18
@@ -109,6 +115,22 @@ class ClientError(Exception):
         super().__init__(message)
         self.sqlstate = sqlstate
         self.log = log
+
+
+class LoginState:
+    """What a login in progress knows after its StartupMessage (ClientConnection.login_state)."""
+
+    __slots__ = ("user", "db", "stored", "console", "method", "ident_map", "ldap", "exchange")
+
+    def __init__(self, user: str, db: DatabaseEntry | None, stored: str | None, console: bool) -> None:
+        self.user = user
+        self.db = db
+        self.stored = stored  # the user's secret: auth_file's, or auth_query's once looked up
+        self.console = console
+        self.method = ""  # auth_type, or the auth_hba_file rule's
+        self.ident_map: str | None = None
+        self.ldap: LdapOptions | None = None
+        self.exchange: Any = None  # the md5 salt sent, or the ScramServer of the exchange
 
 
 class _ReplayHello:
@@ -145,7 +167,8 @@ class ClientConnection(PgConnection):
     __slots__ = (
         "pooler", "replication", "replication_options", "login_expired", "is_unix", "tls", "pool", "db", "user",
         "dbname", "startup_params", "addr", "port", "local_addr", "local_port", "logged_in", "admitted",
-        "limits_counted", "pool_mode", "cancel_key", "login_task", "id", "client_key",
+        "limits_counted", "pool_mode", "cancel_key", "login_task", "login_step", "login_state", "login_timer", "id",
+        "client_key",
         "lazy_prepare", "pin_mode", "state_hint", "pinned", "pinned_since", "drain_passed", "awaiting_quiet",
         "authed", "no_pqexec", "wait_notified",
     )
@@ -188,7 +211,10 @@ class ClientConnection(PgConnection):
         self.read_paused = False
         self.pool_mode = "session"
         self.cancel_key = b""
-        self.login_task: asyncio.Task[None] | None = None
+        self.login_task: asyncio.Task[None] | None = None  # the login's Task, if it needs one (_login_step)
+        self.login_step = LOGIN_STARTUP
+        self.login_state: LoginState | None = None
+        self.login_timer: asyncio.TimerHandle | None = None  # client_login_timeout
         self.id = pooler.next_client_id()
         self.client_key: bytes | None = None
         self.tracking = False  # prepared statements tracked (transaction/statement mode)
@@ -233,12 +259,15 @@ class ClientConnection(PgConnection):
         if isinstance(local, tuple):
             self.local_addr, self.local_port = sys.intern(local[0]), local[1]
         self.pooler.client_connected(self)
-        self.login_task = self.pooler.loop.create_task(self.run_login())
+        timeout = self.pooler.settings.client_login_timeout
+        if timeout:
+            self.login_timer = self.pooler.loop.call_later(timeout, self._login_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        if self.login_task is not None and not self.login_task.done() and self.close_reason is None:
+        if self.login_step != LOGIN_DONE and self.close_reason is None:
             self.close_reason = "client unexpected eof"
+        self._login_over()
         self.pooler.client_gone(self, self.close_reason or "client unexpected eof")
 
     def pause_writing(self) -> None:
@@ -269,7 +298,10 @@ class ClientConnection(PgConnection):
             if not self.authed and len(self.inbox) > LOGIN_INBOX_LIMIT:
                 self.fail("client sent too much data during login")
                 return
-            self._wake()
+            if self.login_step < LOGIN_TASK:
+                self._login_step()
+            else:
+                self._wake()
         if self.keep:
             self._own_buffer()
 
@@ -771,38 +803,165 @@ class ClientConnection(PgConnection):
 
     # ------------------------------------------------------------ login
 
-    async def run_login(self) -> None:
-        """Startup packet, checks and authentication, bounded by client_login_timeout."""
-        timeout = self.pooler.settings.client_login_timeout
-        # A plain timer rather than asyncio.timeout(): one login per connection makes its
-        # Python-level bookkeeping visible in pgbench -C.
-        timer = self.pooler.loop.call_later(timeout, self._login_timed_out) if timeout else None
+    # The login runs here, step by step as the client's packets arrive (`login_step`), with no
+    # Task, Future or coroutine of its own: StartupMessage, the md5 or SCRAM exchange, welcome.
+    # Whatever has to wait on something other than this client (TLS, auth_query, LDAP/PAM, a
+    # pool's first server, the console) continues in a Task (_continue_in_task), through the
+    # same steps in their async form.
+
+    def _login_step(self) -> None:
+        """The client sent more during its login: take what the current step waits for."""
         try:
-            await self.login()
-        except ClientError as exc:
-            self.fail(str(exc), exc.sqlstate, log=exc.log)
-        except m.ProtocolError as exc:
-            self.fail(str(exc))
-        except ConnectionLost:
-            pass
+            while self.login_step < LOGIN_TASK:
+                if self.login_step == LOGIN_STARTUP:
+                    pkt = self._startup_or_tls()
+                    if pkt is None:
+                        return
+                    self._after_startup(pkt)
+                    continue
+                body = self._take_password()
+                if body is None:
+                    return
+                state = self.login_state
+                assert state is not None
+                step = self._exchange_step(state, self.login_step, body)
+                if step == LOGIN_DONE:
+                    self._after_auth(state)
+                else:
+                    self.login_step = step
+        except BaseException as exc:  # noqa: BLE001 - as in a login Task: see _login_error
+            self._login_error(exc)
+
+    def _startup_or_tls(self) -> m.StartupPacket | None:
+        """The StartupMessage (or CancelRequest) once all of it came; SSL/GSS requests answered
+        N, or TLS started in a Task that then goes on with the login (None then, as when more
+        bytes are needed)."""
+        if self.direct_tls_hello:
+            self._continue_in_task(self.login())
+            return None
+        while True:
+            pkt = self._take_startup_packet()
+            if pkt is None or not (pkt.is_ssl_request or pkt.is_gssenc_request):
+                return pkt
+            ctx = self._tls_for(pkt)
+            if ctx is not None:
+                self._continue_in_task(self._login_over_tls(ctx))
+                return None
+
+    def _take_startup_packet(self) -> m.StartupPacket | None:
+        """The next untyped packet, if the inbox holds all of it."""
+        inbox = self.inbox
+        if len(inbox) < 4:
+            return None
+        length = m.startup_packet_length(bytes(inbox[:4]), self.max_packet_size)
+        if len(inbox) < length:
+            return None
+        pkt = m.parse_startup_packet(bytes(inbox[:length]))
+        del inbox[:length]
+        return pkt
+
+    def _tls_for(self, pkt: m.StartupPacket) -> ssl.SSLContext | None:
+        """An SSLRequest or GSSENCRequest: the context to start TLS with, or None (N answered)."""
+        if self.inbox:
+            # Bytes sent before our answer would be read as if encrypted later
+            # (CVE-2021-23214 class): refuse them.
+            raise m.ProtocolError("unexpected data after SSL request")
+        ctx = self.pooler.tls.client
+        if pkt.is_gssenc_request or ctx is None or self.tls or self.is_unix:
+            self.write(b"N")
+            return None
+        return ctx
+
+    def _take_password(self) -> bytes | None:
+        """A PasswordMessage (password or SASL) once all of it came. Before authentication nobody
+        gets to make pgmux hold a max_packet_size message: PostgreSQL's own limit for a password
+        or SASL message (PG_MAX_AUTH_TOKEN_LENGTH)."""
+        msg = self.take_message(MAX_AUTH_MESSAGE)
+        if msg is None:
+            return None
+        if msg[0] != m.PASSWORD:
+            raise m.ProtocolError("unknown pkt")
+        return msg[1]
+
+    async def _read_password(self) -> bytes:
+        while (body := self._take_password()) is None:
+            await self._wait_data()
+        return body
+
+    def _after_startup(self, pkt: m.StartupPacket) -> None:
+        """A StartupMessage: the checks, then authentication, by the client's steps where it
+        can be (md5, SCRAM against a known secret, trust), else in a Task."""
+        state = self._startup(pkt)
+        if state is None:
+            return
+        plan = _AUTH_TASK if state.console else self._auth_plan(state)
+        if plan == _AUTH_TASK:
+            self._continue_in_task(self._authenticate_and_finish(state, plan))
+        elif plan == _AUTH_DONE:
+            self.write_later(m.auth_ok())
+            self._after_auth(state)
+        else:
+            self.login_step = self._start_exchange(state, plan)
+
+    def _after_auth(self, state: LoginState) -> None:
+        pool = self._logged_in_to(state)
+        if self.replication is None and pool.params is not None:
+            self.welcome(pool.params)
+        else:  # the pool's first client waits for a server login; a replication client, for its own
+            self._continue_in_task(self._welcome_when_ready(state, pool))
+
+    def _continue_in_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        self.login_step = LOGIN_TASK
+        self.login_task = self.pooler.loop.create_task(self._login_task(coro))
+
+    async def _login_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        """The rest of a login, bounded by client_login_timeout (_login_timed_out cancels it)."""
+        try:
+            await coro
         except asyncio.CancelledError:
             task = self.login_task
             if not self.login_expired or task is None or task.uncancel():
                 raise  # cancelled by someone else (the client left, shutdown)
             self.fail("client_login_timeout")
-        except Exception:  # never let one client take the process down
-            pglog.logger.exception("%s unexpected error during login", self.log_prefix)
-            self.fail("internal error during login", "XX000")
+        except BaseException as exc:  # noqa: BLE001 - see _login_error
+            self._login_error(exc)
         finally:
-            if timer is not None:
-                timer.cancel()
             self.login_task = None  # a finished Task per idle client is memory for nothing
+            self._login_over()
+
+    def _login_error(self, exc: BaseException) -> None:
+        """How a login ends on an exception: the client is told (FATAL) and closed."""
+        if isinstance(exc, ClientError):
+            self.fail(str(exc), exc.sqlstate, log=exc.log)
+        elif isinstance(exc, m.ProtocolError):
+            self.fail(str(exc))
+        elif isinstance(exc, ConnectionLost):
+            pass
+        elif isinstance(exc, Exception):  # never let one client take the process down
+            pglog.logger.error("%s unexpected error during login", self.log_prefix, exc_info=exc)
+            self.fail("internal error during login", "XX000")
+        else:
+            raise exc
+        self._login_over()
+
+    def _login_over(self) -> None:
+        """Logged in, refused, gone, or at the console: no login timer any more."""
+        self.login_step = LOGIN_DONE
+        self.login_state = None
+        timer = self.login_timer
+        if timer is not None:
+            self.login_timer = None
+            timer.cancel()
 
     def _login_timed_out(self) -> None:
+        self.login_timer = None
         task = self.login_task
         if task is not None and not task.done():
             self.login_expired = True
             task.cancel()
+        elif self.login_step != LOGIN_DONE and not self.closed:
+            self.fail("client_login_timeout")
+            self._login_over()
 
     async def read_startup(self) -> m.StartupPacket:
         """Read untyped packets until a StartupMessage (answering SSL/GSS requests with N)."""
@@ -811,22 +970,13 @@ class ClientConnection(PgConnection):
         if self.direct_tls_hello:
             await self._start_direct_tls()
         while True:
-            head = await self.read_exact(4)
-            length = m.startup_packet_length(head, self.max_packet_size)
-            packet = head + await self.read_exact(length - 4)
-            pkt = m.parse_startup_packet(packet)
-            if pkt.is_ssl_request or pkt.is_gssenc_request:
-                if self.inbox:
-                    # Bytes sent before our answer would be read as if encrypted later
-                    # (CVE-2021-23214 class): refuse them.
-                    raise m.ProtocolError("unexpected data after SSL request")
-                ctx = self.pooler.tls.client
-                if pkt.is_gssenc_request or ctx is None or self.tls or self.is_unix:
-                    self.write(b"N")
-                    continue
+            pkt = self._take_startup_packet()
+            if pkt is None:
+                await self._wait_data()
+            elif not (pkt.is_ssl_request or pkt.is_gssenc_request):
+                return pkt
+            elif (ctx := self._tls_for(pkt)) is not None:
                 await self._start_tls(ctx)
-                continue
-            return pkt
 
     async def _start_direct_tls(self) -> None:
         """Direct TLS (PostgreSQL 17's sslnegotiation=direct): the client sent a ClientHello instead
@@ -882,15 +1032,27 @@ class ClientConnection(PgConnection):
         self.transport = new  # type: ignore[assignment]
         self.tls = True
 
+    async def _login_over_tls(self, ctx: ssl.SSLContext) -> None:
+        await self._start_tls(ctx)
+        await self.login()
+
     async def login(self) -> None:
+        """The whole login in a Task (from the first byte: a direct-TLS client's)."""
+        state = self._startup(await self.read_startup())
+        if state is not None:
+            await self._authenticate_and_finish(state)
+
+    def _startup(self, pkt: m.StartupPacket) -> LoginState | None:
+        """The checks on a StartupMessage, as far as authentication; None when the login is over
+        (a CancelRequest)."""
         pooler = self.pooler
         settings = pooler.settings
-        pkt = await self.read_startup()
         if pkt.is_cancel:
             self.close_reason = "cancel request"
             pooler.handle_cancel(pkt.cancel_pid, pkt.cancel_key)
             self.close("cancel request")
-            return
+            self._login_over()
+            return None
         params = pkt.params
         user = params.get("user")
         if not user:
@@ -916,41 +1078,12 @@ class ClientConnection(PgConnection):
         if pooler.shutting_down and (self.cancel_only or not pooler.draining()):
             raise ClientError("pooler is shutting down")
         db = pooler.config.find_database(self.dbname)
-        if self.dbname == "pgbouncer":
-            from pgmux.admin.console import run_console
-
-            await run_console(self)
-            return
-        if db is not None and pooler.admin_db_disabled(db.name):
+        console = self.dbname == "pgbouncer"
+        if db is not None and not console and pooler.admin_db_disabled(db.name):
             raise ClientError(f'database "{db.name}" is disabled')
-        pool_user = db.user if (db is not None and db.user) else user
-        await self.authenticate(user, forced=bool(db and db.user), db=db)
-        self.authed = True
-        if db is None:
-            raise ClientError(f"no such database: {self.dbname}", "08P01")
-        self.db = db
-        pool = pooler.get_pool(db, pool_user)
-        if self.client_key is not None:
-            # Every SCRAM login against a stored SCRAM secret renews the keys the pool's server
-            # logins use (PgBouncer copies them at each login): after a password change, the
-            # first client with the new password lets the servers log in again.
-            pool.scram_client_key = self.client_key
-        self.pool = pool
-        self.core = pool.core
-        self.pool_mode = pool.limits.pool_mode
-        self.lazy_prepare = self.pool_mode != "session" and settings.max_prepared_statements > 0
-        self.pin_mode = settings.pin_session_state if self.pool_mode != "session" else "off"
-        pooler.check_client_limits(self, db, user)
-        if self.replication is not None:
-            self.pool_mode = "session"  # never shared, never released: the server closes with the client
-            self.lazy_prepare = False
-            self.pin_mode = "off"
-            server = await pooler.replication_server(self, pool, db)
-            self.welcome(server.login_params, cache=False)
-            pooler.start_replication(self, server)
-            return
-        welcome = await pooler.pool_params(pool)
-        self.welcome(welcome)
+        state = LoginState(user, db, pooler.auth_users.get(user), console)
+        self.login_state = state
+        return state
 
     def welcome(self, pool_params: dict[str, str], cache: bool = True) -> None:
         """ParameterStatus (the pool's, with the client's own tracked values), BackendKeyData,
@@ -984,6 +1117,7 @@ class ClientConnection(PgConnection):
         pooler.adopt(self)  # from here on the engine owns the socket (a TLS client already is its)
         self.write(b"".join(out))
         self.logged_in = True
+        self._login_over()
         self.pool.clients.add(self)
         self.pool.stats.client_login_count += 1
         self.start_forwarding()
@@ -1010,57 +1144,181 @@ class ClientConnection(PgConnection):
                 parts.append(m.parameter_status(name, value))
         return b"".join(parts)
 
-    async def authenticate(self, user: str, forced: bool, db: DatabaseEntry | None = None) -> None:
-        """Check the client per auth_type (or its auth_hba_file rule), against the auth_file secret
-        or, for a user missing there, the one auth_query finds. Sends AuthenticationOk."""
+    def _auth_plan(self, state: LoginState) -> int:
+        """How this client authenticates, per auth_type (or its auth_hba_file rule): _AUTH_DONE
+        (AuthenticationOk next), an exchange against the secret in hand (_secret_plan), or
+        _AUTH_TASK: something to wait for first (LDAP/PAM, an auth_query lookup; the console)."""
         pooler = self.pooler
         method = pooler.settings.auth_type
-        ident_map = None
-        ldap_options = None
+        user, db = state.user, state.db
         if method == "hba":
             rule = pooler.hba_rule(self, user)
             if rule is None or rule.method == "reject":
                 raise ClientError("login rejected", "28000")
-            method, ident_map, ldap_options = rule.auth_type, rule.map, rule.ldap
+            method, state.ident_map, state.ldap = rule.auth_type, rule.map, rule.ldap
+        state.method = method
         if method == "any":
-            if not forced:  # any user name, no password: only safe when the pool logs in as its own user
+            if not (state.console or (db and db.user)):  # any user name, no password: only safe when the
+                # pool logs in as its own user (PgBouncer's console database has a fake forced user)
                 pglog.logger.error("%s auth_type=any requires forced user", self.log_prefix)
                 raise ClientError("bouncer config error", "08P01", log=False)
-            self.write_later(m.auth_ok())
-            return
+            return _AUTH_DONE
         if method in ("cert", "peer"):
-            self._auth_identity(method, user, ident_map)
-            self.write_later(m.auth_ok())
-            return
+            self._auth_identity(method, user, state.ident_map)
+            return _AUTH_DONE
         if method in ("ldap", "pam"):  # auth_file is not consulted, as in PgBouncer
-            await self._auth_external(method, user, ldap_options)
-            self.write_later(m.auth_ok())
-            return
-        stored = pooler.auth_users.get(user)
-        if stored is None and db is not None and pooler.auth_user_for(db):
-            # Not in auth_file (or only in [users]): auth_query decides whether the user exists.
-            stored = await pooler.auth_query_secret(db, user, self.log_prefix)
-            if stored is None:
-                if pooler.settings.log_connections:
-                    pglog.logger.info("%s login failed: db=%s", self.log_prefix, db.name)
-                raise ClientError("no such user")
+            return _AUTH_TASK
+        if state.stored is None and db is not None and pooler.auth_user_for(db):
+            return _AUTH_TASK  # not in auth_file (or only in [users]): auth_query decides whether the user exists
+        return self._secret_plan(state)
+
+    @staticmethod
+    def _secret_plan(state: LoginState) -> int:
+        """The exchange that checks the client against `state.stored` (auth_file or auth_query)."""
+        method, stored = state.method, state.stored
         if method == "trust":
             if stored is None:
                 raise ClientError('"trust" authentication failed', "28000")
-        elif method == "plain":
-            await self._auth_plain(user, stored)
-        elif method in ("md5", "scram-sha-256"):
+            return _AUTH_DONE
+        if method == "plain":
+            return _AUTH_PLAIN
+        if method in ("md5", "scram-sha-256"):
             kind = secret_kind(stored) if stored is not None else None
             if method == "md5" and kind is not SecretKind.SCRAM:
-                await self._auth_md5(user, stored)
-            elif kind is SecretKind.MD5:
-                # A SCRAM exchange cannot be checked against an md5 secret.
+                return _AUTH_MD5
+            if kind is SecretKind.MD5:  # a SCRAM exchange cannot be checked against an md5 secret
                 raise ClientError("password authentication failed", "28P01")
-            else:
-                await self._auth_scram(user, stored)
+            return _AUTH_SCRAM
+        raise ClientError("no authentication method is found", "28000")
+
+    def _start_exchange(self, state: LoginState, plan: int) -> int:
+        """Send the first authentication request of `plan`: the step that waits for the answer."""
+        if plan == _AUTH_MD5:
+            salt = random_bytes(4)
+            self.write(m.auth_md5(salt))
+            state.exchange = salt
+            return LOGIN_MD5
+        if plan == _AUTH_PLAIN:
+            self.write(m.auth_request(m.AUTH_CLEARTEXT))
+            return LOGIN_PLAIN
+        # An unknown user still goes through a full exchange against a throwaway secret, so
+        # the failure reads the same as a wrong password.
+        # Secrets built here (from a plaintext password, or the mock) get scram_iterations.
+        iterations = self.pooler.settings.scram_iterations
+        stored = state.stored
+        state.exchange = (ScramServer(stored, state.user, iterations=iterations) if stored
+                          else ScramServer.mock(state.user, iterations=iterations))
+        self.write(m.auth_sasl(["SCRAM-SHA-256"]))
+        return LOGIN_SASL_FIRST
+
+    def _exchange_step(self, state: LoginState, step: int, body: bytes) -> int:
+        """The client's answer to the request of `step`: LOGIN_DONE once it is authenticated
+        (AuthenticationOk queued), else the next step."""
+        user, stored = state.user, state.stored
+        if step == LOGIN_MD5:
+            response = body.rstrip(b"\0").decode("utf-8", "replace")
+            if stored is None or not md5_verify(stored, user, state.exchange, response):
+                raise ClientError("password authentication failed", "28P01")
+        elif step == LOGIN_PLAIN:
+            password = body.rstrip(b"\0").decode("utf-8", "replace")
+            if stored is None or not plain_verify(stored, user, password):
+                raise ClientError("password authentication failed", "28P01")
         else:
-            raise ClientError("no authentication method is found", "28000")
+            server = state.exchange
+            try:
+                if step == LOGIN_SASL_FIRST:
+                    mech, data = m.parse_sasl_initial_response(body)
+                    if mech != "SCRAM-SHA-256":
+                        raise ClientError("client selected an invalid SASL authentication mechanism", "08P01")
+                    self.write(m.auth_request(m.AUTH_SASL_CONTINUE, server.handle_client_first(data)))
+                    return LOGIN_SASL_FINAL
+                final = server.handle_client_final(body)
+            except ScramError as exc:
+                # PostgreSQL says "password authentication failed" for a wrong SCRAM proof too; so
+                # do we (PgBouncer says "SASL authentication failed"), keeping every password
+                # failure, and an unknown user, worded the same.
+                text = "password authentication failed" if exc.wrong_password else "SASL authentication failed"
+                raise ClientError(text, "28P01") from exc
+            if not stored:
+                raise ClientError("password authentication failed", "28P01")
+            self.write(m.auth_request(m.AUTH_SASL_FINAL, final))
+            if secret_kind(stored) is SecretKind.SCRAM:
+                self.client_key = server.client_key
         self.write_later(m.auth_ok())
+        return LOGIN_DONE
+
+    async def _authenticate_and_finish(self, state: LoginState, plan: int = -1) -> None:
+        """The login from authentication on, in a Task (`plan`: _auth_plan's, if already made)."""
+        if state.console:
+            from pgmux.admin.console import run_console
+
+            await run_console(self)
+            return
+        await self.authenticate(state, plan)
+        await self._welcome_when_ready(state, self._logged_in_to(state))
+
+    async def authenticate(self, state: LoginState, plan: int = -1) -> None:
+        """Check the client per auth_type (or its auth_hba_file rule), against the auth_file secret
+        or, for a user missing there, the one auth_query finds; queues AuthenticationOk."""
+        if plan < 0:
+            plan = self._auth_plan(state)
+        if plan == _AUTH_TASK:
+            if state.method in ("ldap", "pam"):
+                await self._auth_external(state.method, state.user, state.ldap)
+                plan = _AUTH_DONE
+            else:
+                assert state.db is not None
+                state.stored = await self.pooler.auth_query_secret(state.db, state.user, self.log_prefix)
+                if state.stored is None:
+                    if self.pooler.settings.log_connections:
+                        pglog.logger.info("%s login failed: db=%s", self.log_prefix, state.db.name)
+                    raise ClientError("no such user")
+                plan = self._secret_plan(state)
+        if plan == _AUTH_DONE:
+            self.write_later(m.auth_ok())
+        else:
+            step = self._start_exchange(state, plan)
+            while step != LOGIN_DONE:
+                step = self._exchange_step(state, step, await self._read_password())
+
+    def _logged_in_to(self, state: LoginState) -> Pool:
+        """Authenticated: the pool this client is served by, its limits checked."""
+        pooler = self.pooler
+        settings = pooler.settings
+        self.authed = True
+        db = state.db
+        if db is None:
+            raise ClientError(f"no such database: {self.dbname}", "08P01")
+        self.db = db
+        pool = pooler.get_pool(db, db.user or state.user)
+        if self.client_key is not None:
+            # Every SCRAM login against a stored SCRAM secret renews the keys the pool's server
+            # logins use (PgBouncer copies them at each login): after a password change, the
+            # first client with the new password lets the servers log in again.
+            pool.scram_client_key = self.client_key
+        self.pool = pool
+        self.core = pool.core
+        self.pool_mode = pool.limits.pool_mode
+        self.lazy_prepare = self.pool_mode != "session" and settings.max_prepared_statements > 0
+        self.pin_mode = settings.pin_session_state if self.pool_mode != "session" else "off"
+        pooler.check_client_limits(self, db, state.user)
+        if self.replication is not None:
+            self.pool_mode = "session"  # never shared, never released: the server closes with the client
+            self.lazy_prepare = False
+            self.pin_mode = "off"
+        return pool
+
+    async def _welcome_when_ready(self, state: LoginState, pool: Pool) -> None:
+        """The welcome once the pool knows its server's parameters (a replication client: once its
+        own server logged in)."""
+        pooler = self.pooler
+        if self.replication is not None:
+            assert state.db is not None
+            server = await pooler.replication_server(self, pool, state.db)
+            self.welcome(server.login_params, cache=False)
+            pooler.start_replication(self, server)
+            return
+        self.welcome(await pooler.pool_params(pool))
 
     def _auth_identity(self, method: str, user: str, ident_map: str | None) -> None:
         """cert: the TLS client certificate's CN; peer: the Unix user at the other end of the
@@ -1091,21 +1349,6 @@ class ClientConnection(PgConnection):
         elif system_user != user:
             raise ClientError(failure, "28000")
 
-    async def _read_password(self) -> bytes:
-        # Before authentication nobody gets to make pgmux hold a max_packet_size message:
-        # PostgreSQL's own limit for a password or SASL message (PG_MAX_AUTH_TOKEN_LENGTH).
-        typ, body = await self.read_message(MAX_AUTH_MESSAGE)
-        if typ != m.PASSWORD:
-            raise m.ProtocolError("unknown pkt")
-        return body
-
-    async def _auth_plain(self, user: str, stored: str | None) -> None:
-        self.write(m.auth_request(m.AUTH_CLEARTEXT))
-        body = await self._read_password()
-        password = body.rstrip(b"\0").decode("utf-8", "replace")
-        if stored is None or not plain_verify(stored, user, password):
-            raise ClientError("password authentication failed", "28P01")
-
     async def _auth_external(self, method: str, user: str, options: LdapOptions | None) -> None:
         """ldap or pam: the client's cleartext password, checked in a worker thread. On success it
         becomes the user's password for server logins, as PgBouncer copies it into the user."""
@@ -1127,40 +1370,6 @@ class ClientConnection(PgConnection):
             pglog.logger.warning("%s %s", self.log_prefix, warning)
             raise ClientError(f"{method.upper()} authentication failed", "08P01")
         pooler.external_passwords[user] = password
-
-    async def _auth_md5(self, user: str, stored: str | None) -> None:
-        salt = random_bytes(4)
-        self.write(m.auth_md5(salt))
-        body = await self._read_password()
-        response = body.rstrip(b"\0").decode("utf-8", "replace")
-        if stored is None or not md5_verify(stored, user, salt, response):
-            raise ClientError("password authentication failed", "28P01")
-
-    async def _auth_scram(self, user: str, stored: str | None) -> None:
-        # An unknown user still goes through a full exchange against a throwaway secret, so
-        # the failure reads the same as a wrong password.
-        # Secrets built here (from a plaintext password, or the mock) get scram_iterations.
-        iterations = self.pooler.settings.scram_iterations
-        server = (ScramServer(stored, user, iterations=iterations) if stored
-                  else ScramServer.mock(user, iterations=iterations))
-        self.write(m.auth_sasl(["SCRAM-SHA-256"]))
-        try:
-            mech, data = m.parse_sasl_initial_response(await self._read_password())
-            if mech != "SCRAM-SHA-256":
-                raise ClientError("client selected an invalid SASL authentication mechanism", "08P01")
-            self.write(m.auth_request(m.AUTH_SASL_CONTINUE, server.handle_client_first(data)))
-            final = server.handle_client_final(await self._read_password())
-        except ScramError as exc:
-            # PostgreSQL says "password authentication failed" for a wrong SCRAM proof too; so
-            # do we (PgBouncer says "SASL authentication failed"), keeping every password
-            # failure, and an unknown user, worded the same.
-            text = "password authentication failed" if exc.wrong_password else "SASL authentication failed"
-            raise ClientError(text, "28P01") from exc
-        if not stored:
-            raise ClientError("password authentication failed", "28P01")
-        self.write(m.auth_request(m.AUTH_SASL_FINAL, final))
-        if secret_kind(stored) is SecretKind.SCRAM:
-            self.client_key = server.client_key
 
     # ------------------------------------------------------------ closing
 
