@@ -779,7 +779,11 @@ class ClientConnection(PgConnection):
             task = self.login_task
             if not self.login_expired or task is None or task.uncancel():
                 raise  # cancelled by someone else (the client left, shutdown)
-            self.fail("client_login_timeout")
+            if self.pool is not None and self.replication is None:
+                # authenticated, waiting for the pool's first server (PgBouncer: wait_for_welcome)
+                self.fail("client_login_timeout (server down)")
+            else:
+                self.fail("client_login_timeout")
         except Exception:  # never let one client take the process down
             pglog.logger.exception("%s unexpected error during login", self.log_prefix)
             self.fail("internal error during login", "XX000")
