@@ -100,6 +100,11 @@ _CONNECTIONS_DROPPED = {"wait_for_servers": "server connections dropped, exiting
                         "wait_for_clients": "client connections dropped, exiting"}
 
 
+def _fatal(message: str) -> dict[str, str]:
+    """ErrorResponse fields of a server login that failed without one from PostgreSQL."""
+    return {"S": "FATAL", "C": "08P01", "M": message}
+
+
 class Pooler:
     """Process-wide state: configuration, pools, clients, and the actions that join them."""
 
@@ -124,7 +129,9 @@ class Pooler:
         self.listeners: list[EngineServer | asyncio.AbstractServer] = []
         self._client_ids = 0
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._params_waiters: dict[int, list[asyncio.Future[dict[str, str]]]] = {}
+        # Clients logging in to a pool that has no ParameterStatus set yet: (future, since when).
+        self._params_waiters: dict[int, list[tuple[asyncio.Future[dict[str, str]], float]]] = {}
+        self._params_room_wait: set[int] = set()  # pools whose first connect waits for db/user room
         self._rr_counter = 0
         self._sticky_hosts: dict[str, int] = {}  # load_balance_hosts = disable: the host in use
         self.statements = StatementRegistry()
@@ -431,64 +438,123 @@ class Pooler:
         return pool
 
     async def pool_params(self, pool: Pool[ServerConnection, ClientConnection]) -> dict[str, str]:
-        """The pool's ParameterStatus set; the first client of a pool waits for a server login."""
+        """The pool's ParameterStatus set; the first clients of a pool wait for a server login
+        (PgBouncer's finish_client_login: wait_for_welcome). They are not failed fast while the
+        pool's logins fail: they wait for the retries (server_login_retry apart) until
+        client_login_timeout ("client_login_timeout (server down)") or query_wait_timeout, unless
+        PostgreSQL refuses a login with an error, which they are sent (_connect_failed)."""
         if pool.params is not None:
             return pool.params
-        self._fail_fast_if_login_failing(pool)
         fut: asyncio.Future[dict[str, str]] = self.loop.create_future()
-        self._params_waiters.setdefault(id(pool), []).append(fut)
-        if pool.connecting == 0 and len(self._params_waiters[id(pool)]) == 1:
-            self.spawn(self._connect_for_params(pool))
+        self._params_waiters.setdefault(id(pool), []).append((fut, time.monotonic()))
+        self._launch_for_params(pool)
         return await fut
+
+    def _launch_for_params(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
+        """Open a new pool's first server for the clients waiting for its ParameterStatus set:
+        one at a time, and server_login_retry after the last one began while logins fail."""
+        if (pool.params is not None or pool.connecting or id(pool) in self._params_room_wait
+                or not self.params_waiter_count(pool) or not self._connect_allowed(pool)):
+            return
+        self._params_room_wait.add(id(pool))
+        self.spawn(self._connect_for_params(pool))
 
     async def _connect_for_params(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
         """A new pool's first server, opened for its ParameterStatus set, within the database and
         user caps: wait for room (evicting idle servers of other pools) up to query_wait_timeout."""
-        deadline = time.monotonic() + (self.settings.query_wait_timeout or 3600.0)
-        while True:
-            room = self._room_outside_pool(pool)
-            if room is None or room > 0 or self._evict_for(pool):
-                break
-            if time.monotonic() >= deadline:
-                self.fail_params_waiters(pool, ClientError("query_wait_timeout"))
-                return
-            await asyncio.sleep(0.05)
-        if pool.params is None and pool.connecting == 0:
-            self._spawn_connect(pool)
+        try:
+            deadline = time.monotonic() + (self.settings.query_wait_timeout or 3600.0)
+            while True:
+                room = self._room_outside_pool(pool)
+                if room is None or room > 0 or self._evict_for(pool):
+                    break
+                if time.monotonic() >= deadline:
+                    self.fail_params_waiters(pool, ClientError("query_wait_timeout"))
+                    return
+                await asyncio.sleep(0.05)
+            if pool.params is None and pool.connecting == 0:
+                self._spawn_connect(pool)
+        finally:
+            self._params_room_wait.discard(id(pool))
 
     def params_waiter_count(self, pool: Pool[ServerConnection, ClientConnection]) -> int:
         """Clients logging in to a new pool that still wait for its first server."""
-        return sum(1 for fut in self._params_waiters.get(id(pool), ()) if not fut.done())
+        return sum(1 for fut, _ in self._params_waiters.get(id(pool), ()) if not fut.done())
 
     def fail_params_waiters(self, pool: Pool[ServerConnection, ClientConnection], error: ClientError) -> None:
         """Clients logging in to a new pool wait for its first server's ParameterStatus set; they
         get `error` instead."""
-        for fut in self._params_waiters.pop(id(pool), []):
+        for fut, _ in self._params_waiters.pop(id(pool), []):
             if not fut.done():
                 fut.set_exception(error)
 
-    def _fail_fast_if_login_failing(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
-        failure = pool.login_failure
-        if failure is None:
+    def _check_params_waiters(self, pool: Pool[ServerConnection, ClientConnection], now: float,
+                              wait_timeout: float) -> None:
+        """Janitor: query_wait_timeout for clients waiting for a new pool's first server (their
+        client_login_timeout is the login's own timer), and the next connect for them."""
+        waiters = self._params_waiters.get(id(pool))
+        if not waiters:
             return
-        when, fields = failure
-        if time.monotonic() - when < self.settings.server_login_retry:
-            raise ClientError(
-                f"server login has been failing, cached error: {fields.get('M', '')} (server_login_retry)",
-                fields.get("C", "08P01"),
-            )
+        for fut, since in waiters:
+            if wait_timeout and not fut.done() and now - since >= wait_timeout:
+                fut.set_exception(ClientError("query_wait_timeout"))
+        waiters[:] = [w for w in waiters if not w[0].done()]
+        if not waiters:
+            del self._params_waiters[id(pool)]
+            return
+        self._launch_for_params(pool)
+
+    def _connect_allowed(self, pool: Pool[ServerConnection, ClientConnection]) -> bool:
+        """PgBouncer's launch_new_connection while the pool's last server login failed: no new
+        connect while one is on its way, nor before server_login_retry after the last one began."""
+        if pool.login_failure is None:
+            return True
+        return (pool.connecting == 0
+                and time.monotonic() - pool.last_connect_time >= self.settings.server_login_retry)
+
+    def _login_failing_error(self, pool: Pool[ServerConnection, ClientConnection]) -> ClientError | None:
+        """PgBouncer's check_fast_fail, for a client that needs a server and finds none idle: while
+        the pool's last server login failed and it has no server but ones logging in, the client
+        gets the cached error, and a retry is launched (server_login_retry apart); the clients
+        already queued stay queued."""
+        failure = pool.login_failure
+        if failure is None or pool.active or pool.busy or pool.idle:
+            return None
+        self._retry_login(pool)
+        return ClientError(
+            f"server login has been failing, cached error: {failure[1].get('M', '')} (server_login_retry)")
+
+    def _fail_fast_if_login_failing(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
+        error = self._login_failing_error(pool)
+        if error is not None:
+            raise error
+
+    def _retry_for_waiters(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
+        """server_login_retry after a failed connect: the next one for the clients still waiting."""
+        if self.pools.get((pool.database, pool.user)) is not pool:
+            return  # the pool went (RELOAD removed its database)
+        if pool.params is None:
+            self._launch_for_params(pool)
+        elif pool.waiting:
+            self.launch_connects(pool)
+
+    def _retry_login(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
+        """One connect for a pool whose logins fail, when it has room for it; nobody needs to wait
+        for it (the janitor only retries for waiting clients)."""
+        if pool.paused or (self.shutting_down and not self.draining()) or not self._connect_allowed(pool):
+            return
+        if pool.server_count >= pool.capacity():
+            return
+        room = self._room_outside_pool(pool)
+        if room is not None and room <= 0:
+            return
+        self._spawn_connect(pool)
 
     def request_server(self, client: ClientConnection) -> None:
         """A client has something to send and no server: link an idle one or wait in line."""
         pool = client.pool
         if pool is None:
             return
-        if pool.login_failure is not None:
-            try:
-                self._fail_fast_if_login_failing(pool)
-            except ClientError as exc:
-                client.fail(str(exc), exc.sqlstate)
-                return
         if pool.paused and self.admin_state().shutdown_mode == "wait_for_servers":
             # PgBouncer's pause_client: a client that would wait for a server now never gets one.
             client.fail(SERVER_SHUTTING_DOWN)
@@ -503,6 +569,11 @@ class Pooler:
                 return
             self.link(client, server)
             return
+        if pool.login_failure is not None and not pool.paused:
+            error = self._login_failing_error(pool)
+            if error is not None:
+                client.fail(str(error), error.sqlstate)
+                return
         client.waiting = True
         pool.enqueue(client)
         self.launch_connects(pool)
@@ -518,7 +589,13 @@ class Pooler:
             room = self._room_outside_pool(pool)
         if self.shared is not None:
             room = self.shared.pool_room(pool, room)
-        for _ in range(pool.connects_wanted(room)):
+        wanted = pool.connects_wanted(room)
+        if pool.login_failure is not None and wanted:
+            # the last login failed: one connect at a time, server_login_retry apart
+            if not self._connect_allowed(pool):
+                return
+            wanted = 1
+        for _ in range(wanted):
             self._spawn_connect(pool)
 
     def _evict_for(self, pool: Pool[ServerConnection, ClientConnection]) -> bool:
@@ -559,6 +636,7 @@ class Pooler:
         if pool.limits.reserve_pool_size and pool.server_count >= pool.limits.pool_size:
             logger.info("%s/%s taking connection from reserve_pool", pool.database, pool.user)
         pool.connecting += 1
+        pool.last_connect_time = time.monotonic()
         self.spawn(self._connect(pool, self.next_client_id()))
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -635,7 +713,7 @@ class Pooler:
                 raise ServerLoginError({"S": "FATAL", "C": "08P01", "M": "database removed"})
             server = await self._login_server(pool, sid, db, self._server_startup(db))
         except ServerLoginError as exc:
-            self._connect_failed(pool, exc.fields, started)
+            self._connect_failed(pool, exc, started)
             if deliver is not None and not deliver.done():
                 deliver.set_exception(exc)
             return
@@ -647,7 +725,7 @@ class Pooler:
             server.close_needed = True
         if pool.params is None:
             pool.params = dict(server.login_params)
-        for fut in self._params_waiters.pop(id(pool), []):
+        for fut, _ in self._params_waiters.pop(id(pool), []):
             if not fut.done():
                 fut.set_result(pool.params)
         if deliver is not None and not deliver.done():
@@ -662,9 +740,11 @@ class Pooler:
         run connect_query (not on a replication connection, which takes no SQL). Raises
         ServerLoginError with the fields a client is told, after closing what was opened."""
         server: ServerConnection | None = None
+        connected = False
         try:
             async with asyncio.timeout(self.settings.server_connect_timeout or None):
                 server, host, path = await self._open_server(pool, sid, db)
+                connected = True
                 if self.settings.log_connections:
                     logger.info("%s new connection to server (from %s:%s)", server.log_prefix,
                                 server.local_addr, server.local_port)
@@ -677,21 +757,31 @@ class Pooler:
                     if err:
                         logger.warning("%s connect_query failed: %s", server.log_prefix, err.get("M"))
         except Exception as exc:  # noqa: BLE001 - a server must never take the process down
+            # PgBouncer's reasons (disconnect_server; the one cached for server_login_retry):
+            # `connect failed` when the TCP connect is refused or not answered within
+            # server_connect_timeout (sbuf_connect's timer), `connect timeout` when the login
+            # does not finish within it (the janitor), `server conn crashed?` when the server
+            # goes away while logging in. No ErrorResponse: waiting clients stay queued.
+            error: ServerLoginError
             if isinstance(exc, ServerLoginError):
-                fields = exc.fields
+                error = exc
             elif isinstance(exc, ConnectionLost):
-                fields = {"S": "FATAL", "C": "08006", "M": "server closed the connection during login"}
-            elif isinstance(exc, OSError | TimeoutError | ConnectionError):
-                msg = "connect timeout" if isinstance(exc, TimeoutError) else f"connect failed: {exc}"
-                fields = {"S": "FATAL", "C": "08006", "M": msg}
+                error = ServerLoginError(_fatal("server conn crashed?"), queued=True,
+                                         detail="server closed the connection during login")
+            elif isinstance(exc, TimeoutError) and connected:
+                error = ServerLoginError(_fatal("connect timeout"), queued=True)
+            elif isinstance(exc, OSError | ConnectionError):
+                error = ServerLoginError(_fatal("connect failed"), queued=True, detail=str(exc) or "timeout")
             else:
                 logger.exception("unexpected error connecting to server")
-                fields = {"S": "FATAL", "C": "08006", "M": str(exc)}
+                error = ServerLoginError(_fatal(str(exc)))
             if server is not None:
-                msg = fields.get("M", "server login failed")
+                msg = error.fields.get("M", "server login failed")
                 server.close_reason = msg
                 server.close(msg)
-            raise ServerLoginError(fields) from exc
+            if error is exc:
+                raise
+            raise error from exc
         return server
 
     # ------------------------------------------------------------ replication connections
@@ -797,6 +887,7 @@ class Pooler:
             self._fail_fast_if_login_failing(pool)
             fut: asyncio.Future[ServerConnection] = self.loop.create_future()
             pool.connecting += 1
+            pool.last_connect_time = time.monotonic()
             self.spawn(self._connect(pool, self.next_client_id(), fut))
             try:
                 server = await fut
@@ -833,26 +924,41 @@ class Pooler:
         return out
 
     def _connect_failed(self, pool: Pool[ServerConnection, ClientConnection],
-                        fields: dict[str, str], started: float) -> None:
+                        error: ServerLoginError, started: float) -> None:
+        """A server connect or login failed. The pool remembers it (new clients that find no
+        server get `server login has been failing, cached error: ...`, retries come
+        server_login_retry apart). The clients already waiting for a server are sent
+        PostgreSQL's own error when it refused the login (PgBouncer's kill_pool_logins, unless
+        57P03 or the pool still has usable servers); when the connect failed or timed out, or
+        the server went away while logging in, they stay queued until a retry works, or
+        query_wait_timeout / client_login_timeout (server down)."""
         pool.connecting -= 1
         if self.shared is not None:
             self.shared.servers_changed(pool)
+        fields = error.fields
         msg = fields.get("M", "server login failed")
-        logger.warning("%s/%s server login failed: %s", pool.database, pool.user, msg)
+        logger.warning("%s/%s server login failed: %s%s", pool.database, pool.user, msg,
+                       f": {error.detail}" if error.detail else "")
         if pool.last_login_ok > started:
             # Another login of this pool succeeded after this one began (e.g. a connect made during
             # an outage timing out after it): the server is back, nobody gets this error.
             self.launch_connects(pool)
             return
+        pool.set_login_failure((time.monotonic(), fields))
         # 57P03 (the database system is starting up) is transient: keep clients waiting.
-        if fields.get("C") != "57P03":
-            pool.set_login_failure((time.monotonic(), fields))
+        if error.queued or fields.get("C") == "57P03":
+            # the next try for them, server_login_retry after this one began (the janitor's
+            # once-a-second pass would add up to a second)
+            delay = pool.last_connect_time + self.settings.server_login_retry - time.monotonic()
+            self.loop.call_later(max(delay, 0.0) + 0.01, self._retry_for_waiters, pool)
+            return
+        if pool.params is not None and (pool.idle or pool.active or pool.busy):
+            return  # usable servers remain: the waiting clients get one of them
         sqlstate = fields.get("C", "08P01")
         self.fail_params_waiters(pool, ClientError(msg, sqlstate))
-        if pool.login_failure is not None:
-            while (client := pool.next_waiter()) is not None:
-                client.waiting = False
-                client.fail(msg, sqlstate)
+        while (client := pool.next_waiter()) is not None:
+            client.waiting = False
+            client.fail(msg, sqlstate)
 
     def server_ready(self, server: ServerConnection) -> None:
         """A server is clean and unlinked: hand it to the first waiting client or park it idle."""
@@ -1337,6 +1443,8 @@ class Pooler:
                 wait_timeout = u.query_wait_timeout
             if wait_timeout or s.query_wait_notify:
                 self._check_waiters(pool, now, wait_timeout)
+            if pool.params is None and id(pool) in self._params_waiters:
+                self._check_params_waiters(pool, now, wait_timeout)
             idle_timeout = s.server_idle_timeout
             for server in list(pool.idle):
                 if idle_timeout and now - server.last_used >= idle_timeout and (
@@ -1351,7 +1459,7 @@ class Pooler:
                 self._check_linked_timeouts(server, now)
             if pool.waiting or (pool.limits.min_pool_size and pool.clients):
                 self.launch_connects(pool)
-            unused_for = self._pool_unused_for(pool, now)
+            unused_for = None if id(pool) in self._params_waiters else self._pool_unused_for(pool, now)
             if unused_for is not None and (
                 (db is not None and db.is_autodb and unused_for >= s.autodb_idle_timeout)
                 or (s.pool_idle_timeout and unused_for >= s.pool_idle_timeout)

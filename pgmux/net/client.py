@@ -922,7 +922,11 @@ class ClientConnection(PgConnection):
             task = self.login_task
             if not self.login_expired or task is None or task.uncancel():
                 raise  # cancelled by someone else (the client left, shutdown)
-            self.fail("client_login_timeout")
+            if self.pool is not None and self.replication is None:
+                # authenticated, waiting for the pool's first server (PgBouncer: wait_for_welcome)
+                self.fail("client_login_timeout (server down)")
+            else:
+                self.fail("client_login_timeout")
         except BaseException as exc:  # noqa: BLE001 - see _login_error
             self._login_error(exc)
         finally:

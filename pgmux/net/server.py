@@ -42,11 +42,18 @@ _INTRANS = ord("T")
 
 
 class ServerLoginError(Exception):
-    """PostgreSQL refused the login; `fields` is its ErrorResponse, relayed to waiting clients."""
+    """PostgreSQL refused the login; `fields` is its ErrorResponse, relayed to waiting clients.
 
-    def __init__(self, fields: dict[str, str]) -> None:
+    `queued`: no ErrorResponse came (the connect failed or timed out, the server went away while
+    logging in), so the clients waiting for a server stay queued while the pool retries
+    (PgBouncer's disconnect_server of a server in SV_LOGIN, with no kill_pool_logins).
+    `detail`: what the log says, when it says more than the clients are told."""
+
+    def __init__(self, fields: dict[str, str], queued: bool = False, detail: str | None = None) -> None:
         super().__init__(fields.get("M", "server login failed"))
         self.fields = fields
+        self.queued = queued
+        self.detail = detail
 
 
 class ServerConnection(PgConnection):

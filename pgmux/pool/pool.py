@@ -57,9 +57,11 @@ class Pool(Generic[S, C]):
     stats: PoolStats = field(default_factory=PoolStats)
     # ParameterStatus values from the first server login, replayed to every new client.
     params: dict[str, str] | None = None
-    # (monotonic time, ErrorResponse fields) of the last failed server login, for server_login_retry.
+    # (monotonic time, ErrorResponse fields) of the last failed server connect or login, until
+    # one works: clients that find no server get its message, retries are server_login_retry apart.
     login_failure: tuple[float, dict[str, str]] | None = None
     last_login_ok: float = 0.0  # monotonic time of the last successful server login
+    last_connect_time: float = 0.0  # monotonic time the last server connect began (server_login_retry)
     # ClientKey recovered from a client's SCRAM login, for SCRAM pass-through to PostgreSQL.
     scram_client_key: bytes | None = None
     paused: bool = False

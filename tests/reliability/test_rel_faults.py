@@ -647,14 +647,18 @@ def test_server_closing_during_login_gives_a_clear_error(cluster: TempCluster, p
                                                           ) -> None:
     with FaultProxy(cluster.port) as proxy:
         p = pooler(pool_mode="transaction", databases={"testdb": f"host=127.0.0.1 port={proxy.port} dbname=testdb"},
-                   extra={"server_login_retry": 1})
+                   extra={"server_login_retry": 1, "client_login_timeout": 2})
         proxy.refuse_new(True)  # accepted, then reset: PostgreSQL going down mid-login looks the same
         with pytest.raises(psycopg.OperationalError) as exc_info:
-            psycopg.connect(p.dsn("md5user", "md5pass"), connect_timeout=5)
+            psycopg.connect(p.dsn("md5user", "md5pass"), connect_timeout=10)
         message = str(exc_info.value)
         log = p.log_text()
         proxy.refuse_new(False)
     assert not message.rstrip().endswith("FATAL:"), f"empty error text: {message!r}"
+    # PgBouncer: no ErrorResponse from the server, so the client waits for the pool's first server
+    # (retried server_login_retry apart) until client_login_timeout
+    assert "client_login_timeout (server down)" in message, message
+    assert "server login failed: server conn crashed?" in log, "the reason a login failed belongs in the log"
     assert not tracebacks(log), tracebacks(log)[0]
 
 
