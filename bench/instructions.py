@@ -31,9 +31,9 @@ class CallgrindPooler(PoolerProcess):
 
 
 def run_under_callgrind(cluster: TempCluster, extra: dict[str, object], txns: int, clients: int,
-                        connect: bool = False) -> Path:
-    """pgmux under callgrind serving `txns` transactions of pgbench -S (`connect`: -C, a login per
-    transaction): the callgrind output file."""
+                        more: tuple[str, ...] = ()) -> Path:
+    """pgmux under callgrind serving `txns` transactions of pgbench -S (with `more` pgbench
+    arguments: -C, a login per transaction; -M prepared): the callgrind output file."""
     workdir = tempfile.mkdtemp(prefix="pgmux-callgrind-")
     os.chmod(workdir, 0o755)
     ini, userlist = write_config(cluster, workdir=workdir, pool_mode="transaction", userlist=USERS,
@@ -41,7 +41,7 @@ def run_under_callgrind(cluster: TempCluster, extra: dict[str, object], txns: in
     p = CallgrindPooler("pgmux", ini, userlist, workdir)
     p.start(timeout=120)
     try:
-        subprocess.run(["pgbench", "-n", "-S", *(["-C"] if connect else []), "-c", str(clients), "-j", "2",
+        subprocess.run(["pgbench", "-n", "-S", *more, "-c", str(clients), "-j", "2",
                         "-t", str(txns // clients), p.dsn("md5user", "md5pass", dbname="testdb")],
                        check=True, capture_output=True)
     finally:
@@ -83,9 +83,11 @@ def main() -> None:
     ap.add_argument("--functions", type=int, default=0, metavar="N",
                     help="also list the N functions that cost the most per transaction (first setting)")
     ap.add_argument("--connect", action="store_true", help="pgbench -C: a new connection (md5 login) per transaction")
+    ap.add_argument("--mode", choices=("simple", "extended", "prepared"), default="simple", help="pgbench -M")
     args = ap.parse_args()
     short = 2500
-    c_flag = " -C" if args.connect else ""
+    more = (*(("-C",) if args.connect else ()), "-M", args.mode)
+    c_flag = " " + " ".join(more)
     print(f"how it was run: pgmux under callgrind, transaction mode, pool 20; "
           f"pgbench -S{c_flag} -c {args.clients} -j 2, "
           f"{short} and {short + args.txns} transactions; per transaction = difference / {args.txns}")
@@ -96,8 +98,8 @@ def main() -> None:
         per_txn = {}
         for label in (args.set, args.against):
             extra = parse_setting(label)
-            a = run_under_callgrind(cluster, extra, short, args.clients, args.connect)
-            b = run_under_callgrind(cluster, extra, short + args.txns, args.clients, args.connect)
+            a = run_under_callgrind(cluster, extra, short, args.clients, more)
+            b = run_under_callgrind(cluster, extra, short + args.txns, args.clients, more)
             per_txn[label] = (total_instructions(b) - total_instructions(a)) / args.txns
             print(f"{label}: {per_txn[label]:.0f} instructions per transaction")
             if args.functions and label == args.set:

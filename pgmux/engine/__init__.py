@@ -16,9 +16,10 @@ from pgmux.engine._engine import (
     Link,
     PoolCore,
     PoolStats,
+    Statement,
 )
 
 __all__ = [
     "Acceptor", "Engine", "EngineTransport", "LAZY_PREPARE", "Link", "PIN_HINTS", "PoolCore", "PoolStats",
-    "SESSION", "TRACKED",
+    "SESSION", "Statement", "TRACKED",
 ]

@@ -199,6 +199,12 @@ cdef class Link:
     cdef long long bind_query(self, const unsigned char *body, Py_ssize_t blen) except? -2
 
 
+cdef class Statement:
+    cdef readonly object id           # a Python int: the key of ServerStatements.lru
+    cdef readonly bytes server_name   # PGMUX_<id>
+    cdef readonly bytes tail          # the Parse body after the statement name: query\0 int16 n, n x oid
+
+
 cdef enum:
     MAX_ACCEPT_OPTIONS = 24           # (level, option, value) triples: 8 socket options
 

@@ -102,6 +102,13 @@ class Link:
 class EngineTransport(asyncio.Transport):
     def __init__(self, link: Link, family: int) -> None: ...
 
+class Statement:
+    id: int
+    server_name: bytes
+    tail: bytes
+    def __init__(self, id: int, server_name: bytes, tail: bytes) -> None: ...
+    def parse_message(self) -> bytes: ...
+
 class Acceptor(Link):
     def set_options(self, options: Iterable[tuple[int, int, int]]) -> None: ...
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+
+from pgmux.engine import Statement  # (a C struct: the engine reads it on every tracked Bind)
 
 _I32 = struct.Struct("!i")
 
@@ -44,19 +45,6 @@ FAKE = 2  # an answer pgmux invents for a request it did not send
 
 class PreparedError(Exception):
     """A client used its statements wrongly; the text is PgBouncer's."""
-
-
-@dataclass(eq=False)
-class Statement:
-    """One distinct (query, parameter types), shared by every client that prepares it."""
-
-    id: int
-    server_name: bytes
-    tail: bytes  # the Parse body after the statement name: query\0 int16 n, n × oid
-
-    def parse_message(self) -> bytes:
-        body = self.server_name + b"\0" + self.tail
-        return b"P" + _I32.pack(len(body) + 4) + body
 
 
 class StatementRegistry:
