@@ -41,7 +41,8 @@ def run_under_callgrind(cluster: TempCluster, extra: dict[str, object], txns: in
     p = CallgrindPooler("pgmux", ini, userlist, workdir)
     p.start(timeout=120)
     try:
-        subprocess.run(["pgbench", "-n", "-S", *more, "-c", str(clients), "-j", "2",
+        select_only = () if "tpcb" in more else ("-S",)
+        subprocess.run(["pgbench", "-n", *select_only, *(a for a in more if a != "tpcb"), "-c", str(clients), "-j", "2",
                         "-t", str(txns // clients), p.dsn("md5user", "md5pass", dbname="testdb")],
                        check=True, capture_output=True)
     finally:
@@ -84,12 +85,13 @@ def main() -> None:
                     help="also list the N functions that cost the most per transaction (first setting)")
     ap.add_argument("--connect", action="store_true", help="pgbench -C: a new connection (md5 login) per transaction")
     ap.add_argument("--mode", choices=("simple", "extended", "prepared"), default="simple", help="pgbench -M")
+    ap.add_argument("--tpcb", action="store_true", help="pgbench's TPC-B-like script instead of -S")
     args = ap.parse_args()
     short = 2500
-    more = (*(("-C",) if args.connect else ()), "-M", args.mode)
-    c_flag = " " + " ".join(more)
+    more = (*(("-C",) if args.connect else ()), "-M", args.mode, *(("tpcb",) if args.tpcb else ()))
+    c_flag = (" -S" if not args.tpcb else "") + " " + " ".join(a for a in more if a != "tpcb")
     print(f"how it was run: pgmux under callgrind, transaction mode, pool 20; "
-          f"pgbench -S{c_flag} -c {args.clients} -j 2, "
+          f"pgbench{c_flag} -c {args.clients} -j 2, "
           f"{short} and {short + args.txns} transactions; per transaction = difference / {args.txns}")
     with TempCluster() as cluster:
         cluster.create_test_roles()

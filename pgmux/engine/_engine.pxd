@@ -54,6 +54,10 @@ cdef enum:
 # their ReadyForQuery will come, kept aligned with `outstanding`.
 cdef enum:
     QTEXT_KEEP = 240       # a client's last statement text kept for same_shape(), at most
+    SHAPE_SLOTS = 1024     # the engine's shape table (Engine.shapes): statement texts by shape_slot(),
+    SHAPE_WAYS = 4         # ... in sets of SHAPE_WAYS
+    SHAPE_PREFIX = 128     # shape_slot() hashes at most this many bytes
+    SHAPE_TEXT_MAX = 4096  # longer statement texts are not kept there
 
 # A client's last statement text and its QueryStats handle: the next one that differs only in
 # the values of its numbers is the same statement, found without normalizing it again.
@@ -62,6 +66,14 @@ ctypedef struct QLast:
     int pool
     long long handle
     unsigned char text[QTEXT_KEEP]
+
+# A statement text in the engine's shape table, and its QueryStats handle.
+ctypedef struct Shape:
+    int len
+    int cap
+    int pool
+    long long handle
+    unsigned char *text
 
 ctypedef struct QLink:
     long long pending          # QueryStats handle of the request being built, -1: none
@@ -232,6 +244,8 @@ cdef class Engine:
     cdef Py_ssize_t scratch_cap, scratch_len
     cdef list paused_now              # links whose pause_writing() is due once the walk is over
     cdef public QueryStats qstats     # per-query statistics (query_stats, SHOW QUERIES)
+    cdef Shape *shapes                # SHAPE_SLOTS statement texts and their handles (_statement_handle)
+    cdef unsigned int shape_turn      # which way of a full set the next new text replaces
 
     cdef int _register(self, Link link) except -1
     cdef int _accept(self, Acceptor a) except -1
@@ -255,6 +269,8 @@ cdef class Engine:
     cdef Py_ssize_t _statement_ref(self, Link c, Link s, unsigned char *b, Py_ssize_t pos, unsigned int ln,
                                    unsigned char typ, object stmts, object lru, Py_ssize_t run) except -2
     cdef int _scratch_add(self, const unsigned char *p, Py_ssize_t n) except -1
+    cdef void _shape_store(self, Shape *set_, const unsigned char *q, Py_ssize_t n, int pool, long long h) noexcept
+    cdef void _remember_last(self, Link c, const unsigned char *q, Py_ssize_t n, int pool, long long h) noexcept
     cdef long long _statement_handle(self, Link c, int pool, const unsigned char *q, Py_ssize_t n) noexcept
     cdef int _server_walk(self, Link s, Link c, unsigned char *b, Py_ssize_t keep, Py_ssize_t end) except -1
     cdef int _end_of_transaction(self, Link s) except -1

@@ -341,6 +341,14 @@ for _k in range(256):
     WORD_BYTE[_k] = (97 <= _k <= 122) or (65 <= _k <= 90) or (48 <= _k <= 57) or _k == 95 or _k == 36 or _k >= 128
 
 
+# Bytes after which a minus before a number is its sign for the normalizer (_querystats: a token
+# that cannot end an operand): operators and `(`, `[`, `,`, `:`. Not `;`: the normalizer keeps
+# the operand state across it.
+cdef unsigned char FOLD_BEFORE[256]
+for _c in bytearray(b"+-*<>=~!@#%^&|`?,([:"):
+    FOLD_BEFORE[_c] = 1
+
+
 cdef inline bint word_byte(unsigned char ch) noexcept nogil:
     return WORD_BYTE[ch] != 0
 
@@ -349,6 +357,27 @@ cdef inline bint has_digit(unsigned long long x) noexcept nogil:
     """Some byte of x is an ASCII digit (SWAR: a byte between 0x2F and 0x3A, exclusive)."""
     cdef unsigned long long low = x & (ONES * 127)
     return (((ONES * (127 + 58) - low) & ~x & (low + ONES * (127 - 47))) & HIGHS) != 0
+
+
+cdef bint folded_minus(const unsigned char *q, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """q[i] is a minus that the normalizer reads as the sign of the number after it: a digit
+    follows, and the token before cannot end an operand (an operator, `(`, `,`, or nothing).
+    Looked at conservatively: a newline before it (a `--` comment may end there), `*/`, or any
+    other byte than those listed says no."""
+    cdef Py_ssize_t k = i - 1
+    cdef unsigned char p
+    if q[i] != 45 or i + 1 >= n or not digit(q[i + 1]):
+        return False
+    while k >= 0 and (q[k] == 32 or q[k] == 9 or q[k] == 13):
+        k -= 1
+    if k < 0:
+        return True
+    p = q[k]
+    if p == 47:
+        return k == 0 or q[k - 1] != 42  # `/`, not the end of a block comment
+    if p == 45 and (k == i - 1 or (k > 0 and q[k - 1] == 45)):
+        return False  # `--`: a comment starts (or went on) there
+    return FOLD_BEFORE[p] != 0
 
 
 cdef bint same_shape(const unsigned char *a, Py_ssize_t an, const unsigned char *b, Py_ssize_t bn) noexcept nogil:
@@ -377,12 +406,58 @@ cdef bint same_shape(const unsigned char *a, Py_ssize_t an, const unsigned char 
             j = skip_number(b, j, bn)
             continue
         if a[i] != b[j]:
+            # `+ -5` and `+ 7`: a minus the normalizer folds into the constant (TPC-B's deltas)
+            if folded_minus(a, i, an) and digit(b[j]) and (j == 0 or not word_byte(b[j - 1])):
+                i = skip_number(a, i + 1, an)
+                j = skip_number(b, j, bn)
+                continue
+            if folded_minus(b, j, bn) and digit(a[i]) and (i == 0 or not word_byte(a[i - 1])):
+                i = skip_number(a, i, an)
+                j = skip_number(b, j + 1, bn)
+                continue
             return False
         if a[i] == 34:
             exact = True
         i += 1
         j += 1
     return i == an and j == bn
+
+
+cdef inline unsigned int shape_slot(const unsigned char *q, Py_ssize_t n, int pool) noexcept nogil:
+    """The shape table's set of a statement text: a hash of its bytes before the first digit or
+    minus before a digit (at most SHAPE_PREFIX), which two texts of the same shape share
+    (same_shape: equal up to there), and of the pool; eight bytes at a time where none of them
+    can start a number."""
+    cdef unsigned long long h = 14695981039346656037ULL ^ <unsigned long long>pool
+    cdef unsigned long long x
+    cdef Py_ssize_t i = 0, end = n if n < SHAPE_PREFIX else SHAPE_PREFIX
+    cdef unsigned char ch
+    while i + 8 <= end:
+        x = load8(q + i)
+        if has_digit(x) or has_byte(x, 45):
+            break
+        h = (h ^ x) * 1099511628211ULL
+        i += 8
+    while i < end:
+        ch = q[i]
+        if digit(ch) or (ch == 45 and i + 1 < n and digit(q[i + 1])):  # (a sign: folded_minus)
+            break
+        h = (h ^ ch) * 1099511628211ULL
+        i += 1
+    h ^= h >> 29
+    return <unsigned int>(h * 0x9E3779B97F4A7C15ULL >> 40) & (SHAPE_SLOTS - SHAPE_WAYS)
+
+
+cdef inline void remember_shape(QLast *to, const unsigned char *q, Py_ssize_t n, int pool, long long handle) noexcept nogil:
+    memcpy(to.text, q, n)
+    to.len = <int>n
+    to.pool = pool
+    to.handle = handle
+
+
+def shape_slot_py(bytes q, int pool):
+    """shape_slot() for tests."""
+    return shape_slot(<const unsigned char *><char *>q, len(q), pool)
 
 
 def same_shape_py(bytes a, bytes b):
@@ -1121,6 +1196,10 @@ cdef class Engine:
             free(self.tlsplain)
         if self.scratch != NULL:
             free(self.scratch)
+        if self.shapes != NULL:
+            for i in range(SHAPE_SLOTS):
+                free(self.shapes[i].text)
+            free(self.shapes)
         if self.epfd >= 0:
             close(self.epfd)
         if self.spare_fd >= 0:
@@ -1858,26 +1937,77 @@ cdef class Engine:
         return 1
 
     cdef long long _statement_handle(self, Link c, int pool, const unsigned char *q, Py_ssize_t n) noexcept:
-        """The QueryStats handle of a statement text from client c: its last statement's when the
-        text has the same shape (same_shape), else a lookup (which normalizes it). c may be None
-        (a server's Python path that lost its client): a lookup then."""
+        """The QueryStats handle of a statement text from client c, without normalizing it when
+        it has the same shape (same_shape) as c's last statement or as one in its set of the
+        engine's shape table (statements that alternate, as TPC-B's seven, and those every client
+        of a pool sends); else a lookup, which normalizes it. c may be None (a server's Python
+        path that lost its client)."""
         cdef QLast *last = c.qlast if c is not None else NULL
-        cdef long long h
+        cdef Shape *set_ = NULL
+        cdef Shape *sh = NULL
+        cdef long long h = -1
+        cdef int k
         if (last != NULL and last.pool == pool and same_shape(last.text, last.len, q, n)
                 and self.qstats.touch(last.handle)):
             return last.handle
+        if n <= SHAPE_TEXT_MAX:
+            if self.shapes == NULL:
+                self.shapes = <Shape *>calloc(SHAPE_SLOTS, sizeof(Shape))
+            if self.shapes != NULL:
+                set_ = &self.shapes[shape_slot(q, n, pool)]
+                for k in range(SHAPE_WAYS):
+                    sh = &set_[k]
+                    if (sh.len > 0 and sh.pool == pool and same_shape(sh.text, sh.len, q, n)
+                            and self.qstats.touch(sh.handle)):
+                        h = sh.handle
+                        break
+                else:
+                    sh = NULL
+            if sh != NULL:
+                if last == NULL:  # a client's first statement: its last from now on (-S repeats it)
+                    self._remember_last(c, q, n, pool, h)
+                return h
         h = self.qstats.lookup(pool, q, n)
-        if h < 0 or n > QTEXT_KEEP or c is None:
+        if h < 0:
             return h
+        if set_ != NULL:
+            self._shape_store(set_, q, n, pool, h)
+        self._remember_last(c, q, n, pool, h)
+        return h
+
+    cdef void _remember_last(self, Link c, const unsigned char *q, Py_ssize_t n, int pool, long long h) noexcept:
+        cdef QLast *last
+        if c is None or n > QTEXT_KEEP:
+            return
+        last = c.qlast
         if last == NULL:
             last = c.qlast = <QLast *>malloc(sizeof(QLast))
             if last == NULL:
-                return h
-        memcpy(last.text, q, n)
-        last.len = <int>n
-        last.pool = pool
-        last.handle = h
-        return h
+                return
+        remember_shape(last, q, n, pool, h)
+
+    cdef void _shape_store(self, Shape *set_, const unsigned char *q, Py_ssize_t n, int pool, long long h) noexcept:
+        """A new text in its set: in a free way, else in the ways' turn."""
+        cdef Shape *sh = NULL
+        cdef unsigned char *nt
+        cdef int k
+        for k in range(SHAPE_WAYS):
+            if set_[k].len == 0:
+                sh = &set_[k]
+                break
+        if sh == NULL:
+            self.shape_turn += 1
+            sh = &set_[self.shape_turn & (SHAPE_WAYS - 1)]
+        if sh.cap < n:
+            nt = <unsigned char *>realloc(sh.text, n)
+            if nt == NULL:
+                return
+            sh.text = nt
+            sh.cap = <int>n
+        memcpy(sh.text, q, n)
+        sh.len = <int>n if n > 0 else 0
+        sh.pool = pool
+        sh.handle = h
 
     cdef int _scratch_add(self, const unsigned char *p, Py_ssize_t n) except -1:
         cdef Py_ssize_t cap

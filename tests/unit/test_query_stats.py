@@ -121,11 +121,12 @@ def test_show_rows_and_merge_of_workers() -> None:
 
 
 def test_same_shape_means_same_statement() -> None:
-    """The engine skips the normalizer for a client's statement shaped as its last one (numbers
-    aside): whenever it says so, the normalizer must agree."""
+    """The engine skips the normalizer for a statement shaped as the client's last one or as the
+    one in its slot of the shape table (numbers aside): whenever same_shape says so, the
+    normalizer must agree, and both texts must have the same slot."""
     import random
 
-    from pgmux.engine._engine import same_shape_py
+    from pgmux.engine._engine import same_shape_py, shape_slot_py
 
     assert same_shape_py(b"SELECT a FROM t WHERE aid = 1;", b"SELECT a FROM t WHERE aid = 20345;")
     assert same_shape_py(b"x > 1.5e3 AND y < .7", b"x > 2 AND y < .12")
@@ -133,11 +134,16 @@ def test_same_shape_means_same_statement() -> None:
     assert not same_shape_py(b'SELECT "col 1" FROM t', b'SELECT "col 2" FROM t')  # a quoted name
     assert not same_shape_py(b"SELECT $1", b"SELECT $2")  # (conservative: the normalizer agrees anyway)
     assert not same_shape_py(b"SELECT 1", b"SELECT 1 ")
+    assert same_shape_py(b"SET a = a + -5 WHERE x = 1", b"SET a = a + 7 WHERE x = 20")  # a folded sign
+    assert not same_shape_py(b"SELECT -5", b"SELECT 5")  # after a keyword: a binary minus to the normalizer
+    assert not same_shape_py(b"x --5", b"x -7")  # a comment
+    assert not same_shape_py(b"'';-5", b"'';5")  # the normalizer keeps the operand state across `;`
     rnd = random.Random(5)
     parts = [b"SELECT", b" ", b"t", b"1", b"22", b".5", b"e3", b"-", b"'a 1'", b'"q 1"', b"$1", b"x_", b"(", b")",
-             b",", b";", b"--c 1\n", b"/* 2 */", b"E'3'", b"$$4$$", b"a1", b"9.9"]
+             b",", b";", b"--c 1\n", b"/* 2 */", b"E'3'", b"$$4$$", b"a1", b"9.9", b"+", b" -", b"-5", b"--",
+             b"*", b"/", b"\n", b"=", b"e-", b"WHERE", b"[", b"::", b"\t", b"/*", b"*/", b"'", b"-.5", b"\x0c", b"''"]
     agreed = 0
-    for _ in range(20000):
+    for _ in range(60000):
         a = b"".join(rnd.choice(parts) for _ in range(rnd.randint(1, 10)))
         b = bytes(a)
         if rnd.random() < 0.8:  # change some digits or a part
@@ -147,4 +153,6 @@ def test_same_shape_means_same_statement() -> None:
         if same_shape_py(a, b):
             agreed += 1
             assert normalize(a) == normalize(b), (a, b)
+            # the engine's shape table finds b in a's slot
+            assert shape_slot_py(a, 3) == shape_slot_py(b, 3), (a, b)
     assert agreed > 2000
