@@ -32,7 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # python bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -586,12 +588,25 @@ class Bench:
             res.error = (res.error + "; " if res.error else "") + f"{target} exited: {tail_text}"
         return res
 
+    @contextlib.contextmanager
+    def _fresh_pooler(self, target: str, name: str, res: RunResult) -> Iterator[BenchPooler]:
+        """A pooler process of its own for one run (idle clients, a login burst), stopped and
+        removed after it; an exception in the run becomes the run's error ("fails: ...")."""
+        proc = self.start_pooler(target, name)
+        self.extra_poolers.append(proc)
+        try:
+            yield proc
+        except Exception as e:  # noqa: BLE001 - recorded as "fails: ..."
+            res.error = f"{type(e).__name__}: {e}"
+        finally:
+            proc.stop()
+            self.extra_poolers.remove(proc)
+            shutil.rmtree(proc.workdir, ignore_errors=True)
+
     def run_idle(self, target: str, rep: int) -> RunResult:
         """A fresh pooler process, one warm-up login, then N idle clients held."""
         res = RunResult("idle", target, rep)
-        proc = self.start_pooler(target, f"{target}-idle-{rep}")
-        self.extra_poolers.append(proc)
-        try:
+        with self._fresh_pooler(target, f"{target}-idle-{rep}", res) as proc:
             n = self.args.idle_clients
             warm = asyncio.run(
                 hold_idle_clients(proc.host, proc.port, "md5user", PASSWORDS["md5user"], DB, 1, hold=0.2)
@@ -638,12 +653,6 @@ class Bench:
                     f"idle clients via {TARGET_LABEL[target]} (rep {rep + 1}): {opened - int(out['alive'])} "  # type: ignore[arg-type]
                     "connections were closed by the pooler while held"
                 )
-        except Exception as e:  # noqa: BLE001 - recorded as "fails: ..."
-            res.error = f"{type(e).__name__}: {e}"
-        finally:
-            proc.stop()
-            self.extra_poolers.remove(proc)
-            shutil.rmtree(proc.workdir, ignore_errors=True)
         return res
 
     def run_burst(self, target: str, rep: int) -> RunResult:
@@ -651,10 +660,8 @@ class Bench:
         started at once, ``--burst-in-flight`` in flight, all held until the last is in. The pooler's CPU
         (process tree) from the first connect() to the last client's outcome."""
         res = RunResult("login-burst", target, rep)
-        proc = self.start_pooler(target, f"{target}-burst-{rep}")
-        self.extra_poolers.append(proc)
         n, in_flight = self.args.burst_clients, self.args.burst_in_flight
-        try:
+        with self._fresh_pooler(target, f"{target}-burst-{rep}", res) as proc:
             warm = burst.run(burst.login_burst(proc.host, proc.port, "md5user", PASSWORDS["md5user"], DB, 1))
             if warm.logged_in != 1:
                 res.error = f"warm-up login failed: {warm.first_error}"
@@ -705,13 +712,22 @@ class Bench:
                     f"login burst via {TARGET_LABEL[target]} (rep {rep + 1}): {out.logged_in - out.alive} of "
                     f"{out.logged_in} logged-in clients were closed by the pooler before the burst ended"
                 )
-        except Exception as e:  # noqa: BLE001 - recorded as "fails: ..."
-            res.error = f"{type(e).__name__}: {e}"
-        finally:
-            proc.stop()
-            self.extra_poolers.remove(proc)
-            shutil.rmtree(proc.workdir, ignore_errors=True)
         return res
+
+    # workloads that are not a pgbench run: how each runs, and its log line
+    SPECIAL_KINDS: dict[str, tuple[Any, Any]] = {
+        "idle": (run_idle, lambda e: (
+            f"{e['held']:,} idle clients: RSS {e['rss_before_kb'] / 1024:.1f} -> "
+            f"{e['rss_held_kb'] / 1024:.1f} MiB = {e['kib_per_client']:.2f} KiB/client, "
+            f"{e['cpu_us_per_login']:.0f} µs CPU/login")),
+        "burst": (run_burst, lambda e: (
+            f"{e['logged_in']:,}/{e['clients']:,} in, {e['failed']} refused, "
+            f"{e['burst_s']:.2f} s; login ms p50 {report.f_ms(e['p50_ms'])} "
+            f"p95 {report.f_ms(e['p95_ms'])} p99 {report.f_ms(e['p99_ms'])} "
+            f"max {report.f_ms(e['max_ms'])}; CPU {e['cpu_s']:.2f} s "
+            f"({e['cpu_us_per_login']:.0f} µs/login)"
+            + (f"; first error: {e['first_error']}" if e["failed"] else ""))),
+    }
 
     def run(self) -> None:
         reps = self.args.reps
@@ -722,34 +738,12 @@ class Bench:
                     if target not in w.targets:
                         continue
                     log_label = f"[rep {rep + 1}/{reps}] {w.key:<14} {TARGET_LABEL[target]:<9}"
-                    if w.kind == "idle":
-                        res = self.run_idle(target, rep)
+                    special = self.SPECIAL_KINDS.get(w.kind)
+                    if special is not None:
+                        runner, line = special
+                        res = runner(self, target, rep)
                         self.results.append(res)
-                        if res.ok:
-                            e = res.extra
-                            log(
-                                f"{log_label} {e['held']:,} idle clients: RSS {e['rss_before_kb'] / 1024:.1f} -> "
-                                f"{e['rss_held_kb'] / 1024:.1f} MiB = {e['kib_per_client']:.2f} KiB/client, "
-                                f"{e['cpu_us_per_login']:.0f} µs CPU/login"
-                            )
-                        else:
-                            log(f"{log_label} fails: {res.error}")
-                        continue
-                    if w.kind == "burst":
-                        res = self.run_burst(target, rep)
-                        self.results.append(res)
-                        if res.ok:
-                            e = res.extra
-                            log(
-                                f"{log_label} {e['logged_in']:,}/{e['clients']:,} in, {e['failed']} refused, "
-                                f"{e['burst_s']:.2f} s; login ms p50 {report.f_ms(e['p50_ms'])} "
-                                f"p95 {report.f_ms(e['p95_ms'])} p99 {report.f_ms(e['p99_ms'])} "
-                                f"max {report.f_ms(e['max_ms'])}; CPU {e['cpu_s']:.2f} s "
-                                f"({e['cpu_us_per_login']:.0f} µs/login)"
-                                + (f"; first error: {e['first_error']}" if e["failed"] else "")
-                            )
-                        else:
-                            log(f"{log_label} fails: {res.error}")
+                        log(f"{log_label} {line(res.extra)}" if res.ok else f"{log_label} fails: {res.error}")
                         continue
                     res = self.run_one(w, target, rep)
                     self.results.append(res)

@@ -138,14 +138,28 @@ class Outcome:
         return self
 
 
+def assert_cached_error(p: PoolerProcess, pooler_kind: str, reason: str, within: float | None = None) -> None:
+    """A new client that needs a server while the pool's connects fail gets the cached error (at
+    once: within `within` seconds, when given), with 1.25's wording through pgmux."""
+    import psycopg
+
+    with connect(p, "md5user", "flaky") as b:
+        start = time.monotonic()
+        with pytest.raises(psycopg.Error) as exc_info:
+            b.execute("SELECT 1")
+        if within is not None:
+            assert time.monotonic() - start < within, "the new client was queued instead of failed fast"
+    assert re.search(cached_error(reason), str(exc_info.value)), str(exc_info.value)
+    if pooler_kind == "pgmux":
+        assert f"cached error: {reason} (server_login_retry)" in str(exc_info.value)
+
+
 # --------------------------------------------------------------------------------------------------
 # PostgreSQL down: connect refused
 
 
 def test_refused_keeps_the_queued_client_until_query_wait_timeout(cluster: TempCluster, pooler: PoolerFactory,
                                                                    pooler_kind: str) -> None:
-    import psycopg
-
     with FaultProxy(cluster.port) as proxy:
         p = tx_pooler(pooler, proxy, query_wait_timeout=4)
         a = warm_then_lose_server(p, proxy, proxy.unreachable)
@@ -154,14 +168,7 @@ def test_refused_keeps_the_queued_client_until_query_wait_timeout(cluster: TempC
         assert waiting.error is None and waiting.result is None, "the queued client was not kept waiting"
 
         # a client that needs a server while the pool's connects fail: the cached error, at once
-        with connect(p, "md5user", "flaky") as b:
-            start = time.monotonic()
-            with pytest.raises(psycopg.Error) as exc_info:
-                b.execute("SELECT 1")
-            assert time.monotonic() - start < 2, "the new client was queued instead of failed fast"
-        assert re.search(cached_error("connect failed"), str(exc_info.value)), str(exc_info.value)
-        if pooler_kind == "pgmux":
-            assert "cached error: connect failed (server_login_retry)" in str(exc_info.value)
+        assert_cached_error(p, pooler_kind, "connect failed", within=2)
 
         waiting.wait(15)
         a.close()
@@ -230,8 +237,6 @@ def test_first_client_of_a_pool_is_served_when_postgres_comes_back(cluster: Temp
 def test_tcp_connect_never_answered(cluster: TempCluster, pooler: PoolerFactory, pooler_kind: str) -> None:
     """The TCP connect gets no answer: given up after server_connect_timeout as `connect failed`
     (PgBouncer's sbuf_connect timer), retried; the queued client gets query_wait_timeout."""
-    import psycopg
-
     with FaultProxy(cluster.port) as proxy:
         p = tx_pooler(pooler, proxy, query_wait_timeout=5)
         port = proxy.port
@@ -240,11 +245,7 @@ def test_tcp_connect_never_answered(cluster: TempCluster, pooler: PoolerFactory,
             waiting = Outcome(a)
             time.sleep(2.5)  # the first connect has timed out (1 s), the next one is on its way
             assert waiting.error is None and waiting.result is None, "the queued client was not kept waiting"
-            with connect(p, "md5user", "flaky") as b, pytest.raises(psycopg.Error) as exc_info:
-                b.execute("SELECT 1")
-            assert re.search(cached_error("connect failed"), str(exc_info.value)), str(exc_info.value)
-            if pooler_kind == "pgmux":
-                assert "cached error: connect failed (server_login_retry)" in str(exc_info.value)
+            assert_cached_error(p, pooler_kind, "connect failed")
             waiting.wait(15)
             a.close()
         assert waiting.error is not None and "query_wait_timeout" in str(waiting.error), waiting.error
@@ -255,19 +256,13 @@ def test_tcp_connect_never_answered(cluster: TempCluster, pooler: PoolerFactory,
 def test_login_never_answered(cluster: TempCluster, pooler: PoolerFactory, pooler_kind: str) -> None:
     """The TCP connect works but the startup packet gets no answer: `connect timeout` after
     server_connect_timeout (PgBouncer's janitor), retried; then PostgreSQL answers again."""
-    import psycopg
-
     with FaultProxy(cluster.port) as proxy:
         p = tx_pooler(pooler, proxy, query_wait_timeout=30)
         a = warm_then_lose_server(p, proxy, lambda: proxy.blackhole_new(True))
         waiting = Outcome(a)
         time.sleep(2.5)
         assert waiting.error is None and waiting.result is None, "the queued client was not kept waiting"
-        with connect(p, "md5user", "flaky") as b, pytest.raises(psycopg.Error) as exc_info:
-            b.execute("SELECT 1")
-        assert re.search(cached_error("connect timeout"), str(exc_info.value)), str(exc_info.value)
-        if pooler_kind == "pgmux":
-            assert "cached error: connect timeout (server_login_retry)" in str(exc_info.value)
+        assert_cached_error(p, pooler_kind, "connect timeout")
         proxy.heal()
         waiting.wait(15)
         a.close()
