@@ -309,6 +309,8 @@ async def _serve(args: argparse.Namespace, config: Config, worker: WorkerContext
             share.stop()
         pooler.close_all()
         await asyncio.sleep(0.05)  # let the FATAL messages and Terminates go out
+        if pooler.own_sockets is not None:
+            pooler.own_sockets.remove_unix_file()
     logger.info("shutdown complete")
     return exit_code
 

@@ -25,7 +25,7 @@ from pgmux.engine import LAZY_PREPARE, PIN_HINTS, SESSION, TRACKED, Engine
 from pgmux.net import peers, systemd
 from pgmux.net.base import ConnectionLost
 from pgmux.net.client import ClientConnection, ClientError
-from pgmux.net.listener import EngineServer, log_unsupported_settings, stop_listening
+from pgmux.net.listener import BoundSockets, EngineServer, log_unsupported_settings, stop_listening
 from pgmux.net.server import ServerConnection, ServerLoginError
 from pgmux.net.sockopts import apply_tcp_options
 from pgmux.net.tls import TlsConfigError, build_contexts
@@ -127,6 +127,7 @@ class Pooler:
         self.cancel_keys: dict[bytes, ClientConnection] = {}
         self.shutting_down = False
         self.listeners: list[EngineServer | asyncio.AbstractServer] = []
+        self.own_sockets: BoundSockets | None = None  # one process: what start_listeners bound
         self._client_ids = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         # Clients logging in to a pool that has no ParameterStatus set yet: (future, since when).

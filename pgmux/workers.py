@@ -33,7 +33,6 @@ GATHER_TIMEOUT. With `workers = 1` none of this exists.
 from __future__ import annotations
 
 import asyncio
-import errno
 import fcntl
 import hashlib
 import json
@@ -772,15 +771,14 @@ class Supervisor:
         except OSError as exc:
             logger.critical("%s", exc)
             return 1
-        unix_ino = _inode(self.bound.unix_path)
         # after_bind (cli: pidfile, then -u/`user`) logs why it failed; nothing was forked yet.
         try:
             ok = self.after_bind is None or self.after_bind()
         except BaseException:
-            self._close_bound(unix_ino)
+            self._close_bound()
             raise
         if not ok:
-            self._close_bound(unix_ino)
+            self._close_bound()
             return 1
         self.table = SharedTable(self.count)
         self.channels = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(self.count)]
@@ -798,18 +796,14 @@ class Supervisor:
             self._loop(waited)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, self.old_mask)
-            self._close_bound(unix_ino)
+            self._close_bound()
         logger.info("all workers exited")
         return self.exit_code
 
-    def _close_bound(self, unix_ino: int | None) -> None:
+    def _close_bound(self) -> None:
         """Close the listening sockets; unlink the Unix socket if it is still the one we bound."""
         self.bound.close_all()
-        if self.bound.unix_path and unix_ino is not None and _inode(self.bound.unix_path) == unix_ino:
-            try:
-                os.unlink(self.bound.unix_path)
-            except OSError:
-                pass
+        self.bound.remove_unix_file()
 
     def _loop(self, waited: set[signal.Signals]) -> None:
         while True:
@@ -932,13 +926,3 @@ def _signame(number: int) -> str:
     except ValueError:
         return f"signal {number}"
 
-
-def _inode(path: str | None) -> int | None:
-    if not path:
-        return None
-    try:
-        return os.stat(path).st_ino
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:
-            logger.warning("%s: %s", path, exc)
-        return None

@@ -173,6 +173,7 @@ class BoundSockets:
     tcp: list[list[socket.socket]] = field(default_factory=list)
     unix: socket.socket | None = None
     unix_path: str | None = None  # a filesystem path to unlink at exit (None: abstract or none)
+    unix_inode: int | None = None  # the file's inode once bound: unlinked only while it is still ours
     inherited: list[socket.socket] = field(default_factory=list)
 
     def keep_only(self, index: int) -> None:
@@ -195,6 +196,24 @@ class BoundSockets:
         if self.unix is not None:
             self.unix.close()
 
+    def remove_unix_file(self) -> None:
+        """At exit, as PgBouncer does: unlink the Unix socket's file if it is still the one bound
+        here (a successor may have bound its own at that path meanwhile)."""
+        if self.unix_path and self.unix_inode is not None and _inode(self.unix_path) == self.unix_inode:
+            try:
+                os.unlink(self.unix_path)
+            except OSError:
+                pass
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            logger.warning("%s: %s", path, exc)
+        return None
+
 
 async def start_listeners(pooler: Pooler, bound: BoundSockets | None = None, index: int = 0) -> list[EngineServer]:
     """Bind every configured address; raises OSError (with the address) when one cannot be bound.
@@ -203,6 +222,7 @@ async def start_listeners(pooler: Pooler, bound: BoundSockets | None = None, ind
     engine accepts on all of them (EngineServer)."""
     if bound is None:
         bound = bind_worker_sockets(pooler.settings, 1)  # (one process: its own sockets, as a worker's)
+        pooler.own_sockets = bound  # (its Unix socket file is removed at exit; a supervisor removes workers')
     backlog = pooler.settings.listen_backlog
     servers: list[EngineServer] = []
     for sock in [*bound.tcp[index], *bound.inherited, *([bound.unix] if bound.unix is not None else [])]:
@@ -314,6 +334,8 @@ def bind_worker_sockets(settings: Any, workers: int) -> BoundSockets:
                     addrs.remove(addr)
         if socket_dir:
             bound.unix, bound.unix_path = _bind_unix(socket_dir, settings)
+            if bound.unix_path:
+                bound.unix_inode = _inode(bound.unix_path)
         if not bound.unix and not addrs and not bound.inherited:
             raise OSError("nothing to listen on: set listen_addr or unix_socket_dir")
     except BaseException:

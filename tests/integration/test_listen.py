@@ -78,6 +78,24 @@ def test_stale_unix_socket_is_replaced(pooler: Callable[..., PoolerProcess]) -> 
     assert _select_one(p.unix_dsn("trustuser")) == 1
 
 
+def test_unix_socket_file_removed_at_exit(pooler: Callable[..., PoolerProcess]) -> None:
+    """Stopping removes the Unix socket's file, as PgBouncer does."""
+    _stop_removes_unix_socket(pooler(auth_type="trust"))
+
+
+@pytest.mark.pgmux_only(reason="workers = N is pgmux's")
+def test_unix_socket_file_removed_at_exit_with_workers(pooler: Callable[..., PoolerProcess]) -> None:
+    """With workers, the supervisor removes it once they exited."""
+    _stop_removes_unix_socket(pooler(auth_type="trust", extra={"workers": 2}))
+
+
+def _stop_removes_unix_socket(p: PoolerProcess) -> None:
+    path = p.unix_socket_path
+    assert path is not None and os.path.exists(path)
+    p.stop()
+    assert not os.path.exists(path), "the Unix socket file was left behind"
+
+
 # --- 2. a missing unix_socket_dir is a warning, TCP keeps working --------------------------------
 
 
