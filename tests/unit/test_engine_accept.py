@@ -11,7 +11,9 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import select
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +33,12 @@ class Accepted:
 
     def on_error(self, err: int) -> None:
         self.errors.append(err)
+
+
+def wait_readable(sock: socket.socket) -> None:
+    """Until a connection waits in the accept queue (a loaded machine may take a moment)."""
+    readable, _, _ = select.select([sock], [], [], 5)
+    assert readable, "no connection reached the accept queue"
 
 
 @pytest.fixture
@@ -57,7 +65,10 @@ def test_accepts_with_addresses_and_options(listening: tuple[Engine, socket.sock
     eng, sock, got = listening
     clients = [socket.create_connection(sock.getsockname()) for _ in range(3)]
     try:
-        eng.run()
+        deadline = time.monotonic() + 5
+        while len(got.conns) < 3 and time.monotonic() < deadline:
+            wait_readable(sock)
+            eng.run()
         assert len(got.conns) == 3 and not got.errors
         for (fd, peer, local), client in zip(got.conns, clients, strict=True):
             assert peer == client.getsockname()
@@ -76,9 +87,10 @@ def test_accepts_with_addresses_and_options(listening: tuple[Engine, socket.sock
 def test_out_of_descriptors_resets_instead_of_spinning(listening: tuple[Engine, socket.socket, Accepted]) -> None:
     eng, sock, got = listening
     client = socket.create_connection(sock.getsockname())
+    wait_readable(sock)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # no descriptor left: the lowest free number is at the limit
-    probe = os.dup(0)
+    probe = os.open(os.devnull, os.O_RDONLY)
     os.close(probe)
     resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))
     try:
@@ -96,6 +108,7 @@ def test_out_of_descriptors_resets_instead_of_spinning(listening: tuple[Engine, 
         assert got.errors == [errno.EMFILE]
         # and the spare descriptor is back: the next connection is accepted as usual
         with socket.create_connection(sock.getsockname()):
+            wait_readable(sock)
             eng.run()
             assert len(got.conns) == 1
     finally:
