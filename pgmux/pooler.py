@@ -22,11 +22,11 @@ from pgmux.auth.hba import HbaError, HbaRule, HbaRules, IdentMap
 from pgmux.auth.secrets import forget_secret_classifications, random_bytes
 from pgmux.config import Config, ConfigError, DatabaseEntry
 from pgmux.engine import LAZY_PREPARE, PIN_HINTS, SESSION, TRACKED, Engine
+from pgmux.errors import ClientError, ConnectionLost, ServerLoginError
 from pgmux.net import peers, systemd
-from pgmux.net.base import ConnectionLost
-from pgmux.net.client import ClientConnection, ClientError
+from pgmux.net.client import ClientConnection
 from pgmux.net.listener import BoundSockets, EngineServer, log_unsupported_settings, stop_listening
-from pgmux.net.server import ServerConnection, ServerLoginError
+from pgmux.net.server import ServerConnection
 from pgmux.net.sockopts import apply_tcp_options
 from pgmux.net.tls import TlsConfigError, build_contexts
 from pgmux.pool.pool import Pool, PoolLimits

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pgmux import log as pglog
+from pgmux.errors import ClientError
 from pgmux.net import systemd
 from pgmux.net.listener import BoundSockets, bind_worker_sockets
 
@@ -665,8 +666,6 @@ class WorkerShare:
         since = self._params_since.setdefault(key, now)
         timeout = pooler.settings.query_wait_timeout
         if timeout and now - since >= timeout:
-            from pgmux.net.client import ClientError
-
             self._params_since.pop(key, None)
             pooler.fail_params_waiters(pool, ClientError("query_wait_timeout"))
             return

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 from pgmux import log as pglog
 from pgmux.admin import control
 from pgmux.admin.commands import AdminError, Command, parse_command
-from pgmux.admin.peer import peer_credentials
 from pgmux.admin.result import Result, data_row, row_description
 from pgmux.admin.show import MERGED_SHOWS, SERVER_VERSION
 from pgmux.admin.state import ADMIN_USER, P_SUSPEND, ConsoleSession
-from pgmux.net.base import ConnectionLost
+from pgmux.errors import ClientError, ConnectionLost
+from pgmux.net.peercred import peer_credentials
 from pgmux.protocol import messages as m
 
 if TYPE_CHECKING:
@@ -58,8 +58,6 @@ async def run_console(client: ClientConnection) -> None:
 
     Raises ClientError (FATAL + close) for refusals. Returns once the session task is started, so
     that the session is not bounded by client_login_timeout."""
-    from pgmux.net.client import ClientError
-
     pooler = client.pooler
     s = pooler.settings
     user = client.user or ""

@@ -13,7 +13,7 @@ import asyncio
 import struct
 
 from pgmux.engine import Link
-from pgmux.protocol.messages import ProtocolError
+from pgmux.errors import ConnectionLost, ProtocolError
 
 BUF_SIZE = 65536
 _unpack_u32 = struct.Struct("!I").unpack_from
@@ -34,10 +34,6 @@ class SharedReadBuffer:
     def renew(cls) -> None:
         cls.buf = bytearray(BUF_SIZE)
         cls.mv = memoryview(cls.buf)
-
-
-class ConnectionLost(Exception):
-    """The peer closed the socket while we waited for a message."""
 
 
 class PgConnection(Link, asyncio.BufferedProtocol):

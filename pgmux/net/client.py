@@ -14,7 +14,9 @@ from pgmux import log as pglog
 from pgmux.auth import ScramError, ScramServer, SecretKind, md5_verify, plain_verify, secret_kind
 from pgmux.auth.external import LdapOptions, LdapOptionsError, ldap_authenticate, pam_authenticate, parse_ldap_options
 from pgmux.auth.secrets import random_bytes
-from pgmux.net.base import ConnectionLost, PgConnection, SharedReadBuffer
+from pgmux.errors import ClientError, ConnectionLost
+from pgmux.net.base import PgConnection, SharedReadBuffer
+from pgmux.net.peercred import peer_credentials
 from pgmux.net.tls import ALPN_POSTGRESQL
 from pgmux.net.tls import describe as tls_describe
 from pgmux.protocol import messages as m
@@ -106,15 +108,6 @@ def replication_mode(value: str | None) -> str | None:
     if v and ("true".startswith(v) or "yes".startswith(v) or v == "1" or (len(v) >= 2 and "on".startswith(v))):
         return "physical"
     return None
-
-
-class ClientError(Exception):
-    """A refusal the client is told about with an ErrorResponse, then closed."""
-
-    def __init__(self, message: str, sqlstate: str = "08P01", log: bool = True) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
-        self.log = log
 
 
 class LoginState:
@@ -1335,8 +1328,6 @@ class ClientConnection(PgConnection):
             system_user = names[0] if names else ""
             failure = "certificate authentication failed"
         else:
-            from pgmux.admin.peer import peer_credentials
-
             creds = peer_credentials(self.transport)
             if creds is None:
                 raise ClientError("unix socket login rejected", "28000")

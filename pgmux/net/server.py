@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 from pgmux import log as pglog
 from pgmux.auth import ScramClient, ScramError, ScramSecret, SecretKind, md5_client_response, secret_kind
-from pgmux.net.base import BUF_SIZE, ConnectionLost, PgConnection
+from pgmux.errors import ConnectionLost, ServerLoginError
+from pgmux.net.base import BUF_SIZE, PgConnection
 from pgmux.protocol import messages as m
 from pgmux.protocol.prepared import PASS, ResponseTracker, ServerStatements
 from pgmux.protocol.scanner import scan, type_table
@@ -39,21 +40,6 @@ _Z = m.READY_FOR_QUERY
 _S = m.PARAMETER_STATUS
 _IDLE = ord("I")
 _INTRANS = ord("T")
-
-
-class ServerLoginError(Exception):
-    """PostgreSQL refused the login; `fields` is its ErrorResponse, relayed to waiting clients.
-
-    `queued`: no ErrorResponse came (the connect failed or timed out, the server went away while
-    logging in), so the clients waiting for a server stay queued while the pool retries
-    (PgBouncer's disconnect_server of a server in SV_LOGIN, with no kill_pool_logins).
-    `detail`: what the log says, when it says more than the clients are told."""
-
-    def __init__(self, fields: dict[str, str], queued: bool = False, detail: str | None = None) -> None:
-        super().__init__(fields.get("M", "server login failed"))
-        self.fields = fields
-        self.queued = queued
-        self.detail = detail
 
 
 class ServerConnection(PgConnection):

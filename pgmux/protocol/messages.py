@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from pgmux.errors import ProtocolError
+
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
 _I16 = struct.Struct("!h")
@@ -57,10 +59,6 @@ AUTH_MD5 = 5
 AUTH_SASL = 10
 AUTH_SASL_CONTINUE = 11
 AUTH_SASL_FINAL = 12
-
-
-class ProtocolError(Exception):
-    """Bytes that do not follow the protocol. The message is what the client is told."""
 
 
 def message(typ: bytes, payload: bytes = b"") -> bytes:
