@@ -31,9 +31,9 @@ class CallgrindPooler(PoolerProcess):
 
 
 def run_under_callgrind(cluster: TempCluster, extra: dict[str, object], txns: int, clients: int,
-                        more: tuple[str, ...] = ()) -> Path:
-    """pgmux under callgrind serving `txns` transactions of pgbench -S (with `more` pgbench
-    arguments: -C, a login per transaction; -M prepared): the callgrind output file."""
+                        workload: tuple[str, ...] = ("-S",)) -> Path:
+    """pgmux under callgrind serving `txns` transactions of pgbench with the `workload` arguments
+    (-S, -C, -M ...): the callgrind output file."""
     workdir = tempfile.mkdtemp(prefix="pgmux-callgrind-")
     os.chmod(workdir, 0o755)
     ini, userlist = write_config(cluster, workdir=workdir, pool_mode="transaction", userlist=USERS,
@@ -41,9 +41,8 @@ def run_under_callgrind(cluster: TempCluster, extra: dict[str, object], txns: in
     p = CallgrindPooler("pgmux", ini, userlist, workdir)
     p.start(timeout=120)
     try:
-        select_only = () if "tpcb" in more else ("-S",)
-        subprocess.run(["pgbench", "-n", *select_only, *(a for a in more if a != "tpcb"), "-c", str(clients), "-j", "2",
-                        "-t", str(txns // clients), p.dsn("md5user", "md5pass", dbname="testdb")],
+        subprocess.run(["pgbench", "-n", *workload, "-c", str(clients), "-j", "2", "-t", str(txns // clients),
+                        p.dsn("md5user", "md5pass", dbname="testdb")],
                        check=True, capture_output=True)
     finally:
         p.stop()
@@ -88,10 +87,9 @@ def main() -> None:
     ap.add_argument("--tpcb", action="store_true", help="pgbench's TPC-B-like script instead of -S")
     args = ap.parse_args()
     short = 2500
-    more = (*(("-C",) if args.connect else ()), "-M", args.mode, *(("tpcb",) if args.tpcb else ()))
-    c_flag = (" -S" if not args.tpcb else "") + " " + " ".join(a for a in more if a != "tpcb")
+    workload = (*(() if args.tpcb else ("-S",)), *(("-C",) if args.connect else ()), "-M", args.mode)
     print(f"how it was run: pgmux under callgrind, transaction mode, pool 20; "
-          f"pgbench{c_flag} -c {args.clients} -j 2, "
+          f"pgbench {' '.join(workload)} -c {args.clients} -j 2, "
           f"{short} and {short + args.txns} transactions; per transaction = difference / {args.txns}")
     with TempCluster() as cluster:
         cluster.create_test_roles()
@@ -100,8 +98,8 @@ def main() -> None:
         per_txn = {}
         for label in (args.set, args.against):
             extra = parse_setting(label)
-            a = run_under_callgrind(cluster, extra, short, args.clients, more)
-            b = run_under_callgrind(cluster, extra, short + args.txns, args.clients, more)
+            a = run_under_callgrind(cluster, extra, short, args.clients, workload)
+            b = run_under_callgrind(cluster, extra, short + args.txns, args.clients, workload)
             per_txn[label] = (total_instructions(b) - total_instructions(a)) / args.txns
             print(f"{label}: {per_txn[label]:.0f} instructions per transaction")
             if args.functions and label == args.set:

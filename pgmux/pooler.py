@@ -1068,11 +1068,17 @@ class Pooler:
             if tracker.queue or tracker.skipping or tracker.own_deallocs or server.sent_prefix != server.keep:
                 return False
         # the engine may link and release this client by itself until Python looks at it again
-        client.auto = client.pool_mode == "transaction" and client.pinned is None and client.state_hint is None
+        client.auto = self._engine_may_link(client)
         if client.read_paused and client.transport is not None:
             client.read_paused = False
             client.transport.resume_reading()
         return bool(self.engine.link_fast(client, server, self._engine_flags(client)))
+
+    @staticmethod
+    def _engine_may_link(client: ClientConnection) -> bool:
+        """The engine may link and release this client by itself (Link.auto): transaction
+        pooling, no pin and no session-state keyword waiting for its probe."""
+        return client.pool_mode == "transaction" and client.pinned is None and client.state_hint is None
 
     @staticmethod
     def _engine_flags(client: ClientConnection) -> int:
@@ -1090,8 +1096,8 @@ class Pooler:
         """A client just logged in, with nothing sent yet: in transaction mode the engine links it
         at its first request by itself (Engine.auto_link), as after each transaction it releases,
         instead of handing that request to Python to link."""
-        if (client.pool_mode == "transaction" and client.adopted and not client.keep and client.server is None
-                and not client.no_pqexec and client.pinned is None and client.state_hint is None):
+        if (self._engine_may_link(client) and client.adopted and not client.keep and client.server is None
+                and not client.no_pqexec):
             self.engine.auto_link(client, self._engine_flags(client))
 
     async def _sync_params(self, client: ClientConnection, server: ServerConnection,

@@ -1944,8 +1944,8 @@ cdef class Engine:
         path that lost its client)."""
         cdef QLast *last = c.qlast if c is not None else NULL
         cdef Shape *set_ = NULL
-        cdef Shape *sh = NULL
-        cdef long long h = -1
+        cdef Shape *sh
+        cdef long long h
         cdef int k
         if (last != NULL and last.pool == pool and same_shape(last.text, last.len, q, n)
                 and self.qstats.touch(last.handle)):
@@ -1959,14 +1959,9 @@ cdef class Engine:
                     sh = &set_[k]
                     if (sh.len > 0 and sh.pool == pool and same_shape(sh.text, sh.len, q, n)
                             and self.qstats.touch(sh.handle)):
-                        h = sh.handle
-                        break
-                else:
-                    sh = NULL
-            if sh != NULL:
-                if last == NULL:  # a client's first statement: its last from now on (-S repeats it)
-                    self._remember_last(c, q, n, pool, h)
-                return h
+                        if last == NULL:  # a client's first statement: its last from now on (-S repeats it)
+                            self._remember_last(c, q, n, pool, sh.handle)
+                        return sh.handle
         h = self.qstats.lookup(pool, q, n)
         if h < 0:
             return h

@@ -147,17 +147,10 @@ class EngineServer:
         else:
             logger.warning("accept() failed: %s", os.strerror(err))  # PgBouncer's words
 
-    def is_serving(self) -> bool:
-        return self.acceptor.adopted
-
     def close(self) -> None:
         self.pooler.engine.unlisten(self.acceptor)
         for sock in self.sockets:
             sock.close()
-
-    async def wait_closed(self) -> None:
-        return None
-
 
 def log_unsupported_settings(settings: Any) -> None:
     """One warning per accepted-but-unimplemented setting with a non-default value."""
