@@ -2,6 +2,8 @@
 
 - pgmux.engine._engine: the data path (an epoll set of its own, C buffers, framing, link state). Required.
 - pgmux.engine._querystats: per-query statistics (normalizer, bounded table) the engine adds to. Required.
+- pgmux.engine._tls: a TLS link's records through OpenSSL from C once its handshake is over. Required
+  (needs no OpenSSL headers: the functions are those Python's _ssl module uses, found at run time).
 - pgmux.protocol._scan: the compiled twin of the header walker the slow path uses. Optional: without it
   pgmux uses the pure-Python walker (pgmux/protocol/scanner.py), which is the reference anyway.
 
@@ -40,6 +42,9 @@ def extensions() -> list:
                   extra_link_args=link),
         Extension("pgmux.engine._querystats", ["pgmux/engine/_querystats.pyx"], extra_compile_args=args,
                   extra_link_args=link),
+        # OpenSSL is found at run time in the scope of Python's own _ssl module (dlopen/dlsym)
+        Extension("pgmux.engine._tls", ["pgmux/engine/_tls.pyx"], extra_compile_args=args,
+                  extra_link_args=link, libraries=["dl"]),
         Extension("pgmux.protocol._scan", ["pgmux/protocol/_scan.pyx"]),
     ]
     return cythonize(exts, quiet=True, compiler_directives={"language_level": "3"})

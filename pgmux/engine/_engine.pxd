@@ -29,6 +29,7 @@
 from cpython.ref cimport PyObject
 
 from pgmux.engine._querystats cimport QueryStats
+from pgmux.engine._tls cimport NativeTls
 
 
 cdef enum LinkMode:
@@ -120,6 +121,7 @@ cdef class Engine
 cdef class TlsState:
     cdef public object sslobj, incoming, outgoing, waiter
     cdef public bint live
+    cdef NativeTls nat                # once live: OpenSSL called from C (_tls.pyx); nat.ssl NULL: Python's ssl
 
 
 cdef class Link:
@@ -237,8 +239,11 @@ cdef class Engine:
     cdef unsigned int next_gen
     cdef double now
     cdef public unsigned long long batches, reads, fast_reads, escapes
+    cdef public unsigned long long tls_native, tls_python  # TLS handshakes done: records then in C / through ssl
     cdef unsigned char *shared        # read buffer of every link that keeps nothing between reads
     cdef unsigned char *tlsplain      # plaintext of a TLS read (shared then holds the raw bytes)
+    cdef unsigned char *tlsout        # records a native TLS link sends, on their way to _send_raw
+    cdef public bint native_tls       # hand TLS links to C after their handshake (False: Python's ssl only)
     cdef bint in_run                  # inside run(): Python hooks wait for the walk in progress
     cdef unsigned char *scratch       # a tracked client's output with names rewritten, sent at once
     cdef Py_ssize_t scratch_cap, scratch_len
@@ -260,6 +265,8 @@ cdef class Engine:
     cdef ssize_t _recv(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2
     cdef ssize_t _recv_tls(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2
     cdef ssize_t _tls_read(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2
+    cdef ssize_t _native_read(self, Link link, TlsState st, unsigned char *buf, Py_ssize_t cap) except -2
+    cdef int _native_flush(self, Link link, TlsState st) except -1
     cdef int _tls_step(self, Link link) except -1
     cdef int _tls_flush(self, Link link) except -1
     cdef int _tls_failed(self, Link link, str why) except -1

@@ -28,6 +28,10 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close
 
 from pgmux.engine._querystats cimport QueryStats, skip_number
+from pgmux.engine._tls cimport (
+    TLS_EOF, TLS_ERROR, TLS_WANT, tls_error_text, tls_feed, tls_native_from, tls_pending, tls_read, tls_take_output,
+    tls_write,
+)
 
 
 cdef extern from "sys/epoll.h" nogil:
@@ -577,7 +581,9 @@ class _SocketInfo:
 
 
 cdef class TlsState:
-    """A TLS link's ssl.SSLObject and its two MemoryBIOs; `waiter`: the handshake's future."""
+    """A TLS link's ssl.SSLObject and its two MemoryBIOs; `waiter`: the handshake's future. Once
+    the handshake is over, `nat` holds that object's SSL and BIOs for OpenSSL calls from C
+    (_tls.pyx); when it could not (nat.ssl NULL), records go through the SSLObject's methods."""
 
 
 cdef class Link:
@@ -613,6 +619,11 @@ cdef class Link:
         return self.mode == MODE_FAST
 
     @property
+    def tls_native(self):
+        """A TLS link whose records the engine reads and writes with OpenSSL from C."""
+        return self.tls is not None and (<TlsState>self.tls).nat.ssl != NULL
+
+    @property
     def carried(self):
         """(bytes kept in C between reads, body bytes still to come): SHOW SOCKETS and is_clean."""
         return self.rkeep, self.rskip
@@ -639,6 +650,11 @@ cdef class Link:
             return 0
         if self.tls is not None and (<TlsState>self.tls).live:
             st = <TlsState>self.tls
+            if st.nat.ssl != NULL:
+                if tls_write(&st.nat, p, n) != 0:
+                    self.eng._close_link(self, ConnectionResetError(f"TLS error: {tls_error_text()}"))
+                    return 0
+                return self.eng._native_flush(self, st)
             st.sslobj.write(PyMemoryView_FromMemory(<char *>p, n, PyBUF_READ))
             data = st.outgoing.read()
             return self._send_raw(<const unsigned char *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
@@ -1171,8 +1187,10 @@ cdef class Engine:
             raise OSError(errno, os.strerror(errno))
         self.shared = <unsigned char *>malloc(SHARED_SIZE)
         self.tlsplain = <unsigned char *>malloc(SHARED_SIZE)
-        if self.shared == NULL or self.tlsplain == NULL:
+        self.tlsout = <unsigned char *>malloc(SHARED_SIZE)
+        if self.shared == NULL or self.tlsplain == NULL or self.tlsout == NULL:
             raise MemoryError()
+        self.native_tls = True
         self.next_gen = 1
         self.paused_now = []
         self.qstats = QueryStats(5000)
@@ -1194,6 +1212,8 @@ cdef class Engine:
             free(self.shared)
         if self.tlsplain != NULL:
             free(self.tlsplain)
+        if self.tlsout != NULL:
+            free(self.tlsout)
         if self.scratch != NULL:
             free(self.scratch)
         if self.shapes != NULL:
@@ -1579,6 +1599,8 @@ cdef class Engine:
         `incoming`, plaintext out; during the handshake, the handshake's next step."""
         cdef TlsState st = <TlsState>link.tls
         cdef ssize_t r, got = 0
+        if st.nat.ssl != NULL:
+            return self._native_read(link, st, buf, cap)
         if st.live and st.sslobj.pending():
             got = self._tls_read(link, buf, cap)
         if got == 0:
@@ -1598,6 +1620,8 @@ cdef class Engine:
                 self._tls_step(link)
                 if not st.live:
                     return -1
+                if st.nat.ssl != NULL:  # records that came with the handshake's last ones: read in C
+                    return self._native_read(link, st, buf, cap)
             got = self._tls_read(link, buf, cap)
             if got < 0:
                 return -1
@@ -1621,10 +1645,52 @@ cdef class Engine:
             except ssl.SSLError as exc:
                 self._close_link(link, ConnectionResetError(f"TLS error: {exc}"))
                 return -1
-            if n <= 0:
+            if n <= 0:  # (how SSLObject.read says close_notify once it was received)
+                if got == 0:
+                    self._close_link(link, None)
+                    return -1
                 break
             got += n
         return got
+
+    cdef ssize_t _native_read(self, Link link, TlsState st, unsigned char *buf, Py_ssize_t cap) except -2:
+        """A TLS link in C: plaintext OpenSSL already has, else the socket's records through it;
+        > 0 bytes in buf, -1 nothing now (or the link closed: end of stream, TLS error)."""
+        cdef ssize_t r, got = tls_read(&st.nat, buf, cap)
+        if got == TLS_WANT:
+            while True:
+                r = recv(link.fd, self.shared, cap if cap < SHARED_SIZE else SHARED_SIZE, 0)
+                if r < 0 and errno == EINTR:
+                    continue
+                break
+            if r < 0 and errno == EAGAIN:
+                return -1
+            if r <= 0:
+                self._close_link(link, None if r == 0 else ConnectionResetError(errno, os.strerror(errno)))
+                return -1
+            tls_feed(&st.nat, self.shared, r)
+            got = tls_read(&st.nat, buf, cap)
+        if got == TLS_EOF:  # close_notify: the end of the stream
+            self._close_link(link, None)
+            return -1
+        if got == TLS_ERROR:
+            self._close_link(link, ConnectionResetError(f"TLS error: {tls_error_text()}"))
+            return -1
+        self._native_flush(link, st)  # what the read made OpenSSL answer (none, mostly)
+        if got == TLS_WANT:
+            return -1
+        if tls_pending(&st.nat):
+            self.loop.call_soon(self._kick, link, link.gen)  # plaintext left: level-triggered epoll will not say
+        return got
+
+    cdef int _native_flush(self, Link link, TlsState st) except -1:
+        """Send the records OpenSSL left in the outgoing BIO."""
+        cdef Py_ssize_t n
+        while True:
+            n = tls_take_output(&st.nat, self.tlsout, SHARED_SIZE)
+            if n <= 0:
+                return 0
+            link._send_raw(self.tlsout, n)
 
     def _kick(self, Link link, unsigned int gen):
         """Plaintext a TLS link already decrypted (no epoll event will come for it)."""
@@ -1669,6 +1735,10 @@ cdef class Engine:
             return 0
         else:
             st.live = True
+            if self.native_tls and tls_native_from(st.sslobj, st.incoming, st.outgoing, &st.nat):
+                self.tls_native += 1
+            else:
+                self.tls_python += 1
         self._tls_flush(link)
         if st.live and not st.waiter.done():
             st.waiter.set_result(None)
@@ -2419,7 +2489,7 @@ cdef class Engine:
 
     def stats(self):
         return {"batches": self.batches, "reads": self.reads, "fast_reads": self.fast_reads,
-                "escapes": self.escapes}
+                "escapes": self.escapes, "tls_native": self.tls_native, "tls_python": self.tls_python}
 
 
 

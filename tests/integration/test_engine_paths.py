@@ -74,6 +74,8 @@ def test_tls_clients_take_the_fast_path(cluster: TempCluster, pooler: PoolerFact
     run_clients(p, sslmode="require")
     after = engine_counters_tls(p)
     assert after["fast_reads"] - before["fast_reads"] >= 1000, after
+    # the records of those TLS links were read and written by OpenSSL from C (pgmux/engine/_tls.pyx)
+    assert after["tls_native"] - before["tls_native"] >= 2 and after["tls_python"] == 0, after
 
 
 def engine_counters_tls(p: PoolerProcess) -> dict[str, int]:

@@ -1,0 +1,3 @@
+"""Stub of pgmux/engine/_tls.pyx: its C functions are cimported by the engine."""
+
+def available() -> bool: ...
