@@ -218,9 +218,11 @@ HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT,
 
 
 async def serve(args: argparse.Namespace, config: Config, worker: WorkerContext | None = None) -> int:
+    from pgmux.admin.console import run_console
     from pgmux.pooler import Pooler
 
     pooler = Pooler(config)
+    pooler.console_entry = run_console
     share = worker.prepare(pooler) if worker is not None else None
     # PgBouncer sets its signal handlers before it listens: once a client can connect, SIGHUP
     # reloads rather than killing the process. Ours are set once the pooler is ready, so the

@@ -13,7 +13,7 @@ import os
 import random
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from pgmux import log as pglog
@@ -29,6 +29,7 @@ from pgmux.net.listener import BoundSockets, EngineServer, log_unsupported_setti
 from pgmux.net.server import ServerConnection
 from pgmux.net.sockopts import apply_tcp_options
 from pgmux.net.tls import TlsConfigError, build_contexts
+from pgmux.pool.admin_state import AdminState
 from pgmux.pool.pool import Pool, PoolLimits
 from pgmux.protocol import messages as m
 from pgmux.protocol.prepared import StatementRegistry
@@ -111,6 +112,9 @@ class Pooler:
     def __init__(self, config: Config) -> None:
         self.loop = asyncio.get_running_loop()
         self.config = config
+        # The console's protocol loop (pgmux.admin.console.run_console), given by the cli: the
+        # console sits above the pools, which never import it. None: no console (in-process tests).
+        self.console_entry: Callable[[ClientConnection], Coroutine[Any, Any, None]] | None = None
         self.auth_users: dict[str, str] = {}
         # Passwords that ldap/pam logins proved, for those users' server logins (PgBouncer keeps them too).
         self.external_passwords: dict[str, str] = {}
@@ -1600,12 +1604,10 @@ class Pooler:
     # record themselves there and are mirrored into Pool.paused, which request_server and
     # launch_connects honour. Nothing here runs on the data path.
 
-    def admin_state(self) -> Any:
-        """The console's state (pgmux.admin.state.AdminState), created on first use."""
-        state = self.__dict__.get("_admin")
+    def admin_state(self) -> AdminState:
+        """The console's state (pause mode, paused and disabled databases, sessions), created on first use."""
+        state: AdminState | None = self.__dict__.get("_admin")
         if state is None:
-            from pgmux.admin.state import AdminState
-
             state = self._admin = AdminState()
         return state
 

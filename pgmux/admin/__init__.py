@@ -2,6 +2,5 @@
 
 Modules: ``commands`` (the console grammar, sans-I/O), ``show`` (every SHOW as data from the pooler's
 state), ``control`` (who may run what, error texts, the control commands), ``result`` (result sets
-and their text/binary encoding), ``state`` (pause mode, paused/disabled databases, sessions),
-``peer`` (SO_PEERCRED, TLS details) and ``console`` (login and the protocol loop).
+and their text/binary encoding), ``peer`` (SO_PEERCRED, TLS details) and ``console`` (login and the protocol loop).
 """

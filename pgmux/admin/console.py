@@ -25,9 +25,9 @@ from pgmux.admin import control
 from pgmux.admin.commands import AdminError, Command, parse_command
 from pgmux.admin.result import Result, data_row, row_description
 from pgmux.admin.show import MERGED_SHOWS, SERVER_VERSION
-from pgmux.admin.state import ADMIN_USER, P_SUSPEND, ConsoleSession
 from pgmux.errors import ClientError, ConnectionLost
 from pgmux.net.peercred import peer_credentials
+from pgmux.pool.admin_state import ADMIN_USER, P_SUSPEND, ConsoleSession
 from pgmux.protocol import messages as m
 
 if TYPE_CHECKING:
@@ -69,9 +69,9 @@ async def run_console(client: ClientConnection) -> None:
         is_admin = True
     else:
         # PgBouncer's console database has a (fake) forced user, so auth_type=any lets anyone in here
-        state = client.login_state
-        assert state is not None and state.console
-        await client.authenticate(state)
+        login = client.login_state
+        assert login is not None and login.console
+        await client.authenticate(login)
         client.authed = True
         if user in s.admin_users:
             is_admin = True

@@ -14,8 +14,8 @@ from pgmux import log as pglog
 from pgmux.admin import show
 from pgmux.admin.commands import FAKE_PARAMS, AdminError, Command, parse_kill_client_id, syntax_error
 from pgmux.admin.result import Result
-from pgmux.admin.state import ADMIN_DB, P_NONE, ConsoleSession
 from pgmux.config import ConfigError
+from pgmux.pool.admin_state import ADMIN_DB, P_NONE, ConsoleSession
 from pgmux.protocol import messages as m
 
 if TYPE_CHECKING:

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 from pgmux import __version__
 from pgmux.admin.commands import FAKE_PARAMS, AdminError
 from pgmux.admin.result import Column, Result, Value, columns
-from pgmux.admin.state import ADMIN_DB, ADMIN_USER, P_PAUSE, P_SUSPEND
 from pgmux.net.base import BUF_SIZE
 from pgmux.net.peercred import peer_credentials
 from pgmux.net.tls import describe as tls_describe
+from pgmux.pool.admin_state import ADMIN_DB, ADMIN_USER, P_PAUSE, P_SUSPEND
 from pgmux.protocol import messages as m
 from pgmux.stats import counters, queries
 

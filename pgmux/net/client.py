@@ -1247,9 +1247,10 @@ class ClientConnection(PgConnection):
     async def _authenticate_and_finish(self, state: LoginState, plan: int = -1) -> None:
         """The login from authentication on, in a Task (`plan`: _auth_plan's, if already made)."""
         if state.console:
-            from pgmux.admin.console import run_console
-
-            await run_console(self)
+            entry = self.pooler.console_entry
+            if entry is None:
+                raise ClientError("no such database: pgbouncer", "08P01")
+            await entry(self)
             return
         await self.authenticate(state, plan)
         await self._welcome_when_ready(state, self._logged_in_to(state))

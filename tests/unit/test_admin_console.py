@@ -15,8 +15,8 @@ import pytest
 
 from pgmux.admin import control, show
 from pgmux.admin.commands import AdminError, parse_command
-from pgmux.admin.state import ConsoleSession
 from pgmux.config import load_config_text
+from pgmux.pool.admin_state import ConsoleSession
 from pgmux.pooler import Pooler
 from pgmux.protocol.varcache import ParamSet
 

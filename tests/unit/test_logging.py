@@ -16,8 +16,8 @@ from pgmux import cli
 from pgmux import log as pglog
 from pgmux.admin import control
 from pgmux.admin.commands import AdminError, Command
-from pgmux.admin.state import ConsoleSession
 from pgmux.config.settings import Settings
+from pgmux.pool.admin_state import ConsoleSession
 
 
 @pytest.fixture(autouse=True)

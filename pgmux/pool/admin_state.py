@@ -49,7 +49,7 @@ class AdminState:
     # Servers whose close_needed was set by PAUSE (so RESUME can take it back).
     pause_marked: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
     # Transports whose reading SUSPEND stopped.
-    suspended: list[asyncio.BaseTransport] = field(default_factory=list)
+    suspended: list[asyncio.ReadTransport] = field(default_factory=list)
     started: bool = False
     metrics_server: asyncio.AbstractServer | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
