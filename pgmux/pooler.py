@@ -179,6 +179,9 @@ class Pooler:
         self.engine.qstats.enabled = bool(s.query_stats)
         self.engine.qstats.configure(int(s.query_stats_max))
         self.tracked: dict[str, str] = tracked_names(list(s.track_extra_parameters))
+        # login_notify_message: the NOTICE each client's welcome carries (b"" when unset); a
+        # RELOAD changes it for the logins that follow.
+        self.login_notice = m.notice_response(s.login_notify_message) if s.login_notify_message else b""
         self.ignored_params = {p.lower() for p in s.ignore_startup_parameters}
         for pool in self.pools.values():
             db = config.find_database(pool.database)
