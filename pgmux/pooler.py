@@ -725,8 +725,7 @@ class Pooler:
         pool.set_login_failure(None)
         pool.last_login_ok = time.monotonic()
         server.state = "idle"
-        if server.connect_time < pool.dirty_since:  # RECONNECT/RELOAD came while it logged in
-            server.close_needed = True
+        self._mark_if_dirty(server)
         if pool.params is None:
             pool.params = dict(server.login_params)
         for fut, _ in self._params_waiters.pop(id(pool), []):
@@ -737,6 +736,13 @@ class Pooler:
             deliver.set_result(server)
             return
         self.server_ready(server)
+
+    @staticmethod
+    def _mark_if_dirty(server: ServerConnection) -> None:
+        """A server that has just logged in: RECONNECT or a RELOAD that changed its database
+        came while it did (PgBouncer's tag_pool_dirty marks those in SV_LOGIN too)."""
+        if server.connect_time < server.pool.dirty_since:
+            server.close_needed = True
 
     async def _login_server(self, pool: Pool[ServerConnection, ClientConnection], sid: int,
                             db: DatabaseEntry, startup: dict[str, str]) -> ServerConnection:
@@ -814,6 +820,7 @@ class Pooler:
             pool.connecting -= 1
         server.replication = client.replication
         server.state = "active"
+        self._mark_if_dirty(server)
         pool.active.add(server)
         if self.shared is not None:
             self.shared.servers_changed(pool)
@@ -1523,7 +1530,8 @@ class Pooler:
 
     def _check_linked_timeouts(self, server: ServerConnection, now: float) -> None:
         """query_timeout, idle_transaction_timeout, transaction_timeout and pin_timeout of a
-        linked server."""
+        linked server, and the close of one marked for it under server_fast_close or that
+        serves a replication client."""
         client = server.client
         if client is None or client.linking:
             return
@@ -1532,6 +1540,11 @@ class Pooler:
         if s.server_fast_close and server.close_needed and server.status == _IDLE and not server.outstanding:
             # Session mode: a server RECONNECT or RELOAD marked goes at the end of the
             # transaction rather than of the session, and its client with it.
+            reason = "database configuration changed"
+        elif server.replication is not None and server.close_needed and server not in self.admin_state().pause_marked:
+            # A replication server is never released (its session may stream for ever): once
+            # marked (RECONNECT, its database changed on RELOAD, new server TLS settings) it goes
+            # now, its client with it, as PgBouncer's pool_server_maint does. PAUSE's mark waits.
             reason = "database configuration changed"
         elif (client.pinned and s.pin_timeout and server.status == _IDLE and not server.outstanding
                 and now - max(server.last_used, client.request_time) >= s.pin_timeout):
