@@ -27,9 +27,9 @@ class ClientError(Exception):
 class ServerLoginError(Exception):
     """PostgreSQL refused the login; `fields` is its ErrorResponse, relayed to waiting clients.
 
-    `queued`: no ErrorResponse came (the connect failed or timed out, the server went away while
-    logging in), so the clients waiting for a server stay queued while the pool retries
-    (PgBouncer's disconnect_server of a server in SV_LOGIN, with no kill_pool_logins).
+    `queued`: no ErrorResponse came (the connect failed or timed out, TLS negotiation failed, the
+    server went away while logging in), so the clients waiting for a server stay queued while the
+    pool retries (PgBouncer's disconnect_server of a server in SV_LOGIN, with no kill_pool_logins).
     `detail`: what the log says, when it says more than the clients are told."""
 
     def __init__(self, fields: dict[str, str], queued: bool = False, detail: str | None = None) -> None:

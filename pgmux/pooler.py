@@ -183,6 +183,9 @@ class Pooler:
         self.engine.qstats.enabled = bool(s.query_stats)
         self.engine.qstats.configure(int(s.query_stats_max))
         self.tracked: dict[str, str] = tracked_names(list(s.track_extra_parameters))
+        # login_notify_message: the NOTICE each client's welcome carries (b"" when unset); a
+        # RELOAD changes it for the logins that follow.
+        self.login_notice = m.notice_response(s.login_notify_message) if s.login_notify_message else b""
         self.ignored_params = {p.lower() for p in s.ignore_startup_parameters}
         for pool in self.pools.values():
             db = config.find_database(pool.database)
@@ -726,8 +729,7 @@ class Pooler:
         pool.set_login_failure(None)
         pool.last_login_ok = time.monotonic()
         server.state = "idle"
-        if server.connect_time < pool.dirty_since:  # RECONNECT/RELOAD came while it logged in
-            server.close_needed = True
+        self._mark_if_dirty(server)
         if pool.params is None:
             pool.params = dict(server.login_params)
         for fut, _ in self._params_waiters.pop(id(pool), []):
@@ -738,6 +740,13 @@ class Pooler:
             deliver.set_result(server)
             return
         self.server_ready(server)
+
+    @staticmethod
+    def _mark_if_dirty(server: ServerConnection) -> None:
+        """A server that has just logged in: RECONNECT or a RELOAD that changed its database
+        came while it did (PgBouncer's tag_pool_dirty marks those in SV_LOGIN too)."""
+        if server.connect_time < server.pool.dirty_since:
+            server.close_needed = True
 
     async def _login_server(self, pool: Pool[ServerConnection, ClientConnection], sid: int,
                             db: DatabaseEntry, startup: dict[str, str]) -> ServerConnection:
@@ -815,6 +824,7 @@ class Pooler:
             pool.connecting -= 1
         server.replication = client.replication
         server.state = "active"
+        self._mark_if_dirty(server)
         pool.active.add(server)
         if self.shared is not None:
             self.shared.servers_changed(pool)
@@ -877,8 +887,8 @@ class Pooler:
         """The password secret of a user missing from auth_file, looked up with auth_query over
         a server connection of the auth_user (auth_user_for(db) must be set). None: no such
         user; "": the user has no usable password (NULL), so no password will ever match it.
-        ClientError when the lookup cannot run: its database (see _auth_database), the auth_user's
-        server login failing (that error), or auth_query failing ("bouncer config error", the
+        ClientError when the lookup cannot run: its database (see _auth_database), no server of
+        the auth_user (see _auth_server), or auth_query failing ("bouncer config error", the
         generic text PgBouncer sends a client whose auth server went away)."""
         auth_user = self.auth_user_for(db)
         assert auth_user is not None
@@ -887,19 +897,7 @@ class Pooler:
         if query == DEFAULT_AUTH_QUERY_PGBOUNCER:
             query = DEFAULT_AUTH_QUERY  # schema-qualified: a search_path cannot redirect it
         pool = self.get_pool(auth_db, auth_user)
-        server = pool.take_idle()
-        if server is None:
-            self._fail_fast_if_login_failing(pool)
-            fut: asyncio.Future[ServerConnection] = self.loop.create_future()
-            pool.connecting += 1
-            pool.last_connect_time = time.monotonic()
-            self.spawn(self._connect(pool, self.next_client_id(), fut))
-            try:
-                server = await fut
-            except ServerLoginError as exc:
-                raise ClientError(exc.fields.get("M", "server login failed"), exc.fields.get("C", "08P01")) from exc
-        else:
-            pool.server_busy(server)
+        server = await self._auth_server(pool)
         try:
             rows, err = await server.query_params(query, [user])
         except Exception:  # noqa: BLE001 - the server went away
@@ -918,6 +916,38 @@ class Pooler:
         secret = rows[0][1] if len(rows[0]) > 1 and rows[0][1] is not None else ""
         self.looked_up_secrets[user] = secret
         return secret
+
+    async def _auth_server(self, pool: Pool[ServerConnection, ClientConnection]) -> ServerConnection:
+        """A server of the auth_user's pool, borrowed for one auth_query (it comes back through
+        server_ready): an idle one, else a new one (PgBouncer's start_auth_query, where the
+        client waits in that pool's queue). While the pool's last login failed and it has no
+        server, the client gets the cached error (check_fast_fail). A connect that fails without
+        an error from PostgreSQL (refused, timed out, TLS, gone while logging in) keeps it waiting
+        for the pool's retries, server_login_retry apart, up to query_wait_timeout; a login
+        PostgreSQL refuses ends the wait with PostgreSQL's error."""
+        server = pool.take_idle()
+        if server is None:
+            self._fail_fast_if_login_failing(pool)
+        since = time.monotonic()
+        while server is None:
+            if self._connect_allowed(pool):
+                fut: asyncio.Future[ServerConnection] = self.loop.create_future()
+                pool.connecting += 1
+                pool.last_connect_time = time.monotonic()
+                self.spawn(self._connect(pool, self.next_client_id(), fut))
+                try:
+                    return await fut  # (busy: _connect delivers it so)
+                except ServerLoginError as exc:
+                    if not self._keeps_waiters_queued(exc):
+                        fields = exc.fields
+                        raise ClientError(fields.get("M", "server login failed"), fields.get("C", "08P01")) from exc
+            wait_timeout = self._query_wait_timeout(pool, self.config.find_database(pool.database))
+            if wait_timeout and time.monotonic() - since >= wait_timeout:
+                raise ClientError("query_wait_timeout")
+            await asyncio.sleep(0.05)
+            server = pool.take_idle()
+        pool.server_busy(server)
+        return server
 
     def _server_startup(self, db: DatabaseEntry) -> dict[str, str]:
         out = {}
@@ -950,8 +980,7 @@ class Pooler:
             self.launch_connects(pool)
             return
         pool.set_login_failure((time.monotonic(), fields))
-        # 57P03 (the database system is starting up) is transient: keep clients waiting.
-        if error.queued or fields.get("C") == "57P03":
+        if self._keeps_waiters_queued(error):
             # the next try for them, server_login_retry after this one began (the janitor's
             # once-a-second pass would add up to a second)
             delay = pool.last_connect_time + self.settings.server_login_retry - time.monotonic()
@@ -964,6 +993,13 @@ class Pooler:
         while (client := pool.next_waiter()) is not None:
             client.waiting = False
             client.fail(msg, sqlstate)
+
+    @staticmethod
+    def _keeps_waiters_queued(error: ServerLoginError) -> bool:
+        """A failed connect or login after which the clients waiting for a server stay queued for
+        the retries: no ErrorResponse came (ServerLoginError.queued), or 57P03 (the database
+        system is starting up), which is transient."""
+        return error.queued or error.fields.get("C") == "57P03"
 
     def server_ready(self, server: ServerConnection) -> None:
         """A server is clean and unlinked: hand it to the first waiting client or park it idle."""
@@ -1446,12 +1482,7 @@ class Pooler:
         s = self.settings
         for pool in list(self.pools.values()):
             db = self.config.find_database(pool.database)
-            wait_timeout = s.query_wait_timeout
-            if db is not None and db.query_wait_timeout is not None:
-                wait_timeout = db.query_wait_timeout
-            u = self.config.users.get(pool.user)
-            if u is not None and u.query_wait_timeout is not None:
-                wait_timeout = u.query_wait_timeout
+            wait_timeout = self._query_wait_timeout(pool, db)
             if wait_timeout or s.query_wait_notify:
                 self._check_waiters(pool, now, wait_timeout)
             if pool.params is None and id(pool) in self._params_waiters:
@@ -1484,6 +1515,17 @@ class Pooler:
             if limit and now - client.request_time >= limit:
                 client.fail("client_idle_timeout")
 
+    def _query_wait_timeout(self, pool: Pool[ServerConnection, ClientConnection], db: DatabaseEntry | None) -> float:
+        """query_wait_timeout for the pool's waiting clients: its user's, else its database's
+        (`db`), else the global one; 0 means no limit."""
+        wait_timeout: float = self.settings.query_wait_timeout
+        if db is not None and db.query_wait_timeout is not None:
+            wait_timeout = db.query_wait_timeout
+        u = self.config.users.get(pool.user)
+        if u is not None and u.query_wait_timeout is not None:
+            wait_timeout = u.query_wait_timeout
+        return wait_timeout
+
     def user_timeout(self, user: str | None, name: str, default: float) -> float:
         """A timeout from [users] when set there, else the global one."""
         u = self.config.users.get(user) if user else None
@@ -1492,7 +1534,8 @@ class Pooler:
 
     def _check_linked_timeouts(self, server: ServerConnection, now: float) -> None:
         """query_timeout, idle_transaction_timeout, transaction_timeout and pin_timeout of a
-        linked server."""
+        linked server, and the close of one marked for it under server_fast_close or that
+        serves a replication client."""
         client = server.client
         if client is None or client.linking:
             return
@@ -1501,6 +1544,11 @@ class Pooler:
         if s.server_fast_close and server.close_needed and server.status == _IDLE and not server.outstanding:
             # Session mode: a server RECONNECT or RELOAD marked goes at the end of the
             # transaction rather than of the session, and its client with it.
+            reason = "database configuration changed"
+        elif server.replication is not None and server.close_needed and server not in self.admin_state().pause_marked:
+            # A replication server is never released (its session may stream for ever): once
+            # marked (RECONNECT, its database changed on RELOAD, new server TLS settings) it goes
+            # now, its client with it, as PgBouncer's pool_server_maint does. PAUSE's mark waits.
             reason = "database configuration changed"
         elif (client.pinned and s.pin_timeout and server.status == _IDLE and not server.outstanding
                 and now - max(server.last_used, client.request_time) >= s.pin_timeout):

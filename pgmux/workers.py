@@ -702,7 +702,8 @@ class WorkerShare:
                 self._evict_idle(pool)
                 return
             for server in pool.active:
-                if not server.close_needed:
+                # (never a replication server: it is not released, the mark would close it now)
+                if not server.close_needed and server.replication is None:
                     server.close_needed = True
                     marked.add(id(server))
                     logger.info("%s closing when released: evicted for another worker", server.log_prefix)

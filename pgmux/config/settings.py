@@ -377,10 +377,9 @@ for _d in _TABLE:
 
 
 #: PgBouncer settings pgmux accepts (so that PgBouncer's files load) but does not act on; a
-#: non-default value gets a warning at start (unsupported_warnings()). README lists them.
-UNSUPPORTED_SETTINGS: tuple[str, ...] = (
-    "login_notify_message",
-)
+#: non-default value gets a warning at start (unsupported_warnings()). README lists them. None
+#: at present (PgBouncer's internal tuning knobs have no counterpart and are not reported).
+UNSUPPORTED_SETTINGS: tuple[str, ...] = ()
 
 
 def unsupported_warnings(settings: Settings) -> list[str]:

@@ -1110,6 +1110,7 @@ class ClientConnection(PgConnection):
         out = [status]
         self.cancel_key = pooler.register_cancel_key(self)
         out.append(m.message(b"K", self.cancel_key))
+        out.append(pooler.login_notice)  # login_notify_message's NOTICE (b"" when unset)
         out.append(m.ready_for_query(b"I"))
         pooler.adopt(self)  # from here on the engine owns the socket (a TLS client already is its)
         self.write(b"".join(out))

@@ -437,18 +437,19 @@ class ServerConnection(PgConnection):
 
     async def negotiate_tls(self, ctx: ssl.SSLContext, mode: str, host: str) -> None:
         """SSLRequest to PostgreSQL; switch to TLS on S. With `prefer`/`allow` a plain server is
-        accepted; `require` and above refuse it."""
+        accepted; `require` and above refuse it. A negotiation that fails is a failed connect
+        (_tls_failed), with PgBouncer's texts (handle_sslchar) where it has one."""
         self.write(m.ssl_request())
         answer = await self.read_exact(1)
         if answer == b"S":
             if self.inbox:  # bytes before the handshake: a man in the middle (CVE-2021-23222 class)
-                raise self._login_refused("server sent unencrypted data after SSL response")
+                raise self._tls_failed("received unencrypted data after SSL response")
             if self.adopted:  # the engine does TLS itself (see Pooler._connect)
                 try:
                     await self.pooler.engine.start_tls(self, ctx, server_side=False,
                                            server_hostname=host if ctx.check_hostname else None)
                 except OSError as exc:
-                    raise self._login_refused(f"server TLS handshake failed: {exc}") from exc
+                    raise self._tls_failed(f"server TLS handshake failed: {exc}") from exc
                 self.tls = True
                 return
             try:
@@ -456,16 +457,16 @@ class ServerConnection(PgConnection):
                 new = await self.pooler.loop.start_tls(
                     self.transport, self, ctx, server_hostname=host if ctx.check_hostname else None)
             except (ssl.SSLError, ssl.CertificateError) as exc:
-                raise self._login_refused(f"server TLS handshake failed: {exc}") from exc
+                raise self._tls_failed(f"server TLS handshake failed: {exc}") from exc
             if new is None:
                 raise ConnectionLost()
             self.transport = new  # type: ignore[assignment]
             self.tls = True
         elif answer == b"N":
             if mode not in ("allow", "prefer"):
-                raise self._login_refused(f"server does not support TLS (server_tls_sslmode = {mode})")
+                raise self._tls_failed("server refused SSL", detail=f"server_tls_sslmode = {mode}")
         else:
-            raise self._login_refused("bad answer to SSL request")
+            raise self._tls_failed("bad sslreq answer")
 
     async def login(self, user: str, database: str, password: str | None, startup: dict[str, str]) -> None:
         """Startup and authentication; collects ParameterStatus and BackendKeyData up to the
@@ -550,6 +551,13 @@ class ServerConnection(PgConnection):
     @staticmethod
     def _login_refused(message: str) -> ServerLoginError:
         return ServerLoginError({"S": "FATAL", "C": "08P01", "M": message})
+
+    @staticmethod
+    def _tls_failed(message: str, detail: str | None = None) -> ServerLoginError:
+        """TLS negotiation failed: PgBouncer disconnects such a server without kill_pool_logins, as
+        a connect that failed, so the waiting clients stay queued while the pool retries
+        (server_login_retry apart) and new ones get the cached error; it is no refused login."""
+        return ServerLoginError({"S": "FATAL", "C": "08P01", "M": message}, queued=True, detail=detail)
 
     async def simple_query(self, sql: str) -> dict[str, str] | None:
         """Run one query on the slow path, swallowing its results. Returns the ErrorResponse

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import threading
+import time
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -10,6 +14,7 @@ from pgwire import login_error
 
 from pgmux.auth import md5_secret
 from pgmux.testing.cluster import PoolerProcess, TempCluster, wait_for
+from pgmux.testing.faultproxy import FaultProxy
 
 pytestmark = [pytest.mark.integration]
 
@@ -186,3 +191,62 @@ def test_auto_database_with_auth_user(pooler: Callable[..., PoolerProcess], auth
         assert conn.execute("SELECT current_user, current_database()").fetchone() == ("scramuser", "testdb")
     err, _ = login_error(p.host, p.port, "no_such_role", "testdb", "x")
     assert err.message == "no such user"
+
+
+# --------------------------------------------------------------------------------------------------
+# the auth_user's server cannot be opened (PostgreSQL unreachable behind a proxy)
+#
+# PgBouncer's start_auth_query puts the client in the auth_user's pool's queue (find_server): a
+# connect that fails there keeps it waiting for the retries, server_login_retry apart, until
+# query_wait_timeout; a client that comes while that pool has no server gets the cached error.
+
+
+def unreachable_aq_pooler(pooler: Callable[..., PoolerProcess], proxy: FaultProxy, **extra: Any) -> PoolerProcess:
+    proxy.unreachable()
+    return pooler(pool_mode="transaction", userlist={"aq_lookup": "lookpass"},
+                  databases={"flaky": f"host=127.0.0.1 port={proxy.port} dbname=testdb"},
+                  extra={"auth_user": "aq_lookup", "server_login_retry": 1, "client_login_timeout": 60, **extra})
+
+
+def test_login_waits_for_the_auth_server_until_query_wait_timeout(
+        cluster: TempCluster, pooler: Callable[..., PoolerProcess], auth_roles: None) -> None:
+    with FaultProxy(cluster.port) as proxy:
+        p = unreachable_aq_pooler(pooler, proxy, query_wait_timeout=4)
+        first: list[tuple[str, float]] = []
+
+        def log_in() -> None:
+            start = time.monotonic()
+            err, _ = login_error(p.host, p.port, "md5user", "flaky", "md5pass")
+            first.append((err.message, time.monotonic() - start))
+
+        waiting = threading.Thread(target=log_in, daemon=True)
+        waiting.start()
+        time.sleep(1.5)
+        assert not first, f"the login was not kept waiting: {first}"
+        # a login that needs that pool's server while its connects fail: the cached error, at once
+        start = time.monotonic()
+        err, _ = login_error(p.host, p.port, "scramuser", "flaky", "scrampass")
+        assert time.monotonic() - start < 1.5, "the second login was queued instead of failed fast"
+        assert re.fullmatch(r"server login has been failing, (cached error: connect failed|try again later) "
+                            r"\(server_login_retry\)", err.message), err.message
+        waiting.join(15)
+        assert len(first) == 1
+        message, elapsed = first[0]
+        assert message == "query_wait_timeout"
+        assert elapsed >= 3, f"failed after {elapsed:.1f}s, before query_wait_timeout = 4"
+
+
+def test_login_is_served_once_the_auth_server_comes_back(
+        cluster: TempCluster, pooler: Callable[..., PoolerProcess], auth_roles: None) -> None:
+    with FaultProxy(cluster.port) as proxy:
+        p = unreachable_aq_pooler(pooler, proxy, query_wait_timeout=30)
+        timer = threading.Timer(2.5, proxy.reachable)
+        timer.start()
+        try:
+            start = time.monotonic()
+            with psycopg.connect(p.dsn("md5user", "md5pass", dbname="flaky"), connect_timeout=20) as conn:
+                assert conn.execute("SELECT current_user").fetchone() == ("md5user",)
+            assert time.monotonic() - start >= 2, "logged in before the auth_user's server could"
+        finally:
+            timer.cancel()
+            timer.join()

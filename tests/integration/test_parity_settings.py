@@ -1,9 +1,10 @@
 """Settings pgmux used to accept and only warn about, each acting as in PgBouncer 1.25.
 
 query_wait_notify (src/janitor.c per_loop_activate), server_fast_close (pool_server_maint),
-scram_iterations (src/scram.c, ad-hoc and mock secrets), pool_idle_timeout (#1491, after 1.25.2)
-and syslog / syslog_ident / syslog_facility (libusual logging.c). Settings 1.18 lacks are
-``pgmux_only``; syslog and server_fast_close run against PgBouncer too.
+scram_iterations (src/scram.c, ad-hoc and mock secrets), pool_idle_timeout (#1491, after 1.25.2),
+login_notify_message (1.25's login NOTICE) and syslog / syslog_ident / syslog_facility (libusual
+logging.c). Settings 1.18 lacks are ``pgmux_only``; syslog and server_fast_close run against
+PgBouncer too.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +21,7 @@ from collections.abc import Callable, Iterator
 import psycopg
 import pytest
 from helpers_tx import errors_until_close, messages_of, quiet_cluster, raw_login, send_query  # noqa: F401
-from pgwire import RawConn, login_error
+from pgwire import RawConn, kinds, login_error, read_until_z, startup_packet
 
 from pgmux.protocol.messages import parse_error_fields
 from pgmux.testing.cluster import PoolerProcess, TempCluster, wait_for
@@ -60,6 +62,49 @@ def test_query_wait_notify_tells_a_queued_client_once(pooler: PoolerFactory) -> 
     while not kinds or kinds[-1] != b"Z":
         kinds.append(queued.read_message()[0])
     assert kinds == [b"T", b"D", b"C", b"Z"]
+
+
+# --------------------------------------------------------------------------------------------------
+# login_notify_message
+
+
+def welcome(p: PoolerProcess, user: str = "md5user", dbname: str = "testdb") -> list[tuple[bytes, bytes]]:
+    """A trust login's messages, from AuthenticationOk up to the first ReadyForQuery."""
+    with RawConn(p.host, p.port) as conn:
+        conn.send(startup_packet({"user": user, "database": dbname}))
+        msgs = read_until_z(conn, timeout=10)
+        conn.terminate()
+    return msgs
+
+
+def notice_texts(msgs: list[tuple[bytes, bytes]]) -> list[str]:
+    return [parse_error_fields(body)["M"] for kind, body in msgs if kind == b"N"]
+
+
+@pytest.mark.pgmux_only(reason="login_notify_message is PgBouncer 1.25+")
+def test_login_notify_message_is_part_of_the_welcome(pooler: PoolerFactory) -> None:
+    p = pooler(auth_type="trust", extra={"login_notify_message": "maintenance at 18:00 UTC"})
+    msgs = welcome(p)
+    assert re.fullmatch(r"RS+KNZ", kinds(msgs)), kinds(msgs)  # after the parameters, before ReadyForQuery
+    fields = parse_error_fields(msgs[-2][1])
+    assert fields == {"S": "NOTICE", "V": "NOTICE", "C": "00000", "M": "maintenance at 18:00 UTC"}
+    # what a client shows of it
+    psql = subprocess.run(["psql", "-X", "-At", p.dsn("md5user"), "-c", "SELECT 1"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert (psql.returncode, psql.stdout) == (0, "1\n"), psql.stderr
+    assert psql.stderr == "NOTICE:  maintenance at 18:00 UTC\n"
+    # every login gets it, the pool's first and the next ones alike; the console does not
+    assert notice_texts(welcome(p)) == ["maintenance at 18:00 UTC"]
+    assert notice_texts(welcome(p, "postgres", "pgbouncer")) == []
+    # RELOAD: later logins get the new text, and none once it is empty
+    p.set_options({"login_notify_message": "all clear"})
+    with console(p) as admin:
+        admin.execute("RELOAD", prepare=False)
+    assert notice_texts(welcome(p)) == ["all clear"]
+    p.set_options({"login_notify_message": ""})
+    with console(p) as admin:
+        admin.execute("RELOAD", prepare=False)
+    assert kinds(welcome(p))[-2:] == "KZ"
 
 
 # --------------------------------------------------------------------------------------------------

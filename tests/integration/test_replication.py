@@ -194,3 +194,34 @@ def test_replication_server_counts_against_max_db_connections(cluster: TempClust
             replication_conn(p, "database")
     with psycopg.connect(plain) as conn:  # the replication server is gone: room again
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("command", ["RECONNECT", "RELOAD"])
+def test_marked_replication_server_is_closed_at_once(cluster: TempCluster, pooler: Callable[..., PoolerProcess],
+                                                     scratch: str, command: str) -> None:
+    """A streaming client never releases its server: RECONNECT, or a RELOAD that changed its
+    database entry, closes that server at once (PgBouncer's pool_server_maint), and the client
+    is told why."""
+    p = replication_pooler(pooler)
+    before = walsenders(cluster)
+    receiver = subprocess.Popen(
+        [cluster.bin("pg_receivewal"), "-h", "127.0.0.1", "-p", str(p.port), "-U", "postgres", "-D", scratch,
+         "--no-loop", "--no-sync"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: walsenders(cluster) == before + 1, 10, what="pg_receivewal to stream")
+        if command == "RELOAD":  # pg_receivewal's database is `replication`
+            p.set_options({"replication": f"host=127.0.0.1 port={cluster.port} dbname=postgres "
+                                          "application_name=changed"}, section="databases")
+        with psycopg.connect(make_dsn(host="127.0.0.1", port=p.port, user="postgres", dbname="pgbouncer"),
+                             autocommit=True) as admin:
+            admin.execute(command, prepare=False)
+        _, stderr = receiver.communicate(timeout=10)
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+            receiver.communicate()
+    assert receiver.returncode != 0
+    assert "database configuration changed" in stderr, stderr
+    wait_for(lambda: walsenders(cluster) == before, 10, what="the replication server to close")
+    assert not [r for r in console_rows(p, "SERVERS") if r["database"] == "replication"]

@@ -1,6 +1,7 @@
 """Server connections that cannot be opened: PostgreSQL down (connect refused), a connect that is
 never answered (server_connect_timeout on the TCP connect), a login that is never answered
-(server_connect_timeout on the login).
+(server_connect_timeout on the login), a TLS negotiation that fails (src/server.c handle_sslchar:
+`server refused SSL` is a disconnect_server without kill_pool_logins, as a failed connect).
 
 PgBouncer (src/objects.c disconnect_server, launch_new_connection, check_fast_fail; src/janitor.c
 pool_client_maint): no ErrorResponse came, so nobody is told at once. The clients already waiting
@@ -269,3 +270,37 @@ def test_login_never_answered(cluster: TempCluster, pooler: PoolerFactory, poole
         assert waiting.error is None, waiting.error
         assert waiting.result == (1,)
         assert proxy.accepted >= 3, "the login was not retried"
+
+
+# --------------------------------------------------------------------------------------------------
+# TLS negotiation that fails (server_tls_sslmode = require, the test cluster has ssl = off)
+
+
+def test_server_refusing_tls_keeps_the_first_clients_waiting(pooler: PoolerFactory, pooler_kind: str) -> None:
+    """Not a refused login: the pool's first clients are not sent the TLS error at once but wait
+    for the retries (server_login_retry apart) until client_login_timeout (server down)."""
+    import psycopg
+
+    p = pooler(extra={"server_tls_sslmode": "require", "server_login_retry": 1, "client_login_timeout": 3,
+                      "query_wait_timeout": 30})
+    outcomes: list[tuple[str, float]] = []
+
+    def attempt() -> None:
+        start = time.monotonic()
+        try:
+            connect(p, "md5user", "testdb", connect_timeout=15).close()
+            outcomes.append(("logged in", time.monotonic() - start))
+        except psycopg.OperationalError as exc:
+            outcomes.append((str(exc), time.monotonic() - start))
+
+    second = threading.Thread(target=attempt, daemon=True)
+    second.start()
+    attempt()
+    second.join(15)
+    assert len(outcomes) == 2
+    for message, elapsed in outcomes:
+        assert "client_login_timeout (server down)" in message, message
+        assert elapsed >= 2, f"failed after {elapsed:.1f}s, before client_login_timeout = 3"
+    if pooler_kind == "pgmux":
+        failures = p.log_text().count("server login failed: server refused SSL: server_tls_sslmode = require")
+        assert failures >= 2, p.log_text()  # retried, one connect at a time

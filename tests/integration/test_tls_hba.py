@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import ssl
 import struct
@@ -109,11 +110,12 @@ def tls_cluster(certs: dict[str, Any]) -> Iterator[TempCluster]:
 
 
 def _server_tls_pooler(pooler: Any, tls_cluster: TempCluster, certs: dict[str, Any], ca: CA | Path,
-                       mode: str) -> PoolerProcess:
+                       mode: str, **extra: Any) -> PoolerProcess:
     ca_file = ca if isinstance(ca, Path) else ca.cert_path
     return pooler(databases={"testdb": f"host=localhost port={tls_cluster.port} dbname=testdb"},
                   userlist={"md5user": "md5pass"},
-                  extra={"server_tls_sslmode": mode, "server_tls_ca_file": str(ca_file), "admin_users": "md5user"})
+                  extra={"server_tls_sslmode": mode, "server_tls_ca_file": str(ca_file), "admin_users": "md5user",
+                         **extra})
 
 
 @pytest.mark.pgmux_only
@@ -131,9 +133,13 @@ def test_server_tls_verify_full(pooler: Any, tls_cluster: TempCluster, certs: di
 
 @pytest.mark.pgmux_only
 def test_server_tls_wrong_ca_fails_clearly(pooler: Any, tls_cluster: TempCluster, certs: dict[str, Any]) -> None:
-    p = _server_tls_pooler(pooler, tls_cluster, certs, certs["other_ca"], "verify-full")
-    with pytest.raises(psycopg.OperationalError, match="server TLS handshake failed.*certificate verify failed"):
-        psycopg.connect(p.dsn("md5user", "md5pass"))
+    """A failed handshake is a failed connect, as in PgBouncer: the pool's first client waits for
+    the retries until client_login_timeout (server down); the log says why."""
+    p = _server_tls_pooler(pooler, tls_cluster, certs, certs["other_ca"], "verify-full",
+                           client_login_timeout=2, server_login_retry=1)
+    with pytest.raises(psycopg.OperationalError, match=r"client_login_timeout \(server down\)"):
+        psycopg.connect(p.dsn("md5user", "md5pass"), connect_timeout=10)
+    assert re.search("server login failed: server TLS handshake failed.*certificate verify failed", p.log_text())
 
 
 HBA = """\

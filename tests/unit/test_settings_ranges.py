@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pgmux.config import ConfigError, Settings, load_config
+from pgmux.config import settings as settings_module
 from pgmux.config.settings import UNSUPPORTED_SETTINGS, unsupported_warnings
 from pgmux.net.sockopts import apply_tcp_options
 
@@ -58,11 +59,19 @@ def test_unsupported_defaults_do_not_warn() -> None:
     assert unsupported_warnings(Settings()) == []
 
 
-def test_unsupported_non_default_warns_once_each() -> None:
+def test_unsupported_non_default_warns_once_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    # none is unsupported today: pretend login_notify_message still were
+    monkeypatch.setattr(settings_module, "UNSUPPORTED_SETTINGS", ("login_notify_message",))
     s = Settings()
     for name, raw in (("login_notify_message", "hi"), ("server_fast_close", "1"), ("syslog", "1")):
         s.set(name, raw, source="file")  # the last two are supported: no warning
     assert unsupported_warnings(s) == ["setting login_notify_message is not supported by pgmux and is ignored"]
+
+
+def test_login_notify_message_is_supported() -> None:
+    s = Settings()
+    s.set("login_notify_message", "hi", source="file")
+    assert unsupported_warnings(s) == []
 
 
 def test_unsupported_list_names_real_settings() -> None:
