@@ -155,6 +155,9 @@ cdef class Link:
     cdef QLast *qlast                 # client: its last statement text (malloc'd at its first)
     cdef long long q_unnamed          # client: QueryStats handle of its unnamed statement's text
     cdef public object query_names    # client: {statement name: QueryStats handle}, made on demand
+    cdef bytes bind_name              # client: the statement name of its last named Bind, reused while it repeats
+    cdef long long lru_last_id        # server: the statement its last native Bind moved to the end of its LRU...
+    cdef Py_ssize_t lru_last_size     # ... and the LRU's size then (changed since: move it again)
     # ---- link state (server side), read and written by Python too
     cdef public int outstanding       # Query/Sync/FunctionCall not yet answered by ReadyForQuery
     cdef public bint pending_ext      # extended-protocol messages since the last Sync
@@ -210,6 +213,7 @@ cdef class Link:
     cdef int parse_noted(self, Link server, int pool, const unsigned char *name, Py_ssize_t tl,
                          const unsigned char *text, Py_ssize_t nl) except -1
     cdef int name_query(self, const unsigned char *name, Py_ssize_t n, long long handle) except -1
+    cdef bytes statement_name(self, const unsigned char *name, Py_ssize_t n)
     cdef long long bind_query(self, const unsigned char *body, Py_ssize_t blen) except? -2
 
 

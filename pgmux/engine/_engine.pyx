@@ -27,6 +27,10 @@ from libc.string cimport memcmp, memcpy, memmove, strlen
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close
 
+
+cdef extern from "Python.h":
+    Py_ssize_t PyDict_GET_SIZE(object d)  # (an OrderedDict is a dict underneath)
+
 from pgmux.engine._querystats cimport QueryStats, skip_number
 from pgmux.engine._tls cimport (
     TLS_EOF, TLS_ERROR, TLS_WANT, tls_error_text, tls_feed, tls_native_from, tls_pending, tls_read, tls_take_output,
@@ -928,7 +932,17 @@ cdef class Link:
             return self.q_unnamed
         if self.query_names is None:
             return -1
-        return self.query_names.get(PyBytes_FromStringAndSize(<char *>body + name_pos, name_len), -1)
+        return self.query_names.get(self.statement_name(body + name_pos, name_len), -1)
+
+    cdef bytes statement_name(self, const unsigned char *name, Py_ssize_t n):
+        """Client: name[0:n] as a bytes object; the same one as for its last Bind while the name
+        repeats (no allocation, and its hash is kept for the dict lookups)."""
+        cdef bytes last = self.bind_name
+        if last is not None and PyBytes_GET_SIZE(last) == n and memcmp(PyBytes_AS_STRING(last), name, n) == 0:
+            return last
+        last = PyBytes_FromStringAndSize(<char *>name, n)
+        self.bind_name = last
+        return last
 
     def note_query(self, const unsigned char[::1] buf, Py_ssize_t start, Py_ssize_t stop):
         """Server, Python's paths: the client's Query text is buf[start:stop]."""
@@ -1986,13 +2000,19 @@ cdef class Engine:
             return -1
         if name_len == 0:
             return 0
-        found = stmts.get(PyBytes_FromStringAndSize(<char *>body + name_pos, name_len))
+        found = stmts.get(c.statement_name(body + name_pos, name_len))
         if found is None:
             return -1
         stmt = <Statement>found
         if stmt.id not in lru:
             return -1  # not prepared on this server: Python prepares it first
-        _move_to_end(lru, stmt.id)
+        if stmt.id != s.lru_last_id or PyDict_GET_SIZE(lru) != s.lru_last_size:
+            # (skipped when it was the last one moved here and the LRU's size did not change since:
+            # it is the newest still, unless Python's path moved another one, which only makes the
+            # eviction order a little off; whether it is prepared is always checked above)
+            _move_to_end(lru, stmt.id)
+            s.lru_last_id = stmt.id
+            s.lru_last_size = PyDict_GET_SIZE(lru)
         sname = <const unsigned char *>PyBytes_AS_STRING(stmt.server_name)
         sl = PyBytes_GET_SIZE(stmt.server_name)
         if typ == 66 and s.link_stats is not None:
