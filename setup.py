@@ -2,8 +2,9 @@
 
 - pgmux.engine._engine: the data path (an epoll set of its own, C buffers, framing, link state). Required.
 - pgmux.engine._querystats: per-query statistics (normalizer, bounded table) the engine adds to. Required.
-- pgmux.engine._tls: a TLS link's records through OpenSSL from C once its handshake is over. Required
+- pgmux.engine._ossl: OpenSSL from C: a TLS link's records once its handshake is over, MD5. Required
   (needs no OpenSSL headers: the functions are those Python's _ssl module uses, found at run time).
+- pgmux.engine._login: a login's bytes in C (startup parameters, the md5 answer). Required.
 - pgmux.protocol._scan: the compiled twin of the header walker the slow path uses. Optional: without it
   pgmux uses the pure-Python walker (pgmux/protocol/scanner.py), which is the reference anyway.
 
@@ -43,8 +44,10 @@ def extensions() -> list:
         Extension("pgmux.engine._querystats", ["pgmux/engine/_querystats.pyx"], extra_compile_args=args,
                   extra_link_args=link),
         # OpenSSL is found at run time in the scope of Python's own _ssl module (dlopen/dlsym)
-        Extension("pgmux.engine._tls", ["pgmux/engine/_tls.pyx"], extra_compile_args=args,
+        Extension("pgmux.engine._ossl", ["pgmux/engine/_ossl.pyx"], extra_compile_args=args,
                   extra_link_args=link, libraries=["dl"]),
+        Extension("pgmux.engine._login", ["pgmux/engine/_login.pyx"], extra_compile_args=args,
+                  extra_link_args=link),
         Extension("pgmux.protocol._scan", ["pgmux/protocol/_scan.pyx"]),
     ]
     return cythonize(exts, quiet=True, compiler_directives={"language_level": "3"})

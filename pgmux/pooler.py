@@ -180,6 +180,7 @@ class Pooler:
                         server.close("TLS settings changed")
                     for server in pool.active | pool.busy:
                         server.close_needed = True
+        self.engine.offer_tls = self.tls.client is not None  # (its C login hands an SSLRequest to Python then)
         self.engine.qstats.enabled = bool(s.query_stats)
         self.engine.qstats.configure(int(s.query_stats_max))
         self.tracked: dict[str, str] = tracked_names(list(s.track_extra_parameters))

@@ -121,11 +121,11 @@ def md5_client_response(secret: str, user: str, salt: bytes) -> str:
     ``secret`` may be plaintext or an md5 secret (the md5 secret is password-equivalent here, which is why
     PgBouncer can log in to the server with it). A SCRAM secret cannot answer md5: ``ValueError``.
     """
-    return "md5" + hashlib.md5(_md5_inner(secret, user) + bytes(salt)).hexdigest()
+    return "md5" + hashlib.md5(md5_inner(secret, user) + bytes(salt)).hexdigest()
 
 
 @functools.lru_cache(maxsize=4096)
-def _md5_inner(secret: str, user: str) -> bytes:
+def md5_inner(secret: str, user: str) -> bytes:
     """The salted half of an md5 answer: md5(password || user) in hex, from either kind of secret."""
     kind = secret_kind(secret)
     if kind is SecretKind.SCRAM:
@@ -268,7 +268,7 @@ def forget_secret_classifications() -> None:
     """Empty the caches of secret_kind and the md5 inner hash (on RELOAD: a removed user's
     password should not stay in them)."""
     secret_kind.cache_clear()
-    _md5_inner.cache_clear()
+    md5_inner.cache_clear()
 
 
 def _b64decode_strict(text: str) -> bytes | None:

@@ -6,6 +6,7 @@ counters the engine adds to in C. docs/architecture.md shows where this sits.
 """
 
 from pgmux.engine._engine import (
+    C_LOGIN_STARTUP,
     LAZY_PREPARE,
     PIN_HINTS,
     SESSION,
@@ -20,6 +21,7 @@ from pgmux.engine._engine import (
 )
 
 __all__ = [
-    "Acceptor", "Engine", "EngineTransport", "LAZY_PREPARE", "Link", "PIN_HINTS", "PoolCore", "PoolStats",
+    "C_LOGIN_STARTUP", "Acceptor", "Engine", "EngineTransport", "LAZY_PREPARE", "Link", "PIN_HINTS", "PoolCore",
+    "PoolStats",
     "SESSION", "Statement", "TRACKED",
 ]

@@ -29,7 +29,14 @@
 from cpython.ref cimport PyObject
 
 from pgmux.engine._querystats cimport QueryStats
-from pgmux.engine._tls cimport NativeTls
+from pgmux.engine._ossl cimport NativeTls
+
+
+# Link.engine_login: a client whose login the engine reads in C (Engine._login_read)
+cdef enum CLogin:
+    CL_NONE = 0       # not (Python's login, or logged in)
+    CL_STARTUP = 1    # waiting for the StartupMessage (SSL/GSS requests answered N)
+    CL_MD5 = 2        # the md5 challenge sent: waiting for the PasswordMessage
 
 
 cdef enum LinkMode:
@@ -121,7 +128,7 @@ cdef class Engine
 cdef class TlsState:
     cdef public object sslobj, incoming, outgoing, waiter
     cdef public bint live
-    cdef NativeTls nat                # once live: OpenSSL called from C (_tls.pyx); nat.ssl NULL: Python's ssl
+    cdef NativeTls nat                # once live: OpenSSL called from C (_ossl.pyx); nat.ssl NULL: Python's ssl
 
 
 cdef class Link:
@@ -140,6 +147,8 @@ cdef class Link:
     cdef bint write_paused_sent       # protocol.pause_writing() was called
     cdef bint lost                    # socket closed; connection_lost scheduled
     cdef public bint linger           # close gracefully: FIN, then read and drop until the peer closes
+    cdef public unsigned char engine_login  # CLogin: the engine reads this client's login in C
+    cdef bytes login_secret           # CL_MD5: md5(password + user) in hex, then the 4-byte salt sent
     cdef bint lingering               # a ghost doing so for a closed link (Engine._end_link)
     cdef unsigned char *rbuf          # bytes kept between reads (fast mode), malloc'd on demand
     cdef Py_ssize_t rcap, rkeep
@@ -244,10 +253,13 @@ cdef class Engine:
     cdef double now
     cdef public unsigned long long batches, reads, fast_reads, escapes
     cdef public unsigned long long tls_native, tls_python  # TLS handshakes done: records then in C / through ssl
+    cdef public unsigned long long c_logins, login_escapes  # md5 answers checked in C / logins handed to Python
     cdef unsigned char *shared        # read buffer of every link that keeps nothing between reads
     cdef unsigned char *tlsplain      # plaintext of a TLS read (shared then holds the raw bytes)
     cdef unsigned char *tlsout        # records a native TLS link sends, on their way to _send_raw
     cdef public bint native_tls       # hand TLS links to C after their handshake (False: Python's ssl only)
+    cdef public bint offer_tls        # client TLS is on: an SSLRequest goes to Python's login
+    cdef public bint c_login          # read plain clients' logins in C (Link.engine_login; False: Python's only)
     cdef bint in_run                  # inside run(): Python hooks wait for the walk in progress
     cdef unsigned char *scratch       # a tracked client's output with names rewritten, sent at once
     cdef Py_ssize_t scratch_cap, scratch_len
@@ -266,6 +278,7 @@ cdef class Engine:
     cdef int _end_link(self, Link link) except -1
     cdef int _read_lingering(self, Link link) except -1
     cdef int _on_readable(self, Link link) except -1
+    cdef int _login_read(self, Link link) except -1
     cdef ssize_t _recv(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2
     cdef ssize_t _recv_tls(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2
     cdef ssize_t _tls_read(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2

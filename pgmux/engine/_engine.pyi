@@ -8,6 +8,7 @@ from pgmux.engine._querystats import QueryStats
 Buffer = bytes | bytearray | memoryview
 
 PIN_HINTS: int
+C_LOGIN_STARTUP: int
 LAZY_PREPARE: int
 SESSION: int
 TRACKED: int
@@ -75,6 +76,7 @@ class Link:
     wait_started: float
     core: PoolCore | None
     linger: bool
+    engine_login: int
     query_names: dict[bytes, int] | None
     @property
     def adopted(self) -> bool: ...
@@ -121,8 +123,12 @@ class Engine:
     fast_reads: int
     escapes: int
     native_tls: bool
+    offer_tls: bool
+    c_login: bool
     tls_native: int
     tls_python: int
+    c_logins: int
+    login_escapes: int
     qstats: QueryStats
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None: ...
     def start(self) -> None: ...

@@ -31,8 +31,12 @@ from posix.unistd cimport close
 cdef extern from "Python.h":
     Py_ssize_t PyDict_GET_SIZE(object d)  # (an OrderedDict is a dict underneath)
 
+from pgmux.engine._login cimport (
+    GSSENC_REQUEST_CODE, MAX_AUTH_MESSAGE, MAX_STARTUP_PACKET, MD5_INNER_LEN, SSL_REQUEST_CODE, md5_password_ok,
+    startup_params,
+)
 from pgmux.engine._querystats cimport QueryStats, skip_number
-from pgmux.engine._tls cimport (
+from pgmux.engine._ossl cimport (
     TLS_EOF, TLS_ERROR, TLS_WANT, tls_error_text, tls_feed, tls_native_from, tls_pending, tls_read, tls_take_output,
     tls_write,
 )
@@ -587,7 +591,7 @@ class _SocketInfo:
 cdef class TlsState:
     """A TLS link's ssl.SSLObject and its two MemoryBIOs; `waiter`: the handshake's future. Once
     the handshake is over, `nat` holds that object's SSL and BIOs for OpenSSL calls from C
-    (_tls.pyx); when it could not (nat.ssl NULL), records go through the SSLObject's methods."""
+    (_ossl.pyx); when it could not (nat.ssl NULL), records go through the SSLObject's methods."""
 
 
 cdef class Link:
@@ -1205,6 +1209,7 @@ cdef class Engine:
         if self.shared == NULL or self.tlsplain == NULL or self.tlsout == NULL:
             raise MemoryError()
         self.native_tls = True
+        self.c_login = True
         self.next_gen = 1
         self.paused_now = []
         self.qstats = QueryStats(5000)
@@ -1577,6 +1582,8 @@ cdef class Engine:
         cdef ssize_t got
         if link.lingering:
             return self._read_lingering(link)
+        if link.engine_login:
+            return self._login_read(link)
         if link.tls is not None and not (<TlsState>link.tls).live:
             got = self._recv_tls(link, self.tlsplain, SHARED_SIZE)  # the handshake's next step
             if got > 0:  # the first plaintext came with the handshake's last bytes
@@ -1589,6 +1596,107 @@ cdef class Engine:
             self._auto_link_read(link)
             return 0
         return self._read_slow(link)
+
+    cdef int _login_read(self, Link link) except -1:
+        """A client whose login the engine reads (Link.engine_login, set when it was accepted): the
+        StartupMessage, SSL/GSS requests answered N, the md5 answer checked in C. Python is called
+        once the startup packet is whole (engine_startup: the checks, the auth plan; it returns
+        what an md5 check needs, or goes on itself) and once the answer is checked
+        (engine_password_checked). Anything else (TLS, a cancel request, a packet Python's reader
+        would refuse, bytes beyond what the step waits for) goes to Python's login as bytes
+        (engine_login_escape), which takes over from there."""
+        cdef unsigned char *b
+        cdef Py_ssize_t keep = link.rkeep, end, pos = 0, avail, length, limit
+        cdef ssize_t r
+        cdef unsigned int code
+        cdef unsigned char msg[13]
+        cdef int ok
+        cdef bint escape = False
+        if keep:
+            grow(&link.rbuf, &link.rcap, keep + MIN_KEEP)
+            b = link.rbuf
+            r = self._recv(link, b + keep, link.rcap - keep)
+        else:
+            b = self.shared
+            r = self._recv(link, b, SHARED_SIZE)
+        if r < 0:
+            return 0
+        end = keep + r
+        limit = link.max_packet_size if link.max_packet_size < MAX_STARTUP_PACKET else MAX_STARTUP_PACKET
+        while link.engine_login and link.fd >= 0 and not link.closing:
+            avail = end - pos
+            if link.engine_login == CL_STARTUP:
+                if avail < 8:
+                    break
+                length = be32(b + pos)
+                code = be32(b + pos + 4)
+                if length < 8 or length > limit or avail > length:
+                    escape = True  # (bytes beyond the packet: Python's reader decides what they are)
+                    break
+                if avail < length:
+                    break
+                if code == SSL_REQUEST_CODE or code == GSSENC_REQUEST_CODE:
+                    if length != 8 or (code == SSL_REQUEST_CODE and self.offer_tls):
+                        escape = True
+                        break
+                    link.send_bytes(<const unsigned char *>b"N", 1)
+                    pos += 8
+                    continue
+                if (code >> 16) != 3:
+                    escape = True
+                    break
+                params = startup_params(b + pos + 8, length - 8)
+                if params is None:
+                    escape = True
+                    break
+                pos = end
+                link._keep_bytes(b, 0)
+                secret = link.engine_startup(code, params)
+                if secret is None:  # Python goes on with this login (or ended it)
+                    link.engine_login = CL_NONE
+                    return 0
+                if type(secret) is not bytes or PyBytes_GET_SIZE(secret) != MD5_INNER_LEN + 4:
+                    raise TypeError("engine_startup: md5 digits and salt expected")
+                link.login_secret = <bytes>secret
+                msg[0] = 82  # 'R' AuthenticationMD5Password
+                write_be32(msg + 1, 12)
+                write_be32(msg + 5, 5)
+                memcpy(msg + 9, PyBytes_AS_STRING(secret) + MD5_INNER_LEN, 4)
+                link.engine_login = CL_MD5
+                link.send_bytes(msg, 13)
+                return 0
+            else:  # CL_MD5
+                if avail < 5:
+                    break
+                length = be32(b + pos + 1)
+                if b[pos] != 112 or length < 4 or length + 1 > MAX_AUTH_MESSAGE or avail > length + 1:
+                    escape = True
+                    break
+                if avail < length + 1:
+                    break
+                ok = md5_password_ok(<const unsigned char *>PyBytes_AS_STRING(link.login_secret),
+                                     <const unsigned char *>PyBytes_AS_STRING(link.login_secret) + MD5_INNER_LEN,
+                                     b + pos + 5, length - 4)
+                if ok < 0:
+                    escape = True
+                    break
+                link.engine_login = CL_NONE
+                link.login_secret = None
+                link._keep_bytes(b, 0)
+                self.c_logins += 1
+                link.engine_password_checked(ok == 1)
+                return 0
+        if escape:
+            data = PyBytes_FromStringAndSize(<char *>b + pos, end - pos)
+            link.engine_login = CL_NONE
+            link.login_secret = None
+            link._keep_bytes(b, 0)
+            self.login_escapes += 1
+            link.engine_login_escape(data)
+            return 0
+        if link.fd >= 0:
+            link._keep_bytes(b + pos, end - pos)
+        return 0
 
     cdef ssize_t _recv(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2:
         """One read for every path: > 0 bytes in buf (plaintext on a TLS link), -1 nothing to do
@@ -2509,9 +2617,13 @@ cdef class Engine:
 
     def stats(self):
         return {"batches": self.batches, "reads": self.reads, "fast_reads": self.fast_reads,
-                "escapes": self.escapes, "tls_native": self.tls_native, "tls_python": self.tls_python}
+                "escapes": self.escapes, "tls_native": self.tls_native, "tls_python": self.tls_python,
+                "c_logins": self.c_logins, "login_escapes": self.login_escapes}
 
 
+
+# Link.engine_login's first state, for Python (listener.EngineServer sets it on a client it may read in C).
+C_LOGIN_STARTUP = CL_STARTUP
 
 # Client flags for Engine.link_fast (the ClientFlag enum of _engine.pxd), for Python.
 PIN_HINTS = CF_PIN_HINTS

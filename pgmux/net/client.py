@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from pgmux import log as pglog
 from pgmux.auth import ScramError, ScramServer, SecretKind, md5_verify, plain_verify, secret_kind
 from pgmux.auth.external import LdapOptions, LdapOptionsError, ldap_authenticate, pam_authenticate, parse_ldap_options
-from pgmux.auth.secrets import random_bytes
+from pgmux.auth.secrets import md5_inner, random_bytes
 from pgmux.errors import ClientError, ConnectionLost
 from pgmux.net.base import PgConnection, SharedReadBuffer
 from pgmux.net.peercred import peer_credentials
@@ -170,6 +170,8 @@ class ClientConnection(PgConnection):
     cancel_only = False
     # A client whose first byte opened a TLS record (direct TLS): set by listener.TlsSniffingClient.
     direct_tls_hello = False
+    # Its login may be read by the engine in C (Engine._login_read; listener.EngineServer decides).
+    c_login = True
 
     def __init__(self, pooler: Pooler, is_unix: bool = False) -> None:
         super().__init__(0, pooler.loop)  # reads go to SharedReadBuffer; owned only while bytes are kept
@@ -887,7 +889,9 @@ class ClientConnection(PgConnection):
         state = self._startup(pkt)
         if state is None:
             return
-        plan = _AUTH_TASK if state.console else self._auth_plan(state)
+        self._authenticate_by_plan(state, _AUTH_TASK if state.console else self._auth_plan(state))
+
+    def _authenticate_by_plan(self, state: LoginState, plan: int) -> None:
         if plan == _AUTH_TASK:
             self._continue_in_task(self._authenticate_and_finish(state, plan))
         elif plan == _AUTH_DONE:
@@ -895,6 +899,47 @@ class ClientConnection(PgConnection):
             self._after_auth(state)
         else:
             self.login_step = self._start_exchange(state, plan)
+
+    # The engine's C login (Engine._login_read) reads a plain client's StartupMessage and checks an
+    # md5 answer itself; these are the calls it makes. Everything else it hands over as bytes.
+
+    def engine_startup(self, code: int, params: dict[str, str]) -> bytes | None:
+        """The engine read a StartupMessage: the checks and the auth plan, as _after_startup. For
+        an md5 login against a known secret, the engine sends the challenge and checks the answer:
+        it gets md5(password + user) in hex and the salt. Else None: the login goes on here."""
+        try:
+            state = self._startup(m.StartupPacket(code, params=params))
+            if state is None:
+                return None
+            plan = _AUTH_TASK if state.console else self._auth_plan(state)
+            if plan == _AUTH_MD5 and state.stored:
+                salt = random_bytes(4)
+                state.exchange = salt
+                self.login_step = LOGIN_MD5
+                return md5_inner(state.stored, state.user) + salt
+            self._authenticate_by_plan(state, plan)
+        except BaseException as exc:  # noqa: BLE001 - as in _login_step
+            self._login_error(exc)
+        return None
+
+    def engine_password_checked(self, ok: bool) -> None:
+        """The engine checked the client's answer to the md5 challenge engine_startup asked for."""
+        state = self.login_state
+        if state is None or self.closed:  # (client_login_timeout ended it meanwhile)
+            return
+        try:
+            if not ok:
+                raise ClientError("password authentication failed", "28P01")
+            self.write_later(m.auth_ok())
+            self._after_auth(state)
+        except BaseException as exc:  # noqa: BLE001 - as in _login_step
+            self._login_error(exc)
+
+    def engine_login_escape(self, data: bytes) -> None:
+        """The engine hands the rest of this login to Python: the bytes it had not consumed
+        (login_step says what they should be; an md5 challenge sent is in login_state)."""
+        self.inbox += data
+        self._login_step()
 
     def _after_auth(self, state: LoginState) -> None:
         pool = self._logged_in_to(state)

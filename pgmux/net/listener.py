@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pgmux.config.settings import unsupported_warnings
+from pgmux.engine import C_LOGIN_STARTUP
 from pgmux.log import logger
 from pgmux.net.client import ClientConnection
 from pgmux.net.sockopts import apply_tcp_options, tcp_options
@@ -71,6 +72,7 @@ class TlsSniffingClient(TcpClientConnection):
     byte, 0 for any packet a client may send."""
 
     __slots__ = ("sniffing", "direct_tls_hello")
+    c_login = False  # its first byte decides first
 
     def start(self, transport: asyncio.BaseTransport, peer: object, local: object) -> None:
         self.sniffing = True
@@ -93,11 +95,13 @@ class TlsSniffingClient(TcpClientConnection):
 class CancelOnlyClient(ClientConnection):
     __slots__ = ()
     cancel_only = True
+    c_login = False
 
 
 class TcpCancelOnlyClient(TcpClientConnection):
     __slots__ = ()
     cancel_only = True
+    c_login = False
 
 
 def client_factory(pooler: Pooler, unix: bool, cancel_only: bool = False) -> Callable[[], ClientConnection]:
@@ -140,6 +144,8 @@ class EngineServer:
                     apply_tcp_options(sock, self.settings)
         client = self.factory()
         client.start(pooler.engine.adopt_fd(client, fd, self.family), peer, local)
+        if client.c_login and pooler.engine.c_login:
+            client.engine_login = C_LOGIN_STARTUP  # the engine reads the login (Engine._login_read)
 
     def _failed(self, err: int) -> None:
         if err in (errno.EMFILE, errno.ENFILE):  # the engine reset that connection (libuv's way)

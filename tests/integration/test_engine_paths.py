@@ -4,6 +4,7 @@ the standard asyncio loop, for simple, extended and prepared queries, and for TL
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 from pgmux.testing.cluster import PoolerProcess, TempCluster
 from pgmux.testing.tls import make_ca
+from tests.integration.pgwire import RawConn, startup_packet
 
 PoolerFactory = Callable[..., PoolerProcess]
 
@@ -74,7 +76,7 @@ def test_tls_clients_take_the_fast_path(cluster: TempCluster, pooler: PoolerFact
     run_clients(p, sslmode="require")
     after = engine_counters_tls(p)
     assert after["fast_reads"] - before["fast_reads"] >= 1000, after
-    # the records of those TLS links were read and written by OpenSSL from C (pgmux/engine/_tls.pyx)
+    # the records of those TLS links were read and written by OpenSSL from C (pgmux/engine/_ossl.pyx)
     assert after["tls_native"] - before["tls_native"] >= 2 and after["tls_python"] == 0, after
 
 
@@ -94,3 +96,37 @@ def test_pgbench_through_the_engine(cluster: TempCluster, pooler: PoolerFactory,
         assert "number of failed transactions: 0" in out.stdout, out.stdout
     counters = engine_counters(p)
     assert counters["fast_reads"] >= 3 * 8 * 200, counters
+
+
+def test_md5_logins_are_read_in_c(cluster: TempCluster, pooler: PoolerFactory) -> None:
+    """A plain client's StartupMessage and md5 answer are read by the engine (Engine._login_read):
+    right and wrong passwords get what Python's login says; SCRAM, a GSSENC/SSL request answered N,
+    and bytes beyond what the login waits for go on in Python's login."""
+    # scramuser's auth_file secret is a SCRAM one: its md5-method login is a SCRAM exchange (Python)
+    p = pooler(pool_mode="transaction",
+               userlist={**admin_userlist(cluster), "scramuser": cluster.role_secret("scramuser")})
+    before = engine_counters(p)
+    for _ in range(5):
+        with psycopg.connect(p.dsn("md5user", "md5pass", dbname="testdb"), sslmode="disable") as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(p.dsn("md5user", "wrong", dbname="testdb"), sslmode="disable")
+    after = engine_counters(p)
+    assert after["c_logins"] - before["c_logins"] == 6, after
+    assert after["login_escapes"] == before["login_escapes"], after
+
+    with psycopg.connect(p.dsn("scramuser", "scrampass", dbname="testdb"), sslmode="prefer") as conn:
+        assert conn.execute("SELECT 2").fetchone() == (2,)  # SSLRequest answered N in C, SCRAM in Python
+    for request in (80877104, 80877103):  # GSSENCRequest, SSLRequest: N, then the login in C
+        with RawConn(p.host, p.port) as raw:
+            raw.send(struct.pack("!II", 8, request))
+            assert raw._recv_exact(1) == b"N"
+            raw.login("md5user", "testdb", "md5pass")
+            assert raw.simple_query("SELECT 3") == [("3",)]
+    with RawConn(p.host, p.port) as raw:  # a Terminate glued to the StartupMessage: Python's login reads it
+        raw.send(startup_packet({"user": "md5user", "database": "testdb"}) + b"X\0\0\0\x04")
+        kinds = [kind for kind, _ in raw.read_until_close()]
+        assert kinds == [b"R", b"E"], kinds
+    last = engine_counters(p)
+    assert last["c_logins"] - after["c_logins"] == 2, last
+    assert last["login_escapes"] - after["login_escapes"] == 1, last

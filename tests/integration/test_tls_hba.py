@@ -123,7 +123,7 @@ def test_server_tls_verify_full(pooler: Any, tls_cluster: TempCluster, certs: di
     p = _server_tls_pooler(pooler, tls_cluster, certs, certs["ca"], "verify-full")
     with psycopg.connect(p.dsn("md5user", "md5pass")) as c:
         assert c.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone() == (True,)
-        # a result of many TLS records from the server, read by OpenSSL from C (pgmux/engine/_tls.pyx)
+        # a result of many TLS records from the server, read by OpenSSL from C (pgmux/engine/_ossl.pyx)
         rows = c.execute("SELECT repeat('x', 1000) FROM generate_series(1, 2000)").fetchall()
         assert len(rows) == 2000 and rows[-1][0] == "x" * 1000
     with psycopg.connect(p.dsn("md5user", "md5pass", dbname="pgbouncer"), autocommit=True) as admin:

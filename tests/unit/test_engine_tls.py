@@ -1,5 +1,5 @@
 """TLS links in the engine over socketpairs: after the handshake (Python's ssl), the records are read
-and written by OpenSSL from C (pgmux/engine/_tls.pyx), or, with `Engine.native_tls` off, through
+and written by OpenSSL from C (pgmux/engine/_ossl.pyx), or, with `Engine.native_tls` off, through
 the ssl.SSLObject's methods; every test runs both ways and expects the same bytes and the same ends.
 
 The application's end is a real TLS client (ssl.SSLObject over MemoryBIOs, driven by hand), so
@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from pgmux.engine import Engine, PoolStats, _tls
+from pgmux.engine import Engine, PoolStats, _ossl
 from pgmux.testing.tls import make_ca
 from tests.unit.test_engine import FakeLoop, TLink, query, recv_all
 
-pytestmark = pytest.mark.skipif(not _tls.available(), reason="OpenSSL's functions not found beside Python's _ssl")
+pytestmark = pytest.mark.skipif(not _ossl.available(), reason="OpenSSL's functions not found beside Python's _ssl")
 
 
 class Waiter:

@@ -1,5 +1,5 @@
-# The engine's TLS records in C: OpenSSL called directly on the SSL object of an ssl.SSLObject whose
-# handshake is over (pgmux/engine/_tls.pyx). What the engine (_engine.pyx) calls.
+# OpenSSL called from C (pgmux/engine/_ossl.pyx): a TLS link's records on the SSL object of an
+# ssl.SSLObject whose handshake is over, and MD5 for the md5 login. What the engine calls.
 
 cdef struct NativeTls:
     void *ssl    # SSL *, owned by the ssl.SSLObject the engine keeps (TlsState.sslobj)
@@ -19,3 +19,4 @@ cdef int tls_write(NativeTls *t, const unsigned char *p, Py_ssize_t n) noexcept
 cdef Py_ssize_t tls_take_output(NativeTls *t, unsigned char *buf, Py_ssize_t cap) noexcept
 cdef bint tls_pending(NativeTls *t) noexcept
 cdef str tls_error_text()
+cdef bint md5_digest(const unsigned char *p, size_t n, unsigned char *out16) noexcept

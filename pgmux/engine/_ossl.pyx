@@ -1,5 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""A TLS link's records in C: once an ssl.SSLObject's handshake is over, the engine reads and
+"""OpenSSL called from C: a TLS link's records, and MD5 for the engine's md5 login (_login.pyx).
+
+A TLS link's records: once an ssl.SSLObject's handshake is over, the engine reads and
 writes its records by calling OpenSSL on that object's own SSL and BIOs, instead of a Python
 call (and, for "no more data", a raised SSLWantReadError) per read and per write.
 
@@ -45,6 +47,7 @@ ctypedef long (*bio_ctrl_t)(void *bio, int cmd, long larg, void *parg) noexcept 
 ctypedef void (*err_clear_t)() noexcept nogil
 ctypedef unsigned long (*err_get_t)() noexcept nogil
 ctypedef void (*err_string_t)(unsigned long e, char *buf, size_t len) noexcept nogil
+ctypedef unsigned char *(*md5_t)(const unsigned char *d, size_t n, unsigned char *md) noexcept nogil
 
 
 cdef struct OpenSsl:
@@ -57,6 +60,7 @@ cdef struct OpenSsl:
     err_clear_t err_clear
     err_get_t err_get
     err_string_t err_string
+    md5_t md5  # (found or not independently of the TLS functions)
 
 cdef OpenSsl F
 cdef int found = -1  # -1 not looked up yet, 0 not available, 1 ready
@@ -111,12 +115,31 @@ cdef int _look_up() except -1:
     F.err_clear = <err_clear_t>_sym(handle, b"ERR_clear_error")
     F.err_get = <err_get_t>_sym(handle, b"ERR_get_error")
     F.err_string = <err_string_t>_sym(handle, b"ERR_error_string_n")
+    F.md5 = <md5_t>_sym(handle, b"MD5")
     if (F.read_ex != NULL and F.write_ex != NULL and F.get_error != NULL and F.pending != NULL
             and F.get_rbio != NULL and F.get_wbio != NULL and F.get_ctx != NULL and F.bio_write != NULL
             and F.bio_read != NULL and F.bio_ctrl != NULL and F.err_clear != NULL and F.err_get != NULL
             and F.err_string != NULL):
         found = 1
     return 0
+
+
+cdef bint md5_digest(const unsigned char *p, size_t n, unsigned char *out16) noexcept:
+    """OpenSSL's MD5 of p[0:n] into out16; False when this OpenSSL has none to offer."""
+    if found < 0:
+        try:
+            _look_up()
+        except Exception:
+            return False
+    if F.md5 == NULL:
+        return False
+    return F.md5(p, n, out16) != NULL
+
+
+def md5_available():
+    """Whether OpenSSL's MD5 was found beside Python's _ssl module (the engine's md5 login)."""
+    cdef unsigned char out[16]
+    return md5_digest(<const unsigned char *>b"", 0, out)
 
 
 def available():

@@ -1,3 +1,0 @@
-"""Stub of pgmux/engine/_tls.pyx: its C functions are cimported by the engine."""
-
-def available() -> bool: ...
