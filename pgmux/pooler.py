@@ -726,8 +726,7 @@ class Pooler:
                 deliver.set_exception(exc)
             return
         pool.connecting -= 1
-        pool.set_login_failure(None)
-        pool.last_login_ok = time.monotonic()
+        self._login_worked(pool)
         server.state = "idle"
         self._mark_if_dirty(server)
         if pool.params is None:
@@ -740,6 +739,12 @@ class Pooler:
             deliver.set_result(server)
             return
         self.server_ready(server)
+
+    @staticmethod
+    def _login_worked(pool: Pool[ServerConnection, ClientConnection]) -> None:
+        """A server of `pool` logged in: its logins no longer fail."""
+        pool.set_login_failure(None)
+        pool.last_login_ok = time.monotonic()
 
     @staticmethod
     def _mark_if_dirty(server: ServerConnection) -> None:
@@ -805,23 +810,18 @@ class Pooler:
         """A server of its own for a replication client (PgBouncer 1.23+), logged in with the
         client's `replication` value, its tracked parameters and its `options` in the startup
         packet (a physical replication connection takes no SET). It counts in the pool as an
-        active server (pool_size, max_db_connections, max_user_connections); the client waits for
-        room up to query_wait_timeout. A refused login (e.g. a role without REPLICATION) reaches
-        the client as PostgreSQL's error, and does not mark the pool's logins as failing."""
-        await self._replication_room(pool)
+        active server (pool_size, max_db_connections, max_user_connections). The client waits
+        for room, and for the pool's retries while its connects fail, as a queued client does
+        (PgBouncer queues it and relaunches its connect, with no fast fail): up to
+        query_wait_timeout, its login bounded by client_login_timeout too. A refused login (e.g.
+        a role without REPLICATION) reaches the client at once as PostgreSQL's error, and does
+        not mark the pool's logins as failing."""
         startup = self._server_startup(db)
         startup.update(client.startup_params)
         startup["replication"] = "database" if client.replication == "logical" else "true"
         if client.replication_options is not None:
             startup["options"] = client.replication_options
-        pool.connecting += 1
-        try:
-            server = await self._login_server(pool, self.next_client_id(), db, startup)
-        except ServerLoginError as exc:
-            fields = exc.fields
-            raise ClientError(fields.get("M", "server login failed"), fields.get("C", "08P01"), log=False) from None
-        finally:
-            pool.connecting -= 1
+        server = await self._server_for_one(pool, lambda: self._replication_login(pool, db, startup))
         server.replication = client.replication
         server.state = "active"
         self._mark_if_dirty(server)
@@ -838,22 +838,40 @@ class Pooler:
             raise ConnectionLost("client disconnected during login")
         return server
 
-    async def _replication_room(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
-        """Wait until `pool` may open one more server: below pool_size (an idle server of the
-        pool is closed to make room) and within max_db_connections / max_user_connections (idle
+    async def _replication_login(self, pool: Pool[ServerConnection, ClientConnection], db: DatabaseEntry,
+                                 startup: dict[str, str]) -> ServerConnection | None:
+        """One try at a replication client's server: None while `pool` has no room for it. A
+        connect that fails without an error from PostgreSQL is the pool's failed connect
+        (_connect_failed: the next ones server_login_retry apart), as any server's is."""
+        if not self._replication_room(pool):
+            return None
+        started = time.monotonic()
+        pool.connecting += 1
+        pool.last_connect_time = started
+        failure: ServerLoginError | None = None
+        try:
+            server = await self._login_server(pool, self.next_client_id(), db, startup)
+        except ServerLoginError as exc:
+            failure = exc
+            raise
+        finally:
+            if failure is not None and self._keeps_waiters_queued(failure):
+                self._connect_failed(pool, failure, started)  # (counts the connect out)
+            else:
+                pool.connecting -= 1
+        self._login_worked(pool)
+        return server
+
+    def _replication_room(self, pool: Pool[ServerConnection, ClientConnection]) -> bool:
+        """Whether `pool` may open one more server: below pool_size (an idle server of the pool
+        is closed to make room) and within max_db_connections / max_user_connections (idle
         servers of other pools are evicted, as for any new server)."""
-        deadline = time.monotonic() + (self.settings.query_wait_timeout or 3600.0)
-        while True:
-            if pool.server_count >= pool.limits.pool_size and pool.idle:
-                victim = pool.idle.popleft()
-                pool.server_gone(victim)
-                victim.close("evicted")
-            room = self._room_outside_pool(pool)
-            if pool.server_count < pool.limits.pool_size and (room is None or room > 0 or self._evict_for(pool)):
-                return
-            if time.monotonic() >= deadline:
-                raise ClientError("query_wait_timeout")
-            await asyncio.sleep(0.05)
+        if pool.server_count >= pool.limits.pool_size and pool.idle:
+            victim = pool.idle.popleft()
+            pool.server_gone(victim)
+            victim.close("evicted")
+        room = self._room_outside_pool(pool)
+        return pool.server_count < pool.limits.pool_size and (room is None or room > 0 or self._evict_for(pool))
 
     def start_replication(self, client: ClientConnection, server: ServerConnection) -> None:
         """The welcomed replication client and its server forward from here on, as a session link
@@ -920,34 +938,51 @@ class Pooler:
     async def _auth_server(self, pool: Pool[ServerConnection, ClientConnection]) -> ServerConnection:
         """A server of the auth_user's pool, borrowed for one auth_query (it comes back through
         server_ready): an idle one, else a new one (PgBouncer's start_auth_query, where the
-        client waits in that pool's queue). While the pool's last login failed and it has no
-        server, the client gets the cached error (check_fast_fail). A connect that fails without
-        an error from PostgreSQL (refused, timed out, TLS, gone while logging in) keeps it waiting
-        for the pool's retries, server_login_retry apart, up to query_wait_timeout; a login
-        PostgreSQL refuses ends the wait with PostgreSQL's error."""
+        client waits in that pool's queue, see _server_for_one). While the pool's last login
+        failed and it has no server, the client gets the cached error (check_fast_fail)."""
         server = pool.take_idle()
         if server is None:
             self._fail_fast_if_login_failing(pool)
+            return await self._server_for_one(pool, lambda: self._auth_connect(pool), take=pool.take_idle)
+        pool.server_busy(server)
+        return server
+
+    async def _auth_connect(self, pool: Pool[ServerConnection, ClientConnection]) -> ServerConnection:
+        """A new server of the auth_user's pool, delivered busy by _connect."""
+        fut: asyncio.Future[ServerConnection] = self.loop.create_future()
+        pool.connecting += 1
+        pool.last_connect_time = time.monotonic()
+        self.spawn(self._connect(pool, self.next_client_id(), fut))
+        return await fut
+
+    async def _server_for_one(self, pool: Pool[ServerConnection, ClientConnection],
+                              connect: Callable[[], Coroutine[Any, Any, ServerConnection | None]],
+                              take: Callable[[], ServerConnection | None] | None = None) -> ServerConnection:
+        """A server of `pool` for one client that waits for it outside the pool's queue (an
+        auth_query lookup, a replication client): one `take` finds idle (then marked busy), else
+        one `connect` opens (None: not now, e.g. no room yet). A connect that fails without an
+        error from PostgreSQL (refused, timed out, TLS, gone while logging in) keeps it waiting
+        for the pool's retries, one at a time, server_login_retry apart, up to
+        query_wait_timeout; a login PostgreSQL refuses ends the wait with PostgreSQL's error."""
         since = time.monotonic()
-        while server is None:
+        while True:
+            server = take() if take is not None else None
+            if server is not None:
+                pool.server_busy(server)
+                return server
             if self._connect_allowed(pool):
-                fut: asyncio.Future[ServerConnection] = self.loop.create_future()
-                pool.connecting += 1
-                pool.last_connect_time = time.monotonic()
-                self.spawn(self._connect(pool, self.next_client_id(), fut))
                 try:
-                    return await fut  # (busy: _connect delivers it so)
+                    server = await connect()
                 except ServerLoginError as exc:
                     if not self._keeps_waiters_queued(exc):
                         fields = exc.fields
                         raise ClientError(fields.get("M", "server login failed"), fields.get("C", "08P01")) from exc
+                if server is not None:
+                    return server
             wait_timeout = self._query_wait_timeout(pool, self.config.find_database(pool.database))
             if wait_timeout and time.monotonic() - since >= wait_timeout:
                 raise ClientError("query_wait_timeout")
             await asyncio.sleep(0.05)
-            server = pool.take_idle()
-        pool.server_busy(server)
-        return server
 
     def _server_startup(self, db: DatabaseEntry) -> dict[str, str]:
         out = {}
