@@ -775,6 +775,10 @@ class Pooler:
                     err = await server.simple_query(db.connect_query)
                     if err:
                         logger.warning("%s connect_query failed: %s", server.log_prefix, err.get("M"))
+        except asyncio.CancelledError:  # the login it was opened for ended (a replication client's)
+            if server is not None:
+                server.close("login cancelled")
+            raise
         except Exception as exc:  # noqa: BLE001 - a server must never take the process down
             # PgBouncer's reasons (disconnect_server; the one cached for server_login_retry):
             # `connect failed` when the TCP connect is refused or not answered within

@@ -283,3 +283,16 @@ def test_replication_client_waits_for_retries_until_timeout(cluster: TempCluster
     assert elapsed >= 2, f"failed after {elapsed:.1f}s, before {timeout} = 3"
     assert failed_connects(p) >= 2, p.log_text()
 
+
+def test_replication_login_ended_while_its_server_logs_in_closes_that_server(
+        cluster: TempCluster, pooler: Callable[..., PoolerProcess]) -> None:
+    """client_login_timeout ends the client while its server's login is not answered: that server
+    goes too (it belongs to no pool yet)."""
+    with FaultProxy(cluster.port) as proxy:
+        proxy.blackhole_new(True)
+        p = replication_pooler(pooler, f"host=127.0.0.1 port={proxy.port}", server_connect_timeout=30,
+                               client_login_timeout=2)
+        with pytest.raises(psycopg.OperationalError, match="client_login_timeout"):
+            replication_conn(p, "true", connect_timeout=15)
+        assert proxy.accepted == 1
+        wait_for(lambda: proxy.open_count == 0, 5, what="the server's connection to close")
