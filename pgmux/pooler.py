@@ -905,30 +905,35 @@ class Pooler:
             raise ClientError(f'authentication database "{dbname}" is disabled')
         return auth_db
 
-    async def auth_query_secret(self, db: DatabaseEntry, user: str, log_prefix: str) -> str | None:
-        """The password secret of a user missing from auth_file, looked up with auth_query over
-        a server connection of the auth_user (auth_user_for(db) must be set). None: no such
-        user; "": the user has no usable password (NULL), so no password will ever match it.
-        ClientError when the lookup cannot run: its database (see _auth_database), no server of
-        the auth_user (see _auth_server), or auth_query failing ("bouncer config error", the
-        generic text PgBouncer sends a client whose auth server went away)."""
+    async def auth_query_secret(self, db: DatabaseEntry, user: str, client: ClientConnection) -> str | None:
+        """The password secret of a user missing from auth_file, looked up for `client`'s login
+        with auth_query over a server connection of the auth_user (auth_user_for(db) must be
+        set). None: no such user; "": the user has no usable password (NULL), so no password
+        will ever match it. ClientError when the lookup cannot run: its database (see
+        _auth_database), no server of the auth_user (see _auth_server), or auth_query failing
+        ("bouncer config error", the generic text PgBouncer sends a client whose auth server
+        went away)."""
         auth_user = self.auth_user_for(db)
         assert auth_user is not None
+        log_prefix = client.log_prefix
         auth_db = self._auth_database(db, log_prefix)
         query = db.auth_query or self.settings.auth_query
         if query == DEFAULT_AUTH_QUERY_PGBOUNCER:
             query = DEFAULT_AUTH_QUERY  # schema-qualified: a search_path cannot redirect it
         pool = self.get_pool(auth_db, auth_user)
-        server = await self._auth_server(pool)
+        server = await self._auth_server(pool, client)
+        answered = False
         try:
             rows, err = await server.query_params(query, [user])
+            answered = True
         except Exception:  # noqa: BLE001 - the server went away
             rows, err = [], {"M": "server conn crashed?"}
-        if server.closed or server.status != _IDLE:
-            pool.server_gone(server)
-            server.close("auth_query failed")
-        else:
-            self.server_ready(server)
+        finally:  # (not answered: gone, or the login ended while the query ran)
+            if answered and not server.closed and server.status == _IDLE:
+                self.server_ready(server)
+            else:
+                pool.server_gone(server)
+                server.close("auth_query failed")
         if err is not None:
             logger.warning("%s auth_query for %s failed: %s", log_prefix, user, err.get("M"))
             raise ClientError("bouncer config error")
@@ -939,15 +944,21 @@ class Pooler:
         self.looked_up_secrets[user] = secret
         return secret
 
-    async def _auth_server(self, pool: Pool[ServerConnection, ClientConnection]) -> ServerConnection:
+    async def _auth_server(self, pool: Pool[ServerConnection, ClientConnection],
+                           client: ClientConnection) -> ServerConnection:
         """A server of the auth_user's pool, borrowed for one auth_query (it comes back through
         server_ready): an idle one, else a new one (PgBouncer's start_auth_query, where the
         client waits in that pool's queue, see _server_for_one). While the pool's last login
-        failed and it has no server, the client gets the cached error (check_fast_fail)."""
+        failed and it has no server, the client gets the cached error (check_fast_fail). While
+        it waits, its login is queued, so client_login_timeout does not run (login_queued)."""
         server = pool.take_idle()
         if server is None:
             self._fail_fast_if_login_failing(pool)
-            return await self._server_for_one(pool, lambda: self._auth_connect(pool), take=pool.take_idle)
+            client.login_queued(True)
+            try:
+                return await self._server_for_one(pool, lambda: self._auth_connect(pool), take=pool.take_idle)
+            finally:
+                client.login_queued(False)
         pool.server_busy(server)
         return server
 
