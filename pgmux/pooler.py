@@ -727,8 +727,7 @@ class Pooler:
                 deliver.set_exception(exc)
             return
         pool.connecting -= 1
-        pool.set_login_failure(None)
-        pool.last_login_ok = time.monotonic()
+        self._login_worked(pool)
         server.state = "idle"
         self._mark_if_dirty(server)
         if pool.params is None:
@@ -741,6 +740,12 @@ class Pooler:
             deliver.set_result(server)
             return
         self.server_ready(server)
+
+    @staticmethod
+    def _login_worked(pool: Pool[ServerConnection, ClientConnection]) -> None:
+        """A server of `pool` logged in: its logins no longer fail."""
+        pool.set_login_failure(None)
+        pool.last_login_ok = time.monotonic()
 
     @staticmethod
     def _mark_if_dirty(server: ServerConnection) -> None:
@@ -771,6 +776,10 @@ class Pooler:
                     err = await server.simple_query(db.connect_query)
                     if err:
                         logger.warning("%s connect_query failed: %s", server.log_prefix, err.get("M"))
+        except asyncio.CancelledError:  # the login it was opened for ended (a replication client's)
+            if server is not None:
+                server.close("login cancelled")
+            raise
         except Exception as exc:  # noqa: BLE001 - a server must never take the process down
             # PgBouncer's reasons (disconnect_server; the one cached for server_login_retry):
             # `connect failed` when the TCP connect is refused or not answered within
@@ -806,23 +815,18 @@ class Pooler:
         """A server of its own for a replication client (PgBouncer 1.23+), logged in with the
         client's `replication` value, its tracked parameters and its `options` in the startup
         packet (a physical replication connection takes no SET). It counts in the pool as an
-        active server (pool_size, max_db_connections, max_user_connections); the client waits for
-        room up to query_wait_timeout. A refused login (e.g. a role without REPLICATION) reaches
-        the client as PostgreSQL's error, and does not mark the pool's logins as failing."""
-        await self._replication_room(pool)
+        active server (pool_size, max_db_connections, max_user_connections). The client waits
+        for room, and for the pool's retries while its connects fail, as a queued client does
+        (PgBouncer queues it and relaunches its connect, with no fast fail): up to
+        query_wait_timeout, its login bounded by client_login_timeout too. A refused login (e.g.
+        a role without REPLICATION) reaches the client at once as PostgreSQL's error, and does
+        not mark the pool's logins as failing."""
         startup = self._server_startup(db)
         startup.update(client.startup_params)
         startup["replication"] = "database" if client.replication == "logical" else "true"
         if client.replication_options is not None:
             startup["options"] = client.replication_options
-        pool.connecting += 1
-        try:
-            server = await self._login_server(pool, self.next_client_id(), db, startup)
-        except ServerLoginError as exc:
-            fields = exc.fields
-            raise ClientError(fields.get("M", "server login failed"), fields.get("C", "08P01"), log=False) from None
-        finally:
-            pool.connecting -= 1
+        server = await self._server_for_one(pool, lambda: self._replication_login(pool, db, startup))
         server.replication = client.replication
         server.state = "active"
         self._mark_if_dirty(server)
@@ -839,22 +843,40 @@ class Pooler:
             raise ConnectionLost("client disconnected during login")
         return server
 
-    async def _replication_room(self, pool: Pool[ServerConnection, ClientConnection]) -> None:
-        """Wait until `pool` may open one more server: below pool_size (an idle server of the
-        pool is closed to make room) and within max_db_connections / max_user_connections (idle
+    async def _replication_login(self, pool: Pool[ServerConnection, ClientConnection], db: DatabaseEntry,
+                                 startup: dict[str, str]) -> ServerConnection | None:
+        """One try at a replication client's server: None while `pool` has no room for it. A
+        connect that fails without an error from PostgreSQL is the pool's failed connect
+        (_connect_failed: the next ones server_login_retry apart), as any server's is."""
+        if not self._replication_room(pool):
+            return None
+        started = time.monotonic()
+        pool.connecting += 1
+        pool.last_connect_time = started
+        failure: ServerLoginError | None = None
+        try:
+            server = await self._login_server(pool, self.next_client_id(), db, startup)
+        except ServerLoginError as exc:
+            failure = exc
+            raise
+        finally:
+            if failure is not None and self._keeps_waiters_queued(failure):
+                self._connect_failed(pool, failure, started)  # (counts the connect out)
+            else:
+                pool.connecting -= 1
+        self._login_worked(pool)
+        return server
+
+    def _replication_room(self, pool: Pool[ServerConnection, ClientConnection]) -> bool:
+        """Whether `pool` may open one more server: below pool_size (an idle server of the pool
+        is closed to make room) and within max_db_connections / max_user_connections (idle
         servers of other pools are evicted, as for any new server)."""
-        deadline = time.monotonic() + (self.settings.query_wait_timeout or 3600.0)
-        while True:
-            if pool.server_count >= pool.limits.pool_size and pool.idle:
-                victim = pool.idle.popleft()
-                pool.server_gone(victim)
-                victim.close("evicted")
-            room = self._room_outside_pool(pool)
-            if pool.server_count < pool.limits.pool_size and (room is None or room > 0 or self._evict_for(pool)):
-                return
-            if time.monotonic() >= deadline:
-                raise ClientError("query_wait_timeout")
-            await asyncio.sleep(0.05)
+        if pool.server_count >= pool.limits.pool_size and pool.idle:
+            victim = pool.idle.popleft()
+            pool.server_gone(victim)
+            victim.close("evicted")
+        room = self._room_outside_pool(pool)
+        return pool.server_count < pool.limits.pool_size and (room is None or room > 0 or self._evict_for(pool))
 
     def start_replication(self, client: ClientConnection, server: ServerConnection) -> None:
         """The welcomed replication client and its server forward from here on, as a session link
@@ -884,30 +906,35 @@ class Pooler:
             raise ClientError(f'authentication database "{dbname}" is disabled')
         return auth_db
 
-    async def auth_query_secret(self, db: DatabaseEntry, user: str, log_prefix: str) -> str | None:
-        """The password secret of a user missing from auth_file, looked up with auth_query over
-        a server connection of the auth_user (auth_user_for(db) must be set). None: no such
-        user; "": the user has no usable password (NULL), so no password will ever match it.
-        ClientError when the lookup cannot run: its database (see _auth_database), no server of
-        the auth_user (see _auth_server), or auth_query failing ("bouncer config error", the
-        generic text PgBouncer sends a client whose auth server went away)."""
+    async def auth_query_secret(self, db: DatabaseEntry, user: str, client: ClientConnection) -> str | None:
+        """The password secret of a user missing from auth_file, looked up for `client`'s login
+        with auth_query over a server connection of the auth_user (auth_user_for(db) must be
+        set). None: no such user; "": the user has no usable password (NULL), so no password
+        will ever match it. ClientError when the lookup cannot run: its database (see
+        _auth_database), no server of the auth_user (see _auth_server), or auth_query failing
+        ("bouncer config error", the generic text PgBouncer sends a client whose auth server
+        went away)."""
         auth_user = self.auth_user_for(db)
         assert auth_user is not None
+        log_prefix = client.log_prefix
         auth_db = self._auth_database(db, log_prefix)
         query = db.auth_query or self.settings.auth_query
         if query == DEFAULT_AUTH_QUERY_PGBOUNCER:
             query = DEFAULT_AUTH_QUERY  # schema-qualified: a search_path cannot redirect it
         pool = self.get_pool(auth_db, auth_user)
-        server = await self._auth_server(pool)
+        server = await self._auth_server(pool, client)
+        answered = False
         try:
             rows, err = await server.query_params(query, [user])
+            answered = True
         except Exception:  # noqa: BLE001 - the server went away
             rows, err = [], {"M": "server conn crashed?"}
-        if server.closed or server.status != _IDLE:
-            pool.server_gone(server)
-            server.close("auth_query failed")
-        else:
-            self.server_ready(server)
+        finally:  # (not answered: gone, or the login ended while the query ran)
+            if answered and not server.closed and server.status == _IDLE:
+                self.server_ready(server)
+            else:
+                pool.server_gone(server)
+                server.close("auth_query failed")
         if err is not None:
             logger.warning("%s auth_query for %s failed: %s", log_prefix, user, err.get("M"))
             raise ClientError("bouncer config error")
@@ -918,37 +945,60 @@ class Pooler:
         self.looked_up_secrets[user] = secret
         return secret
 
-    async def _auth_server(self, pool: Pool[ServerConnection, ClientConnection]) -> ServerConnection:
+    async def _auth_server(self, pool: Pool[ServerConnection, ClientConnection],
+                           client: ClientConnection) -> ServerConnection:
         """A server of the auth_user's pool, borrowed for one auth_query (it comes back through
         server_ready): an idle one, else a new one (PgBouncer's start_auth_query, where the
-        client waits in that pool's queue). While the pool's last login failed and it has no
-        server, the client gets the cached error (check_fast_fail). A connect that fails without
-        an error from PostgreSQL (refused, timed out, TLS, gone while logging in) keeps it waiting
-        for the pool's retries, server_login_retry apart, up to query_wait_timeout; a login
-        PostgreSQL refuses ends the wait with PostgreSQL's error."""
+        client waits in that pool's queue, see _server_for_one). While the pool's last login
+        failed and it has no server, the client gets the cached error (check_fast_fail). While
+        it waits, its login is queued, so client_login_timeout does not run (login_queued)."""
         server = pool.take_idle()
         if server is None:
             self._fail_fast_if_login_failing(pool)
+            client.login_queued(True)
+            try:
+                return await self._server_for_one(pool, lambda: self._auth_connect(pool), take=pool.take_idle)
+            finally:
+                client.login_queued(False)
+        pool.server_busy(server)
+        return server
+
+    async def _auth_connect(self, pool: Pool[ServerConnection, ClientConnection]) -> ServerConnection:
+        """A new server of the auth_user's pool, delivered busy by _connect."""
+        fut: asyncio.Future[ServerConnection] = self.loop.create_future()
+        pool.connecting += 1
+        pool.last_connect_time = time.monotonic()
+        self.spawn(self._connect(pool, self.next_client_id(), fut))
+        return await fut
+
+    async def _server_for_one(self, pool: Pool[ServerConnection, ClientConnection],
+                              connect: Callable[[], Coroutine[Any, Any, ServerConnection | None]],
+                              take: Callable[[], ServerConnection | None] | None = None) -> ServerConnection:
+        """A server of `pool` for one client that waits for it outside the pool's queue (an
+        auth_query lookup, a replication client): one `take` finds idle (then marked busy), else
+        one `connect` opens (None: not now, e.g. no room yet). A connect that fails without an
+        error from PostgreSQL (refused, timed out, TLS, gone while logging in) keeps it waiting
+        for the pool's retries, one at a time, server_login_retry apart, up to
+        query_wait_timeout; a login PostgreSQL refuses ends the wait with PostgreSQL's error."""
         since = time.monotonic()
-        while server is None:
+        while True:
+            server = take() if take is not None else None
+            if server is not None:
+                pool.server_busy(server)
+                return server
             if self._connect_allowed(pool):
-                fut: asyncio.Future[ServerConnection] = self.loop.create_future()
-                pool.connecting += 1
-                pool.last_connect_time = time.monotonic()
-                self.spawn(self._connect(pool, self.next_client_id(), fut))
                 try:
-                    return await fut  # (busy: _connect delivers it so)
+                    server = await connect()
                 except ServerLoginError as exc:
                     if not self._keeps_waiters_queued(exc):
                         fields = exc.fields
                         raise ClientError(fields.get("M", "server login failed"), fields.get("C", "08P01")) from exc
+                if server is not None:
+                    return server
             wait_timeout = self._query_wait_timeout(pool, self.config.find_database(pool.database))
             if wait_timeout and time.monotonic() - since >= wait_timeout:
                 raise ClientError("query_wait_timeout")
             await asyncio.sleep(0.05)
-            server = pool.take_idle()
-        pool.server_busy(server)
-        return server
 
     def _server_startup(self, db: DatabaseEntry) -> dict[str, str]:
         out = {}

@@ -87,6 +87,10 @@ _EVENTS: list[tuple[int, int, int]] = []  # the slow path's header events, empti
 
 
 MAX_AUTH_MESSAGE = 65535 + 4  # a password/SASL message's length word included
+# How soon at the earliest client_login_timeout ends a login that was queued past it: PgBouncer's
+# janitor checks logins every third of a second (janitor.c full_maint_period), so the rest of
+# such a login (the auth_query, a quick password exchange) usually finishes before it is noticed.
+LOGIN_RECHECK = 1 / 3
 # ClientConnection.login_step: what the login waits for. Below LOGIN_TASK the client's next packet
 # (its read runs the step at once); LOGIN_TASK: a Task runs the rest; LOGIN_DONE: over.
 LOGIN_STARTUP, LOGIN_MD5, LOGIN_PLAIN, LOGIN_SASL_FIRST, LOGIN_SASL_FINAL, LOGIN_TASK, LOGIN_DONE = range(7)
@@ -1005,6 +1009,22 @@ class ClientConnection(PgConnection):
             self.fail("client_login_timeout")
             self._login_over()
 
+    def login_queued(self, queued: bool) -> None:
+        """The login waits in a pool's queue for a server (an auth_query lookup waiting for its
+        auth_user's server), or no longer does. PgBouncer's janitor applies client_login_timeout
+        only to logins that are not queued (its login_client_list; a queued one has
+        query_wait_timeout): the timer stops while queued; afterwards the time since the
+        connect counts again, so a login already past client_login_timeout ends at the janitor's
+        next pass (LOGIN_RECHECK) unless it is over by then."""
+        timer = self.login_timer
+        if timer is not None:
+            timer.cancel()
+            self.login_timer = None
+        timeout = self.pooler.settings.client_login_timeout
+        if not queued and timeout and self.login_step != LOGIN_DONE and not self.closed:
+            left = self.connect_time + timeout - time.monotonic()
+            self.login_timer = self.pooler.loop.call_later(max(left, LOGIN_RECHECK), self._login_timed_out)
+
     async def read_startup(self) -> m.StartupPacket:
         """Read untyped packets until a StartupMessage (answering SSL/GSS requests with N)."""
         while not self.inbox:  # the first byte tells a ClientHello (direct TLS) from a packet
@@ -1312,7 +1332,7 @@ class ClientConnection(PgConnection):
                 plan = _AUTH_DONE
             else:
                 assert state.db is not None
-                state.stored = await self.pooler.auth_query_secret(state.db, state.user, self.log_prefix)
+                state.stored = await self.pooler.auth_query_secret(state.db, state.user, self)
                 if state.stored is None:
                     if self.pooler.settings.log_connections:
                         pglog.logger.info("%s login failed: db=%s", self.log_prefix, state.db.name)

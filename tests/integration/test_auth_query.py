@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from pgwire import login_error
+from pgwire import RawConn, login_error, parse_error_fields, startup_packet
 
 from pgmux.auth import md5_secret
 from pgmux.testing.cluster import PoolerProcess, TempCluster, wait_for
@@ -250,3 +250,60 @@ def test_login_is_served_once_the_auth_server_comes_back(
         finally:
             timer.cancel()
             timer.join()
+
+
+# PgBouncer's janitor applies client_login_timeout to the logins in its login list only: a login
+# queued for its auth_user's server (CL_WAITING_LOGIN) is bounded by query_wait_timeout instead, and
+# the time since its connect counts again once it is no longer queued.
+
+
+def test_waiting_for_the_auth_server_is_not_bounded_by_client_login_timeout(
+        cluster: TempCluster, pooler: Callable[..., PoolerProcess], auth_roles: None) -> None:
+    with FaultProxy(cluster.port) as proxy:
+        p = unreachable_aq_pooler(pooler, proxy, client_login_timeout=2, query_wait_timeout=5)
+        start = time.monotonic()
+        err, _ = login_error(p.host, p.port, "md5user", "flaky", "md5pass")
+        elapsed = time.monotonic() - start
+        assert err.message == "query_wait_timeout"
+        assert elapsed >= 4, f"failed after {elapsed:.1f}s, before query_wait_timeout = 5"
+
+
+def test_login_queued_past_client_login_timeout_is_served_once_the_auth_server_comes_back(
+        cluster: TempCluster, pooler: Callable[..., PoolerProcess], auth_roles: None) -> None:
+    """Its client_login_timeout is over, but the janitor's next pass comes after the rest of the
+    login (the auth_query, the password exchange)."""
+    with FaultProxy(cluster.port) as proxy:
+        p = unreachable_aq_pooler(pooler, proxy, client_login_timeout=2, query_wait_timeout=30)
+        timer = threading.Timer(3, proxy.reachable)
+        timer.start()
+        try:
+            start = time.monotonic()
+            with psycopg.connect(p.dsn("md5user", "md5pass", dbname="flaky"), connect_timeout=20) as conn:
+                assert conn.execute("SELECT current_user").fetchone() == ("md5user",)
+            assert time.monotonic() - start >= 2.5, "logged in before the auth_user's server could"
+        finally:
+            timer.cancel()
+            timer.join()
+
+
+def test_login_queued_past_client_login_timeout_ends_if_it_dawdles(
+        cluster: TempCluster, pooler: Callable[..., PoolerProcess], auth_roles: None) -> None:
+    """Once the auth_user's server came and the login is no longer queued, its client_login_timeout
+    (over by then) applies again: a client that does not answer the password request is ended."""
+    with FaultProxy(cluster.port) as proxy:
+        p = unreachable_aq_pooler(pooler, proxy, client_login_timeout=2, query_wait_timeout=30)
+        timer = threading.Timer(3, proxy.reachable)
+        timer.start()
+        try:
+            with RawConn(p.host, p.port, timeout=15) as conn:
+                conn.send(startup_packet({"user": "md5user", "database": "flaky"}))
+                kind, _ = conn.read_message()  # the password request, once the auth_query ran
+                asked = time.monotonic()
+                assert kind == b"R"
+                kind, body = conn.read_message()  # not answered
+                waited = time.monotonic() - asked
+        finally:
+            timer.cancel()
+            timer.join()
+        assert kind == b"E" and parse_error_fields(body)["M"] == "client_login_timeout", (kind, body)
+        assert waited < 1.5, f"ended {waited:.1f}s after the password request, not at the janitor's next pass"

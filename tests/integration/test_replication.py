@@ -13,6 +13,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import psycopg
 import pytest
 
 from pgmux.testing.cluster import PoolerProcess, TempCluster, make_dsn, wait_for
+from pgmux.testing.faultproxy import FaultProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.pgmux_only]
 
@@ -41,15 +44,17 @@ def cluster() -> Iterator[TempCluster]:
         yield c
 
 
-def replication_pooler(pooler: Callable[..., PoolerProcess], **extra: Any) -> PoolerProcess:
+def replication_pooler(pooler: Callable[..., PoolerProcess], server: str = "host={host} port={port}",
+                       **extra: Any) -> PoolerProcess:
     """Transaction pooling (a replication client is never shared whatever the mode), trust auth;
-    `replication` is the database name physical replication tools send."""
+    `replication` is the database name physical replication tools send. `server`: where the
+    databases are (the session cluster by default)."""
     return pooler(
         pool_mode="transaction",
         auth_type="trust",
         databases={
-            "postgres": "host={host} port={port} dbname=postgres",
-            "replication": "host={host} port={port} dbname=postgres",
+            "postgres": f"{server} dbname=postgres",
+            "replication": f"{server} dbname=postgres",
         },
         userlist={"postgres": "", "norepl": "noreplpass"},
         extra=extra,
@@ -73,9 +78,9 @@ def flushed_lsn(cluster: TempCluster) -> str:
     return str(cluster.execute("SELECT pg_current_wal_flush_lsn()")[0][0])
 
 
-def replication_conn(p: PoolerProcess, mode: str, user: str = "postgres") -> psycopg.Connection:
+def replication_conn(p: PoolerProcess, mode: str, user: str = "postgres", **params: Any) -> psycopg.Connection:
     return psycopg.connect(make_dsn(host="127.0.0.1", port=p.port, user=user, dbname="postgres",
-                                    replication=mode), autocommit=True)
+                                    replication=mode, **params), autocommit=True)
 
 
 def console_rows(p: PoolerProcess, what: str) -> list[dict[str, Any]]:
@@ -225,3 +230,69 @@ def test_marked_replication_server_is_closed_at_once(cluster: TempCluster, poole
     assert "database configuration changed" in stderr, stderr
     wait_for(lambda: walsenders(cluster) == before, 10, what="the replication server to close")
     assert not [r for r in console_rows(p, "SERVERS") if r["database"] == "replication"]
+
+
+# --------------------------------------------------------------------------------------------------
+# the replication client's server cannot be opened (PostgreSQL unreachable behind a proxy)
+#
+# PgBouncer queues a replication client like any other (find_server launches a connect for it, with
+# no check_fast_fail): a connect that fails keeps it waiting for the retries, server_login_retry
+# apart, until query_wait_timeout or client_login_timeout (its login is not finished).
+
+
+def unreachable_replication_pooler(pooler: Callable[..., PoolerProcess], proxy: FaultProxy,
+                                   **extra: Any) -> PoolerProcess:
+    proxy.unreachable()
+    return replication_pooler(pooler, f"host=127.0.0.1 port={proxy.port}", server_login_retry=1, **extra)
+
+
+def failed_connects(p: PoolerProcess) -> int:
+    return p.log_text().count("server login failed: connect failed: ")
+
+
+def test_replication_client_is_served_once_postgres_comes_back(cluster: TempCluster,
+                                                               pooler: Callable[..., PoolerProcess]) -> None:
+    with FaultProxy(cluster.port) as proxy:
+        p = unreachable_replication_pooler(pooler, proxy, client_login_timeout=30, query_wait_timeout=30)
+        timer = threading.Timer(2.5, proxy.reachable)
+        timer.start()
+        try:
+            start = time.monotonic()
+            with replication_conn(p, "true", connect_timeout=20) as conn:
+                res = conn.pgconn.exec_(b"IDENTIFY_SYSTEM")
+                assert res.status == psycopg.pq.ExecStatus.TUPLES_OK, res.error_message
+            assert time.monotonic() - start >= 2, "logged in before its server could"
+        finally:
+            timer.cancel()
+            timer.join()
+    assert failed_connects(p) >= 2, p.log_text()  # retried, server_login_retry apart
+
+
+@pytest.mark.parametrize("timeout", ["query_wait_timeout", "client_login_timeout"])
+def test_replication_client_waits_for_retries_until_timeout(cluster: TempCluster,
+                                                            pooler: Callable[..., PoolerProcess],
+                                                            timeout: str) -> None:
+    with FaultProxy(cluster.port) as proxy:
+        p = unreachable_replication_pooler(pooler, proxy, **{"client_login_timeout": 30, "query_wait_timeout": 30,
+                                                             timeout: 3})
+        start = time.monotonic()
+        with pytest.raises(psycopg.OperationalError) as exc_info:
+            replication_conn(p, "database", connect_timeout=15)
+        elapsed = time.monotonic() - start
+    assert str(exc_info.value).rstrip().endswith(f"FATAL:  {timeout}"), str(exc_info.value)
+    assert elapsed >= 2, f"failed after {elapsed:.1f}s, before {timeout} = 3"
+    assert failed_connects(p) >= 2, p.log_text()
+
+
+def test_replication_login_ended_while_its_server_logs_in_closes_that_server(
+        cluster: TempCluster, pooler: Callable[..., PoolerProcess]) -> None:
+    """client_login_timeout ends the client while its server's login is not answered: that server
+    goes too (it belongs to no pool yet)."""
+    with FaultProxy(cluster.port) as proxy:
+        proxy.blackhole_new(True)
+        p = replication_pooler(pooler, f"host=127.0.0.1 port={proxy.port}", server_connect_timeout=30,
+                               client_login_timeout=2)
+        with pytest.raises(psycopg.OperationalError, match="client_login_timeout"):
+            replication_conn(p, "true", connect_timeout=15)
+        assert proxy.accepted == 1
+        wait_for(lambda: proxy.open_count == 0, 5, what="the server's connection to close")
