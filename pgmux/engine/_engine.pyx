@@ -2463,6 +2463,9 @@ cdef class Engine:
         c.request_time = self.now
         take = True
         if b[0] == 88:  # Terminate: no server needed
+            if r == 5 and be32(b + 1) == 4:  # all it sent: it leaves (no trip through the slow path)
+                c.close_requested()
+                return True
             take = False
         elif b[0] == 80 and (c.flags & CF_LAZY_PREPARE) and r >= 15:  # a lone named Parse + Sync
             pe = 1 + <Py_ssize_t>be32(b + 1)
