@@ -2342,6 +2342,8 @@ cdef class Engine:
         s.boundary_due = False
         if c is None or (c.flags & CF_SESSION) or c.rskip:
             return 0
+        if s.status != 73 and not c.linking and not s.statement_mode:
+            return 0  # in a transaction block (T, E), transaction mode: the server stays, nothing to decide
         if not self._release(s, c):
             s.engine_transaction_end()
         return 0

@@ -398,16 +398,35 @@ def test_counting_query_until_ready_for_query(pair: Pair) -> None:
     assert pair.s.outstanding == 1 and pair.s.last_start == ord("Q")
     pair.server_sends(complete(b"BEGIN") + ready(b"T"))
     assert pair.s.outstanding == 0 and pair.s.status == ord("T")
-    # the engine reports each idle point; Python keeps the server while the status is 'T'
-    assert pair.s.names() == ["transaction_end"]
+    # inside a transaction block (T) a transaction-mode server stays: nothing for Python to decide
+    assert pair.s.names() == []
     pair.client_sends(query("select 1"))
     pair.server_sends(complete(b"SELECT 1") + ready(b"T"))
+    assert pair.s.names() == []
     pair.client_sends(query("commit"))
     assert pair.s.outstanding == 1
     pair.server_sends(complete(b"COMMIT") + ready(b"I"))
     assert pair.s.outstanding == 0 and pair.s.status == ord("I")
-    assert pair.s.names() == ["transaction_end"] * 3
+    assert pair.s.names() == ["transaction_end"]  # (these links are not the engine's to release: Python)
     assert pair.stats.query_count == 3 and pair.stats.xact_count == 1
+
+
+def test_counting_transaction_block_goes_to_python_only_when_it_decides(pair: Pair) -> None:
+    """A ReadyForQuery 'T' or 'E' in transaction mode keeps the server (the engine says nothing);
+    in statement mode Python refuses the block, and a client waiting for a quiet pipeline (linking)
+    is Python's to resume: both still get the hook."""
+    pair.client_sends(query("select 1/0"))
+    pair.server_sends(complete(b"ERROR") + ready(b"E"))
+    assert pair.s.names() == []
+    pair.s.statement_mode = True
+    pair.client_sends(query("begin"))
+    pair.server_sends(complete(b"BEGIN") + ready(b"T"))
+    assert pair.s.names() == ["transaction_end"]
+    pair.s.statement_mode = False
+    pair.c.linking = True
+    pair.client_sends(query("select 2"))
+    pair.server_sends(complete(b"SELECT 1") + ready(b"T"))
+    assert pair.s.names() == ["transaction_end"] * 2
 
 
 def test_counting_pipelined_queries_end_once(pair: Pair) -> None:
