@@ -25,6 +25,7 @@ ParameterStatus bodies and ReadyForQuery counts match the server stream, byte co
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 import socket
 import struct
@@ -33,8 +34,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from pgmux.engine import LAZY_PREPARE, PIN_HINTS, SESSION, Engine, Link, PoolCore, PoolStats
+from pgmux.engine import C_LOGIN_STARTUP, LAZY_PREPARE, PIN_HINTS, SESSION, Engine, Link, PoolCore, PoolStats
 from pgmux.engine._querystats import normalize
+from pgmux.protocol import messages as m
 from pgmux.protocol.sessionstate import _PLAIN_STARTS
 
 FLAG_MASK = PIN_HINTS | LAZY_PREPARE | SESSION
@@ -712,6 +714,181 @@ def run_one(data: bytes) -> None:
         h.close()
 
 
+# ---------------------------------------------------------------- the C login (Engine._login_read)
+
+LOGIN_INNER = b"0123456789abcdef" * 2  # md5(password + user) as hex digits: any 32 will do
+LOGIN_SALT = b"\x01\x02\x03\xfe"
+
+
+class LoginLink(Link):
+    """A client whose login the engine reads in C; its hooks check what the engine hands Python
+    against the bytes the client sent (Python's own reader and md5 as the oracle)."""
+
+    def __init__(self, h: LoginConversation) -> None:
+        self.h = h
+        self.keep = 0
+        self.skip = 0
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _SCRATCH_MV
+
+    def buffer_updated(self, nbytes: int) -> None:  # after the C login: Python's own reads
+        self.h.python_read += bytes(_SCRATCH_MV[:nbytes])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.h.closed = True
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    def engine_startup(self, code: int, params: dict[str, str]) -> bytes | None:
+        return self.h.startup(code, params)
+
+    def engine_password_checked(self, ok: bool) -> None:
+        self.h.password_checked(ok)
+
+    def engine_login_escape(self, data: bytes) -> None:
+        self.h.login_escape(data)
+
+
+class LoginConversation:
+    """The client side's bytes, fed in chunks to a link in C-login mode. `consumed`: how far the
+    engine took the stream (requests answered N, the startup packet, the password message)."""
+
+    def __init__(self, config: int) -> None:
+        self.md5 = bool(config & 1)  # engine_startup asks the engine to check an md5 answer
+        self.chunk = 1 + (config >> 1)
+        self.loop = FakeLoop()
+        self.eng = Engine(self.loop)  # type: ignore[arg-type]
+        self.eng.offer_tls = bool(config & 0x80)
+        self.app, eng_end = socket.socketpair()
+        self.app.setblocking(False)
+        eng_end.setblocking(False)
+        self.link = LoginLink(self)
+        self.link.max_packet_size = 100 if config & 0x40 else 0x7FFFFFFF
+        self.transport = self.eng.adopt_fd(self.link, eng_end.detach())
+        self.link.engine_login = C_LOGIN_STARTUP
+        self.sent = bytearray()
+        self.consumed = 0
+        self.answers_expected = bytearray()  # what the engine must have written to the client
+        self.python_read = bytearray()  # bytes Python's login got (escape, then its own reads)
+        self.handed = False  # the login is Python's from here on
+        self.awaiting_password = False
+        self.closed = False
+
+    def answerable_requests(self) -> int:
+        """SSL/GSS requests at the start of what the engine has not consumed that it may answer N
+        (an SSLRequest only while TLS is off), each whole."""
+        n, pos = 0, self.consumed
+        while len(self.sent) >= pos + 8 and be32(self.sent, pos) == 8 and (
+                be32(self.sent, pos + 4) == 80877104 or (be32(self.sent, pos + 4) == 80877103
+                                                        and not self.eng.offer_tls)):
+            n += 1
+            pos += 8
+        return n
+
+    def answered(self, upto: int) -> None:
+        """The engine consumed requests up to `upto`, answering each N."""
+        k, rest = divmod(upto - self.consumed, 8)
+        check(rest == 0 and 0 <= k <= self.answerable_requests(), "requests consumed that are not answerable")
+        self.answers_expected += b"N" * k
+        self.consumed = upto
+
+    def startup(self, code: int, params: dict[str, str]) -> bytes | None:
+        check(not self.handed and not self.awaiting_password, "engine_startup out of turn")
+        # the startup packet is what follows the requests the engine answered (nothing after it)
+        pos = self.consumed + 8 * self.answerable_requests()
+        length = len(self.sent) - pos
+        self.answered(pos)
+        check(length >= 8 and be32(self.sent, pos) == length, "engine_startup: not one whole packet after the requests")
+        check(len(self.sent) == pos + length, "engine_startup with bytes after the packet")
+        check(be32(self.sent, pos + 4) == code, "engine_startup: wrong protocol code")
+        try:
+            expected = m.parse_startup_packet(bytes(self.sent[pos : pos + length])).params
+        except m.ProtocolError:
+            raise HarnessError("engine_startup for a packet Python refuses") from None
+        check(params == expected, f"startup params {params!r} != {expected!r}")
+        self.consumed = pos + length
+        if not self.md5:
+            self.handed = True
+            return None
+        self.awaiting_password = True
+        self.answers_expected += b"R\0\0\0\x0c\0\0\0\x05" + LOGIN_SALT
+        return LOGIN_INNER + LOGIN_SALT
+
+    def password_checked(self, ok: bool) -> None:
+        check(self.awaiting_password and not self.handed, "engine_password_checked out of turn")
+        pos = self.consumed
+        check(self.sent[pos] == ord("p"), "a password message of another type")
+        length = be32(self.sent, pos + 1)
+        check(len(self.sent) == pos + 1 + length, "engine_password_checked with bytes after the message")
+        body = bytes(self.sent[pos + 5 : pos + 1 + length]).rstrip(b"\0")
+        right = b"md5" + hashlib.md5(LOGIN_INNER + LOGIN_SALT).hexdigest().encode()
+        check(ok == (body == right), f"md5 answer {body!r} judged {ok}")
+        self.consumed = pos + 1 + length
+        self.awaiting_password = False
+        self.handed = True
+
+    def login_escape(self, data: bytes) -> None:
+        check(not self.handed, "engine_login_escape after the login was handed over")
+        start = len(self.sent) - len(data)
+        check(bytes(self.sent[start:]) == data, "escaped bytes are not the end of the stream")
+        if not self.awaiting_password:
+            self.answered(start)  # (requests answered N before the escape)
+        check(start == self.consumed, "escaped bytes are not the stream's unconsumed ones")
+        self.python_read += data
+        self.handed = True
+
+    def run(self, data: bytes) -> None:
+        for i in range(0, len(data), self.chunk):
+            if self.closed:
+                break
+            piece = data[i : i + self.chunk]
+            try:
+                self.app.sendall(piece)
+            except OSError:
+                break
+            self.sent += piece
+            self.eng.run()
+            check(not self.loop.errors, f"a hook raised: {self.loop.errors[:1]}")
+            self.loop.drain()
+        if not self.closed and self.handed:
+            # everything the client sent reached Python's login once the C login handed over
+            check(bytes(self.sent[self.consumed :]) == bytes(self.python_read), "bytes lost after the C login")
+        elif not self.closed and not self.awaiting_password:  # still reading the startup: requests answered
+            self.answers_expected += b"N" * self.answerable_requests()
+        received = bytearray()
+        while True:
+            try:
+                got = self.app.recv(65536)
+            except BlockingIOError:
+                break
+            if not got:
+                break
+            received += got
+        check(bytes(received) == bytes(self.answers_expected), f"answers {bytes(received)!r}")
+
+    def close(self) -> None:
+        self.transport.abort()
+        self.app.close()
+        self.loop.drain()
+        self.link.h = None  # type: ignore[assignment]
+
+
+def run_login(data: bytes) -> None:
+    """The same input as a client's login bytes: data[0] configures, the rest is sent in chunks."""
+    if not data:
+        return
+    h = LoginConversation(data[0])
+    try:
+        h.run(data[1:])
+    finally:
+        h.close()
+
+
 # ---------------------------------------------------------------- seeds
 
 
@@ -771,12 +948,30 @@ def seeds() -> list[bytes]:
         chunks(0, [("client", msg(b"C", b"SPGMUX_1\0") + msg(b"S")), ("server", msg(b"3") + msg(b"Z", b"I"))]),
         chunks(0, [("client", qry), 10, ("server", answer)]),
         chunks(0, [("client", qry), ("server", b"Z\0\0\0\2")]),
+        *login_seeds(),
+    ]
+
+
+def login_seeds() -> list[bytes]:
+    """Inputs for run_login (run_one reads them too): a config byte, then a client's login bytes."""
+    body = struct.pack("!I", 196608) + b"user\0bob\0database\0db\0application_name\0x\0\0"
+    startup = struct.pack("!I", 4 + len(body)) + body
+    ssl, gss = struct.pack("!II", 8, 80877103), struct.pack("!II", 8, 80877104)
+    answer = b"md5" + hashlib.md5(LOGIN_INNER + LOGIN_SALT).hexdigest().encode() + b"\0"
+    return [
+        bytes([1 | (15 << 1)]) + ssl + startup + msg(b"p", answer),
+        bytes([1 | (2 << 1)]) + gss + startup + msg(b"p", answer[:-2] + b"0\0"),
+        bytes([0 | (63 << 1)]) + startup + msg(b"p", b"secret\0"),
+        bytes([0x80 | 1]) + ssl + startup,
+        bytes([1]) + startup + msg(b"p", answer) + msg(b"Q", b"select 1\0"),
+        bytes([0x40 | 1]) + startup,
     ]
 
 
 DICTIONARY = [b"Q", b"P", b"B", b"E", b"S", b"Z", b"X", b"C", b"G", b"\x00\x00\x00\x04", b"\x00\x00\x00\x05I",
               b"select", b"set ", b"set_config", b"advisory", b"atabase", b"ATABASE", b"PGMUX_", b"DISCARD ALL",
-              b"DEALLOCATE", b"TimeZone\x00", b";", b"\xe0", b"\xe1", b"\xe4", b"\xea"]
+              b"DEALLOCATE", b"TimeZone\x00", b";", b"\xe0", b"\xe1", b"\xe4", b"\xea",
+              b"\x00\x03\x00\x00", b"\x04\xd2\x16\x2f", b"\x04\xd2\x16\x30", b"user\x00", b"database\x00", b"md5"]
 
 
 def make_corpus(path: str) -> None:
@@ -804,6 +999,7 @@ _count = [0, 0]
 
 def test_one_input(data: bytes) -> None:
     run_one(data)
+    run_login(data)
     _count[0] += 1
     if _count[0] % 1000 == 0:
         # A closed link and its EngineTransport reference each other, and a link its Engine (whose
@@ -825,7 +1021,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1 and argv[1] == "--replay":
         for name in argv[2:]:
             with open(name, "rb") as f:
-                run_one(f.read())
+                data = f.read()
+            run_one(data)
+            run_login(data)
             print(f"{name}: ok")
         return
     import atheris  # noqa: PLC0415 (only the fuzzing entry point needs it)
