@@ -140,6 +140,7 @@ cdef class Link:
     cdef unsigned char kind
     cdef unsigned char mode
     cdef unsigned char flags          # ClientFlag
+    cdef public unsigned char engine_login  # CLogin: the engine reads this client's login in C
     cdef bint reading_paused          # Python asked (transport.pause_reading)
     cdef bint held                    # a client the engine queued: its bytes are in rbuf (more are added)
     cdef bint held_full               # ... HOLD_LIMIT of them: not read until linked
@@ -147,9 +148,8 @@ cdef class Link:
     cdef bint write_paused_sent       # protocol.pause_writing() was called
     cdef bint lost                    # socket closed; connection_lost scheduled
     cdef public bint linger           # close gracefully: FIN, then read and drop until the peer closes
-    cdef public unsigned char engine_login  # CLogin: the engine reads this client's login in C
-    cdef bytes login_secret           # CL_MD5: md5(password + user) in hex, then the 4-byte salt sent
     cdef bint lingering               # a ghost doing so for a closed link (Engine._end_link)
+    cdef bytes login_secret           # CL_MD5: md5(password + user) in hex, then the 4-byte salt sent
     cdef unsigned char *rbuf          # bytes kept between reads (fast mode), malloc'd on demand
     cdef Py_ssize_t rcap, rkeep
     cdef long long rskip              # body bytes of the current message still to come
@@ -166,7 +166,6 @@ cdef class Link:
     cdef public object query_names    # client: {statement name: QueryStats handle}, made on demand
     cdef bytes bind_name              # client: the statement name of its last named Bind, reused while it repeats
     cdef long long lru_last_id        # server: the statement its last native Bind moved to the end of its LRU...
-    cdef Py_ssize_t lru_last_size     # ... and the LRU's size then (changed since: move it again)
     # ---- link state (server side), read and written by Python too
     cdef public int outstanding       # Query/Sync/FunctionCall not yet answered by ReadyForQuery
     cdef public bint pending_ext      # extended-protocol messages since the last Sync
@@ -174,6 +173,7 @@ cdef class Link:
     cdef public int last_start        # kind of the latest request (COPY IN accounting)
     cdef public int copy_in, copy_base
     cdef public bint boundary_due     # the transaction ended but a read cut a message after it
+    cdef int lru_last_size            # ... (lru_last_id) and the LRU's size then (changed since: move it again)
     cdef public double query_start, xact_start, last_used, request_time
     cdef public PoolStats link_stats  # the pool's counters (servers)
     cdef public long long max_packet_size  # longest message accepted from this peer

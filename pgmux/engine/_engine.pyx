@@ -2120,7 +2120,7 @@ cdef class Engine:
             # eviction order a little off; whether it is prepared is always checked above)
             _move_to_end(lru, stmt.id)
             s.lru_last_id = stmt.id
-            s.lru_last_size = PyDict_GET_SIZE(lru)
+            s.lru_last_size = <int>PyDict_GET_SIZE(lru)
         sname = <const unsigned char *>PyBytes_AS_STRING(stmt.server_name)
         sl = PyBytes_GET_SIZE(stmt.server_name)
         if typ == 66 and s.link_stats is not None:
