@@ -280,6 +280,7 @@ cdef class Engine:
     cdef int _on_readable(self, Link link) except -1
     cdef int _login_read(self, Link link) except -1
     cdef ssize_t _recv(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2
+    cdef ssize_t _recv_raw(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2
     cdef ssize_t _recv_tls(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2
     cdef ssize_t _tls_read(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2
     cdef ssize_t _native_read(self, Link link, TlsState st, unsigned char *buf, Py_ssize_t cap) except -2

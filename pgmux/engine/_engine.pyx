@@ -1704,6 +1704,13 @@ cdef class Engine:
         cdef ssize_t r
         if link.tls is not None:
             return self._recv_tls(link, buf, cap)
+        r = self._recv_raw(link, buf, cap)
+        return r if r > 0 else -1
+
+    cdef ssize_t _recv_raw(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2:
+        """recv() on the link's socket: > 0 bytes; -1 none now (EAGAIN); 0 the peer closed or the
+        socket failed, and the link is closed."""
+        cdef ssize_t r
         while True:
             r = recv(link.fd, buf, cap, 0)
             if r < 0 and errno == EINTR:
@@ -1714,7 +1721,7 @@ cdef class Engine:
         if r < 0 and errno == EAGAIN:
             return -1
         self._close_link(link, None if r == 0 else ConnectionResetError(errno, os.strerror(errno)))
-        return -1
+        return 0
 
     cdef ssize_t _recv_tls(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2:
         """TLS (ssl.SSLObject over MemoryBIOs, as uvloop does): raw bytes from the socket into
@@ -1726,15 +1733,10 @@ cdef class Engine:
         if st.live and st.sslobj.pending():
             got = self._tls_read(link, buf, cap)
         if got == 0:
-            while True:
-                r = recv(link.fd, self.shared if st.live else buf, cap if cap < SHARED_SIZE else SHARED_SIZE, 0)
-                if r < 0 and errno == EINTR:
-                    continue
-                break
-            if r < 0 and errno == EAGAIN:
+            r = self._recv_raw(link, self.shared if st.live else buf, cap if cap < SHARED_SIZE else SHARED_SIZE)
+            if r < 0:
                 return -1
-            if r <= 0:
-                self._close_link(link, None if r == 0 else ConnectionResetError(errno, os.strerror(errno)))
+            if r == 0:
                 self._tls_failed(link, "connection closed during the TLS handshake")
                 return -1
             st.incoming.write(PyMemoryView_FromMemory(<char *>(self.shared if st.live else buf), r, PyBUF_READ))
@@ -1780,15 +1782,8 @@ cdef class Engine:
         > 0 bytes in buf, -1 nothing now (or the link closed: end of stream, TLS error)."""
         cdef ssize_t r, got = tls_read(&st.nat, buf, cap)
         if got == TLS_WANT:
-            while True:
-                r = recv(link.fd, self.shared, cap if cap < SHARED_SIZE else SHARED_SIZE, 0)
-                if r < 0 and errno == EINTR:
-                    continue
-                break
-            if r < 0 and errno == EAGAIN:
-                return -1
+            r = self._recv_raw(link, self.shared, cap if cap < SHARED_SIZE else SHARED_SIZE)
             if r <= 0:
-                self._close_link(link, None if r == 0 else ConnectionResetError(errno, os.strerror(errno)))
                 return -1
             tls_feed(&st.nat, self.shared, r)
             got = tls_read(&st.nat, buf, cap)
