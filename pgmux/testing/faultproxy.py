@@ -32,7 +32,7 @@ import contextlib
 import socket
 import struct
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 __all__ = ["FaultProxy"]
@@ -166,6 +166,18 @@ class FaultProxy:
     def reachable(self) -> None:
         """Listen again on the same port."""
         self._call(self._listen())
+
+    @contextlib.contextmanager
+    def reachable_after(self, seconds: float) -> Iterator[None]:
+        """Within the block, listen again `seconds` from now (reachable() on a timer thread); the
+        timer is cancelled if the block ends first."""
+        timer = threading.Timer(seconds, self.reachable)
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+            timer.join()
 
     def heal(self) -> None:
         """Plain forwarding for new connections again (no delay, no blackhole, no refusal)."""

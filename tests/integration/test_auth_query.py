@@ -240,16 +240,11 @@ def test_login_is_served_once_the_auth_server_comes_back(
         cluster: TempCluster, pooler: Callable[..., PoolerProcess], auth_roles: None) -> None:
     with FaultProxy(cluster.port) as proxy:
         p = unreachable_aq_pooler(pooler, proxy, query_wait_timeout=30)
-        timer = threading.Timer(2.5, proxy.reachable)
-        timer.start()
-        try:
+        with proxy.reachable_after(2.5):
             start = time.monotonic()
             with psycopg.connect(p.dsn("md5user", "md5pass", dbname="flaky"), connect_timeout=20) as conn:
                 assert conn.execute("SELECT current_user").fetchone() == ("md5user",)
             assert time.monotonic() - start >= 2, "logged in before the auth_user's server could"
-        finally:
-            timer.cancel()
-            timer.join()
 
 
 # PgBouncer's janitor applies client_login_timeout to the logins in its login list only: a login
@@ -274,16 +269,11 @@ def test_login_queued_past_client_login_timeout_is_served_once_the_auth_server_c
     login (the auth_query, the password exchange)."""
     with FaultProxy(cluster.port) as proxy:
         p = unreachable_aq_pooler(pooler, proxy, client_login_timeout=2, query_wait_timeout=30)
-        timer = threading.Timer(3, proxy.reachable)
-        timer.start()
-        try:
+        with proxy.reachable_after(3):
             start = time.monotonic()
             with psycopg.connect(p.dsn("md5user", "md5pass", dbname="flaky"), connect_timeout=20) as conn:
                 assert conn.execute("SELECT current_user").fetchone() == ("md5user",)
             assert time.monotonic() - start >= 2.5, "logged in before the auth_user's server could"
-        finally:
-            timer.cancel()
-            timer.join()
 
 
 def test_login_queued_past_client_login_timeout_ends_if_it_dawdles(
@@ -292,18 +282,12 @@ def test_login_queued_past_client_login_timeout_ends_if_it_dawdles(
     (over by then) applies again: a client that does not answer the password request is ended."""
     with FaultProxy(cluster.port) as proxy:
         p = unreachable_aq_pooler(pooler, proxy, client_login_timeout=2, query_wait_timeout=30)
-        timer = threading.Timer(3, proxy.reachable)
-        timer.start()
-        try:
-            with RawConn(p.host, p.port, timeout=15) as conn:
-                conn.send(startup_packet({"user": "md5user", "database": "flaky"}))
-                kind, _ = conn.read_message()  # the password request, once the auth_query ran
-                asked = time.monotonic()
-                assert kind == b"R"
-                kind, body = conn.read_message()  # not answered
-                waited = time.monotonic() - asked
-        finally:
-            timer.cancel()
-            timer.join()
+        with proxy.reachable_after(3), RawConn(p.host, p.port, timeout=15) as conn:
+            conn.send(startup_packet({"user": "md5user", "database": "flaky"}))
+            kind, _ = conn.read_message()  # the password request, once the auth_query ran
+            asked = time.monotonic()
+            assert kind == b"R"
+            kind, body = conn.read_message()  # not answered
+            waited = time.monotonic() - asked
         assert kind == b"E" and parse_error_fields(body)["M"] == "client_login_timeout", (kind, body)
         assert waited < 1.5, f"ended {waited:.1f}s after the password request, not at the janitor's next pass"

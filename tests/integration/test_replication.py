@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -254,17 +253,12 @@ def test_replication_client_is_served_once_postgres_comes_back(cluster: TempClus
                                                                pooler: Callable[..., PoolerProcess]) -> None:
     with FaultProxy(cluster.port) as proxy:
         p = unreachable_replication_pooler(pooler, proxy, client_login_timeout=30, query_wait_timeout=30)
-        timer = threading.Timer(2.5, proxy.reachable)
-        timer.start()
-        try:
+        with proxy.reachable_after(2.5):
             start = time.monotonic()
             with replication_conn(p, "true", connect_timeout=20) as conn:
                 res = conn.pgconn.exec_(b"IDENTIFY_SYSTEM")
                 assert res.status == psycopg.pq.ExecStatus.TUPLES_OK, res.error_message
             assert time.monotonic() - start >= 2, "logged in before its server could"
-        finally:
-            timer.cancel()
-            timer.join()
     assert failed_connects(p) >= 2, p.log_text()  # retried, server_login_retry apart
 
 

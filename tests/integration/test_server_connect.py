@@ -219,16 +219,11 @@ def test_first_client_of_a_pool_is_served_when_postgres_comes_back(cluster: Temp
     with FaultProxy(cluster.port) as proxy:
         proxy.unreachable()
         p = tx_pooler(pooler, proxy, client_login_timeout=30, query_wait_timeout=30)
-        timer = threading.Timer(2.5, proxy.reachable)
-        timer.start()
-        try:
+        with proxy.reachable_after(2.5):
             start = time.monotonic()
             with connect(p, "md5user", "flaky", connect_timeout=20) as c:
                 assert c.execute("SELECT 1").fetchone() == (1,)
             assert time.monotonic() - start >= 2, "logged in before any server could"
-        finally:
-            timer.cancel()
-            timer.join()
 
 
 # --------------------------------------------------------------------------------------------------
