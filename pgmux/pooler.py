@@ -115,6 +115,7 @@ class Pooler:
         # The console's protocol loop (pgmux.admin.console.run_console), given by the cli: the
         # console sits above the pools, which never import it. None: no console (in-process tests).
         self.console_entry: Callable[[ClientConnection], Coroutine[Any, Any, None]] | None = None
+        self._admin = AdminState()  # what the console adds: pause mode, paused/disabled databases, sessions
         self.auth_users: dict[str, str] = {}
         # Passwords that ldap/pam logins proved, for those users' server logins (PgBouncer keeps them too).
         self.external_passwords: dict[str, str] = {}
@@ -350,8 +351,8 @@ class Pooler:
 
     def client_connected(self, client: ClientConnection) -> None:
         self.clients.add(client)
-        admin = self.__dict__.get("_admin")
-        if admin is not None and admin.pause_mode == "suspend" and client.transport is not None:
+        admin = self._admin
+        if admin.pause_mode == "suspend" and client.transport is not None:
             # SUSPEND: new clients wait, unread, until RESUME (PgBouncer's behaviour)
             client.transport.pause_reading()
             admin.suspended.append(client.transport)
@@ -644,9 +645,14 @@ class Pooler:
             return  # no room across workers: the worker tick retries while clients wait
         if pool.limits.reserve_pool_size and pool.server_count >= pool.limits.pool_size:
             logger.info("%s/%s taking connection from reserve_pool", pool.database, pool.user)
+        self._launch_connect(pool)
+
+    def _launch_connect(self, pool: Pool[ServerConnection, ClientConnection],
+                        deliver: asyncio.Future[ServerConnection] | None = None) -> None:
+        """One server of `pool` connecting from now on (counted in pool.connecting), see _connect."""
         pool.connecting += 1
         pool.last_connect_time = time.monotonic()
-        self.spawn(self._connect(pool, self.next_client_id()))
+        self.spawn(self._connect(pool, self.next_client_id(), deliver))
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)
@@ -966,9 +972,7 @@ class Pooler:
     async def _auth_connect(self, pool: Pool[ServerConnection, ClientConnection]) -> ServerConnection:
         """A new server of the auth_user's pool, delivered busy by _connect."""
         fut: asyncio.Future[ServerConnection] = self.loop.create_future()
-        pool.connecting += 1
-        pool.last_connect_time = time.monotonic()
-        self.spawn(self._connect(pool, self.next_client_id(), fut))
+        self._launch_connect(pool, fut)
         return await fut
 
     async def _server_for_one(self, pool: Pool[ServerConnection, ClientConnection],
@@ -1704,11 +1708,8 @@ class Pooler:
     # launch_connects honour. Nothing here runs on the data path.
 
     def admin_state(self) -> AdminState:
-        """The console's state (pause mode, paused and disabled databases, sessions), created on first use."""
-        state: AdminState | None = self.__dict__.get("_admin")
-        if state is None:
-            state = self._admin = AdminState()
-        return state
+        """The console's state (pause mode, paused and disabled databases, sessions)."""
+        return self._admin
 
     async def admin_start(self) -> None:
         """Start the stats_period timer and the metrics listener, once. cli.py should await this at
