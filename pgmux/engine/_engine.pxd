@@ -222,6 +222,7 @@ cdef class Link:
     cdef int parse_noted(self, Link server, int pool, const unsigned char *name, Py_ssize_t tl,
                          const unsigned char *text, Py_ssize_t nl) except -1
     cdef int name_query(self, const unsigned char *name, Py_ssize_t n, long long handle) except -1
+    cdef int _c_login_over(self) except -1
     cdef bytes statement_name(self, const unsigned char *name, Py_ssize_t n)
     cdef long long bind_query(self, const unsigned char *body, Py_ssize_t blen) except? -2
 
@@ -259,7 +260,6 @@ cdef class Engine:
     cdef unsigned char *tlsout        # records a native TLS link sends, on their way to _send_raw
     cdef public bint native_tls       # hand TLS links to C after their handshake (False: Python's ssl only)
     cdef public bint offer_tls        # client TLS is on: an SSLRequest goes to Python's login
-    cdef public bint c_login          # read plain clients' logins in C (Link.engine_login; False: Python's only)
     cdef bint in_run                  # inside run(): Python hooks wait for the walk in progress
     cdef unsigned char *scratch       # a tracked client's output with names rewritten, sent at once
     cdef Py_ssize_t scratch_cap, scratch_len

@@ -124,7 +124,6 @@ class Engine:
     escapes: int
     native_tls: bool
     offer_tls: bool
-    c_login: bool
     tls_native: int
     tls_python: int
     c_logins: int

@@ -938,6 +938,13 @@ cdef class Link:
             return -1
         return self.query_names.get(self.statement_name(body + name_pos, name_len), -1)
 
+    cdef int _c_login_over(self) except -1:
+        """The engine's C login of this client is over (Python has it, or it is logged in); the
+        bytes it kept go too."""
+        self.engine_login = CL_NONE
+        self.login_secret = None
+        return self._keep_bytes(self.rbuf, 0)
+
     cdef bytes statement_name(self, const unsigned char *name, Py_ssize_t n):
         """Client: name[0:n] as a bytes object; the same one as for its last Bind while the name
         repeats (no allocation, and its hash is kept for the dict lookups)."""
@@ -1209,7 +1216,6 @@ cdef class Engine:
         if self.shared == NULL or self.tlsplain == NULL or self.tlsout == NULL:
             raise MemoryError()
         self.native_tls = True
-        self.c_login = True
         self.next_gen = 1
         self.paused_now = []
         self.qstats = QueryStats(5000)
@@ -1649,11 +1655,10 @@ cdef class Engine:
                 if params is None:
                     escape = True
                     break
-                pos = end
                 link._keep_bytes(b, 0)
                 secret = link.engine_startup(code, params)
                 if secret is None:  # Python goes on with this login (or ended it)
-                    link.engine_login = CL_NONE
+                    link._c_login_over()
                     return 0
                 if type(secret) is not bytes or PyBytes_GET_SIZE(secret) != MD5_INNER_LEN + 4:
                     raise TypeError("engine_startup: md5 digits and salt expected")
@@ -1680,17 +1685,13 @@ cdef class Engine:
                 if ok < 0:
                     escape = True
                     break
-                link.engine_login = CL_NONE
-                link.login_secret = None
-                link._keep_bytes(b, 0)
+                link._c_login_over()
                 self.c_logins += 1
                 link.engine_password_checked(ok == 1)
                 return 0
         if escape:
             data = PyBytes_FromStringAndSize(<char *>b + pos, end - pos)
-            link.engine_login = CL_NONE
-            link.login_secret = None
-            link._keep_bytes(b, 0)
+            link._c_login_over()
             self.login_escapes += 1
             link.engine_login_escape(data)
             return 0
@@ -2619,7 +2620,6 @@ cdef class Engine:
         return {"batches": self.batches, "reads": self.reads, "fast_reads": self.fast_reads,
                 "escapes": self.escapes, "tls_native": self.tls_native, "tls_python": self.tls_python,
                 "c_logins": self.c_logins, "login_escapes": self.login_escapes}
-
 
 
 # Link.engine_login's first state, for Python (listener.EngineServer sets it on a client it may read in C).

@@ -32,9 +32,7 @@ cdef extern from "<dlfcn.h>" nogil:
 
 # OpenSSL's stable ABI constants (ssl.h, bio.h; unchanged since 1.1.0)
 cdef enum:
-    SSL_ERROR_SSL = 1
     SSL_ERROR_WANT_READ = 2
-    SSL_ERROR_SYSCALL = 5
     SSL_ERROR_ZERO_RETURN = 6
     BIO_CTRL_PENDING = 10
 

@@ -887,15 +887,21 @@ class ClientConnection(PgConnection):
             await self._wait_data()
         return body
 
-    def _after_startup(self, pkt: m.StartupPacket) -> None:
+    def _after_startup(self, pkt: m.StartupPacket, engine_md5: bool = False) -> bytes | None:
         """A StartupMessage: the checks, then authentication, by the client's steps where it
-        can be (md5, SCRAM against a known secret, trust), else in a Task."""
+        can be (md5, SCRAM against a known secret, trust), else in a Task. `engine_md5`: the
+        engine's C login read the packet and may check an md5 answer itself; for an md5 login
+        against a known secret it gets md5(password + user) in hex and the salt, and sends the
+        challenge (else None: the login goes on here)."""
         state = self._startup(pkt)
         if state is None:
-            return
-        self._authenticate_by_plan(state, _AUTH_TASK if state.console else self._auth_plan(state))
-
-    def _authenticate_by_plan(self, state: LoginState, plan: int) -> None:
+            return None
+        plan = _AUTH_TASK if state.console else self._auth_plan(state)
+        if engine_md5 and plan == _AUTH_MD5 and state.stored:
+            salt = random_bytes(4)
+            state.exchange = salt
+            self.login_step = LOGIN_MD5
+            return md5_inner(state.stored, state.user) + salt
         if plan == _AUTH_TASK:
             self._continue_in_task(self._authenticate_and_finish(state, plan))
         elif plan == _AUTH_DONE:
@@ -903,25 +909,15 @@ class ClientConnection(PgConnection):
             self._after_auth(state)
         else:
             self.login_step = self._start_exchange(state, plan)
+        return None
 
     # The engine's C login (Engine._login_read) reads a plain client's StartupMessage and checks an
     # md5 answer itself; these are the calls it makes. Everything else it hands over as bytes.
 
     def engine_startup(self, code: int, params: dict[str, str]) -> bytes | None:
-        """The engine read a StartupMessage: the checks and the auth plan, as _after_startup. For
-        an md5 login against a known secret, the engine sends the challenge and checks the answer:
-        it gets md5(password + user) in hex and the salt. Else None: the login goes on here."""
+        """The engine read a StartupMessage: _after_startup, which may leave the md5 exchange to it."""
         try:
-            state = self._startup(m.StartupPacket(code, params=params))
-            if state is None:
-                return None
-            plan = _AUTH_TASK if state.console else self._auth_plan(state)
-            if plan == _AUTH_MD5 and state.stored:
-                salt = random_bytes(4)
-                state.exchange = salt
-                self.login_step = LOGIN_MD5
-                return md5_inner(state.stored, state.user) + salt
-            self._authenticate_by_plan(state, plan)
+            return self._after_startup(m.StartupPacket(code, params=params), engine_md5=True)
         except BaseException as exc:  # noqa: BLE001 - as in _login_step
             self._login_error(exc)
         return None

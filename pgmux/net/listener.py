@@ -144,7 +144,7 @@ class EngineServer:
                     apply_tcp_options(sock, self.settings)
         client = self.factory()
         client.start(pooler.engine.adopt_fd(client, fd, self.family), peer, local)
-        if client.c_login and pooler.engine.c_login:
+        if client.c_login:
             client.engine_login = C_LOGIN_STARTUP  # the engine reads the login (Engine._login_read)
 
     def _failed(self, err: int) -> None:
