@@ -189,8 +189,9 @@ class DroppingProxy:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
         self.port = self.sock.getsockname()[1]
-        self.threads: list[threading.Thread] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.conns: list[socket.socket] = []
+        self.acceptor = threading.Thread(target=self._accept, daemon=True)
+        self.acceptor.start()
 
     def _accept(self) -> None:
         while True:
@@ -198,7 +199,14 @@ class DroppingProxy:
                 client, _ = self.sock.accept()
             except OSError:
                 return
-            server = socket.create_connection(self.upstream)
+            self.conns.append(client)
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            self.conns.append(server)
             threading.Thread(target=self._pipe, args=(client, server), daemon=True).start()
             threading.Thread(target=self._filter, args=(server, client), daemon=True).start()
 
@@ -233,7 +241,15 @@ class DroppingProxy:
             dst.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
+        """Stop listening for good: a bare close() leaves a thread blocked in accept() holding the
+        listening socket open (and its port taken) for the rest of the session; shutdown() wakes it."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        self.acceptor.join(5)
+        assert not self.acceptor.is_alive(), "the proxy's accept thread did not stop"
+        for c in self.conns:
+            c.close()
 
 
 @pytest.fixture

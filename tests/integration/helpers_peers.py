@@ -124,10 +124,18 @@ def only(running: ActivatedPooler, stopped: ActivatedPooler) -> Iterator[None]:
     """While the body runs, `stopped` is SIGSTOPped: every connection to the shared port goes to
     `running` (the kernel otherwise gives it to whichever process accepts first, not evenly)."""
     stopped.signal(signal.SIGSTOP)
+    # kill() returns before the process has stopped: until it has, it may still accept.
+    wait_for(lambda: _state(stopped.pid) in ("T", "t"), timeout=5.0, interval=0.002, what="SIGSTOP to take effect")
     try:
         yield
     finally:
         stopped.signal(signal.SIGCONT)
+
+
+def _state(pid: int) -> str:
+    """The process state letter in /proc/PID/stat (T: stopped by a signal)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def raw_client_of(holder: SocketHolder, owner: ActivatedPooler, other: ActivatedPooler) -> RawConn:
