@@ -61,11 +61,20 @@ cdef enum:
 # built (Parse/Bind/Query seen, Sync not yet), then one entry per request in flight, in the order
 # their ReadyForQuery will come, kept aligned with `outstanding`.
 cdef enum:
+    NO_SHAPE = -2          # Engine._shape_find: the text has no known shape
     QTEXT_KEEP = 240       # a client's last statement text kept for same_shape(), at most
     SHAPE_SLOTS = 1024     # the engine's shape table (Engine.shapes): statement texts by shape_slot(),
     SHAPE_WAYS = 4         # ... in sets of SHAPE_WAYS
     SHAPE_PREFIX = 128     # shape_slot() hashes at most this many bytes
     SHAPE_TEXT_MAX = 4096  # longer statement texts are not kept there
+
+# What the client walk's keyword tests (names_database, maybe_session_state) said of a text:
+# the same for every text of its shape (numbers hold no `;`, letter or keyword), so a Query
+# whose shape is known skips both scans.
+cdef enum Verdict:
+    V_KNOWN = 1            # the tests ran on this text (else: not yet, e.g. stored from a Parse)
+    V_DATABASE = 2         # names_database()
+    V_STATE = 4            # maybe_session_state()
 
 # A client's last statement text and its QueryStats handle: the next one that differs only in
 # the values of its numbers is the same statement, found without normalizing it again.
@@ -73,6 +82,7 @@ ctypedef struct QLast:
     int len
     int pool
     long long handle
+    unsigned char verdict  # Verdict bits
     unsigned char text[QTEXT_KEEP]
 
 # A statement text in the engine's shape table, and its QueryStats handle.
@@ -80,6 +90,7 @@ ctypedef struct Shape:
     int len
     int cap
     int pool
+    unsigned char verdict  # Verdict bits
     long long handle
     unsigned char *text
 
@@ -294,9 +305,14 @@ cdef class Engine:
     cdef Py_ssize_t _statement_ref(self, Link c, Link s, unsigned char *b, Py_ssize_t pos, unsigned int ln,
                                    unsigned char typ, object stmts, object lru, Py_ssize_t run) except -2
     cdef int _scratch_add(self, const unsigned char *p, Py_ssize_t n) except -1
-    cdef void _shape_store(self, Shape *set_, const unsigned char *q, Py_ssize_t n, int pool, long long h) noexcept
-    cdef void _remember_last(self, Link c, const unsigned char *q, Py_ssize_t n, int pool, long long h) noexcept
-    cdef long long _statement_handle(self, Link c, int pool, const unsigned char *q, Py_ssize_t n) noexcept
+    cdef void _shape_store(self, Shape *set_, const unsigned char *q, Py_ssize_t n, int pool, long long h,
+                           unsigned char verdict) noexcept
+    cdef void _remember_last(self, Link c, const unsigned char *q, Py_ssize_t n, int pool, long long h,
+                             unsigned char verdict) noexcept
+    cdef long long _shape_find(self, Link c, int pool, const unsigned char *q, Py_ssize_t n,
+                               unsigned char **verdict) noexcept
+    cdef long long _statement_handle(self, Link c, int pool, const unsigned char *q, Py_ssize_t n,
+                                     unsigned char verdict=*) noexcept
     cdef int _server_walk(self, Link s, Link c, unsigned char *b, Py_ssize_t keep, Py_ssize_t end) except -1
     cdef int _end_of_transaction(self, Link s) except -1
     cdef bint _release(self, Link s, Link c) except -1

@@ -42,6 +42,9 @@ from pgmux.engine._ossl cimport (
 )
 
 
+cdef extern from *:
+    int __builtin_ctzll(unsigned long long x) nogil
+
 cdef extern from "sys/epoll.h" nogil:
     ctypedef union epoll_data_t:
         void *ptr
@@ -239,6 +242,18 @@ cdef inline bint has_byte(unsigned long long x, unsigned char b) noexcept nogil:
     return ((v - ONES) & ~v & HIGHS) != 0
 
 
+cdef inline unsigned long long nonzero_bytes(unsigned long long v) noexcept nogil:
+    """The high bit of each byte of v that is not zero (exact: no carry between bytes)."""
+    cdef unsigned long long low = ONES * 127
+    return (((v & low) + low) | v) & HIGHS
+
+
+cdef inline unsigned long long digit_bytes(unsigned long long x) noexcept nogil:
+    """The high bit of each byte of x that is an ASCII digit (exact, as has_digit)."""
+    cdef unsigned long long low = x & (ONES * 127)
+    return (ONES * (127 + 58) - low) & ~x & (low + ONES * (127 - 47)) & HIGHS
+
+
 cdef inline bint state_byte_at(const unsigned char *q, Py_ssize_t n, Py_ssize_t j, Py_ssize_t end) noexcept nogil:
     """maybe_session_state's test at q[j]: a ';' before `end`, or the `v` of "advisory" or the
     `f` of "set_config" (rare letters as anchors; ASCII case ignored)."""
@@ -397,17 +412,23 @@ cdef bint same_shape(const unsigned char *a, Py_ssize_t an, const unsigned char 
     cannot continue a name (so `aid = 1` and `aid = 20` match; `t1` and `t2` do not): both
     normalize to the same statement. From a double quote on, every byte must be equal (a quoted
     name keeps its digits). False is always safe (the caller normalizes)."""
-    cdef Py_ssize_t i = 0, j = 0
+    cdef Py_ssize_t i = 0, j = 0, k
     cdef bint exact = False
-    cdef unsigned long long x
+    cdef unsigned long long x, look
     while True:
-        # equal blocks of eight bytes with no digit and no double quote need no closer look
+        # eight bytes at a time up to the first byte that differs, is a digit or a double quote:
+        # only there is a closer look needed
         while i + 8 <= an and j + 8 <= bn:
             x = load8(a + i)
-            if x != load8(b + j) or has_digit(x) or has_byte(x, 34):
-                break
-            i += 8
-            j += 8
+            look = nonzero_bytes(x ^ load8(b + j)) | digit_bytes(x) | (nonzero_bytes(x ^ (ONES * 34)) ^ HIGHS)
+            if look == 0:
+                i += 8
+                j += 8
+                continue
+            k = __builtin_ctzll(look) >> 3
+            i += k
+            j += k
+            break
         if exact:
             return an - i == bn - j and memcmp(a + i, b + j, an - i) == 0
         if i >= an or j >= bn:
@@ -460,11 +481,23 @@ cdef inline unsigned int shape_slot(const unsigned char *q, Py_ssize_t n, int po
     return <unsigned int>(h * 0x9E3779B97F4A7C15ULL >> 40) & (SHAPE_SLOTS - SHAPE_WAYS)
 
 
-cdef inline void remember_shape(QLast *to, const unsigned char *q, Py_ssize_t n, int pool, long long handle) noexcept nogil:
+cdef inline void remember_shape(QLast *to, const unsigned char *q, Py_ssize_t n, int pool, long long handle,
+                                unsigned char verdict) noexcept nogil:
     memcpy(to.text, q, n)
     to.len = <int>n
     to.pool = pool
     to.handle = handle
+    to.verdict = verdict
+
+
+cdef inline unsigned char query_verdict(const unsigned char *q, Py_ssize_t n) noexcept nogil:
+    """Both keyword tests of a Query's text, as Verdict bits."""
+    cdef unsigned char v = V_KNOWN
+    if names_database(q, n):
+        v |= V_DATABASE
+    if maybe_session_state(q, n):
+        v |= V_STATE
+    return v
 
 
 def shape_slot_py(bytes q, int pool):
@@ -1930,7 +1963,9 @@ cdef class Engine:
         cdef object stmts = None, lru = None
         cdef QueryStats qs = self.qstats
         cdef int qpool = s.core.qpool if qs.enabled and s.core is not None else -1
-        cdef long long qh
+        cdef long long qh, h = NO_SHAPE
+        cdef unsigned char verdict = 0
+        cdef unsigned char *verdict_at = NULL
         if skip:
             if skip >= end:
                 c.rskip = skip - end
@@ -1989,13 +2024,23 @@ cdef class Engine:
                 tl = <Py_ssize_t>ln - 5  # the text, without its NUL
                 if tl < 0:
                     tl = 0
-                if (names_database(body, tl) or ((flags & CF_PIN_HINTS) and maybe_session_state(body, tl))
-                        or (tracked and tl and may_deallocate(body[0]))):
+                if qpool >= 0:  # the shape's verdict, or the tests run now (and kept with it)
+                    h = self._shape_find(c, qpool, body, tl, &verdict_at)
+                    if verdict_at == NULL or not (verdict_at[0] & V_KNOWN):
+                        verdict = query_verdict(body, tl)
+                        if verdict_at != NULL:
+                            verdict_at[0] = verdict
+                    else:
+                        verdict = verdict_at[0]
+                    escape = (verdict & V_DATABASE) or ((flags & CF_PIN_HINTS) and (verdict & V_STATE))
+                else:
+                    escape = names_database(body, tl) or ((flags & CF_PIN_HINTS) and maybe_session_state(body, tl))
+                if escape or (tracked and tl and may_deallocate(body[0])):
                     escape = True
                     stop = pos
                     break
                 if qpool >= 0:
-                    s.q_pending(self._statement_handle(c, qpool, body, tl))
+                    s.q_pending(h if h != NO_SHAPE else self._statement_handle(c, qpool, body, tl, verdict))
                 s.note_request(81, self.now)
                 if tracked:
                     s.ring_push(81)
@@ -2130,41 +2175,64 @@ cdef class Engine:
         self._scratch_add(body + name_pos + name_len, blen - name_pos - name_len)
         return 1
 
-    cdef long long _statement_handle(self, Link c, int pool, const unsigned char *q, Py_ssize_t n) noexcept:
-        """The QueryStats handle of a statement text from client c, without normalizing it when
-        it has the same shape (same_shape) as c's last statement or as one in its set of the
-        engine's shape table (statements that alternate, as TPC-B's seven, and those every client
-        of a pool sends); else a lookup, which normalizes it. c may be None (a server's Python
-        path that lost its client)."""
+    cdef long long _shape_find(self, Link c, int pool, const unsigned char *q, Py_ssize_t n,
+                               unsigned char **verdict) noexcept:
+        """The QueryStats handle of a statement text from client c when it has the same shape
+        (same_shape) as c's last statement or as one in its set of the engine's shape table
+        (statements that alternate, as TPC-B's seven, and those every client of a pool sends),
+        with `verdict` pointing at that entry's Verdict bits; else NO_SHAPE (verdict NULL).
+        c may be None (a server's Python path that lost its client)."""
         cdef QLast *last = c.qlast if c is not None else NULL
-        cdef Shape *set_ = NULL
+        cdef Shape *set_
         cdef Shape *sh
-        cdef long long h
         cdef int k
+        verdict[0] = NULL
         if (last != NULL and last.pool == pool and same_shape(last.text, last.len, q, n)
                 and self.qstats.touch(last.handle)):
+            verdict[0] = &last.verdict
             return last.handle
+        if n <= SHAPE_TEXT_MAX and self.shapes != NULL:
+            set_ = &self.shapes[shape_slot(q, n, pool)]
+            for k in range(SHAPE_WAYS):
+                sh = &set_[k]
+                if (sh.len > 0 and sh.pool == pool and same_shape(sh.text, sh.len, q, n)
+                        and self.qstats.touch(sh.handle)):
+                    if last == NULL:  # a client's first statement: its last from now on (-S repeats it)
+                        self._remember_last(c, q, n, pool, sh.handle, sh.verdict)
+                        if c.qlast != NULL:
+                            verdict[0] = &c.qlast.verdict
+                            return sh.handle
+                    verdict[0] = &sh.verdict
+                    return sh.handle
+        return NO_SHAPE
+
+    cdef long long _statement_handle(self, Link c, int pool, const unsigned char *q, Py_ssize_t n,
+                                     unsigned char verdict=0) noexcept:
+        """The QueryStats handle of a statement text from client c: a known shape's (_shape_find),
+        else a lookup, which normalizes it; the text is then kept as c's last and in the shape
+        table, with `verdict` (the Verdict bits the caller worked out, 0: none)."""
+        cdef unsigned char *unused
+        cdef Shape *set_ = NULL
+        cdef long long h
+        if verdict == 0:  # (with a verdict, the caller has just looked: a miss)
+            h = self._shape_find(c, pool, q, n, &unused)
+            if h != NO_SHAPE:
+                return h
         if n <= SHAPE_TEXT_MAX:
             if self.shapes == NULL:
                 self.shapes = <Shape *>calloc(SHAPE_SLOTS, sizeof(Shape))
             if self.shapes != NULL:
                 set_ = &self.shapes[shape_slot(q, n, pool)]
-                for k in range(SHAPE_WAYS):
-                    sh = &set_[k]
-                    if (sh.len > 0 and sh.pool == pool and same_shape(sh.text, sh.len, q, n)
-                            and self.qstats.touch(sh.handle)):
-                        if last == NULL:  # a client's first statement: its last from now on (-S repeats it)
-                            self._remember_last(c, q, n, pool, sh.handle)
-                        return sh.handle
         h = self.qstats.lookup(pool, q, n)
         if h < 0:
             return h
         if set_ != NULL:
-            self._shape_store(set_, q, n, pool, h)
-        self._remember_last(c, q, n, pool, h)
+            self._shape_store(set_, q, n, pool, h, verdict)
+        self._remember_last(c, q, n, pool, h, verdict)
         return h
 
-    cdef void _remember_last(self, Link c, const unsigned char *q, Py_ssize_t n, int pool, long long h) noexcept:
+    cdef void _remember_last(self, Link c, const unsigned char *q, Py_ssize_t n, int pool, long long h,
+                             unsigned char verdict) noexcept:
         cdef QLast *last
         if c is None or n > QTEXT_KEEP:
             return
@@ -2173,9 +2241,10 @@ cdef class Engine:
             last = c.qlast = <QLast *>malloc(sizeof(QLast))
             if last == NULL:
                 return
-        remember_shape(last, q, n, pool, h)
+        remember_shape(last, q, n, pool, h, verdict)
 
-    cdef void _shape_store(self, Shape *set_, const unsigned char *q, Py_ssize_t n, int pool, long long h) noexcept:
+    cdef void _shape_store(self, Shape *set_, const unsigned char *q, Py_ssize_t n, int pool, long long h,
+                           unsigned char verdict) noexcept:
         """A new text in its set: in a free way, else in the ways' turn."""
         cdef Shape *sh = NULL
         cdef unsigned char *nt
@@ -2197,6 +2266,7 @@ cdef class Engine:
         sh.len = <int>n if n > 0 else 0
         sh.pool = pool
         sh.handle = h
+        sh.verdict = verdict
 
     cdef int _scratch_add(self, const unsigned char *p, Py_ssize_t n) except -1:
         cdef Py_ssize_t cap

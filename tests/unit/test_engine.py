@@ -17,13 +17,14 @@ import socket
 import struct
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pgmux.engine import LAZY_PREPARE, PIN_HINTS, SESSION, Engine, Link, PoolStats
+from pgmux.engine import LAZY_PREPARE, PIN_HINTS, SESSION, Engine, Link, PoolCore, PoolStats
 
 HIGH_WATER = 65536  # the engine's pause_writing threshold (asyncio's default)
 READ_SIZE = 65536  # the most the engine reads at once
@@ -675,6 +676,32 @@ def test_escape_relink_from_the_hook_forwards_the_rest(pair: Pair) -> None:
     assert pair.c.names() == ["escape", "escape"] and pair.c.fast and pair.c.carried == (7, 0)
     pair.client_sends(query("select 2")[7:])
     assert pair.to_server() == query("select 2") and pair.s.outstanding == 4  # kept bytes were not sent
+
+
+def test_escape_verdict_kept_with_the_shape_serves_every_link_flag(pair: Pair) -> None:
+    """With per-query statistics on, a Query's keyword tests are kept with its shape and reused for
+    texts of that shape: the verdict is the text's, so a link with pinning hints still escapes a
+    statement that a link without them forwarded, and a text naming a database always escapes."""
+    core = PoolCore(None, deque(), set(), deque(), pair.stats)
+    core.enabled = False
+    pair.eng.qstats.configure(100)
+    core.qpool = pair.eng.qstats.pool_id("db", "user")
+    pair.c.core = pair.s.core = core
+    pair.c.on_escape = lambda data: None
+    for n in (1, 2):  # the second is found by its shape (the client's last)
+        pair.client_sends(query(f"select pg_advisory_lock({n})"))
+        assert pair.to_server() == query(f"select pg_advisory_lock({n})") and pair.c.calls == []
+    pair.eng.unlink(pair.c)
+    assert pair.eng.link_fast(pair.c, pair.s, PIN_HINTS)
+    pair.client_sends(query("select pg_advisory_lock(3)"))
+    assert pair.to_server() == b"" and pair.c.names() == ["escape"]
+    for sql in ("select 7", "select 8", "drop database d1", "drop database d2"):
+        pair.c.calls.clear()
+        assert pair.eng.link_fast(pair.c, pair.s, PIN_HINTS)
+        pair.client_sends(query(sql))
+        escaped = "database" in sql
+        assert (pair.to_server() == b"") == escaped and pair.c.names() == (["escape"] if escaped else [])
+    assert len(pair.eng.qstats) == 2  # pg_advisory_lock($1) and select $1: both went through statistics
 
 
 # ---------------------------------------------------------------- back-pressure
