@@ -13,6 +13,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from typing import TypedDict
 
 
 def _startup(user: str, database: str) -> bytes:
@@ -74,6 +75,16 @@ async def close_with_rst(conns: list[tuple[asyncio.StreamReader, asyncio.StreamW
     await asyncio.sleep(0)
 
 
+class IdleOutcome(TypedDict):
+    """What hold_idle_clients saw."""
+
+    opened: int
+    alive: int
+    failed: int
+    first_error: str
+    login_seconds: float
+
+
 async def hold_idle_clients(
     host: str,
     port: int,
@@ -86,7 +97,7 @@ async def hold_idle_clients(
     hold: float = 2.0,
     on_held: Callable[[int], None] | None = None,
     timeout: float = 30.0,
-) -> dict[str, object]:
+) -> IdleOutcome:
     """Open ``n`` logged-in connections (``concurrency`` logins in flight), call ``on_held(opened)``
     after ``hold`` seconds, then close them all. Returns counts, first error and timings."""
     conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []

@@ -70,13 +70,17 @@ def per_function(out: Path) -> dict[str, int]:
 
 
 def parse_setting(text: str) -> dict[str, object]:
-    key, _, value = text.partition("=")
-    return {key.strip(): value.strip()}
+    """`key=value`, or several separated by commas."""
+    out: dict[str, object] = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", default="query_stats=1", help="the setting measured (key=value)")
+    ap.add_argument("--set", default="query_stats=1", help="the setting measured (key=value[,key=value...])")
     ap.add_argument("--against", default="query_stats=0", help="the setting it is compared with")
     ap.add_argument("--txns", type=int, default=10000, help="transactions of the long run beyond the short one")
     ap.add_argument("--clients", type=int, default=50)

@@ -42,7 +42,7 @@ class Cell:
         return (min(vals), max(vals)) if vals else None
 
     def extra_median(self, key: str) -> float | None:
-        vals = [float(r.extra[key]) for r in self.ok_runs if isinstance(r.extra.get(key), int | float)]
+        vals = [float(v) for r in self.ok_runs if isinstance(v := r.extra.get(key), int | float)]
         return statistics.median(vals) if vals else None
 
 
@@ -97,8 +97,9 @@ class Summary:
 # formatting
 
 
-def f_num(v: float | None, digits: int = 0) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+def f_num(v: object, digits: int = 0) -> str:
+    """A number with thousands separators (`digits` decimals below 1,000); anything else: a dash."""
+    if not isinstance(v, int | float) or (isinstance(v, float) and math.isnan(v)):
         return "–"
     if digits == 0 or abs(v) >= 1000:
         return f"{v:,.0f}"
@@ -413,8 +414,8 @@ def goals_table(s: Summary) -> str:
         rows.append(row)
     row = ["pooler CPU/txn ≤ 1.0x (worst workload)"]
     for t in targets:
-        cpu = [(s.ratio(w.key, "cpu_us", num=t), w.label) for w in s.workloads if w.kind == "pgbench"]
-        cpu = [(r, lbl) for r, lbl in cpu if r is not None]
+        cpu = [(r, w.label) for w in s.workloads if w.kind == "pgbench"
+               if (r := s.ratio(w.key, "cpu_us", num=t)) is not None]
         worst = max(cpu) if cpu else None
         row += [f"{f_ratio(worst[0])} ({worst[1]})", verdict(worst[0] <= 1.0)] if worst else ["–", "–"]
     if any(x != "–" for x in row[1:]):
@@ -435,21 +436,21 @@ def glance(s: Summary) -> list[str]:
     lines = []
     for t in s.pgmuxes:
         name = TARGET_LABEL[t]
-        tps = [(s.ratio(w.key, "tps", num=t), w.label) for w in s.workloads if w.kind == "pgbench"]
-        tps = sorted((r, lbl) for r, lbl in tps if r is not None)
+        tps = sorted((r, w.label) for w in s.workloads if w.kind == "pgbench"
+                     if (r := s.ratio(w.key, "tps", num=t)) is not None)
         slow = [f"{lbl} ({r:.2f}x)" for r, lbl in tps if r < 1.0]
         fast = [f"{lbl} ({r:.2f}x)" for r, lbl in tps if r >= 1.0]
         if slow:
             lines.append(f"{name} TPS below PgBouncer's: " + "; ".join(slow) + ".")
         if fast:
             lines.append(f"{name} TPS at or above PgBouncer's: " + "; ".join(fast) + ".")
-        cpu = [(s.ratio(w.key, "cpu_us", num=t), w.label) for w in s.workloads if w.kind == "pgbench"]
-        cpu = sorted(((r, lbl) for r, lbl in cpu if r is not None), reverse=True)
-        if cpu:
+        cpus = sorted(((r, w.label) for w in s.workloads if w.kind == "pgbench"
+                       if (r := s.ratio(w.key, "cpu_us", num=t)) is not None), reverse=True)
+        if cpus:
             what = " (supervisor + workers)" if t == "pgmux2" else ""
             lines.append(
                 f"{name} CPU per transaction{what} relative to PgBouncer: "
-                + "; ".join(f"{lbl} {r:.2f}x" for r, lbl in cpu)
+                + "; ".join(f"{lbl} {r:.2f}x" for r, lbl in cpus)
                 + "."
             )
     if len(s.pgmuxes) == 2:

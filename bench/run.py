@@ -628,7 +628,7 @@ class Bench:
                 )
             )
             res.seconds = time.monotonic() - t0
-            opened = int(out["opened"])  # type: ignore[arg-type]
+            opened = out["opened"]
             res.rss_kb = held.get("rss")
             if opened == 0:
                 res.error = f"no client could log in: {out['first_error']}"
@@ -650,7 +650,7 @@ class Bench:
                 )
             if out["alive"] != opened:
                 self.note(
-                    f"idle clients via {TARGET_LABEL[target]} (rep {rep + 1}): {opened - int(out['alive'])} "  # type: ignore[arg-type]
+                    f"idle clients via {TARGET_LABEL[target]} (rep {rep + 1}): {opened - out['alive']} "
                     "connections were closed by the pooler while held"
                 )
         return res

@@ -12,6 +12,6 @@ else
     python3 -m ruff check .
 fi
 
-python3 -m mypy pgmux  # type hints are checked, not only written ([tool.mypy] in pyproject.toml)
+python3 -m mypy pgmux bench  # type hints are checked, not only written ([tool.mypy] in pyproject.toml)
 
 exec python3 -m pytest -q "$@"
