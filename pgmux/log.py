@@ -52,26 +52,85 @@ class _Clock:
 os.register_at_fork(after_in_child=_Clock.forked)
 
 
+def _stamp(created: float, msecs: float) -> str:
+    """`YYYY-MM-DD HH:MM:SS.mmm TZ [pid]` of a time.time() value."""
+    second = int(created)
+    clock = _Clock
+    if second != clock.second:
+        t = time.localtime(second)
+        clock.seconds = time.strftime("%Y-%m-%d %H:%M:%S", t)
+        clock.zone = time.strftime("%Z", t)
+        clock.second = second
+    return f"{clock.seconds}.{int(msecs):03d} {clock.zone} [{clock.pid}]"
+
+
 class PgBouncerFormatter(logging.Formatter):
     """`YYYY-MM-DD HH:MM:SS.mmm TZ [pid] LEVEL message`."""
 
     def format(self, record: logging.LogRecord) -> str:
-        created = record.created
-        second = int(created)
-        clock = _Clock
-        if second != clock.second:
-            t = time.localtime(second)
-            clock.seconds = time.strftime("%Y-%m-%d %H:%M:%S", t)
-            clock.zone = time.strftime("%Z", t)
-            clock.second = second
         level = _LEVEL_NAMES.get(record.levelno, record.levelname)
-        text = f"{clock.seconds}.{int(record.msecs):03d} {clock.zone} [{clock.pid}] {level} {record.getMessage()}"
+        text = f"{_stamp(record.created, record.msecs)} {level} {record.getMessage()}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text
 
 
 _handlers: list[logging.Handler] = []
+# The handlers as log_line writes to them: (handler, its stream's file descriptor or -1 when the
+# stream has none, e.g. a test's capture) for stderr and the logfile, (handler, None) for syslog.
+_sinks: list[tuple[logging.Handler, int | None]] = []
+
+
+def log_line(level: int, text: str) -> None:
+    """A line at `level` (INFO: LOG) for the paths that log once per connection (log_connections,
+    log_disconnections): the same line the handlers write, without what the logging module does
+    per record (a LogRecord, filters, the line formatted again for each handler, a text layer per
+    stream), which cost a -C login more than the rest of its Python. Anything unusual (a handler
+    or propagation added from outside, a level that filters it) goes through `logger`."""
+    if (len(logger.handlers) != len(_sinks) or logger.propagate or not _sinks
+            or level < logger.level):
+        logger.log(level, "%s", text)
+        return
+    created = time.time()
+    line = f"{_stamp(created, (created - int(created)) * 1000)} {_LEVEL_NAMES[level]} {text}\n"
+    data = b""
+    for handler, fd in _sinks:
+        if fd is None:
+            handler.emit_text(level, text, created)  # type: ignore[attr-defined]
+            continue
+        handler.acquire()
+        try:
+            if fd < 0:
+                stream = handler.stream  # type: ignore[attr-defined]
+                stream.write(line)
+                stream.flush()
+                continue
+            if not data:
+                data = line.encode("utf-8", "backslashreplace")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except Exception:  # noqa: BLE001 - as logging.Handler.handleError: a log line never stops the pooler
+            pass
+        finally:
+            handler.release()
+
+
+def info(text: str) -> None:
+    """A LOG line through log_line."""
+    log_line(logging.INFO, text)
+
+
+def _sink_of(handler: logging.Handler) -> tuple[logging.Handler, int | None]:
+    if isinstance(handler, SyslogHandler):
+        return handler, None
+    stream = getattr(handler, "stream", None)
+    try:
+        if stream is not None:
+            stream.flush()
+        return handler, stream.fileno() if stream is not None else -1
+    except (OSError, ValueError, AttributeError):
+        return handler, -1
 
 
 class LogfileError(Exception):
@@ -118,9 +177,13 @@ class SyslogHandler(logging.Handler):
         self.sock.send(data)
 
     def emit(self, record: logging.LogRecord) -> None:
-        severity = _SYSLOG_SEVERITY.get(record.levelno, 6)
-        stamp = time.strftime("%b %e %H:%M:%S", time.localtime(record.created))  # glibc's "%h %e %T"
-        text = record.getMessage().replace("\n", "\n\t")
+        self.emit_text(record.levelno, record.getMessage(), record.created)
+
+    def emit_text(self, level: int, message: str, created: float) -> None:
+        """One line (the fast path, log_line, calls this directly)."""
+        severity = _SYSLOG_SEVERITY.get(level, 6)
+        stamp = time.strftime("%b %e %H:%M:%S", time.localtime(created))  # glibc's "%h %e %T"
+        text = message.replace("\n", "\n\t")
         data = f"<{self.facility * 8 + severity}>{stamp} {self.ident}[{os.getpid()}]: {text}".encode()
         for _attempt in range(2):  # once more on a fresh socket: syslogd may have restarted
             try:
@@ -174,6 +237,7 @@ def setup_logging(*, verbose: int = 0, quiet: bool = False, logfile: str | None 
     _handlers[:] = new
     for h in _handlers:
         logger.addHandler(h)
+    _sinks[:] = [_sink_of(h) for h in new]
     logger.setLevel(logging.DEBUG if verbose > 0 else logging.INFO)
     logger.propagate = False
     DEBUG = verbose > 1

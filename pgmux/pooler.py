@@ -417,7 +417,7 @@ class Pooler:
                 client.waiting = False
         if self.settings.log_disconnections and client.user is not None:
             age = time.monotonic() - client.connect_time
-            logger.info("%s closing because: %s (age=%ds)", client.log_prefix, reason, age)
+            pglog.info(f"{client.log_prefix} closing because: {reason} (age={int(age)}s)")
         server = client.server
         if server is not None:
             self.unlink(client, server)
@@ -1461,7 +1461,7 @@ class Pooler:
             self.shared.server_closed(server)
         if self.settings.log_disconnections and server.state != "login":
             age = time.monotonic() - server.connect_time
-            logger.info("%s closing because: %s (age=%ds)", server.log_prefix, reason, age)
+            pglog.info(f"{server.log_prefix} closing because: {reason} (age={int(age)}s)")
         client = server.client
         if client is not None:
             self.unlink(client, server)

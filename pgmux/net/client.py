@@ -1131,8 +1131,8 @@ class ClientConnection(PgConnection):
             name = self.startup_params.get("application_name", "")
             self.startup_params["application_name"] = f"{name} - {self.addr}:{self.port}"
         if settings.log_connections:
-            pglog.logger.info("%s login attempt: db=%s user=%s tls=%s", self.log_prefix, self.dbname, user,
-                              tls_describe(self.transport))
+            pglog.info(f"{self.log_prefix} login attempt: db={self.dbname} user={user} "
+                       f"tls={tls_describe(self.transport)}")
         if pooler.shutting_down and (self.cancel_only or not pooler.draining()):
             raise ClientError("pooler is shutting down")
         db = pooler.config.find_database(self.dbname)

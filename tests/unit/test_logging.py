@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
+import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +26,8 @@ from pgmux.pool.admin_state import ConsoleSession
 @pytest.fixture(autouse=True)
 def restore_logging() -> Iterator[None]:
     logger = pglog.logger
-    saved = (list(pglog._handlers), list(logger.handlers), logger.level, logger.propagate, pglog.DEBUG)
+    saved = (list(pglog._handlers), list(logger.handlers), logger.level, logger.propagate, pglog.DEBUG,
+             list(pglog._sinks))
     try:
         yield
     finally:
@@ -35,6 +39,7 @@ def restore_logging() -> Iterator[None]:
         logger.setLevel(saved[2])
         logger.propagate = saved[3]
         pglog.DEBUG = saved[4]
+        pglog._sinks[:] = saved[5]
 
 
 def test_unopenable_logfile_keeps_the_old_handlers(tmp_path: Path) -> None:
@@ -128,3 +133,36 @@ def test_syslog_handler_unknown_facility_is_daemon_and_debug_stays_out(tmp_path:
     log.removeHandler(handler)
     handler.close()
     assert data.startswith(f"<{3 * 8 + 3}>") and data.endswith(f" ident[{os.getpid()}]: two\n\tlines"), data
+
+
+STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \S+ \[\d+\] ")
+
+
+def test_log_line_writes_the_line_the_logging_module_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pglog.info (log_connections' and log_disconnections' fast path) writes to stderr, a stream
+    without a file descriptor and the logfile the same line as logger.info, in order with it."""
+    logfile = tmp_path / "pgmux.log"
+    fake_stderr = io.StringIO()  # a capture with no fileno(): written through the stream
+    monkeypatch.setattr(sys, "stderr", fake_stderr)
+    pglog.setup_logging(logfile=str(logfile))
+    assert [fd for _h, fd in pglog._sinks] == [-1, pglog._handlers[1].stream.fileno()]  # type: ignore[attr-defined]
+    text = "C-0x1: db/us\u00e9r@127.0.0.1:5 login attempt: db=db user=us\u00e9r tls=no"
+    pglog.logger.info("%s", text)
+    pglog.info(text)
+    pglog.logger.warning("after")
+    for got in (logfile.read_text(encoding="utf-8"), fake_stderr.getvalue()):
+        lines = got.splitlines()
+        assert [STAMP.sub("", line) for line in lines] == [f"LOG {text}", f"LOG {text}", "WARNING after"], got
+        assert all(STAMP.match(line) for line in lines)
+
+
+def test_log_line_goes_through_logging_when_someone_else_listens(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A handler added from outside (or propagation, as pytest's caplog needs) sees every line."""
+    logfile = tmp_path / "pgmux.log"
+    pglog.setup_logging(quiet=True, logfile=str(logfile))
+    pglog.logger.propagate = True
+    with caplog.at_level(logging.INFO, logger="pgmux"):
+        pglog.info("closing because: client close request (age=0s)")
+    assert "closing because: client close request (age=0s)" in caplog.text
+    assert logfile.read_text().endswith(" LOG closing because: client close request (age=0s)\n")
