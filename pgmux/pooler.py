@@ -149,6 +149,10 @@ class Pooler:
         # The data path (pgmux/engine): one epoll set per process, registered once in this loop.
         self.engine = Engine(self.loop)
         self.engine.start()
+        # Under uvloop the engine waits in its own epoll_wait while its sockets keep it busy (one
+        # system call per wake-up instead of two). PGMUX_ENGINE_HOLD=0 turns it off (a debugging aid).
+        if os.environ.get("PGMUX_ENGINE_HOLD", "1") != "0":
+            self.engine.enable_hold()
         self.peers = peers.PeerForwarder(self)  # cancel requests for other pooler processes
         self.apply_config(config)
 

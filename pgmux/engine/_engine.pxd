@@ -25,6 +25,13 @@
 #                               in transaction and statement mode).
 #          Python -> engine    `link_fast(client, server)`, `unlink(link)` (back to slow, carried
 #                               bytes handed over), `adopt(link, transport)`.
+#
+# Under uvloop the engine may hold the loop (`enable_hold`): after a batch, while the loop has
+# nothing pending (no ready callback, handle to close or start, queued stream write, due timer:
+# libuv's uv_backend_timeout and check handles, read through uvloop's exported libuv), run() waits
+# in the engine's own epoll_wait, libuv's epoll fd added to the engine's set, instead of returning:
+# one epoll_wait per wake-up instead of two. Any event on libuv's fd, a timer, a signal or pending
+# work from a hook ends the hold.
 
 from cpython.ref cimport PyObject
 
@@ -255,8 +262,28 @@ cdef class Acceptor(Link):
     cdef int opts[MAX_ACCEPT_OPTIONS]
 
 
+ctypedef void (*uv_loop_fn)(void *loop) noexcept nogil
+ctypedef int (*uv_loop_int_fn)(void *loop) noexcept nogil
+ctypedef int (*uv_handle_int_fn)(void *handle) noexcept nogil
+
+cdef enum:
+    UV_CHECKS_MAX = 8
+
+
 cdef class Engine:
     cdef public int epfd
+    # Holding the loop (uvloop only, enable_hold): while its sockets keep it busy and the loop has
+    # nothing pending, the engine waits in its own epoll_wait, which then also watches libuv's fd.
+    cdef void *uvl                    # the uvloop Loop's uv_loop_t
+    cdef int uvfd                     # its epoll fd (uv_backend_fd)
+    cdef uv_loop_fn uv_update_time
+    cdef uv_loop_int_fn uv_backend_timeout
+    cdef uv_handle_int_fn uv_is_active
+    cdef void *uv_checks[UV_CHECKS_MAX]  # the loop's check handles (uvloop's queued writes run in one)
+    cdef int n_checks
+    cdef public bint hold             # enable_hold() succeeded
+    cdef bint stopped                 # close() was called
+    cdef public unsigned long long holds, hold_batches
     cdef int spare_fd                 # /dev/null, closed for a moment when accept hits EMFILE
     cdef object loop
     cdef PyObject **table             # fd -> Link (strong references)
@@ -282,6 +309,9 @@ cdef class Engine:
     cdef int _register(self, Link link) except -1
     cdef int _accept(self, Acceptor a) except -1
     cdef int _run_batch(self, void *events, int n) except -1
+    cdef int _batch(self, void *events, int n) except -1
+    cdef bint _loop_pending(self, int *timeout) noexcept
+    cdef int _hold(self) except -1
     cdef int _pause_writers(self) except -1
     cdef void _update_events(self, Link link)
     cdef int _flush(self, Link link) except -1

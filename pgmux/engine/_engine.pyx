@@ -20,7 +20,7 @@ from collections import OrderedDict
 from cpython.buffer cimport PyBUF_READ, PyBUF_WRITE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.memoryview cimport PyMemoryView_FromMemory
-from cpython.ref cimport Py_INCREF, Py_XDECREF
+from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from libc.errno cimport EAGAIN, EINTR, errno  # (EWOULDBLOCK == EAGAIN on Linux)
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memmove, strlen
@@ -44,6 +44,33 @@ from pgmux.engine._ossl cimport (
 
 cdef extern from *:
     int __builtin_ctzll(unsigned long long x) nogil
+
+cdef extern from "dlfcn.h" nogil:
+    void *dlopen(const char *filename, int flags)
+    void *dlsym(void *handle, const char *symbol)
+    int RTLD_NOW
+    int RTLD_NOLOAD
+
+ctypedef void (*uv_walk_cb)(void *handle, void *arg) noexcept nogil
+ctypedef void (*uv_walk_fn)(void *loop, uv_walk_cb cb, void *arg) noexcept nogil
+
+cdef enum:
+    UV_CHECK_TYPE = 2                    # uv_handle_type's UV_CHECK
+    HOLD_TAG = 0xFFFFFFFF                # epoll data of libuv's fd in the engine's set (no fd is that)
+    HOLD_MAX_MS = 1000                   # longest single wait while holding
+
+cdef struct CheckWalk:
+    void **out
+    int n
+
+
+cdef void _collect_checks(void *handle, void *arg) noexcept nogil:
+    """uv_walk's callback: the check handles. uv_handle_t starts with `void *data; uv_loop_t *loop;
+    uv_handle_type type` (uv.h's UV_HANDLE_FIELDS; uv_handle_get_type is not exported by uvloop)."""
+    cdef CheckWalk *w = <CheckWalk *>arg
+    if (<int *>(<char *>handle + 2 * sizeof(void *)))[0] == UV_CHECK_TYPE and w.n < UV_CHECKS_MAX:
+        w.out[w.n] = handle
+        w.n += 1
 
 cdef extern from "sys/epoll.h" nogil:
     ctypedef union epoll_data_t:
@@ -1285,6 +1312,7 @@ cdef class Engine:
 
     def close(self):
         """Stop: the loop no longer calls run(); the owned sockets stay until their links close."""
+        self.stopped = True
         if self.epfd >= 0:
             try:
                 self.loop.remove_reader(self.epfd)
@@ -1554,13 +1582,63 @@ cdef class Engine:
 
     # ------------------------------------------------------------ the loop's callback
 
+    def enable_hold(self):
+        """Hold the loop while the engine's sockets keep it busy (run() waits in its own epoll_wait,
+        with libuv's fd in its set, instead of returning to the loop's): one epoll_wait per
+        wake-up instead of two. uvloop only, and only when its layout is the one expected: the
+        Loop's first field is its uv_loop_t, whose `data` points back at the Loop and whose
+        backend fd is the one the Loop reports. True when enabled."""
+        cdef void *lib
+        cdef void *uvl
+        cdef uv_loop_int_fn backend_fd
+        cdef uv_walk_fn walk
+        cdef CheckWalk w
+        try:
+            import uvloop.loop as uvloop_loop
+        except ImportError:
+            return False
+        loop = self.loop
+        if type(loop) is not uvloop_loop.Loop and not isinstance(loop, uvloop_loop.Loop):
+            return False
+        lib = dlopen(os.fsencode(uvloop_loop.__file__), RTLD_NOW | RTLD_NOLOAD)
+        if lib == NULL:
+            return False
+        backend_fd = <uv_loop_int_fn>dlsym(lib, b"uv_backend_fd")
+        walk = <uv_walk_fn>dlsym(lib, b"uv_walk")
+        self.uv_update_time = <uv_loop_fn>dlsym(lib, b"uv_update_time")
+        self.uv_backend_timeout = <uv_loop_int_fn>dlsym(lib, b"uv_backend_timeout")
+        self.uv_is_active = <uv_handle_int_fn>dlsym(lib, b"uv_is_active")
+        if (backend_fd == NULL or walk == NULL or self.uv_update_time == NULL
+                or self.uv_backend_timeout == NULL or self.uv_is_active == NULL):
+            return False
+        # cdef class Loop: PyObject_HEAD, its vtable, then `uv_loop_t *uvloop` (uvloop/loop.pxd)
+        uvl = (<void **>(<char *><PyObject *>loop + sizeof(PyObject) + sizeof(void *)))[0]
+        if uvl == NULL or (<void **>uvl)[0] != <void *><PyObject *>loop:  # uv_loop_t.data
+            return False
+        if backend_fd(uvl) != loop._get_backend_id():
+            return False
+        w.out = self.uv_checks
+        w.n = 0
+        walk(uvl, _collect_checks, &w)
+        self.n_checks = w.n
+        self.uvl = uvl
+        self.uvfd = backend_fd(uvl)
+        self.hold = True
+        return True
+
     def run(self):
-        """One batch of ready sockets, all in C but for the hooks the links ask for."""
+        """One batch of ready sockets, all in C but for the hooks the links ask for; then, when the
+        loop may be held, more batches until the loop has something to do (_hold)."""
         cdef epoll_event evs[MAX_EVENTS]
         cdef int n
         n = epoll_wait(self.epfd, evs, MAX_EVENTS, 0)
         if n <= 0:
             return
+        self._batch(evs, n)
+        if self.hold and not self.stopped:
+            self._hold()
+
+    cdef int _batch(self, void *evs, int n) except -1:
         self.now = monotonic()
         self.batches += 1
         self.in_run = True
@@ -1569,6 +1647,69 @@ cdef class Engine:
         finally:
             self.in_run = False
             self._pause_writers()
+        return 0
+
+    cdef bint _loop_pending(self, int *timeout) noexcept:
+        """The loop has work now (ready callbacks, handles to close or start, stream writes queued
+        for its check phase, a stop) or a timer due: return to it. Else `timeout`: how long the
+        engine may wait (the next timer, at most HOLD_MAX_MS)."""
+        cdef int t, k
+        self.uv_update_time(self.uvl)
+        t = self.uv_backend_timeout(self.uvl)
+        if t == 0:
+            return True
+        for k in range(self.n_checks):
+            if self.uv_is_active(self.uv_checks[k]):
+                return True
+        timeout[0] = HOLD_MAX_MS if t < 0 or t > HOLD_MAX_MS else t
+        return False
+
+    cdef int _hold(self) except -1:
+        """Wait for the engine's sockets in the engine's own epoll set, libuv's epoll fd added to
+        it, until libuv's fd is ready, a timer is due or the loop has work. libuv's set holds the
+        engine's fd (add_reader), and an epoll set may not end up inside itself, so that entry is
+        taken out of the kernel's set for the while and put back as libuv wrote it (EPOLLIN, the
+        fd as data); libuv does not look at its set meanwhile: this runs inside its callback."""
+        cdef epoll_event evs[MAX_EVENTS]
+        cdef epoll_event ev
+        cdef int n, i, j, timeout = 0
+        cdef bint loop_ready = False
+        if self._loop_pending(&timeout):
+            return 0
+        if epoll_ctl(self.uvfd, EPOLL_CTL_DEL, self.epfd, NULL) < 0:
+            return 0
+        ev.events = EPOLLIN
+        ev.data.u64 = HOLD_TAG
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.uvfd, &ev) < 0:
+            ev.data.u64 = <unsigned long long>self.epfd
+            epoll_ctl(self.uvfd, EPOLL_CTL_ADD, self.epfd, &ev)
+            return 0
+        self.holds += 1
+        try:
+            while not self.stopped:
+                with nogil:
+                    n = epoll_wait(self.epfd, evs, MAX_EVENTS, timeout)
+                if n <= 0:
+                    break  # a timer is due, or a signal came
+                j = 0
+                for i in range(n):
+                    if evs[i].data.u64 == HOLD_TAG:
+                        loop_ready = True
+                    else:
+                        evs[j] = evs[i]
+                        j += 1
+                if j:
+                    self.hold_batches += 1
+                    self._batch(evs, j)
+                if loop_ready or self._loop_pending(&timeout):
+                    break
+        finally:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.uvfd, NULL)
+            if not self.stopped:
+                ev.events = EPOLLIN
+                ev.data.u64 = <unsigned long long>self.epfd
+                epoll_ctl(self.uvfd, EPOLL_CTL_ADD, self.epfd, &ev)
+        return 0
 
     cdef int _pause_writers(self) except -1:
         cdef Link w
@@ -2689,7 +2830,8 @@ cdef class Engine:
     def stats(self):
         return {"batches": self.batches, "reads": self.reads, "fast_reads": self.fast_reads,
                 "escapes": self.escapes, "tls_native": self.tls_native, "tls_python": self.tls_python,
-                "c_logins": self.c_logins, "login_escapes": self.login_escapes}
+                "c_logins": self.c_logins, "login_escapes": self.login_escapes,
+                "loop_held": int(self.hold), "holds": self.holds, "hold_batches": self.hold_batches}
 
 
 # Link.engine_login's first state, for Python (listener.EngineServer sets it on a client it may read in C).

@@ -65,6 +65,10 @@ def test_fast_path_serves_simple_extended_and_prepared(cluster: TempCluster, poo
     # 600 round trips each way went through the engine; almost all of them natively
     assert fast >= 1000, after
     assert escapes < 60, after
+    # under uvloop the engine holds the loop while it is busy (Engine.enable_hold); asyncio: never
+    assert after["loop_held"] == (loop == "uvloop"), after
+    if loop == "asyncio":
+        assert after["holds"] == 0, after
 
 
 def test_tls_clients_take_the_fast_path(cluster: TempCluster, pooler: PoolerFactory, tmp_path: Any) -> None:
