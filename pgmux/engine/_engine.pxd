@@ -284,6 +284,8 @@ cdef class Engine:
     cdef public bint hold             # enable_hold() succeeded
     cdef bint stopped                 # close() was called
     cdef public unsigned long long holds, hold_batches
+    cdef int quiet                    # batches in a row after which the loop had nothing pending
+    cdef int quiet_need               # ... needed before the next hold (doubles when holds end at once)
     cdef int spare_fd                 # /dev/null, closed for a moment when accept hits EMFILE
     cdef object loop
     cdef PyObject **table             # fd -> Link (strong references)

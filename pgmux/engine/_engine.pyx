@@ -58,6 +58,7 @@ cdef enum:
     UV_CHECK_TYPE = 2                    # uv_handle_type's UV_CHECK
     HOLD_TAG = 0xFFFFFFFF                # epoll data of libuv's fd in the engine's set (no fd is that)
     HOLD_MAX_MS = 1000                   # longest single wait while holding
+    HOLD_QUIET_MAX = 64                  # most quiet batches a hold may wait for (Engine.quiet_need)
 
 cdef struct CheckWalk:
     void **out
@@ -1623,6 +1624,7 @@ cdef class Engine:
         self.n_checks = w.n
         self.uvl = uvl
         self.uvfd = backend_fd(uvl)
+        self.quiet_need = 1
         self.hold = True
         return True
 
@@ -1674,8 +1676,16 @@ cdef class Engine:
         cdef epoll_event ev
         cdef int n, i, j, timeout = 0
         cdef bint loop_ready = False
+        cdef unsigned long long first = self.hold_batches
         if self._loop_pending(&timeout):
+            self.quiet = 0
             return 0
+        # Holding costs four epoll_ctl calls; where hooks keep giving the loop work (logins), holds
+        # end at once, so each one that does makes the next wait for twice as many quiet batches.
+        self.quiet += 1
+        if self.quiet < self.quiet_need:
+            return 0
+        self.quiet = 0
         if epoll_ctl(self.uvfd, EPOLL_CTL_DEL, self.epfd, NULL) < 0:
             return 0
         ev.events = EPOLLIN
@@ -1704,6 +1714,10 @@ cdef class Engine:
                 if loop_ready or self._loop_pending(&timeout):
                     break
         finally:
+            if self.hold_batches - first <= 1:
+                self.quiet_need = HOLD_QUIET_MAX if self.quiet_need * 2 > HOLD_QUIET_MAX else self.quiet_need * 2
+            else:
+                self.quiet_need = 1
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.uvfd, NULL)
             if not self.stopped:
                 ev.events = EPOLLIN
