@@ -314,6 +314,7 @@ cdef class Engine:
     cdef int _batch(self, void *events, int n) except -1
     cdef bint _loop_pending(self, int *timeout) noexcept
     cdef int _hold(self) except -1
+    cdef void _rejoin_libuv(self) noexcept
     cdef int _pause_writers(self) except -1
     cdef void _update_events(self, Link link)
     cdef int _flush(self, Link link) except -1

@@ -1599,7 +1599,7 @@ cdef class Engine:
         except ImportError:
             return False
         loop = self.loop
-        if type(loop) is not uvloop_loop.Loop and not isinstance(loop, uvloop_loop.Loop):
+        if not isinstance(loop, uvloop_loop.Loop):
             return False
         lib = dlopen(os.fsencode(uvloop_loop.__file__), RTLD_NOW | RTLD_NOLOAD)
         if lib == NULL:
@@ -1691,8 +1691,7 @@ cdef class Engine:
         ev.events = EPOLLIN
         ev.data.u64 = HOLD_TAG
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.uvfd, &ev) < 0:
-            ev.data.u64 = <unsigned long long>self.epfd
-            epoll_ctl(self.uvfd, EPOLL_CTL_ADD, self.epfd, &ev)
+            self._rejoin_libuv()
             return 0
         self.holds += 1
         try:
@@ -1714,16 +1713,19 @@ cdef class Engine:
                 if loop_ready or self._loop_pending(&timeout):
                     break
         finally:
-            if self.hold_batches - first <= 1:
-                self.quiet_need = HOLD_QUIET_MAX if self.quiet_need * 2 > HOLD_QUIET_MAX else self.quiet_need * 2
-            else:
-                self.quiet_need = 1
+            self.quiet_need = min(self.quiet_need * 2, HOLD_QUIET_MAX) if self.hold_batches - first <= 1 else 1
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.uvfd, NULL)
             if not self.stopped:
-                ev.events = EPOLLIN
-                ev.data.u64 = <unsigned long long>self.epfd
-                epoll_ctl(self.uvfd, EPOLL_CTL_ADD, self.epfd, &ev)
+                self._rejoin_libuv()
         return 0
+
+    cdef void _rejoin_libuv(self) noexcept:
+        """Put the engine's entry back in libuv's epoll set as libuv wrote it (uv__io_poll: the
+        poll handle's EPOLLIN, the fd as data)."""
+        cdef epoll_event ev
+        ev.events = EPOLLIN
+        ev.data.u64 = <unsigned long long>self.epfd
+        epoll_ctl(self.uvfd, EPOLL_CTL_ADD, self.epfd, &ev)
 
     cdef int _pause_writers(self) except -1:
         cdef Link w
@@ -2354,10 +2356,7 @@ cdef class Engine:
                         and self.qstats.touch(sh.handle)):
                     if last == NULL:  # a client's first statement: its last from now on (-S repeats it)
                         self._remember_last(c, q, n, pool, sh.handle, sh.verdict)
-                        if c.qlast != NULL:
-                            verdict[0] = &c.qlast.verdict
-                            return sh.handle
-                    verdict[0] = &sh.verdict
+                    verdict[0] = &sh.verdict  # (the shared entry: what the caller learns serves every client)
                     return sh.handle
         return NO_SHAPE
 
