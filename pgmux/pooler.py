@@ -24,7 +24,7 @@ from pgmux.config import Config, ConfigError, DatabaseEntry
 from pgmux.engine import LAZY_PREPARE, PIN_HINTS, SESSION, TRACKED, Engine
 from pgmux.errors import ClientError, ConnectionLost, ServerLoginError
 from pgmux.net import peers, systemd
-from pgmux.net.client import ClientConnection
+from pgmux.net.client import LOGIN_RECHECK, ClientConnection
 from pgmux.net.listener import BoundSockets, EngineServer, log_unsupported_settings, stop_listening
 from pgmux.net.server import ServerConnection
 from pgmux.net.sockopts import apply_tcp_options
@@ -130,6 +130,11 @@ class Pooler:
         self._fd_warned = -10.0
         self._read_fd_limit()
         self.cancel_keys: dict[bytes, ClientConnection] = {}
+        # Logins under client_login_timeout, and when it ends each: checked every LOGIN_RECHECK
+        # seconds while there are any, as PgBouncer's janitor checks its login list (a timer per
+        # login would start and close a libuv timer per connection).
+        self.login_deadlines: dict[ClientConnection, float] = {}
+        self._login_sweep: asyncio.TimerHandle | None = None
         self.shutting_down = False
         self.listeners: list[EngineServer | asyncio.AbstractServer] = []
         self.own_sockets: BoundSockets | None = None  # one process: what start_listeners bound
@@ -385,6 +390,26 @@ class Pooler:
 
     def server_total(self) -> int:
         return sum(pool.server_count for pool in self.pools.values())
+
+    def login_deadline(self, client: ClientConnection, deadline: float) -> None:
+        """client_login_timeout ends `client`'s login at `deadline` (time.monotonic()) unless the
+        login is over first (it leaves login_deadlines then)."""
+        self.login_deadlines[client] = deadline
+        if self._login_sweep is None:
+            self._login_sweep = self.loop.call_later(LOGIN_RECHECK, self._sweep_logins)
+
+    def _sweep_logins(self) -> None:
+        self._login_sweep = None
+        now = time.monotonic()
+        deadlines = self.login_deadlines
+        for client in [c for c, deadline in deadlines.items() if deadline <= now]:
+            del deadlines[client]
+            try:
+                client.login_timed_out()
+            except Exception:  # noqa: BLE001 - one client must not stop the others' timeouts
+                logger.exception("%s client_login_timeout failed", client.log_prefix)
+        if deadlines:
+            self._login_sweep = self.loop.call_later(LOGIN_RECHECK, self._sweep_logins)
 
     def register_cancel_key(self, client: ClientConnection) -> bytes:
         while True:

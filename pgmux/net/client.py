@@ -87,9 +87,10 @@ _EVENTS: list[tuple[int, int, int]] = []  # the slow path's header events, empti
 
 
 MAX_AUTH_MESSAGE = 65535 + 4  # a password/SASL message's length word included
-# How soon at the earliest client_login_timeout ends a login that was queued past it: PgBouncer's
-# janitor checks logins every third of a second (janitor.c full_maint_period), so the rest of
-# such a login (the auth_query, a quick password exchange) usually finishes before it is noticed.
+# How often client_login_timeout is checked (Pooler.login_deadlines), and how soon at the earliest
+# it ends a login that was queued past it: PgBouncer's janitor checks logins every third of a
+# second (janitor.c full_maint_period), so the rest of such a login (the auth_query, a quick
+# password exchange) usually finishes before it is noticed.
 LOGIN_RECHECK = 1 / 3
 # ClientConnection.login_step: what the login waits for. Below LOGIN_TASK the client's next packet
 # (its read runs the step at once); LOGIN_TASK: a Task runs the rest; LOGIN_DONE: over.
@@ -164,7 +165,7 @@ class ClientConnection(PgConnection):
     __slots__ = (
         "pooler", "replication", "replication_options", "login_expired", "is_unix", "tls", "pool", "db", "user",
         "dbname", "startup_params", "addr", "port", "local_addr", "local_port", "logged_in", "admitted",
-        "limits_counted", "pool_mode", "cancel_key", "login_task", "login_step", "login_state", "login_timer", "id",
+        "limits_counted", "pool_mode", "cancel_key", "login_task", "login_step", "login_state", "id",
         "client_key",
         "lazy_prepare", "pin_mode", "state_hint", "pinned", "pinned_since", "drain_passed", "awaiting_quiet",
         "authed", "no_pqexec", "wait_notified",
@@ -210,10 +211,10 @@ class ClientConnection(PgConnection):
         self.read_paused = False
         self.pool_mode = "session"
         self.cancel_key = b""
-        self.login_task: asyncio.Task[None] | None = None  # the login's Task, if it needs one (_login_step)
+        # the login's Task, if it needs one (_login_step); client_login_timeout: Pooler.login_deadlines
+        self.login_task: asyncio.Task[None] | None = None
         self.login_step = LOGIN_STARTUP
         self.login_state: LoginState | None = None
-        self.login_timer: asyncio.TimerHandle | None = None  # client_login_timeout
         self.id = pooler.next_client_id()
         self.client_key: bytes | None = None
         self.tracking = False  # prepared statements tracked (transaction/statement mode)
@@ -257,10 +258,11 @@ class ClientConnection(PgConnection):
             self.addr, self.port = "unix", 0
         if isinstance(local, tuple):
             self.local_addr, self.local_port = sys.intern(local[0]), local[1]
-        self.pooler.client_connected(self)
-        timeout = self.pooler.settings.client_login_timeout
+        pooler = self.pooler
+        pooler.client_connected(self)
+        timeout = pooler.settings.client_login_timeout
         if timeout:
-            self.login_timer = self.pooler.loop.call_later(timeout, self._login_timed_out)
+            pooler.login_deadline(self, self.connect_time + timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -953,7 +955,7 @@ class ClientConnection(PgConnection):
         self.login_task = self.pooler.loop.create_task(self._login_task(coro))
 
     async def _login_task(self, coro: Coroutine[Any, Any, None]) -> None:
-        """The rest of a login, bounded by client_login_timeout (_login_timed_out cancels it)."""
+        """The rest of a login, bounded by client_login_timeout (login_timed_out cancels it)."""
         try:
             await coro
         except asyncio.CancelledError:
@@ -987,16 +989,13 @@ class ClientConnection(PgConnection):
         self._login_over()
 
     def _login_over(self) -> None:
-        """Logged in, refused, gone, or at the console: no login timer any more."""
+        """Logged in, refused, gone, or at the console: client_login_timeout no longer applies."""
         self.login_step = LOGIN_DONE
         self.login_state = None
-        timer = self.login_timer
-        if timer is not None:
-            self.login_timer = None
-            timer.cancel()
+        self.pooler.login_deadlines.pop(self, None)
 
-    def _login_timed_out(self) -> None:
-        self.login_timer = None
+    def login_timed_out(self) -> None:
+        """client_login_timeout is over (Pooler's login sweep)."""
         task = self.login_task
         if task is not None and not task.done():
             self.login_expired = True
@@ -1009,17 +1008,14 @@ class ClientConnection(PgConnection):
         """The login waits in a pool's queue for a server (an auth_query lookup waiting for its
         auth_user's server), or no longer does. PgBouncer's janitor applies client_login_timeout
         only to logins that are not queued (its login_client_list; a queued one has
-        query_wait_timeout): the timer stops while queued; afterwards the time since the
+        query_wait_timeout): the deadline is dropped while queued; afterwards the time since the
         connect counts again, so a login already past client_login_timeout ends at the janitor's
         next pass (LOGIN_RECHECK) unless it is over by then."""
-        timer = self.login_timer
-        if timer is not None:
-            timer.cancel()
-            self.login_timer = None
-        timeout = self.pooler.settings.client_login_timeout
+        pooler = self.pooler
+        pooler.login_deadlines.pop(self, None)
+        timeout = pooler.settings.client_login_timeout
         if not queued and timeout and self.login_step != LOGIN_DONE and not self.closed:
-            left = self.connect_time + timeout - time.monotonic()
-            self.login_timer = self.pooler.loop.call_later(max(left, LOGIN_RECHECK), self._login_timed_out)
+            pooler.login_deadline(self, max(self.connect_time + timeout, time.monotonic() + LOGIN_RECHECK))
 
     async def read_startup(self) -> m.StartupPacket:
         """Read untyped packets until a StartupMessage (answering SSL/GSS requests with N)."""
