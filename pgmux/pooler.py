@@ -190,6 +190,7 @@ class Pooler:
                         server.close("TLS settings changed")
                     for server in pool.active | pool.busy:
                         server.close_needed = True
+        self.engine.login_routes.clear()  # (made from the old auth_file, settings and databases)
         self.engine.offer_tls = self.tls.client is not None  # (its C login hands an SSLRequest to Python then)
         self.engine.qstats.enabled = bool(s.query_stats)
         self.engine.qstats.configure(int(s.query_stats_max))

@@ -295,6 +295,11 @@ cdef class Engine:
     cdef public unsigned long long batches, reads, fast_reads, escapes
     cdef public unsigned long long tls_native, tls_python  # TLS handshakes done: records then in C / through ssl
     cdef public unsigned long long c_logins, login_escapes  # md5 answers checked in C / logins handed to Python
+    # StartupMessage bodies (protocol 3.0, after the length and version words) -> what Python's login
+    # made of an earlier byte-identical one (net.client.LoginRoute): such a packet is not parsed
+    # again (Link.engine_route_startup). Python fills and clears it (a RELOAD clears it).
+    cdef public dict login_routes
+    cdef public unsigned long long route_logins  # logins whose StartupMessage found a route
     cdef unsigned char *shared        # read buffer of every link that keeps nothing between reads
     cdef unsigned char *tlsplain      # plaintext of a TLS read (shared then holds the raw bytes)
     cdef unsigned char *tlsout        # records a native TLS link sends, on their way to _send_raw

@@ -131,6 +131,8 @@ class Engine:
     holds: int
     hold_batches: int
     login_escapes: int
+    login_routes: dict[bytes, Any]  # StartupMessage body -> net.client.LoginRoute
+    route_logins: int
     qstats: QueryStats
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None: ...
     def start(self) -> None: ...

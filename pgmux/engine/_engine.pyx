@@ -32,7 +32,8 @@ cdef extern from "Python.h":
     Py_ssize_t PyDict_GET_SIZE(object d)  # (an OrderedDict is a dict underneath)
 
 from pgmux.engine._login cimport (
-    GSSENC_REQUEST_CODE, MAX_AUTH_MESSAGE, MAX_STARTUP_PACKET, MD5_INNER_LEN, SSL_REQUEST_CODE, md5_password_ok,
+    GSSENC_REQUEST_CODE, MAX_AUTH_MESSAGE, MAX_STARTUP_PACKET, MD5_INNER_LEN, PROTOCOL_3_0, SSL_REQUEST_CODE,
+    md5_password_ok,
     startup_params,
 )
 from pgmux.engine._querystats cimport QueryStats, skip_number
@@ -1280,6 +1281,7 @@ cdef class Engine:
         self.next_gen = 1
         self.paused_now = []
         self.qstats = QueryStats(5000)
+        self.login_routes = {}
         # libuv's answer to EMFILE: a spare descriptor given back for a moment to accept and close
         # one connection, so that a full process does not spin on a ready listening socket.
         self.spare_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
@@ -1841,12 +1843,21 @@ cdef class Engine:
                 if (code >> 16) != 3:
                     escape = True
                     break
-                params = startup_params(b + pos + 8, length - 8)
-                if params is None:
-                    escape = True
-                    break
-                link._keep_bytes(b, 0)
-                secret = link.engine_startup(code, params)
+                key = route = None
+                if code == PROTOCOL_3_0:  # (another minor version is negotiated: never a route)
+                    key = PyBytes_FromStringAndSize(<char *>b + pos + 8, length - 8)
+                    route = self.login_routes.get(key)
+                if route is not None:
+                    link._keep_bytes(b, 0)
+                    self.route_logins += 1
+                    secret = link.engine_route_startup(route)
+                else:
+                    params = startup_params(b + pos + 8, length - 8)
+                    if params is None:
+                        escape = True
+                        break
+                    link._keep_bytes(b, 0)
+                    secret = link.engine_startup(code, params, key)
                 if secret is None:  # Python goes on with this login (or ended it)
                     link._c_login_over()
                     return 0
@@ -2843,7 +2854,7 @@ cdef class Engine:
     def stats(self):
         return {"batches": self.batches, "reads": self.reads, "fast_reads": self.fast_reads,
                 "escapes": self.escapes, "tls_native": self.tls_native, "tls_python": self.tls_python,
-                "c_logins": self.c_logins, "login_escapes": self.login_escapes,
+                "c_logins": self.c_logins, "login_escapes": self.login_escapes, "route_logins": self.route_logins,
                 "loop_held": int(self.hold), "holds": self.holds, "hold_batches": self.hold_batches}
 
 

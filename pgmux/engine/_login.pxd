@@ -2,6 +2,7 @@
 
 cdef enum:
     STARTUP_V3_MAJOR = 3
+    PROTOCOL_3_0 = 196608              # a StartupMessage's version word for protocol 3.0
     SSL_REQUEST_CODE = 80877103
     GSSENC_REQUEST_CODE = 80877104
     MAX_STARTUP_PACKET = 0xFFFF        # protocol/messages.py's MAX_STARTUP_PACKET

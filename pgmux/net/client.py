@@ -100,6 +100,8 @@ _AUTH_DONE, _AUTH_MD5, _AUTH_PLAIN, _AUTH_SCRAM, _AUTH_TASK = range(5)
 # Bytes an unauthenticated client may have sent and pgmux not yet read (startup packet and auth
 # messages are far smaller): beyond this the client is refused rather than buffered.
 LOGIN_INBOX_LIMIT = 1 << 18
+# Engine.login_routes holds at most this many distinct StartupMessages (then starts again)
+LOGIN_ROUTES_MAX = 256
 
 
 def replication_mode(value: str | None) -> str | None:
@@ -129,6 +131,23 @@ class LoginState:
         self.ident_map: str | None = None
         self.ldap: LdapOptions | None = None
         self.exchange: Any = None  # the md5 salt sent, or the ScramServer of the exchange
+
+
+class LoginRoute:
+    """What a plain md5 login against an auth_file secret made of its StartupMessage, kept in
+    Engine.login_routes under the packet's body: a later byte-identical packet (same user,
+    database and parameters) goes straight to the md5 challenge (engine_route_startup). Valid
+    until the next RELOAD, which clears them all (Pooler.apply_config)."""
+
+    __slots__ = ("user", "dbname", "startup_params", "stored", "inner")
+
+    def __init__(self, user: str, dbname: str | None, startup_params: dict[str, str], stored: str,
+                 inner: bytes) -> None:
+        self.user = user
+        self.dbname = dbname
+        self.startup_params = startup_params  # shared by every login of the route: never written to
+        self.stored = stored
+        self.inner = inner  # md5(password + user) in hex, what the engine checks the answer with
 
 
 class _ReplayHello:
@@ -889,21 +908,26 @@ class ClientConnection(PgConnection):
             await self._wait_data()
         return body
 
-    def _after_startup(self, pkt: m.StartupPacket, engine_md5: bool = False) -> bytes | None:
+    def _after_startup(self, pkt: m.StartupPacket, engine_md5: bool = False, route_key: bytes | None = None
+                       ) -> bytes | None:
         """A StartupMessage: the checks, then authentication, by the client's steps where it
         can be (md5, SCRAM against a known secret, trust), else in a Task. `engine_md5`: the
         engine's C login read the packet and may check an md5 answer itself; for an md5 login
         against a known secret it gets md5(password + user) in hex and the salt, and sends the
-        challenge (else None: the login goes on here)."""
+        challenge (else None: the login goes on here). `route_key`: the packet's body, under
+        which such a login is kept for the next identical packet (LoginRoute)."""
         state = self._startup(pkt)
         if state is None:
             return None
         plan = _AUTH_TASK if state.console else self._auth_plan(state)
         if engine_md5 and plan == _AUTH_MD5 and state.stored:
-            salt = random_bytes(4)
-            state.exchange = salt
-            self.login_step = LOGIN_MD5
-            return md5_inner(state.stored, state.user) + salt
+            inner = md5_inner(state.stored, state.user)
+            if route_key is not None and self._routable(state):
+                routes = self.pooler.engine.login_routes
+                if len(routes) >= LOGIN_ROUTES_MAX:
+                    routes.clear()
+                routes[route_key] = LoginRoute(state.user, self.dbname, self.startup_params, state.stored, inner)
+            return self._md5_challenge(state, inner)
         if plan == _AUTH_TASK:
             self._continue_in_task(self._authenticate_and_finish(state, plan))
         elif plan == _AUTH_DONE:
@@ -913,13 +937,44 @@ class ClientConnection(PgConnection):
             self.login_step = self._start_exchange(state, plan)
         return None
 
+    def _routable(self, state: LoginState) -> bool:
+        """Whether what this login made of its StartupMessage holds for any later identical one
+        until the next RELOAD: everything but the checks _admit and _login_state repeat."""
+        return (self.replication is None and state.method == "md5" and not state.console
+                and not self.pooler.settings.application_name_add_host)
+
+    def _md5_challenge(self, state: LoginState, inner: bytes) -> bytes:
+        """The md5 exchange the engine runs: md5(password + user) in hex, then a new salt."""
+        salt = random_bytes(4)
+        state.exchange = salt
+        self.login_step = LOGIN_MD5
+        return inner + salt
+
     # The engine's C login (Engine._login_read) reads a plain client's StartupMessage and checks an
     # md5 answer itself; these are the calls it makes. Everything else it hands over as bytes.
 
-    def engine_startup(self, code: int, params: dict[str, str]) -> bytes | None:
-        """The engine read a StartupMessage: _after_startup, which may leave the md5 exchange to it."""
+    def engine_startup(self, code: int, params: dict[str, str], route_key: bytes | None = None) -> bytes | None:
+        """The engine read a StartupMessage: _after_startup, which may leave the md5 exchange to it.
+        `route_key`: the packet's body (protocol 3.0), for Engine.login_routes."""
         try:
-            return self._after_startup(m.StartupPacket(code, params=params), engine_md5=True)
+            return self._after_startup(m.StartupPacket(code, params=params), engine_md5=True, route_key=route_key)
+        except BaseException as exc:  # noqa: BLE001 - as in _login_step
+            self._login_error(exc)
+        return None
+
+    def engine_route_startup(self, route: LoginRoute) -> bytes | None:
+        """The engine read a StartupMessage byte for byte like the one `route` was made from: the
+        same login, without reading the parameters, the auth plan and the secret again. What may
+        differ per login (TLS required on TCP, max_client_conn, shutdown, a disabled database)
+        is checked as _startup checks it."""
+        try:
+            self.user = route.user
+            self.dbname = route.dbname
+            self._admit()
+            self.startup_params = route.startup_params
+            state = self._login_state(route.stored)
+            state.method = "md5"
+            return self._md5_challenge(state, route.inner)
         except BaseException as exc:  # noqa: BLE001 - as in _login_step
             self._login_error(exc)
         return None
@@ -1114,10 +1169,7 @@ class ClientConnection(PgConnection):
         # (interned, as the addresses: an idle client holds no string of its own for them)
         self.user = user = sys.intern(user)
         self.dbname = sys.intern(params.get("database") or user)
-        if not self.tls and not self.is_unix and self.pooler.tls.client_mode in ("require", "verify-ca", "verify-full"):
-            raise ClientError("SSL required", "28000")
-        if not pooler.admit_client(self) and self.dbname != "pgbouncer":  # (PgBouncer: "dont limit admin db")
-            raise ClientError("no more connections allowed (max_client_conn)")
+        self._admit()
         self.replication = replication_mode(params.get("replication"))
         if self.replication is not None:
             # PgBouncer passes a replication client's `options` to its server unchecked.
@@ -1126,7 +1178,23 @@ class ClientConnection(PgConnection):
         if settings.application_name_add_host:
             name = self.startup_params.get("application_name", "")
             self.startup_params["application_name"] = f"{name} - {self.addr}:{self.port}"
-        if settings.log_connections:
+        return self._login_state(pooler.auth_users.get(user))
+
+    def _admit(self) -> None:
+        """The checks of a StartupMessage that come before its parameters are read."""
+        pooler = self.pooler
+        if not self.tls and not self.is_unix and pooler.tls.client_mode in ("require", "verify-ca", "verify-full"):
+            raise ClientError("SSL required", "28000")
+        if not pooler.admit_client(self) and self.dbname != "pgbouncer":  # (PgBouncer: "dont limit admin db")
+            raise ClientError("no more connections allowed (max_client_conn)")
+
+    def _login_state(self, stored: str | None) -> LoginState:
+        """The checks of a StartupMessage after its parameters: the login attempt logged, the
+        pooler not shutting down, the database not disabled; `stored` is the user's auth_file secret."""
+        pooler = self.pooler
+        user = self.user
+        assert user is not None and self.dbname is not None
+        if pooler.settings.log_connections:
             pglog.info(f"{self.log_prefix} login attempt: db={self.dbname} user={user} "
                        f"tls={tls_describe(self.transport)}")
         if pooler.shutting_down and (self.cancel_only or not pooler.draining()):
@@ -1135,7 +1203,7 @@ class ClientConnection(PgConnection):
         console = self.dbname == "pgbouncer"
         if db is not None and not console and pooler.admin_db_disabled(db.name):
             raise ClientError(f'database "{db.name}" is disabled')
-        state = LoginState(user, db, pooler.auth_users.get(user), console)
+        state = LoginState(user, db, stored, console)
         self.login_state = state
         return state
 

@@ -12,9 +12,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgmux.testing.cluster import PoolerProcess, TempCluster
+from pgmux.testing.cluster import PoolerProcess, TempCluster, userlist_text, wait_for
 from pgmux.testing.tls import make_ca
-from tests.integration.pgwire import RawConn, startup_packet
+from tests.integration.pgwire import PgError, RawConn, startup_packet
 
 PoolerFactory = Callable[..., PoolerProcess]
 
@@ -134,3 +134,47 @@ def test_md5_logins_are_read_in_c(cluster: TempCluster, pooler: PoolerFactory) -
     last = engine_counters(p)
     assert last["c_logins"] - after["c_logins"] == 2, last
     assert last["login_escapes"] - after["login_escapes"] == 1, last
+
+
+def test_md5_login_routes_repeat_a_login_and_its_checks(cluster: TempCluster, pooler: PoolerFactory) -> None:
+    """A StartupMessage byte for byte like an earlier md5 login's goes straight to the challenge
+    (Engine.login_routes): the password is still checked, and so is everything that may change
+    between two logins (max_client_conn, DISABLE); a RELOAD forgets the routes, so a user taken
+    out of auth_file is refused even though its packet is the same."""
+    p = pooler(pool_mode="transaction", userlist=admin_userlist(cluster), extra={"max_client_conn": 2})
+
+    def login(password: str, raw: RawConn | None = None) -> RawConn:
+        raw = raw or RawConn(p.host, p.port)
+        raw.login("md5user", "testdb", password, application_name="routes")
+        return raw
+
+    def refused(password: str) -> str:
+        """The error the login gets ("" when it succeeds)."""
+        with RawConn(p.host, p.port) as raw:
+            try:
+                login(password, raw)
+            except PgError as err:
+                return err.fields["M"]
+        return ""
+
+    before = engine_counters(p)
+    for _ in range(3):
+        with login("md5pass") as raw:
+            assert raw.simple_query("SELECT 1") == [("1",)]
+    assert refused("wrong") == "password authentication failed"
+    after = engine_counters(p)
+    assert after["route_logins"] - before["route_logins"] == 3, after  # the first made the route
+    with login("md5pass"), login("md5pass"):  # max_client_conn = 2
+        assert refused("md5pass") == "no more connections allowed (max_client_conn)"
+    with psycopg.connect(p.dsn("postgres", "adminpass", dbname="pgbouncer"), autocommit=True) as admin:
+        admin.execute("DISABLE testdb", prepare=False)
+        assert refused("md5pass") == 'database "testdb" is disabled'
+        admin.execute("ENABLE testdb", prepare=False)
+    with login("md5pass") as raw:
+        assert raw.simple_query("SELECT 2") == [("2",)]
+    p.rewrite_config(userlist_text=userlist_text({"postgres": "adminpass"}))
+    p.reload()  # (a route that outlived it would let md5user in with its old secret: timeout here)
+    wait_for(lambda: refused("md5pass") == "password authentication failed", 10, what="the RELOAD")
+    routed = engine_counters(p)["route_logins"]
+    assert refused("md5pass") == "password authentication failed"
+    assert engine_counters(p)["route_logins"] == routed, "a route outlived the RELOAD"
