@@ -84,6 +84,30 @@ def test_accepts_with_addresses_and_options(listening: tuple[Engine, socket.sock
             c.close()
 
 
+def test_peer_addresses_from_many_hosts(listening: tuple[Engine, socket.socket, Accepted]) -> None:
+    """IPv4 addresses are formatted once and kept in a small cache (64 slots): 300 connections from
+    150 loopback addresses, each twice, more hosts than slots, get their own address every time."""
+    eng, sock, got = listening
+    hosts = [f"127.0.{i // 100}.{i % 100 + 1}" for i in range(150)] * 2
+    for start in range(0, len(hosts), 10):
+        clients = []
+        for host in hosts[start:start + 10]:
+            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            c.bind((host, 0))
+            c.connect(sock.getsockname())
+            clients.append(c)
+        try:
+            deadline = time.monotonic() + 5
+            while len(got.conns) < start + len(clients) and time.monotonic() < deadline:
+                wait_readable(sock)
+                eng.run()
+            assert [peer for _fd, peer, _local in got.conns[start:]] == [c.getsockname() for c in clients]
+        finally:
+            for c in clients:
+                c.close()
+    assert not got.errors
+
+
 def test_out_of_descriptors_resets_instead_of_spinning(listening: tuple[Engine, socket.socket, Accepted]) -> None:
     eng, sock, got = listening
     client = socket.create_connection(sock.getsockname())
