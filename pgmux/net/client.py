@@ -289,6 +289,9 @@ class ClientConnection(PgConnection):
             self.close_reason = "client unexpected eof"
         self._login_over()
         self.pooler.client_gone(self, self.close_reason or "client unexpected eof")
+        # The transport refers back to this client (its link): without this, every closed client
+        # would wait for the garbage collector (whose collections would then come ever so often).
+        self.transport = None
 
     def pause_writing(self) -> None:
         self.write_paused = True
