@@ -134,20 +134,22 @@ class LoginState:
 
 
 class LoginRoute:
-    """What a plain md5 login against an auth_file secret made of its StartupMessage, kept in
-    Engine.login_routes under the packet's body: a later byte-identical packet (same user,
-    database and parameters) goes straight to the md5 challenge (engine_route_startup). Valid
+    """What a plain md5 or SCRAM login against an auth_file secret made of its StartupMessage,
+    kept in Engine.login_routes under the packet's body: a later byte-identical packet (same
+    user, database and parameters) goes straight to the exchange (engine_route_startup). Valid
     until the next RELOAD, which clears them all (Pooler.apply_config)."""
 
-    __slots__ = ("user", "dbname", "startup_params", "stored", "inner")
+    __slots__ = ("user", "dbname", "startup_params", "stored", "method", "plan", "inner")
 
-    def __init__(self, user: str, dbname: str | None, startup_params: dict[str, str], stored: str,
-                 inner: bytes) -> None:
+    def __init__(self, user: str, dbname: str | None, startup_params: dict[str, str], stored: str, method: str,
+                 plan: int, inner: bytes) -> None:
         self.user = user
         self.dbname = dbname
         self.startup_params = startup_params  # shared by every login of the route: never written to
         self.stored = stored
-        self.inner = inner  # md5(password + user) in hex, what the engine checks the answer with
+        self.method = method  # auth_type
+        self.plan = plan  # _AUTH_MD5 or _AUTH_SCRAM
+        self.inner = inner  # md5: md5(password + user) in hex, what the engine checks the answer with
 
 
 class _ReplayHello:
@@ -707,7 +709,7 @@ class ClientConnection(PgConnection):
         assert self.pool is not None
         self.pool.stats.client_parse_count += 1
         self.keep = 0
-        self.write(PARSE_COMPLETE + m.ready_for_query(b"I"))
+        self.write(PARSE_COMPLETE + m.READY_FOR_QUERY_IDLE)
         return True
 
     def _statement_message(self, typ: int, body: bytes, server: ServerConnection) -> bytes | None:
@@ -923,18 +925,20 @@ class ClientConnection(PgConnection):
         if state is None:
             return None
         plan = _AUTH_TASK if state.console else self._auth_plan(state)
-        if engine_md5 and plan == _AUTH_MD5 and state.stored:
-            inner = md5_inner(state.stored, state.user)
+        if engine_md5 and state.stored and plan in (_AUTH_MD5, _AUTH_SCRAM):
+            inner = md5_inner(state.stored, state.user) if plan == _AUTH_MD5 else b""
             if route_key is not None and self._routable(state):
                 routes = self.pooler.engine.login_routes
                 if len(routes) >= LOGIN_ROUTES_MAX:
                     routes.clear()
-                routes[route_key] = LoginRoute(state.user, self.dbname, self.startup_params, state.stored, inner)
-            return self._md5_challenge(state, inner)
+                routes[route_key] = LoginRoute(state.user, self.dbname, self.startup_params, state.stored,
+                                               state.method, plan, inner)
+            if plan == _AUTH_MD5:
+                return self._md5_challenge(state, inner)
         if plan == _AUTH_TASK:
             self._continue_in_task(self._authenticate_and_finish(state, plan))
         elif plan == _AUTH_DONE:
-            self.write_later(m.auth_ok())
+            self.write_later(m.AUTHENTICATION_OK)
             self._after_auth(state)
         else:
             self.login_step = self._start_exchange(state, plan)
@@ -943,7 +947,7 @@ class ClientConnection(PgConnection):
     def _routable(self, state: LoginState) -> bool:
         """Whether what this login made of its StartupMessage holds for any later identical one
         until the next RELOAD: everything but the checks _admit and _login_state repeat."""
-        return (self.replication is None and state.method == "md5" and not state.console
+        return (self.replication is None and state.method in ("md5", "scram-sha-256") and not state.console
                 and not self.pooler.settings.application_name_add_host)
 
     def _md5_challenge(self, state: LoginState, inner: bytes) -> bytes:
@@ -969,15 +973,18 @@ class ClientConnection(PgConnection):
         """The engine read a StartupMessage byte for byte like the one `route` was made from: the
         same login, without reading the parameters, the auth plan and the secret again. What may
         differ per login (TLS required on TCP, max_client_conn, shutdown, a disabled database)
-        is checked as _startup checks it."""
+        is checked as _startup checks it. md5: the engine runs the exchange (as engine_startup's
+        answer says); SCRAM: the exchange goes on here (None)."""
         try:
             self.user = route.user
             self.dbname = route.dbname
             self._admit()
             self.startup_params = route.startup_params
             state = self._login_state(route.stored)
-            state.method = "md5"
-            return self._md5_challenge(state, route.inner)
+            state.method = route.method
+            if route.plan == _AUTH_MD5:
+                return self._md5_challenge(state, route.inner)
+            self.login_step = self._start_exchange(state, route.plan)
         except BaseException as exc:  # noqa: BLE001 - as in _login_step
             self._login_error(exc)
         return None
@@ -990,7 +997,7 @@ class ClientConnection(PgConnection):
         try:
             if not ok:
                 raise ClientError("password authentication failed", "28P01")
-            self.write_later(m.auth_ok())
+            self.write_later(m.AUTHENTICATION_OK)
             self._after_auth(state)
         except BaseException as exc:  # noqa: BLE001 - as in _login_step
             self._login_error(exc)
@@ -1237,9 +1244,9 @@ class ClientConnection(PgConnection):
             welcome_cache[key] = (status, template, self.startup_params)
         out = [status]
         self.cancel_key = pooler.register_cancel_key(self)
-        out.append(m.message(b"K", self.cancel_key))
+        out.append(m.BACKEND_KEY_DATA_HEAD + self.cancel_key)
         out.append(pooler.login_notice)  # login_notify_message's NOTICE (b"" when unset)
-        out.append(m.ready_for_query(b"I"))
+        out.append(m.READY_FOR_QUERY_IDLE)
         pooler.adopt(self)  # from here on the engine owns the socket (a TLS client already is its)
         self.write(b"".join(out))
         self.logged_in = True
@@ -1370,7 +1377,7 @@ class ClientConnection(PgConnection):
             self.write(m.auth_request(m.AUTH_SASL_FINAL, final))
             if secret_kind(stored) is SecretKind.SCRAM:
                 self.client_key = server.client_key
-        self.write_later(m.auth_ok())
+        self.write_later(m.AUTHENTICATION_OK)
         return LOGIN_DONE
 
     async def _authenticate_and_finish(self, state: LoginState, plan: int = -1) -> None:
@@ -1402,7 +1409,7 @@ class ClientConnection(PgConnection):
                     raise ClientError("no such user")
                 plan = self._secret_plan(state)
         if plan == _AUTH_DONE:
-            self.write_later(m.auth_ok())
+            self.write_later(m.AUTHENTICATION_OK)
         else:
             step = self._start_exchange(state, plan)
             while step != LOGIN_DONE:

@@ -104,6 +104,11 @@ def auth_ok() -> bytes:
     return auth_request(AUTH_OK)
 
 
+AUTHENTICATION_OK = auth_ok()
+# BackendKeyData without its 8 key bytes (process id and secret key as pgmux draws them)
+BACKEND_KEY_DATA_HEAD = b"K" + _I32.pack(12)
+
+
 def auth_md5(salt: bytes) -> bytes:
     return auth_request(AUTH_MD5, salt)
 
@@ -122,6 +127,9 @@ def backend_key_data(pid: int, key: int) -> bytes:
 
 def ready_for_query(status: bytes = b"I") -> bytes:
     return message(b"Z", status)
+
+
+READY_FOR_QUERY_IDLE = ready_for_query(b"I")
 
 
 def command_complete(tag: str) -> bytes:

@@ -136,34 +136,36 @@ def test_md5_logins_are_read_in_c(cluster: TempCluster, pooler: PoolerFactory) -
     assert last["login_escapes"] - after["login_escapes"] == 1, last
 
 
-def test_md5_login_routes_repeat_a_login_and_its_checks(cluster: TempCluster, pooler: PoolerFactory) -> None:
-    """A StartupMessage byte for byte like an earlier md5 login's goes straight to the challenge
-    (Engine.login_routes): the password is still checked, and so is everything that may change
-    between two logins (max_client_conn, DISABLE); a RELOAD forgets the routes, so a user taken
-    out of auth_file is refused even though its packet is the same."""
-    p = pooler(pool_mode="transaction", userlist=admin_userlist(cluster), extra={"max_client_conn": 2})
+def test_login_routes_repeat_a_login_and_its_checks(cluster: TempCluster, pooler: PoolerFactory) -> None:
+    """A StartupMessage byte for byte like an earlier md5 or SCRAM login's goes straight to the
+    exchange (Engine.login_routes): the password is still checked, and so is everything that may
+    change between two logins (max_client_conn, DISABLE); a RELOAD forgets the routes, so a user
+    taken out of auth_file is refused even though its packet is the same."""
+    p = pooler(pool_mode="transaction", extra={"max_client_conn": 2},
+               userlist={**admin_userlist(cluster), "scramuser": cluster.role_secret("scramuser")})
 
-    def login(password: str, raw: RawConn | None = None) -> RawConn:
+    def login(password: str, raw: RawConn | None = None, user: str = "md5user") -> RawConn:
         raw = raw or RawConn(p.host, p.port)
-        raw.login("md5user", "testdb", password, application_name="routes")
+        raw.login(user, "testdb", password, application_name="routes")
         return raw
 
-    def refused(password: str) -> str:
+    def refused(password: str, user: str = "md5user") -> str:
         """The error the login gets ("" when it succeeds)."""
         with RawConn(p.host, p.port) as raw:
             try:
-                login(password, raw)
+                login(password, raw, user)
             except PgError as err:
                 return err.fields["M"]
         return ""
 
     before = engine_counters(p)
-    for _ in range(3):
-        with login("md5pass") as raw:
-            assert raw.simple_query("SELECT 1") == [("1",)]
-    assert refused("wrong") == "password authentication failed"
+    for user, password in (("md5user", "md5pass"), ("scramuser", "scrampass")):
+        for _ in range(3):
+            with login(password, user=user) as raw:
+                assert raw.simple_query("SELECT 1") == [("1",)]
+        assert refused("wrong", user) == "password authentication failed"
     after = engine_counters(p)
-    assert after["route_logins"] - before["route_logins"] == 3, after  # the first made the route
+    assert after["route_logins"] - before["route_logins"] == 6, after  # the first of each made the route
     with login("md5pass"), login("md5pass"):  # max_client_conn = 2
         assert refused("md5pass") == "no more connections allowed (max_client_conn)"
     with psycopg.connect(p.dsn("postgres", "adminpass", dbname="pgbouncer"), autocommit=True) as admin:
