@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pgmux.testing.cluster import PoolerProcess, TempCluster, write_config
 
-USERS = {"md5user": "md5pass"}
+PASSWORDS = {"md5user": "md5pass", "scramuser": "scrampass"}  # (pgmux.testing.cluster's test roles)
 
 
 class CallgrindPooler(PoolerProcess):
@@ -31,18 +31,20 @@ class CallgrindPooler(PoolerProcess):
 
 
 def run_under_callgrind(cluster: TempCluster, extra: dict[str, object], txns: int, clients: int,
-                        workload: tuple[str, ...] = ("-S",)) -> Path:
+                        workload: tuple[str, ...] = ("-S",), user: str = "md5user") -> Path:
     """pgmux under callgrind serving `txns` transactions of pgbench with the `workload` arguments
-    (-S, -C, -M ...): the callgrind output file."""
+    (-S, -C, -M ...) as `user` (md5user: an md5 login against a plaintext auth_file entry;
+    scramuser: SCRAM against the role's stored secret): the callgrind output file."""
     workdir = tempfile.mkdtemp(prefix="pgmux-callgrind-")
     os.chmod(workdir, 0o755)
-    ini, userlist = write_config(cluster, workdir=workdir, pool_mode="transaction", userlist=USERS,
+    secret = PASSWORDS[user] if user == "md5user" else cluster.role_secret(user)
+    ini, userlist = write_config(cluster, workdir=workdir, pool_mode="transaction", userlist={user: secret},
                                  extra={"default_pool_size": 20, **extra})
     p = CallgrindPooler("pgmux", ini, userlist, workdir)
     p.start(timeout=120)
     try:
         subprocess.run(["pgbench", "-n", *workload, "-c", str(clients), "-j", "2", "-t", str(txns // clients),
-                        p.dsn("md5user", "md5pass", dbname="testdb")],
+                        p.dsn(user, PASSWORDS[user], dbname="testdb")],
                        check=True, capture_output=True)
     finally:
         p.stop()
@@ -89,21 +91,24 @@ def main() -> None:
     ap.add_argument("--connect", action="store_true", help="pgbench -C: a new connection (md5 login) per transaction")
     ap.add_argument("--mode", choices=("simple", "extended", "prepared"), default="simple", help="pgbench -M")
     ap.add_argument("--tpcb", action="store_true", help="pgbench's TPC-B-like script instead of -S")
+    ap.add_argument("--user", choices=sorted(PASSWORDS), default="md5user",
+                    help="who pgbench logs in as (scramuser: SCRAM logins, with --connect)")
     args = ap.parse_args()
     short = 2500
     workload = (*(() if args.tpcb else ("-S",)), *(("-C",) if args.connect else ()), "-M", args.mode)
     print(f"how it was run: pgmux under callgrind, transaction mode, pool 20; "
-          f"pgbench {' '.join(workload)} -c {args.clients} -j 2, "
+          f"pgbench {' '.join(workload)} -c {args.clients} -j 2 as {args.user}, "
           f"{short} and {short + args.txns} transactions; per transaction = difference / {args.txns}")
     with TempCluster() as cluster:
         cluster.create_test_roles()
         subprocess.run(["pgbench", "-i", "-s", "1", "-q", cluster.dsn("md5user", "md5pass", "testdb")], check=True,
                        capture_output=True)
+        cluster.execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO scramuser", dbname="testdb")
         per_txn = {}
         for label in (args.set, args.against):
             extra = parse_setting(label)
-            a = run_under_callgrind(cluster, extra, short, args.clients, workload)
-            b = run_under_callgrind(cluster, extra, short + args.txns, args.clients, workload)
+            a = run_under_callgrind(cluster, extra, short, args.clients, workload, args.user)
+            b = run_under_callgrind(cluster, extra, short + args.txns, args.clients, workload, args.user)
             per_txn[label] = (total_instructions(b) - total_instructions(a)) / args.txns
             print(f"{label}: {per_txn[label]:.0f} instructions per transaction")
             if args.functions and label == args.set:

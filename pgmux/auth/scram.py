@@ -28,6 +28,7 @@ from pgmux.auth.secrets import (
     BoundedLRU,
     ScramSecret,
     SecretKind,
+    parse_scram_secret,
     salted_password,
     scram_keys,
     secret_kind,
@@ -49,7 +50,7 @@ class ScramError(Exception):
 
 
 def _hmac(key: bytes, msg: bytes) -> bytes:
-    return hmac.new(key, msg, hashlib.sha256).digest()
+    return hmac.digest(key, msg, "sha256")  # (OpenSSL's one-shot HMAC: no HMAC object per call)
 
 
 def _xor(a: bytes, b: bytes) -> bytes:
@@ -57,7 +58,7 @@ def _xor(a: bytes, b: bytes) -> bytes:
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 def _b64decode(text: str, what: str) -> bytes:
@@ -94,8 +95,8 @@ def _attributes(text: str, what: str) -> list[tuple[str, str]]:
 
 
 def _is_printable(nonce: str) -> bool:
-    """RFC 5802 ``printable``: %x21-7E except ','."""
-    return bool(nonce) and all("!" <= c <= "~" and c != "," for c in nonce)
+    """RFC 5802 ``printable``: %x21-7E except ','. (ASCII isprintable() is %x20-7E.)"""
+    return bool(nonce) and nonce.isascii() and nonce.isprintable() and " " not in nonce and "," not in nonce
 
 
 def _escape_username(name: str) -> str:
@@ -149,7 +150,7 @@ class ScramServer:
         if kind is SecretKind.MD5:
             raise ScramError("cannot do SCRAM authentication: the stored secret is an md5 hash")
         if kind is SecretKind.SCRAM:
-            secret = ScramSecret.parse(stored)
+            secret = parse_scram_secret(stored)
             assert secret is not None
             self.secret = secret
         else:

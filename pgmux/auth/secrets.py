@@ -264,10 +264,18 @@ def clear_salted_password_cache() -> None:
     _SALTED_PASSWORDS.clear()
 
 
+@functools.lru_cache(maxsize=1024)
+def parse_scram_secret(text: str) -> ScramSecret | None:
+    """ScramSecret.parse, cached (a SCRAM login against a stored secret needs it each time; a
+    ScramSecret is immutable, so logins share it)."""
+    return ScramSecret.parse(text)
+
+
 def forget_secret_classifications() -> None:
-    """Empty the caches of secret_kind and the md5 inner hash (on RELOAD: a removed user's
-    password should not stay in them)."""
+    """Empty the caches of secret_kind, parsed SCRAM secrets and the md5 inner hash (on RELOAD:
+    a removed user's password should not stay in them)."""
     secret_kind.cache_clear()
+    parse_scram_secret.cache_clear()
     md5_inner.cache_clear()
 
 
