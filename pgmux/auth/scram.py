@@ -120,6 +120,15 @@ def _adhoc_secret(user: str, password: str, iterations: int) -> ScramSecret:
     return secret
 
 
+def engine_offer(stored: str) -> tuple[bytes, bytes, bytes] | None:
+    """What the engine's C exchange needs for a stored SCRAM secret (StoredKey, ServerKey, and the
+    ",s=<salt>,i=<iterations>" that ends its server-first-message); None: not a SCRAM secret."""
+    secret = parse_scram_secret(stored)
+    if secret is None:
+        return None
+    return secret.stored_key, secret.server_key, _wire(f",s={_b64(secret.salt)},i={secret.iterations}")
+
+
 def _mock_secret(user: str, iterations: int) -> ScramSecret:
     salt = hashlib.sha256(_wire(user) + _MOCK_NONCE).digest()[:SCRAM_DEFAULT_SALT_LEN]
     return ScramSecret(iterations, salt, os.urandom(SCRAM_KEY_LEN), os.urandom(SCRAM_KEY_LEN))
@@ -155,6 +164,19 @@ class ScramServer:
             self.secret = secret
         else:
             self.secret = _adhoc_secret(user, stored, iterations)
+
+    @classmethod
+    def resumed(cls, stored: str, user: str, client_first_bare: bytes, server_first: bytes, flag: str) -> ScramServer:
+        """The exchange after a server-first-message someone else sent (the engine's C exchange,
+        pgmux/engine/_login.pyx), against the stored SCRAM secret it was made from: next comes
+        handle_client_final."""
+        server = cls(stored, user)
+        server._cbind_flag = flag
+        server._client_first_bare = _text(client_first_bare, "client-first-message")
+        server._server_first = _text(server_first, "server-first-message")
+        server._nonce = server._server_first.split(",", 1)[0][2:]
+        server._state = "client-final"
+        return server
 
     @classmethod
     def mock(cls, user: str, *, iterations: int = SCRAM_DEFAULT_ITERATIONS) -> ScramServer:

@@ -44,6 +44,8 @@ cdef enum CLogin:
     CL_NONE = 0       # not (Python's login, or logged in)
     CL_STARTUP = 1    # waiting for the StartupMessage (SSL/GSS requests answered N)
     CL_MD5 = 2        # the md5 challenge sent: waiting for the PasswordMessage
+    CL_SASL_FIRST = 3 # AuthenticationSASL sent: waiting for the SASLInitialResponse
+    CL_SASL_FINAL = 4 # the server-first-message sent: waiting for the SASLResponse
 
 
 cdef enum LinkMode:
@@ -167,7 +169,8 @@ cdef class Link:
     cdef bint lost                    # socket closed; connection_lost scheduled
     cdef public bint linger           # close gracefully: FIN, then read and drop until the peer closes
     cdef bint lingering               # a ghost doing so for a closed link (Engine._end_link)
-    cdef bytes login_secret           # CL_MD5: md5(password + user) in hex, then the 4-byte salt sent
+    cdef object login_secret          # CL_MD5: md5(password + user) in hex, then the 4-byte salt sent (bytes);
+                                      # CL_SASL_*: the exchange (_login.ScramLogin)
     cdef unsigned char *rbuf          # bytes kept between reads (fast mode), malloc'd on demand
     cdef Py_ssize_t rcap, rkeep
     cdef long long rskip              # body bytes of the current message still to come
@@ -300,6 +303,7 @@ cdef class Engine:
     # again (Link.engine_route_startup). Python fills and clears it (a RELOAD clears it).
     cdef public dict login_routes
     cdef public unsigned long long route_logins  # logins whose StartupMessage found a route
+    cdef public unsigned long long c_scram_logins  # SCRAM exchanges the engine ran to the end
     cdef unsigned char *shared        # read buffer of every link that keeps nothing between reads
     cdef unsigned char *tlsplain      # plaintext of a TLS read (shared then holds the raw bytes)
     cdef unsigned char *tlsout        # records a native TLS link sends, on their way to _send_raw
@@ -328,6 +332,7 @@ cdef class Engine:
     cdef int _read_lingering(self, Link link) except -1
     cdef int _on_readable(self, Link link) except -1
     cdef int _login_read(self, Link link) except -1
+    cdef int _scram_step(self, Link link, const unsigned char *body, Py_ssize_t n) except -1
     cdef ssize_t _recv(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2
     cdef ssize_t _recv_raw(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2
     cdef ssize_t _recv_tls(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2

@@ -133,6 +133,7 @@ class Engine:
     login_escapes: int
     login_routes: dict[bytes, Any]  # StartupMessage body -> net.client.LoginRoute
     route_logins: int
+    c_scram_logins: int
     qstats: QueryStats
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None: ...
     def start(self) -> None: ...

@@ -33,8 +33,8 @@ cdef extern from "Python.h":
     Py_ssize_t PyDict_GET_SIZE(object d)  # (an OrderedDict is a dict underneath)
 
 from pgmux.engine._login cimport (
-    GSSENC_REQUEST_CODE, MAX_AUTH_MESSAGE, MAX_STARTUP_PACKET, MD5_INNER_LEN, PROTOCOL_3_0, SSL_REQUEST_CODE,
-    md5_password_ok,
+    GSSENC_REQUEST_CODE, MAX_AUTH_MESSAGE, MAX_STARTUP_PACKET, MD5_INNER_LEN, PROTOCOL_3_0, SCRAM_KEY_LEN,
+    SCRAM_NONCE_RAW, SSL_REQUEST_CODE, ScramLogin, b64_encode, md5_password_ok, scram_final, scram_first,
     startup_params,
 )
 from pgmux.engine._querystats cimport QueryStats, skip_number
@@ -133,6 +133,14 @@ cdef extern from "netinet/in.h" nogil:
         unsigned short sin6_port
         in6_addr sin6_addr
     unsigned short ntohs(unsigned short)
+
+cdef extern from "sys/random.h" nogil:
+    ssize_t getrandom(void *buf, size_t buflen, unsigned int flags)
+
+# AuthenticationSASL offering SCRAM-SHA-256 (the engine's SCRAM exchange)
+cdef const char *AUTH_SASL_SCRAM = b"R\0\0\0\x17\0\0\0\x0aSCRAM-SHA-256\0\0"
+cdef enum:
+    AUTH_SASL_SCRAM_LEN = 24
 
 cdef extern from "arpa/inet.h" nogil:
     const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
@@ -1889,8 +1897,13 @@ cdef class Engine:
                 if secret is None:  # Python goes on with this login (or ended it)
                     link._c_login_over()
                     return 0
+                if type(secret) is tuple:  # a SCRAM exchange against a stored secret (auth/scram.py engine_offer)
+                    link.login_secret = ScramLogin(*secret)
+                    link.engine_login = CL_SASL_FIRST
+                    link.send_bytes(<const unsigned char *>AUTH_SASL_SCRAM, AUTH_SASL_SCRAM_LEN)
+                    return 0
                 if type(secret) is not bytes or PyBytes_GET_SIZE(secret) != MD5_INNER_LEN + 4:
-                    raise TypeError("engine_startup: md5 digits and salt expected")
+                    raise TypeError("engine_startup: md5 digits and salt, or a SCRAM offer expected")
                 link.login_secret = <bytes>secret
                 msg[0] = 82  # 'R' AuthenticationMD5Password
                 write_be32(msg + 1, 12)
@@ -1899,7 +1912,7 @@ cdef class Engine:
                 link.engine_login = CL_MD5
                 link.send_bytes(msg, 13)
                 return 0
-            else:  # CL_MD5
+            else:  # CL_MD5, CL_SASL_FIRST, CL_SASL_FINAL: a 'p' message answers
                 if avail < 5:
                     break
                 length = be32(b + pos + 1)
@@ -1908,6 +1921,13 @@ cdef class Engine:
                     break
                 if avail < length + 1:
                     break
+                if link.engine_login != CL_MD5:
+                    if self._scram_step(link, b + pos + 5, length - 4):
+                        escape = True
+                        break
+                    if link.engine_login == CL_SASL_FINAL:
+                        link._keep_bytes(b, 0)  # (the whole read was the message)
+                    return 0
                 ok = md5_password_ok(<const unsigned char *>PyBytes_AS_STRING(link.login_secret),
                                      <const unsigned char *>PyBytes_AS_STRING(link.login_secret) + MD5_INNER_LEN,
                                      b + pos + 5, length - 4)
@@ -1920,12 +1940,58 @@ cdef class Engine:
                 return 0
         if escape:
             data = PyBytes_FromStringAndSize(<char *>b + pos, end - pos)
+            exchange = link.login_secret if link.engine_login >= CL_SASL_FIRST else None
             link._c_login_over()
             self.login_escapes += 1
-            link.engine_login_escape(data)
+            link.engine_login_escape(data, exchange)
             return 0
         if link.fd >= 0:
             link._keep_bytes(b + pos, end - pos)
+        return 0
+
+    cdef int _scram_step(self, Link link, const unsigned char *body, Py_ssize_t n) except -1:
+        """The SASLInitialResponse or SASLResponse body[0:n] of a SCRAM exchange the engine runs
+        (_login.pyx): answered here (0), or 1 when it is not in the plain form (Python's exchange
+        takes over: engine_login_escape with the exchange so far). The end of the exchange goes
+        to Python once: engine_password_checked(ok, SASLFinal message, ClientKey)."""
+        cdef ScramLogin scram = <ScramLogin>link.login_secret
+        cdef unsigned char nonce_raw[SCRAM_NONCE_RAW]
+        cdef unsigned char client_key[SCRAM_KEY_LEN]
+        cdef unsigned char signature[SCRAM_KEY_LEN]
+        cdef unsigned char *out
+        cdef int ok
+        if link.engine_login == CL_SASL_FIRST:
+            if getrandom(nonce_raw, SCRAM_NONCE_RAW, 0) != SCRAM_NONCE_RAW:
+                return 1
+            first = scram_first(scram, body, n, nonce_raw)
+            if first is None:
+                return 1
+            answer = PyBytes_FromStringAndSize(NULL, 9 + PyBytes_GET_SIZE(first))
+            out = <unsigned char *>PyBytes_AS_STRING(answer)
+            out[0] = 82  # 'R' AuthenticationSASLContinue
+            write_be32(out + 1, 8 + PyBytes_GET_SIZE(first))
+            write_be32(out + 5, 11)
+            memcpy(out + 9, PyBytes_AS_STRING(first), PyBytes_GET_SIZE(first))
+            link.engine_login = CL_SASL_FINAL
+            link.send_bytes(out, PyBytes_GET_SIZE(answer))
+            return 0
+        ok = scram_final(scram, body, n, client_key, signature)
+        if ok < 0:
+            return 1
+        link._c_login_over()
+        self.c_scram_logins += 1
+        if not ok:
+            link.engine_password_checked(False)
+            return 0
+        final = PyBytes_FromStringAndSize(NULL, 9 + 2 + 44)
+        out = <unsigned char *>PyBytes_AS_STRING(final)
+        out[0] = 82  # 'R' AuthenticationSASLFinal, "v=" and the ServerSignature in base64
+        write_be32(out + 1, 8 + 2 + 44)
+        write_be32(out + 5, 12)
+        out[9] = 118
+        out[10] = 61
+        b64_encode(signature, SCRAM_KEY_LEN, out + 11)
+        link.engine_password_checked(True, final, PyBytes_FromStringAndSize(<const char *>client_key, SCRAM_KEY_LEN))
         return 0
 
     cdef ssize_t _recv(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2:
@@ -2883,6 +2949,7 @@ cdef class Engine:
         return {"batches": self.batches, "reads": self.reads, "fast_reads": self.fast_reads,
                 "escapes": self.escapes, "tls_native": self.tls_native, "tls_python": self.tls_python,
                 "c_logins": self.c_logins, "login_escapes": self.login_escapes, "route_logins": self.route_logins,
+                "c_scram_logins": self.c_scram_logins,
                 "loop_held": int(self.hold), "holds": self.holds, "hold_batches": self.hold_batches}
 
 

@@ -8,7 +8,25 @@ cdef enum:
     MAX_STARTUP_PACKET = 0xFFFF        # protocol/messages.py's MAX_STARTUP_PACKET
     MAX_AUTH_MESSAGE = 65535 + 4       # net/client.py's MAX_AUTH_MESSAGE (length word included)
     MD5_INNER_LEN = 32                 # the hex md5 of password + user an md5 login is checked with
+    SCRAM_KEY_LEN = 32                 # StoredKey, ServerKey, ClientKey, a proof, a signature
+    SCRAM_NONCE_RAW = 18               # PostgreSQL's SCRAM_RAW_NONCE_LEN: the server's part of the nonce
+    SCRAM_NONCE_B64 = 24               # ... in base64
 
 cdef object startup_params(const unsigned char *p, Py_ssize_t n)
 cdef int md5_password_ok(const unsigned char *inner, const unsigned char *salt, const unsigned char *body,
                          Py_ssize_t n) noexcept
+
+
+cdef class ScramLogin:
+    cdef unsigned char stored_key[SCRAM_KEY_LEN]
+    cdef unsigned char server_key[SCRAM_KEY_LEN]
+    cdef bytes salt_iter               # b",s=<salt in base64>,i=<iterations>": the server-first-message's end
+    cdef readonly bytes first_bare     # client-first-message-bare, once scram_first took it
+    cdef readonly bytes server_first   # the server-first-message sent
+    cdef readonly unsigned char flag   # the gs2 flag, 'n' or 'y'
+    cdef Py_ssize_t nonce_len          # the whole nonce's length (server_first[2:2 + nonce_len])
+
+cdef object scram_first(ScramLogin s, const unsigned char *body, Py_ssize_t n, const unsigned char *nonce_raw)
+cdef int scram_final(ScramLogin s, const unsigned char *p, Py_ssize_t n, unsigned char *client_key,
+                     unsigned char *server_signature) noexcept
+cdef Py_ssize_t b64_encode(const unsigned char *src, Py_ssize_t n, unsigned char *dst) noexcept

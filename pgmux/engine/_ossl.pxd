@@ -1,5 +1,6 @@
 # OpenSSL called from C (pgmux/engine/_ossl.pyx): a TLS link's records on the SSL object of an
-# ssl.SSLObject whose handshake is over, and MD5 for the md5 login. What the engine calls.
+# ssl.SSLObject whose handshake is over, MD5 for the md5 login, SHA-256 and HMAC for SCRAM. What the
+# engine calls.
 
 cdef struct NativeTls:
     void *ssl    # SSL *, owned by the ssl.SSLObject the engine keeps (TlsState.sslobj)
@@ -20,3 +21,6 @@ cdef Py_ssize_t tls_take_output(NativeTls *t, unsigned char *buf, Py_ssize_t cap
 cdef bint tls_pending(NativeTls *t) noexcept
 cdef str tls_error_text()
 cdef bint md5_digest(const unsigned char *p, size_t n, unsigned char *out16) noexcept
+cdef bint sha256_digest(const unsigned char *p, size_t n, unsigned char *out32) noexcept
+cdef bint hmac_sha256(const unsigned char *key, int key_len, const unsigned char *p, size_t n,
+                      unsigned char *out32) noexcept

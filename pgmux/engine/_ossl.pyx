@@ -1,5 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""OpenSSL called from C: a TLS link's records, and MD5 for the engine's md5 login (_login.pyx).
+"""OpenSSL called from C: a TLS link's records, MD5 for the engine's md5 login and SHA-256 / HMAC for its
+SCRAM exchange (_login.pyx).
 
 A TLS link's records: once an ssl.SSLObject's handshake is over, the engine reads and
 writes its records by calling OpenSSL on that object's own SSL and BIOs, instead of a Python
@@ -46,6 +47,9 @@ ctypedef void (*err_clear_t)() noexcept nogil
 ctypedef unsigned long (*err_get_t)() noexcept nogil
 ctypedef void (*err_string_t)(unsigned long e, char *buf, size_t len) noexcept nogil
 ctypedef unsigned char *(*md5_t)(const unsigned char *d, size_t n, unsigned char *md) noexcept nogil
+ctypedef const void *(*evp_md_t)() noexcept nogil
+ctypedef unsigned char *(*hmac_t)(const void *evp_md, const void *key, int key_len, const unsigned char *d,
+                                  size_t n, unsigned char *md, unsigned int *md_len) noexcept nogil
 
 
 cdef struct OpenSsl:
@@ -58,7 +62,10 @@ cdef struct OpenSsl:
     err_clear_t err_clear
     err_get_t err_get
     err_string_t err_string
-    md5_t md5  # (found or not independently of the TLS functions)
+    md5_t md5  # (found or not independently of the TLS functions, as the three below)
+    md5_t sha256  # (same signature as MD5)
+    evp_md_t evp_sha256
+    hmac_t hmac
 
 cdef OpenSsl F
 cdef int found = -1  # -1 not looked up yet, 0 not available, 1 ready
@@ -114,6 +121,9 @@ cdef int _look_up() except -1:
     F.err_get = <err_get_t>_sym(handle, b"ERR_get_error")
     F.err_string = <err_string_t>_sym(handle, b"ERR_error_string_n")
     F.md5 = <md5_t>_sym(handle, b"MD5")
+    F.sha256 = <md5_t>_sym(handle, b"SHA256")
+    F.evp_sha256 = <evp_md_t>_sym(handle, b"EVP_sha256")
+    F.hmac = <hmac_t>_sym(handle, b"HMAC")
     if (F.read_ex != NULL and F.write_ex != NULL and F.get_error != NULL and F.pending != NULL
             and F.get_rbio != NULL and F.get_wbio != NULL and F.get_ctx != NULL and F.bio_write != NULL
             and F.bio_read != NULL and F.bio_ctrl != NULL and F.err_clear != NULL and F.err_get != NULL
@@ -122,16 +132,49 @@ cdef int _look_up() except -1:
     return 0
 
 
-cdef bint md5_digest(const unsigned char *p, size_t n, unsigned char *out16) noexcept:
-    """OpenSSL's MD5 of p[0:n] into out16; False when this OpenSSL has none to offer."""
+cdef bint _looked_up() noexcept:
+    """The functions above looked up (whatever was found)."""
     if found < 0:
         try:
             _look_up()
         except Exception:
             return False
-    if F.md5 == NULL:
+    return True
+
+
+cdef bint md5_digest(const unsigned char *p, size_t n, unsigned char *out16) noexcept:
+    """OpenSSL's MD5 of p[0:n] into out16; False when this OpenSSL has none to offer."""
+    if not _looked_up() or F.md5 == NULL:
         return False
     return F.md5(p, n, out16) != NULL
+
+
+cdef bint sha256_digest(const unsigned char *p, size_t n, unsigned char *out32) noexcept:
+    """OpenSSL's SHA-256 of p[0:n] into out32; False when this OpenSSL has none to offer."""
+    if not _looked_up() or F.sha256 == NULL:
+        return False
+    return F.sha256(p, n, out32) != NULL
+
+
+cdef bint hmac_sha256(const unsigned char *key, int key_len, const unsigned char *p, size_t n,
+                      unsigned char *out32) noexcept:
+    """OpenSSL's HMAC-SHA-256 of p[0:n] with key[0:key_len] into out32; False when not available."""
+    cdef unsigned int got = 0
+    cdef const void *md
+    if not _looked_up() or F.hmac == NULL or F.evp_sha256 == NULL:
+        return False
+    md = F.evp_sha256()
+    if md == NULL or F.hmac(md, key, key_len, p, n, out32, &got) == NULL:
+        return False
+    return got == 32
+
+
+def sha256_available():
+    """Whether OpenSSL's SHA-256 and HMAC were found beside Python's _ssl module (the engine's
+    SCRAM exchange)."""
+    cdef unsigned char out[32]
+    return sha256_digest(<const unsigned char *>b"", 0, out) and hmac_sha256(
+        <const unsigned char *>b"k", 1, <const unsigned char *>b"", 0, out)
 
 
 def md5_available():

@@ -13,7 +13,10 @@ from typing import TYPE_CHECKING, Any
 from pgmux import log as pglog
 from pgmux.auth import ScramError, ScramServer, SecretKind, md5_verify, plain_verify, secret_kind
 from pgmux.auth.external import LdapOptions, LdapOptionsError, ldap_authenticate, pam_authenticate, parse_ldap_options
+from pgmux.auth.scram import engine_offer
 from pgmux.auth.secrets import md5_inner, random_bytes
+from pgmux.engine._login import ScramLogin
+from pgmux.engine._ossl import sha256_available
 from pgmux.errors import ClientError, ConnectionLost
 from pgmux.net.base import PgConnection, SharedReadBuffer
 from pgmux.net.peercred import peer_credentials
@@ -102,6 +105,12 @@ _AUTH_DONE, _AUTH_MD5, _AUTH_PLAIN, _AUTH_SCRAM, _AUTH_TASK = range(5)
 LOGIN_INBOX_LIMIT = 1 << 18
 # Engine.login_routes holds at most this many distinct StartupMessages (then starts again)
 LOGIN_ROUTES_MAX = 256
+# The engine runs SCRAM exchanges against stored SCRAM secrets in C (OpenSSL's SHA-256 and HMAC)
+C_SCRAM = sha256_available()
+# What the engine's C login runs after a StartupMessage (engine_startup): the md5 exchange (md5 of
+# password + user in hex, then the salt), a SCRAM exchange (auth/scram.py engine_offer), or
+# nothing (None: Python's login goes on).
+EngineExchange = bytes | tuple[bytes, bytes, bytes] | None
 
 
 def replication_mode(value: str | None) -> str | None:
@@ -914,7 +923,7 @@ class ClientConnection(PgConnection):
         return body
 
     def _after_startup(self, pkt: m.StartupPacket, engine_md5: bool = False, route_key: bytes | None = None
-                       ) -> bytes | None:
+                       ) -> EngineExchange:
         """A StartupMessage: the checks, then authentication, by the client's steps where it
         can be (md5, SCRAM against a known secret, trust), else in a Task. `engine_md5`: the
         engine's C login read the packet and may check an md5 answer itself; for an md5 login
@@ -935,6 +944,9 @@ class ClientConnection(PgConnection):
                                                state.method, plan, inner)
             if plan == _AUTH_MD5:
                 return self._md5_challenge(state, inner)
+            offer = self._scram_offer(state)
+            if offer is not None:
+                return offer
         if plan == _AUTH_TASK:
             self._continue_in_task(self._authenticate_and_finish(state, plan))
         elif plan == _AUTH_DONE:
@@ -950,6 +962,18 @@ class ClientConnection(PgConnection):
         return (self.replication is None and state.method in ("md5", "scram-sha-256") and not state.console
                 and not self.pooler.settings.application_name_add_host)
 
+    def _scram_offer(self, state: LoginState) -> tuple[bytes, bytes, bytes] | None:
+        """A SCRAM exchange against a stored SCRAM secret, for the engine to run in C (its keys and
+        the end of its server-first-message); None: Python's exchange runs it (a plaintext
+        secret, or no SHA-256/HMAC in C)."""
+        if not C_SCRAM or state.stored is None:
+            return None
+        offer = engine_offer(state.stored)
+        if offer is not None:
+            state.exchange = None  # (the engine's: engine_login_escape makes Python's if it hands over)
+            self.login_step = LOGIN_SASL_FIRST
+        return offer
+
     def _md5_challenge(self, state: LoginState, inner: bytes) -> bytes:
         """The md5 exchange the engine runs: md5(password + user) in hex, then a new salt."""
         salt = random_bytes(4)
@@ -960,7 +984,7 @@ class ClientConnection(PgConnection):
     # The engine's C login (Engine._login_read) reads a plain client's StartupMessage and checks an
     # md5 answer itself; these are the calls it makes. Everything else it hands over as bytes.
 
-    def engine_startup(self, code: int, params: dict[str, str], route_key: bytes | None = None) -> bytes | None:
+    def engine_startup(self, code: int, params: dict[str, str], route_key: bytes | None = None) -> EngineExchange:
         """The engine read a StartupMessage: _after_startup, which may leave the md5 exchange to it.
         `route_key`: the packet's body (protocol 3.0), for Engine.login_routes."""
         try:
@@ -969,7 +993,7 @@ class ClientConnection(PgConnection):
             self._login_error(exc)
         return None
 
-    def engine_route_startup(self, route: LoginRoute) -> bytes | None:
+    def engine_route_startup(self, route: LoginRoute) -> EngineExchange:
         """The engine read a StartupMessage byte for byte like the one `route` was made from: the
         same login, without reading the parameters, the auth plan and the secret again. What may
         differ per login (TLS required on TCP, max_client_conn, shutdown, a disabled database)
@@ -984,27 +1008,46 @@ class ClientConnection(PgConnection):
             state.method = route.method
             if route.plan == _AUTH_MD5:
                 return self._md5_challenge(state, route.inner)
+            offer = self._scram_offer(state)
+            if offer is not None:
+                return offer
             self.login_step = self._start_exchange(state, route.plan)
         except BaseException as exc:  # noqa: BLE001 - as in _login_step
             self._login_error(exc)
         return None
 
-    def engine_password_checked(self, ok: bool) -> None:
-        """The engine checked the client's answer to the md5 challenge engine_startup asked for."""
+    def engine_password_checked(self, ok: bool, sasl_final: bytes = b"", client_key: bytes | None = None) -> None:
+        """The engine checked the client's answer to the md5 challenge engine_startup asked for,
+        or ran the SCRAM exchange to its end: `sasl_final` is then the AuthenticationSASLFinal
+        message to send before AuthenticationOk, and `client_key` the client's ClientKey (the
+        pool's server logins use it, as after Python's exchange)."""
         state = self.login_state
         if state is None or self.closed:  # (client_login_timeout ended it meanwhile)
             return
         try:
             if not ok:
                 raise ClientError("password authentication failed", "28P01")
+            if sasl_final:
+                self.write_later(sasl_final)
+                self.client_key = client_key
             self.write_later(m.AUTHENTICATION_OK)
             self._after_auth(state)
         except BaseException as exc:  # noqa: BLE001 - as in _login_step
             self._login_error(exc)
 
-    def engine_login_escape(self, data: bytes) -> None:
+    def engine_login_escape(self, data: bytes, exchange: ScramLogin | None = None) -> None:
         """The engine hands the rest of this login to Python: the bytes it had not consumed
-        (login_step says what they should be; an md5 challenge sent is in login_state)."""
+        (login_step says what they should be; an md5 challenge sent is in login_state). A SCRAM
+        exchange the engine ran so far (`exchange`) goes on in Python's: from the client's first
+        message, or after the server-first-message the engine sent."""
+        state = self.login_state
+        if exchange is not None and state is not None and state.stored is not None:
+            if exchange.server_first is None or exchange.first_bare is None:
+                state.exchange = ScramServer(state.stored, state.user)
+            else:
+                state.exchange = ScramServer.resumed(state.stored, state.user, exchange.first_bare,
+                                                     exchange.server_first, chr(exchange.flag))
+                self.login_step = LOGIN_SASL_FINAL
         self.inbox += data
         self._login_step()
 

@@ -24,6 +24,7 @@ ParameterStatus bodies and ReadyForQuery counts match the server stream, byte co
 
 from __future__ import annotations
 
+import base64
 import gc
 import hashlib
 import os
@@ -34,7 +35,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from pgmux.auth.scram import ScramError, ScramServer, engine_offer
+from pgmux.auth.secrets import ScramSecret
 from pgmux.engine import C_LOGIN_STARTUP, LAZY_PREPARE, PIN_HINTS, SESSION, Engine, Link, PoolCore, PoolStats
+from pgmux.engine._login import ScramLogin
 from pgmux.engine._querystats import normalize
 from pgmux.protocol import messages as m
 from pgmux.protocol.sessionstate import _PLAIN_STARTS
@@ -718,6 +722,14 @@ def run_one(data: bytes) -> None:
 
 LOGIN_INNER = b"0123456789abcdef" * 2  # md5(password + user) as hex digits: any 32 will do
 LOGIN_SALT = b"\x01\x02\x03\xfe"
+# A stored SCRAM secret for the engine's SCRAM exchange (config & 3 == 3), and its offer.
+LOGIN_SCRAM = str(ScramSecret.from_password("pw", salt=b"fuzzsaltfuzzsalt", iterations=16))
+LOGIN_SCRAM_OFFER = engine_offer(LOGIN_SCRAM)
+AUTH_SASL_SCRAM = b"R\0\0\0\x17\0\0\0\x0aSCRAM-SHA-256\0\0"
+# In a client's login bytes, where the SCRAM nonce goes: replaced by the server's nonce once the
+# engine sent it (the length word of the 'p' message before it grows to match), so that inputs can
+# reach the proof check.
+NONCE_MARK = b"@NONCE@"
 
 
 class LoginLink(Link):
@@ -744,14 +756,18 @@ class LoginLink(Link):
     def resume_writing(self) -> None:
         pass
 
-    def engine_startup(self, code: int, params: dict[str, str]) -> bytes | None:
-        return self.h.startup(code, params)
+    def engine_startup(self, code: int, params: dict[str, str], route_key: bytes | None = None) -> Any:
+        return self.h.startup(code, params, route_key)
 
-    def engine_password_checked(self, ok: bool) -> None:
-        self.h.password_checked(ok)
+    def engine_password_checked(self, ok: bool, sasl_final: bytes = b"", client_key: bytes | None = None) -> None:
+        if self.h.scram:
+            self.h.scram_checked(ok, sasl_final, client_key)
+        else:
+            check(not sasl_final and client_key is None, "SCRAM results from an md5 exchange")
+            self.h.password_checked(ok)
 
-    def engine_login_escape(self, data: bytes) -> None:
-        self.h.login_escape(data)
+    def engine_login_escape(self, data: bytes, exchange: ScramLogin | None = None) -> None:
+        self.h.login_escape(data, exchange)
 
 
 class LoginConversation:
@@ -760,7 +776,12 @@ class LoginConversation:
 
     def __init__(self, config: int) -> None:
         self.md5 = bool(config & 1)  # engine_startup asks the engine to check an md5 answer
-        self.chunk = 1 + (config >> 1)
+        self.scram = config & 3 == 3  # ... to run a SCRAM exchange instead
+        self.server_first = b""  # the SCRAM server-first-message the engine sent
+        self.first_bare = b""  # ... and the client-first-message-bare it answered
+        self.flag = "n"  # ... whose gs2 flag
+        self.received = bytearray()  # what the client got so far
+        self.chunk = 1 + (config >> (2 if self.scram else 1))  # bytes sent per engine run
         self.loop = FakeLoop()
         self.eng = Engine(self.loop)  # type: ignore[arg-type]
         self.eng.offer_tls = bool(config & 0x80)
@@ -797,7 +818,7 @@ class LoginConversation:
         self.answers_expected += b"N" * k
         self.consumed = upto
 
-    def startup(self, code: int, params: dict[str, str]) -> bytes | None:
+    def startup(self, code: int, params: dict[str, str], route_key: bytes | None) -> Any:
         check(not self.handed and not self.awaiting_password, "engine_startup out of turn")
         # the startup packet is what follows the requests the engine answered (nothing after it)
         pos = self.consumed + 8 * self.answerable_requests()
@@ -811,11 +832,16 @@ class LoginConversation:
         except m.ProtocolError:
             raise HarnessError("engine_startup for a packet Python refuses") from None
         check(params == expected, f"startup params {params!r} != {expected!r}")
+        check(route_key == (bytes(self.sent[pos + 8 : pos + length]) if code == 196608 else None),
+              "engine_startup: the route key is not the packet's body")
         self.consumed = pos + length
         if not self.md5:
             self.handed = True
             return None
         self.awaiting_password = True
+        if self.scram:
+            self.answers_expected += AUTH_SASL_SCRAM
+            return LOGIN_SCRAM_OFFER
         self.answers_expected += b"R\0\0\0\x0c\0\0\0\x05" + LOGIN_SALT
         return LOGIN_INNER + LOGIN_SALT
 
@@ -832,8 +858,67 @@ class LoginConversation:
         self.awaiting_password = False
         self.handed = True
 
-    def login_escape(self, data: bytes) -> None:
+    def scram_first_taken(self) -> None:
+        """The engine answered the SASLInitialResponse at `consumed` (the client's SASLContinue
+        is the last thing it got): check both against Python's exchange, and consume it."""
+        self.read_answers()
+        pos = self.consumed
+        check(self.sent[pos] == ord("p"), "a SASLInitialResponse of another type")
+        length = be32(self.sent, pos + 1)
+        mech, data = m.parse_sasl_initial_response(bytes(self.sent[pos + 5 : pos + 1 + length]))
+        check(mech == "SCRAM-SHA-256", f"SASL mechanism {mech!r} taken")
+        ScramServer(LOGIN_SCRAM, "u").handle_client_first(data)  # (raises if Python refuses it)
+        check(self.received.startswith(self.answers_expected), f"answers {bytes(self.received)!r}")
+        answer = bytes(self.received[len(self.answers_expected) :])
+        check(answer[:1] == b"R" and be32(answer, 1) == len(answer) - 1 and be32(answer, 5) == 11,
+              f"SASLContinue {answer!r}")
+        server_first = answer[9:]
+        client_nonce = data.split(b",r=", 1)[1]
+        check(server_first.startswith(b"r=" + client_nonce) and len(server_first) == 2 + len(client_nonce) + 24
+              + len(LOGIN_SCRAM_OFFER[2]) and server_first.endswith(LOGIN_SCRAM_OFFER[2]),
+              f"server-first-message {server_first!r}")
+        self.answers_expected += answer
+        self.consumed = pos + 1 + length
+        self.server_first, self.first_bare, self.flag = server_first, data[3:], chr(data[0])
+
+    def scram_checked(self, ok: bool, sasl_final: bytes, client_key: bytes | None) -> None:
+        check(self.awaiting_password and not self.handed, "engine_password_checked out of turn")
+        if not self.server_first:
+            self.scram_first_taken()
+        pos = self.consumed
+        check(self.sent[pos] == ord("p"), "a SASLResponse of another type")
+        length = be32(self.sent, pos + 1)
+        check(len(self.sent) == pos + 1 + length, "engine_password_checked with bytes after the message")
+        server = ScramServer.resumed(LOGIN_SCRAM, "u", self.first_bare, self.server_first, self.flag)
+        try:
+            final = server.handle_client_final(bytes(self.sent[pos + 5 : pos + 1 + length]))
+        except ScramError as exc:
+            check(exc.wrong_password and not ok, f"SCRAM answer judged {ok}, Python: {exc}")
+        else:
+            check(ok and sasl_final[9:] == final and client_key == server.client_key, "SCRAM exchange differs")
+        self.consumed = pos + 1 + length
+        self.awaiting_password = False
+        self.handed = True
+
+    def read_answers(self) -> None:
+        while True:
+            try:
+                got = self.app.recv(65536)
+            except BlockingIOError:
+                return
+            if not got:
+                return
+            self.received += got
+
+    def login_escape(self, data: bytes, exchange: ScramLogin | None) -> None:
         check(not self.handed, "engine_login_escape after the login was handed over")
+        if exchange is not None:
+            check(self.scram and self.awaiting_password, "a SCRAM exchange handed over out of turn")
+            if exchange.server_first is not None:
+                check(not self.server_first or self.server_first == exchange.server_first, "another server-first")
+                if not self.server_first:
+                    self.scram_first_taken()
+                check(exchange.server_first == self.server_first, "the exchange's server-first differs")
         start = len(self.sent) - len(data)
         check(bytes(self.sent[start:]) == data, "escaped bytes are not the end of the stream")
         if not self.awaiting_password:
@@ -843,33 +928,51 @@ class LoginConversation:
         self.handed = True
 
     def run(self, data: bytes) -> None:
-        for i in range(0, len(data), self.chunk):
+        i = 0
+        while i < len(data):
             if self.closed:
                 break
+            if self.scram and not self.server_first and NONCE_MARK in data[i:]:
+                self.read_answers()
+                if self.answers_expected.startswith(AUTH_SASL_SCRAM) and len(self.received) > len(
+                        self.answers_expected) and self.awaiting_password:
+                    data = data[:i] + self.with_nonce(data[i:])
             piece = data[i : i + self.chunk]
             try:
                 self.app.sendall(piece)
             except OSError:
                 break
             self.sent += piece
+            i += len(piece)
             self.eng.run()
             check(not self.loop.errors, f"a hook raised: {self.loop.errors[:1]}")
             self.loop.drain()
+        self.read_answers()
+        if self.scram and self.awaiting_password and not self.server_first and len(self.received) > len(
+                self.answers_expected):
+            self.scram_first_taken()  # (the exchange waits for the client's final message)
         if not self.closed and self.handed:
             # everything the client sent reached Python's login once the C login handed over
             check(bytes(self.sent[self.consumed :]) == bytes(self.python_read), "bytes lost after the C login")
         elif not self.closed and not self.awaiting_password:  # still reading the startup: requests answered
             self.answers_expected += b"N" * self.answerable_requests()
-        received = bytearray()
-        while True:
-            try:
-                got = self.app.recv(65536)
-            except BlockingIOError:
-                break
-            if not got:
-                break
-            received += got
-        check(bytes(received) == bytes(self.answers_expected), f"answers {bytes(received)!r}")
+        self.read_answers()
+        check(bytes(self.received) == bytes(self.answers_expected), f"answers {bytes(self.received)!r}")
+
+    def nonce_now(self) -> bytes:
+        """The whole SCRAM nonce of the SASLContinue the client got (NONCE_MARK's stand-in)."""
+        answer = bytes(self.received[len(AUTH_SASL_SCRAM) :])
+        return answer[11:].split(b",", 1)[0] if answer[:1] == b"R" and len(answer) > 11 else NONCE_MARK
+
+    def with_nonce(self, rest: bytes) -> bytes:
+        """`rest` of the input with NONCE_MARK replaced by the server's nonce."""
+        nonce = self.nonce_now()
+        j = rest.index(NONCE_MARK)
+        out = bytearray(rest[:j] + nonce + rest[j + len(NONCE_MARK) :])
+        k = out.rfind(b"p", 0, j - 4)
+        if k >= 0:
+            struct.pack_into("!I", out, k + 1, (be32(out, k + 1) + len(nonce) - len(NONCE_MARK)) & 0xFFFFFFFF)
+        return bytes(out)
 
     def close(self) -> None:
         self.transport.abort()
@@ -959,19 +1062,42 @@ def login_seeds() -> list[bytes]:
     ssl, gss = struct.pack("!II", 8, 80877103), struct.pack("!II", 8, 80877104)
     answer = b"md5" + hashlib.md5(LOGIN_INNER + LOGIN_SALT).hexdigest().encode() + b"\0"
     return [
-        bytes([1 | (15 << 1)]) + ssl + startup + msg(b"p", answer),
+        bytes([1 | (14 << 1)]) + ssl + startup + msg(b"p", answer),
         bytes([1 | (2 << 1)]) + gss + startup + msg(b"p", answer[:-2] + b"0\0"),
         bytes([0 | (63 << 1)]) + startup + msg(b"p", b"secret\0"),
         bytes([0x80 | 1]) + ssl + startup,
         bytes([1]) + startup + msg(b"p", answer) + msg(b"Q", b"select 1\0"),
         bytes([0x40 | 1]) + startup,
+        *scram_seeds(startup),
+    ]
+
+
+def scram_seeds(startup: bytes) -> list[bytes]:
+    """The engine's SCRAM exchange (config & 3 == 3): a wrong proof, a right one cannot be made
+    (the server's nonce is random, NONCE_MARK stands for it), extensions, a wrong nonce."""
+    def initial(data: bytes, mech: bytes = b"SCRAM-SHA-256") -> bytes:
+        return msg(b"p", mech + b"\0" + struct.pack("!i", len(data)) + data)
+
+    first = b"n,,n=,r=fuzznonce"
+    proof = base64.b64encode(b"p" * 32)
+    final = msg(b"p", b"c=biws,r=" + NONCE_MARK + b",p=" + proof)
+    return [
+        bytes([3]) + startup + initial(first) + final,
+        bytes([3 | (31 << 2)]) + startup + initial(first) + final,
+        bytes([3]) + startup + initial(b"y,,n=u,r=abc") + msg(b"p", b"c=eSws,r=" + NONCE_MARK + b",p=" + proof),
+        bytes([3]) + startup + initial(first + b",x=1") + final,
+        bytes([3]) + startup + initial(first) + msg(b"p", b"c=biws,r=other,p=" + proof),
+        bytes([3]) + startup + initial(first, b"SCRAM-SHA-1"),
+        bytes([3 | (15 << 2)]) + startup + initial(first),
+        bytes([3]) + startup + initial(first) + msg(b"p", b"c=biws,r=" + NONCE_MARK + b",x=1,p=" + proof),
     ]
 
 
 DICTIONARY = [b"Q", b"P", b"B", b"E", b"S", b"Z", b"X", b"C", b"G", b"\x00\x00\x00\x04", b"\x00\x00\x00\x05I",
               b"select", b"set ", b"set_config", b"advisory", b"atabase", b"ATABASE", b"PGMUX_", b"DISCARD ALL",
               b"DEALLOCATE", b"TimeZone\x00", b";", b"\xe0", b"\xe1", b"\xe4", b"\xea",
-              b"\x00\x03\x00\x00", b"\x04\xd2\x16\x2f", b"\x04\xd2\x16\x30", b"user\x00", b"database\x00", b"md5"]
+              b"\x00\x03\x00\x00", b"\x04\xd2\x16\x2f", b"\x04\xd2\x16\x30", b"user\x00", b"database\x00", b"md5",
+              b"SCRAM-SHA-256\x00", b"n,,n=", b",r=", b",p=", b"c=biws", NONCE_MARK]
 
 
 def make_corpus(path: str) -> None:

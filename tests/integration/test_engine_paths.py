@@ -3,6 +3,9 @@ the standard asyncio loop, for simple, extended and prepared queries, and for TL
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import os
 import struct
 import subprocess
@@ -14,7 +17,7 @@ import pytest
 
 from pgmux.testing.cluster import PoolerProcess, TempCluster, userlist_text, wait_for
 from pgmux.testing.tls import make_ca
-from tests.integration.pgwire import PgError, RawConn, startup_packet
+from tests.integration.pgwire import PgError, RawConn, parse_error_fields, startup_packet
 
 PoolerFactory = Callable[..., PoolerProcess]
 
@@ -180,3 +183,66 @@ def test_login_routes_repeat_a_login_and_its_checks(cluster: TempCluster, pooler
     routed = engine_counters(p)["route_logins"]
     assert refused("md5pass") == "password authentication failed"
     assert engine_counters(p)["route_logins"] == routed, "a route outlived the RELOAD"
+
+
+def scram_final(password: str, first: bytes, server_first: bytes, extra: bytes = b"", nonce: bytes = b"") -> bytes:
+    """A client-final-message (RFC 5802) after `first` (gs2 header included), with `extra`
+    attributes before the proof, for the server's nonce or `nonce` instead."""
+    attrs = dict(item.split(b"=", 1) for item in server_first.split(b","))
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(attrs[b"s"]), int(attrs[b"i"]))
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    without_proof = b"c=" + base64.b64encode(first[:3]) + b",r=" + (nonce or attrs[b"r"]) + extra
+    signature = hmac.digest(hashlib.sha256(client_key).digest(), first[3:] + b"," + server_first + b"," + without_proof,
+                            "sha256")
+    return without_proof + b",p=" + base64.b64encode(bytes(a ^ b for a, b in zip(client_key, signature, strict=True)))
+
+
+def scram_login(raw: RawConn, first: bytes, final: Callable[[bytes], bytes]) -> tuple[bytes, str]:
+    """A SCRAM login of scramuser with the client-first-message `first` and the final message
+    `final` makes of the server-first-message: how it ends (b"Z" ReadyForQuery, b"E" an error)
+    and the error's message."""
+    raw.send(startup_packet({"user": "scramuser", "database": "testdb"}))
+    kind, body = raw.read_message()
+    assert kind == b"R" and body[:4] == struct.pack("!i", 10), (kind, body)
+    raw.send(b"p" + struct.pack("!i", 4 + 14 + 4 + len(first)) + b"SCRAM-SHA-256\0" + struct.pack("!i", len(first))
+             + first)
+    kind, body = raw.read_message()
+    if kind == b"E":
+        return kind, parse_error_fields(body)["M"]
+    assert kind == b"R" and body[:4] == struct.pack("!i", 11), (kind, body)
+    raw.send(b"p" + struct.pack("!i", 4 + len(final(body[4:]))) + final(body[4:]))
+    while True:
+        kind, body = raw.read_message()
+        if kind == b"Z":
+            return kind, ""
+        if kind == b"E":
+            return kind, parse_error_fields(body)["M"]
+
+
+def test_scram_exchange_in_c_hands_unusual_messages_to_python(cluster: TempCluster, pooler: PoolerFactory) -> None:
+    """The engine runs the plain SCRAM exchange against a stored secret in C; a message in another
+    form (an extension, a nonce that does not match) goes to Python's exchange, which answers it
+    as always: the login goes on, or fails with Python's words."""
+    p = pooler(pool_mode="transaction",
+               userlist={**admin_userlist(cluster), "scramuser": cluster.role_secret("scramuser")})
+    nonce = base64.b64encode(os.urandom(18))
+    plain, with_extension = b"n,,n=,r=" + nonce, b"n,,n=,r=" + nonce + b",x=1"
+    cases = [  # client-first, final, what the client gets, (C exchanges, hand-overs) it makes
+        (plain, lambda sf: scram_final("scrampass", plain, sf), b"Z", (1, 0)),
+        (with_extension, lambda sf: scram_final("scrampass", with_extension, sf), b"Z", (0, 1)),
+        (plain, lambda sf: scram_final("scrampass", plain, sf, extra=b",x=2"), b"Z", (0, 1)),
+        (plain, lambda sf: scram_final("scrampass", plain, sf, nonce=nonce + b"x"), b"E", (0, 1)),
+        (plain, lambda sf: scram_final("wrong", plain, sf), b"E", (1, 0)),
+    ]
+    for first, final, last, (in_c, handed) in cases:
+        before = engine_counters(p)
+        with RawConn(p.host, p.port) as raw:
+            end, error = scram_login(raw, first, final)
+            assert end == last, error
+            if last == b"Z":
+                assert raw.simple_query("SELECT 1") == [("1",)]
+            else:
+                assert error == ("SASL authentication failed" if handed else "password authentication failed"), error
+        after = engine_counters(p)
+        assert (after["c_scram_logins"] - before["c_scram_logins"],
+                after["login_escapes"] - before["login_escapes"]) == (in_c, handed), (first, after)
