@@ -360,3 +360,20 @@ def test_direct_tls_refused_when_client_tls_is_off(pooler: Any, certs: dict[str,
     p = pooler()
     with pytest.raises((ssl.SSLError, OSError)):
         _direct_tls(p.port, certs["ca"], ["postgresql"]).close()
+
+
+@pytest.mark.pgmux_only  # (PgBouncer 1.18 sends TLS 1.3 tickets: checked with --pooler=pgbouncer)
+def test_no_session_tickets(pooler: Any, certs: dict[str, Any]) -> None:
+    """No TLS session ticket after the handshake, as PostgreSQL's server: clients never resume,
+    so a ticket is work for nothing. A client that read the whole welcome has seen any ticket."""
+    p = pooler(extra=tls_extra(certs, "require"))
+    with RawConn("127.0.0.1", p.port) as conn:
+        conn.send(struct.pack("!II", 8, 80877103))
+        assert conn.sock.recv(1) == b"S"
+        ctx = ssl.create_default_context(cafile=str(certs["ca"].cert_path))
+        conn.sock = ctx.wrap_socket(conn.sock, server_hostname="localhost")
+        conn.login("md5user", "testdb", "md5pass")
+        assert conn.simple_query("SELECT 1") == [("1",)]
+        assert conn.sock.version() == "TLSv1.3"
+        session = conn.sock.session
+        assert session is None or not session.has_ticket, "the pooler sent a session ticket"
