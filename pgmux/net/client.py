@@ -959,8 +959,10 @@ class ClientConnection(PgConnection):
     def _routable(self, state: LoginState) -> bool:
         """Whether what this login made of its StartupMessage holds for any later identical one
         until the next RELOAD: everything but the checks _admit and _login_state repeat."""
+        settings = self.pooler.settings
+        # (not under auth_type = hba: a rule depends on the address, the socket and TLS too)
         return (self.replication is None and state.method in ("md5", "scram-sha-256") and not state.console
-                and not self.pooler.settings.application_name_add_host)
+                and settings.auth_type == state.method and not settings.application_name_add_host)
 
     def _scram_offer(self, state: LoginState) -> tuple[bytes, bytes, bytes] | None:
         """A SCRAM exchange against a stored SCRAM secret, for the engine to run in C (its keys and

@@ -7,9 +7,11 @@ import base64
 import hashlib
 import hmac
 import os
+import socket
 import struct
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -246,3 +248,33 @@ def test_scram_exchange_in_c_hands_unusual_messages_to_python(cluster: TempClust
         after = engine_counters(p)
         assert (after["c_scram_logins"] - before["c_scram_logins"],
                 after["login_escapes"] - before["login_escapes"]) == (in_c, handed), (first, after)
+
+
+def test_no_login_route_under_hba(cluster: TempCluster, pooler: PoolerFactory) -> None:
+    """Under auth_type = hba a rule depends on where a login comes from: an md5 login over the
+    Unix socket makes no route that a byte-identical login over TCP, which a rule rejects, could
+    take."""
+    p = pooler(pool_mode="transaction", userlist=admin_userlist(cluster),
+               extra={"auth_type": "hba", "auth_hba_file": "hba.conf"}, start=False)
+    Path(p.workdir, "hba.conf").write_text("local all all md5\nhost all all 127.0.0.1/32 reject\n")
+    p.start()
+    assert p.unix_socket_path is not None
+
+    def login() -> str:
+        """Over the Unix socket, then over TCP: the error of each login ("" when it succeeds)."""
+        errors = []
+        for unix in (True, False):
+            with RawConn(p.host, p.port) as raw:
+                if unix:
+                    raw.sock.close()
+                    raw.sock = socket.socket(socket.AF_UNIX)
+                    raw.sock.connect(p.unix_socket_path)
+                try:
+                    raw.login("md5user", "testdb", "md5pass")
+                    errors.append("")
+                except PgError as err:
+                    errors.append(err.fields["M"])
+        return " / ".join(errors)
+
+    for _ in range(3):
+        assert login() == " / login rejected"
