@@ -165,6 +165,9 @@ class Pooler:
 
     def apply_config(self, config: Config) -> None:
         """Take a (re)loaded config: auth file, tracked parameters, pool limits."""
+        # First of all, before anything here may fail (a console SET keeps the new settings even
+        # then): the login routes were made from the old auth_file, settings and databases.
+        self.engine.login_routes.clear()
         self.config = config
         # A plain attribute, not a property: the data path reads it on every release.
         self.settings: Any = config.settings
@@ -190,7 +193,6 @@ class Pooler:
                         server.close("TLS settings changed")
                     for server in pool.active | pool.busy:
                         server.close_needed = True
-        self.engine.login_routes.clear()  # (made from the old auth_file, settings and databases)
         self.engine.offer_tls = self.tls.client is not None  # (its C login hands an SSLRequest to Python then)
         self.engine.qstats.enabled = bool(s.query_stats)
         self.engine.qstats.configure(int(s.query_stats_max))

@@ -293,14 +293,14 @@ cdef int scram_final(ScramLogin s, const unsigned char *p, Py_ssize_t n, unsigne
     return 1 if diff == 0 else 0
 
 
-def scram_first_py(ScramLogin s, body: bytes, nonce_raw: bytes):
+def scram_first_py(ScramLogin s not None, body: bytes, nonce_raw: bytes):
     """scram_first over bytes objects (tests compare it with ScramServer)."""
     if len(nonce_raw) != SCRAM_NONCE_RAW:
         raise ValueError("nonce_raw: 18 bytes")
     return scram_first(s, body, len(body), nonce_raw)
 
 
-def scram_final_py(ScramLogin s, data: bytes):
+def scram_final_py(ScramLogin s not None, data: bytes):
     """scram_final over a bytes object: (result, client_key, server_signature)."""
     cdef unsigned char key[SCRAM_KEY_LEN]
     cdef unsigned char sig[SCRAM_KEY_LEN]

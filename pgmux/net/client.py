@@ -103,8 +103,11 @@ _AUTH_DONE, _AUTH_MD5, _AUTH_PLAIN, _AUTH_SCRAM, _AUTH_TASK = range(5)
 # Bytes an unauthenticated client may have sent and pgmux not yet read (startup packet and auth
 # messages are far smaller): beyond this the client is refused rather than buffered.
 LOGIN_INBOX_LIMIT = 1 << 18
-# Engine.login_routes holds at most this many distinct StartupMessages (then starts again)
+# Engine.login_routes holds at most this many distinct StartupMessages (then starts again), each
+# at most this long (an application_name may make a packet of 64 KiB)
 LOGIN_ROUTES_MAX = 256
+LOGIN_ROUTE_KEY_MAX = 1024
+PROTOCOL_3_0 = 196608  # a StartupMessage's version word for protocol 3.0
 # The engine runs SCRAM exchanges against stored SCRAM secrets in C (OpenSSL's SHA-256 and HMAC)
 C_SCRAM = sha256_available()
 # What the engine's C login runs after a StartupMessage (engine_startup): the md5 exchange (md5 of
@@ -129,7 +132,7 @@ def replication_mode(value: str | None) -> str | None:
 class LoginState:
     """What a login in progress knows after its StartupMessage (ClientConnection.login_state)."""
 
-    __slots__ = ("user", "db", "stored", "console", "method", "ident_map", "ldap", "exchange")
+    __slots__ = ("user", "db", "stored", "console", "method", "ident_map", "ldap", "exchange", "route")
 
     def __init__(self, user: str, db: DatabaseEntry | None, stored: str | None, console: bool) -> None:
         self.user = user
@@ -140,6 +143,8 @@ class LoginState:
         self.ident_map: str | None = None
         self.ldap: LdapOptions | None = None
         self.exchange: Any = None  # the md5 salt sent, or the ScramServer of the exchange
+        # (StartupMessage body, LoginRoute): kept in Engine.login_routes once the password is right
+        self.route: tuple[bytes, LoginRoute] | None = None
 
 
 class LoginRoute:
@@ -148,10 +153,11 @@ class LoginRoute:
     user, database and parameters) goes straight to the exchange (engine_route_startup). Valid
     until the next RELOAD, which clears them all (Pooler.apply_config)."""
 
-    __slots__ = ("user", "dbname", "startup_params", "stored", "method", "plan", "inner")
+    __slots__ = ("params", "user", "dbname", "startup_params", "stored", "method", "plan", "inner")
 
-    def __init__(self, user: str, dbname: str | None, startup_params: dict[str, str], stored: str, method: str,
-                 plan: int, inner: bytes) -> None:
+    def __init__(self, params: dict[str, str], user: str, dbname: str | None, startup_params: dict[str, str],
+                 stored: str, method: str, plan: int, inner: bytes) -> None:
+        self.params = params  # the StartupMessage's parameters, as the engine read them
         self.user = user
         self.dbname = dbname
         self.startup_params = startup_params  # shared by every login of the route: never written to
@@ -936,12 +942,9 @@ class ClientConnection(PgConnection):
         plan = _AUTH_TASK if state.console else self._auth_plan(state)
         if engine_md5 and state.stored and plan in (_AUTH_MD5, _AUTH_SCRAM):
             inner = md5_inner(state.stored, state.user) if plan == _AUTH_MD5 else b""
-            if route_key is not None and self._routable(state):
-                routes = self.pooler.engine.login_routes
-                if len(routes) >= LOGIN_ROUTES_MAX:
-                    routes.clear()
-                routes[route_key] = LoginRoute(state.user, self.dbname, self.startup_params, state.stored,
-                                               state.method, plan, inner)
+            if route_key is not None and len(route_key) <= LOGIN_ROUTE_KEY_MAX and self._routable(state):
+                state.route = (route_key, LoginRoute(dict(pkt.params), state.user, self.dbname, self.startup_params,
+                                                     state.stored, state.method, plan, inner))
             if plan == _AUTH_MD5:
                 return self._md5_challenge(state, inner)
             offer = self._scram_offer(state)
@@ -963,6 +966,12 @@ class ClientConnection(PgConnection):
         # (not under auth_type = hba: a rule depends on the address, the socket and TLS too)
         return (self.replication is None and state.method in ("md5", "scram-sha-256") and not state.console
                 and settings.auth_type == state.method and not settings.application_name_add_host)
+
+    def _keep_route(self, key: bytes, route: LoginRoute) -> None:
+        routes = self.pooler.engine.login_routes
+        if len(routes) >= LOGIN_ROUTES_MAX:
+            routes.clear()
+        routes[key] = route
 
     def _scram_offer(self, state: LoginState) -> tuple[bytes, bytes, bytes] | None:
         """A SCRAM exchange against a stored SCRAM secret, for the engine to run in C (its keys and
@@ -1001,6 +1010,11 @@ class ClientConnection(PgConnection):
         differ per login (TLS required on TCP, max_client_conn, shutdown, a disabled database)
         is checked as _startup checks it. md5: the engine runs the exchange (as engine_startup's
         answer says); SCRAM: the exchange goes on here (None)."""
+        settings = self.pooler.settings
+        if settings.auth_type != route.method or settings.application_name_add_host:
+            # (settings changed without apply_config, which empties the routes: the whole login)
+            self.pooler.engine.login_routes.clear()
+            return self.engine_startup(PROTOCOL_3_0, dict(route.params))
         try:
             self.user = route.user
             self.dbname = route.dbname
@@ -1029,6 +1043,8 @@ class ClientConnection(PgConnection):
         try:
             if not ok:
                 raise ClientError("password authentication failed", "28P01")
+            if state.route is not None:  # (only a login whose password was right makes a route)
+                self._keep_route(*state.route)
             if sasl_final:
                 self.write_later(sasl_final)
                 self.client_key = client_key
@@ -1043,13 +1059,17 @@ class ClientConnection(PgConnection):
         exchange the engine ran so far (`exchange`) goes on in Python's: from the client's first
         message, or after the server-first-message the engine sent."""
         state = self.login_state
-        if exchange is not None and state is not None and state.stored is not None:
-            if exchange.server_first is None or exchange.first_bare is None:
-                state.exchange = ScramServer(state.stored, state.user)
-            else:
-                state.exchange = ScramServer.resumed(state.stored, state.user, exchange.first_bare,
-                                                     exchange.server_first, chr(exchange.flag))
-                self.login_step = LOGIN_SASL_FINAL
+        try:
+            if exchange is not None and state is not None and state.stored is not None:
+                if exchange.server_first is None or exchange.first_bare is None:
+                    state.exchange = ScramServer(state.stored, state.user)
+                else:
+                    state.exchange = ScramServer.resumed(state.stored, state.user, exchange.first_bare,
+                                                         exchange.server_first, chr(exchange.flag))
+                    self.login_step = LOGIN_SASL_FINAL
+        except BaseException as exc:  # noqa: BLE001 - as in _login_step
+            self._login_error(exc)
+            return
         self.inbox += data
         self._login_step()
 

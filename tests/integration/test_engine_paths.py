@@ -179,6 +179,16 @@ def test_login_routes_repeat_a_login_and_its_checks(cluster: TempCluster, pooler
         admin.execute("ENABLE testdb", prepare=False)
     with login("md5pass") as raw:
         assert raw.simple_query("SELECT 2") == [("2",)]
+    # Only a login whose password was right makes a route: after a wrong one, the first right one
+    # with the same packet still goes the whole way.
+    for password, routed in (("wrong", 0), ("md5pass", 0), ("md5pass", 1)):
+        before = engine_counters(p)["route_logins"]
+        with RawConn(p.host, p.port) as raw:
+            try:
+                raw.login("md5user", "testdb", password, application_name="unrouted")
+            except PgError:
+                pass
+        assert engine_counters(p)["route_logins"] - before == routed, password
     p.rewrite_config(userlist_text=userlist_text({"postgres": "adminpass"}))
     p.reload()  # (a route that outlived it would let md5user in with its old secret: timeout here)
     wait_for(lambda: refused("md5pass") == "password authentication failed", 10, what="the RELOAD")
@@ -248,6 +258,25 @@ def test_scram_exchange_in_c_hands_unusual_messages_to_python(cluster: TempClust
         after = engine_counters(p)
         assert (after["c_scram_logins"] - before["c_scram_logins"],
                 after["login_escapes"] - before["login_escapes"]) == (in_c, handed), (first, after)
+
+
+def test_login_routes_follow_a_console_set_that_fails_to_apply(cluster: TempCluster, pooler: PoolerFactory) -> None:
+    """A console SET keeps the new setting even when applying it fails (here auth_type = hba with
+    no auth_hba_file): no route made before may then skip what the new setting decides."""
+    p = pooler(pool_mode="transaction", userlist=admin_userlist(cluster))
+
+    def login() -> str:
+        with RawConn(p.host, p.port) as raw:
+            try:
+                raw.login("md5user", "testdb", "md5pass", application_name="set")
+            except PgError as err:
+                return err.fields["M"]
+        return ""
+
+    assert login() == login() == ""  # the second one took the route
+    with psycopg.connect(p.dsn("postgres", "adminpass", dbname="pgbouncer"), autocommit=True) as admin:
+        admin.execute("SET auth_type = 'hba'", prepare=False)
+    assert login() == "login rejected"
 
 
 def test_no_login_route_under_hba(cluster: TempCluster, pooler: PoolerFactory) -> None:
