@@ -40,13 +40,18 @@ class _Clock:
     process (workers fork)."""
 
     second = -1
-    seconds = ""  # "YYYY-MM-DD HH:MM:SS"
+    seconds = ""  # "YYYY-MM-DD HH:MM:SS."
+    tail = ""  # " TZ [pid]"
     zone = ""
     pid = os.getpid()
 
     @classmethod
     def forked(cls) -> None:
         cls.pid = os.getpid()
+        cls.second = -1  # (the tail holds the pid)
+
+
+_MILLIS = [f"{ms:03d}" for ms in range(1000)]  # a stamp's milliseconds, formatted once
 
 
 os.register_at_fork(after_in_child=_Clock.forked)
@@ -58,10 +63,11 @@ def _stamp(created: float, msecs: float) -> str:
     clock = _Clock
     if second != clock.second:
         t = time.localtime(second)
-        clock.seconds = time.strftime("%Y-%m-%d %H:%M:%S", t)
+        clock.seconds = time.strftime("%Y-%m-%d %H:%M:%S.", t)
         clock.zone = time.strftime("%Z", t)
+        clock.tail = f" {clock.zone} [{clock.pid}]"
         clock.second = second
-    return f"{clock.seconds}.{int(msecs):03d} {clock.zone} [{clock.pid}]"
+    return clock.seconds + _MILLIS[int(msecs)] + clock.tail
 
 
 class PgBouncerFormatter(logging.Formatter):
@@ -107,9 +113,11 @@ def log_line(level: int, text: str) -> None:
                 continue
             if not data:
                 data = line.encode("utf-8", "backslashreplace")
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            written = os.write(fd, data)
+            if written < len(data):  # (a pipe that is almost full)
+                view = memoryview(data)[written:]
+                while view:
+                    view = view[os.write(fd, view):]
         except Exception:  # noqa: BLE001 - as logging.Handler.handleError: a log line never stops the pooler
             pass
         finally:
@@ -245,4 +253,4 @@ def setup_logging(*, verbose: int = 0, quiet: bool = False, logfile: str | None 
 
 def conn_prefix(kind: str, obj: object, db: str | None, user: str | None, addr: str, port: int) -> str:
     """`C-0x...: db/user@addr:port` as PgBouncer prints it."""
-    return f"{kind}-{id(obj):#x}: {db or '(nodb)'}/{user or '(nouser)'}@{addr}:{port}"
+    return f"{kind}-{hex(id(obj))}: {db or '(nodb)'}/{user or '(nouser)'}@{addr}:{port}"
