@@ -132,7 +132,7 @@ def replication_mode(value: str | None) -> str | None:
 class LoginState:
     """What a login in progress knows after its StartupMessage (ClientConnection.login_state)."""
 
-    __slots__ = ("user", "db", "stored", "console", "method", "ident_map", "ldap", "exchange", "route")
+    __slots__ = ("user", "db", "stored", "console", "method", "ident_map", "ldap", "exchange", "route", "welcome_key")
 
     def __init__(self, user: str, db: DatabaseEntry | None, stored: str | None, console: bool) -> None:
         self.user = user
@@ -145,6 +145,13 @@ class LoginState:
         self.exchange: Any = None  # the md5 salt sent, or the ScramServer of the exchange
         # (StartupMessage body, LoginRoute): kept in Engine.login_routes once the password is right
         self.route: tuple[bytes, LoginRoute] | None = None
+        # the startup parameters as the pool's welcome cache knows them (a route has them made)
+        self.welcome_key: tuple[tuple[str, str], ...] | None = None
+
+
+def welcome_key(startup_params: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """Startup parameters as the key of a pool's welcome cache (Pool.welcome_cache)."""
+    return tuple(sorted(startup_params.items()))
 
 
 class LoginRoute:
@@ -153,7 +160,7 @@ class LoginRoute:
     user, database and parameters) goes straight to the exchange (engine_route_startup). Valid
     until the next RELOAD, which clears them all (Pooler.apply_config)."""
 
-    __slots__ = ("params", "user", "dbname", "startup_params", "stored", "method", "plan", "inner")
+    __slots__ = ("params", "user", "dbname", "startup_params", "stored", "method", "plan", "inner", "welcome_key")
 
     def __init__(self, params: dict[str, str], user: str, dbname: str | None, startup_params: dict[str, str],
                  stored: str, method: str, plan: int, inner: bytes) -> None:
@@ -165,6 +172,7 @@ class LoginRoute:
         self.method = method  # auth_type
         self.plan = plan  # _AUTH_MD5 or _AUTH_SCRAM
         self.inner = inner  # md5: md5(password + user) in hex, what the engine checks the answer with
+        self.welcome_key = welcome_key(startup_params)
 
 
 class _ReplayHello:
@@ -1022,6 +1030,7 @@ class ClientConnection(PgConnection):
             self.startup_params = route.startup_params
             state = self._login_state(route.stored)
             state.method = route.method
+            state.welcome_key = route.welcome_key
             if route.plan == _AUTH_MD5:
                 return self._md5_challenge(state, route.inner)
             offer = self._scram_offer(state)
@@ -1076,7 +1085,7 @@ class ClientConnection(PgConnection):
     def _after_auth(self, state: LoginState) -> None:
         pool = self._logged_in_to(state)
         if self.replication is None and pool.params is not None:
-            self.welcome(pool.params)
+            self.welcome(pool.params, key=state.welcome_key)
         else:  # the pool's first client waits for a server login; a replication client, for its own
             self._continue_in_task(self._welcome_when_ready(state, pool))
 
@@ -1282,7 +1291,8 @@ class ClientConnection(PgConnection):
         self.login_state = state
         return state
 
-    def welcome(self, pool_params: dict[str, str], cache: bool = True) -> None:
+    def welcome(self, pool_params: dict[str, str], cache: bool = True,
+                key: tuple[tuple[str, str], ...] | None = None) -> None:
         """ParameterStatus (the pool's, with the client's own tracked values), BackendKeyData,
         ReadyForQuery; then switch to the data path. `cache`: pool_params are the pool's, whose
         encoded sets are kept (a replication client is welcomed with its own server's)."""
@@ -1290,7 +1300,8 @@ class ClientConnection(PgConnection):
         assert self.pool is not None
         # Clients of a pool mostly ask for the same values: work out each distinct set once (the
         # encoded ParameterStatus messages and the client's tracked values), at most 256 of them.
-        key = tuple(sorted(self.startup_params.items()))
+        if key is None:
+            key = welcome_key(self.startup_params)
         welcome_cache = self.pool.welcome_cache
         hit = welcome_cache.get(key) if cache and welcome_cache.get(None) is pool_params else None
         if not cache:
