@@ -213,6 +213,15 @@ def _run_loop(args: argparse.Namespace, config: Config, worker: WorkerContext | 
         return runner.run(serve(args, config, worker))
 
 
+def log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """What the event loop could hand to no one (a callback, or an engine hook, that raised): an
+    ERROR in pgmux's own log, so that it reaches the logfile and syslog too; asyncio's default
+    handler writes to the `asyncio` logger, which no handler of ours listens to."""
+    exc = context.get("exception")
+    logger.error("%s", context.get("message") or "unexpected error in the event loop",
+                 exc_info=(type(exc), exc, exc.__traceback__) if isinstance(exc, BaseException) else None)
+
+
 #: The signals serve() handles (as PgBouncer's signal_setup()).
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
 
@@ -221,6 +230,7 @@ async def serve(args: argparse.Namespace, config: Config, worker: WorkerContext 
     from pgmux.admin.console import run_console
     from pgmux.pooler import Pooler
 
+    asyncio.get_running_loop().set_exception_handler(log_loop_error)
     pooler = Pooler(config)
     pooler.console_entry = run_console
     share = worker.prepare(pooler) if worker is not None else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import logging
 import os
@@ -166,3 +167,23 @@ def test_log_line_goes_through_logging_when_someone_else_listens(tmp_path: Path,
         pglog.info("closing because: client close request (age=0s)")
     assert "closing because: client close request (age=0s)" in caplog.text
     assert logfile.read_text().endswith(" LOG closing because: client close request (age=0s)\n")
+
+
+def test_event_loop_errors_reach_pgmux_log() -> None:
+    """An error the event loop hands to no one (an engine hook that raised) is an ERROR line in
+    pgmux's own log, traceback included, not a line on the `asyncio` logger nobody listens to."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    pglog.logger.addHandler(handler)
+    loop = asyncio.new_event_loop()
+    try:
+        try:
+            raise ValueError("hook failed")
+        except ValueError as exc:
+            cli.log_loop_error(loop, {"message": "pgmux engine: error in a link hook", "exception": exc})
+    finally:
+        loop.close()
+        pglog.logger.removeHandler(handler)
+    assert [(r.levelno, r.getMessage()) for r in records] == [(logging.ERROR, "pgmux engine: error in a link hook")]
+    assert records[0].exc_info is not None and records[0].exc_info[0] is ValueError
