@@ -34,8 +34,8 @@ cdef extern from "Python.h":
 
 from pgmux.engine._login cimport (
     GSSENC_REQUEST_CODE, MAX_AUTH_MESSAGE, MAX_STARTUP_PACKET, MD5_INNER_LEN, PROTOCOL_3_0, SCRAM_KEY_LEN,
-    SCRAM_NONCE_RAW, SSL_REQUEST_CODE, ScramLogin, b64_encode, md5_password_ok, scram_final, scram_first,
-    startup_params,
+    SCRAM_NONCE_RAW, SSL_REQUEST_CODE, ScramLogin, auth_request, b64_encode, be32, md5_password_ok, scram_final,
+    scram_first, startup_params, write_be32,
 )
 from pgmux.engine._querystats cimport QueryStats, skip_number
 from pgmux.engine._ossl cimport (
@@ -137,10 +137,12 @@ cdef extern from "netinet/in.h" nogil:
 cdef extern from "sys/random.h" nogil:
     ssize_t getrandom(void *buf, size_t buflen, unsigned int flags)
 
-# AuthenticationSASL offering SCRAM-SHA-256 (the engine's SCRAM exchange)
-cdef const char *AUTH_SASL_SCRAM = b"R\0\0\0\x17\0\0\0\x0aSCRAM-SHA-256\0\0"
+# AuthenticationSASL offering SCRAM-SHA-256 (the engine's SCRAM exchange): its mechanism list
 cdef enum:
-    AUTH_SASL_SCRAM_LEN = 24
+    AUTH_SASL = 10
+    AUTH_SASL_CONTINUE = 11
+    AUTH_SASL_FINAL = 12
+cdef bytes AUTH_SASL_SCRAM = auth_request(AUTH_SASL, <const unsigned char *>b"SCRAM-SHA-256\0\0", 15)
 
 cdef extern from "arpa/inet.h" nogil:
     const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
@@ -181,15 +183,6 @@ cdef double LINGER_SECONDS = 2.0
 cdef long long LINGER_BYTES = 65536
 
 
-cdef inline unsigned int be32(const unsigned char *p) noexcept nogil:
-    return (<unsigned int>p[0] << 24) | (<unsigned int>p[1] << 16) | (<unsigned int>p[2] << 8) | p[3]
-
-
-cdef inline void write_be32(unsigned char *p, unsigned int v) noexcept nogil:
-    p[0] = (v >> 24) & 0xFF
-    p[1] = (v >> 16) & 0xFF
-    p[2] = (v >> 8) & 0xFF
-    p[3] = v & 0xFF
 
 
 cdef inline bint may_deallocate(unsigned char ch) noexcept nogil:
@@ -1900,7 +1893,8 @@ cdef class Engine:
                 if type(secret) is tuple:  # a SCRAM exchange against a stored secret (auth/scram.py engine_offer)
                     link.login_secret = ScramLogin(*secret)
                     link.engine_login = CL_SASL_FIRST
-                    link.send_bytes(<const unsigned char *>AUTH_SASL_SCRAM, AUTH_SASL_SCRAM_LEN)
+                    link.send_bytes(<const unsigned char *>PyBytes_AS_STRING(AUTH_SASL_SCRAM),
+                                    PyBytes_GET_SIZE(AUTH_SASL_SCRAM))
                     return 0
                 if type(secret) is not bytes or PyBytes_GET_SIZE(secret) != MD5_INNER_LEN + 4:
                     raise TypeError("engine_startup: md5 digits and salt, or a SCRAM offer expected")
@@ -1958,7 +1952,7 @@ cdef class Engine:
         cdef unsigned char nonce_raw[SCRAM_NONCE_RAW]
         cdef unsigned char client_key[SCRAM_KEY_LEN]
         cdef unsigned char signature[SCRAM_KEY_LEN]
-        cdef unsigned char *out
+        cdef unsigned char final[2 + 44]
         cdef int ok
         if link.engine_login == CL_SASL_FIRST:
             if getrandom(nonce_raw, SCRAM_NONCE_RAW, 0) != SCRAM_NONCE_RAW:
@@ -1966,14 +1960,10 @@ cdef class Engine:
             first = scram_first(scram, body, n, nonce_raw)
             if first is None:
                 return 1
-            answer = PyBytes_FromStringAndSize(NULL, 9 + PyBytes_GET_SIZE(first))
-            out = <unsigned char *>PyBytes_AS_STRING(answer)
-            out[0] = 82  # 'R' AuthenticationSASLContinue
-            write_be32(out + 1, 8 + PyBytes_GET_SIZE(first))
-            write_be32(out + 5, 11)
-            memcpy(out + 9, PyBytes_AS_STRING(first), PyBytes_GET_SIZE(first))
+            answer = auth_request(AUTH_SASL_CONTINUE, <const unsigned char *>PyBytes_AS_STRING(first),
+                                  PyBytes_GET_SIZE(first))
             link.engine_login = CL_SASL_FINAL
-            link.send_bytes(out, PyBytes_GET_SIZE(answer))
+            link.send_bytes(<const unsigned char *>PyBytes_AS_STRING(answer), PyBytes_GET_SIZE(answer))
             return 0
         ok = scram_final(scram, body, n, client_key, signature)
         if ok < 0:
@@ -1983,15 +1973,11 @@ cdef class Engine:
         if not ok:
             link.engine_password_checked(False)
             return 0
-        final = PyBytes_FromStringAndSize(NULL, 9 + 2 + 44)
-        out = <unsigned char *>PyBytes_AS_STRING(final)
-        out[0] = 82  # 'R' AuthenticationSASLFinal, "v=" and the ServerSignature in base64
-        write_be32(out + 1, 8 + 2 + 44)
-        write_be32(out + 5, 12)
-        out[9] = 118
-        out[10] = 61
-        b64_encode(signature, SCRAM_KEY_LEN, out + 11)
-        link.engine_password_checked(True, final, PyBytes_FromStringAndSize(<const char *>client_key, SCRAM_KEY_LEN))
+        final[0] = 118  # "v=" and the ServerSignature in base64
+        final[1] = 61
+        b64_encode(signature, SCRAM_KEY_LEN, final + 2)
+        link.engine_password_checked(True, auth_request(AUTH_SASL_FINAL, final, 2 + 44),
+                                     PyBytes_FromStringAndSize(<const char *>client_key, SCRAM_KEY_LEN))
         return 0
 
     cdef ssize_t _recv(self, Link link, unsigned char *buf, Py_ssize_t cap) except -2:

@@ -12,6 +12,17 @@ cdef enum:
     SCRAM_NONCE_RAW = 18               # PostgreSQL's SCRAM_RAW_NONCE_LEN: the server's part of the nonce
     SCRAM_NONCE_B64 = 24               # ... in base64
 
+cdef inline unsigned int be32(const unsigned char *p) noexcept nogil:
+    return (<unsigned int>p[0] << 24) | (<unsigned int>p[1] << 16) | (<unsigned int>p[2] << 8) | p[3]
+
+
+cdef inline void write_be32(unsigned char *p, unsigned int v) noexcept nogil:
+    p[0] = (v >> 24) & 0xFF
+    p[1] = (v >> 16) & 0xFF
+    p[2] = (v >> 8) & 0xFF
+    p[3] = v & 0xFF
+
+
 cdef object startup_params(const unsigned char *p, Py_ssize_t n)
 cdef int md5_password_ok(const unsigned char *inner, const unsigned char *salt, const unsigned char *body,
                          Py_ssize_t n) noexcept
@@ -30,3 +41,4 @@ cdef object scram_first(ScramLogin s, const unsigned char *body, Py_ssize_t n, c
 cdef int scram_final(ScramLogin s, const unsigned char *p, Py_ssize_t n, unsigned char *client_key,
                      unsigned char *server_signature) noexcept
 cdef Py_ssize_t b64_encode(const unsigned char *src, Py_ssize_t n, unsigned char *dst) noexcept
+cdef bytes auth_request(unsigned int code, const unsigned char *data, Py_ssize_t n)

@@ -20,10 +20,6 @@ from pgmux.engine._ossl cimport hmac_sha256, md5_digest, sha256_digest
 cdef const char *HEX = b"0123456789abcdef"
 
 
-cdef inline Py_ssize_t _be32(const unsigned char *p) noexcept:
-    return (<Py_ssize_t>p[0] << 24) | (p[1] << 16) | (p[2] << 8) | p[3]
-
-
 cdef object startup_params(const unsigned char *p, Py_ssize_t n):
     """The parameters of a protocol-3 StartupMessage, p[0:n] being what follows its length and
     version words, as parse_startup_packet reads them ({name: value}, a later duplicate wins);
@@ -184,6 +180,17 @@ cdef bint b64_decode_key(const unsigned char *src, Py_ssize_t n, unsigned char *
     return True
 
 
+cdef bytes auth_request(unsigned int code, const unsigned char *data, Py_ssize_t n):
+    """An Authentication* message ('R', length, `code`, data[0:n]) as a bytes object."""
+    message = PyBytes_FromStringAndSize(NULL, 9 + n)
+    cdef unsigned char *out = <unsigned char *>PyBytes_AS_STRING(message)
+    out[0] = 82  # 'R'
+    write_be32(out + 1, <unsigned int>(8 + n))
+    write_be32(out + 5, code)
+    memcpy(out + 9, data, n)
+    return message
+
+
 cdef class ScramLogin:
     """One client's SCRAM exchange run by the engine: the secret's keys, then what its first
     message and the answer to it were (Python's ScramServer.resumed takes over from these)."""
@@ -206,7 +213,7 @@ cdef object scram_first(ScramLogin s, const unsigned char *body, Py_ssize_t n, c
     cdef unsigned char encoded[SCRAM_NONCE_B64]
     if n < 14 + 4 or memcmp(body, MECHANISM, 14) != 0:
         return None
-    if _be32(body + 14) != n - 18:  # (-1, no data, reads 0xFFFFFFFF: never equal)
+    if be32(body + 14) != n - 18:  # (-1, no data, reads 0xFFFFFFFF: never equal)
         return None
     data = 18
     # gs2 header "n,," or "y,,", then "n=<user>,r=<nonce>"
